@@ -1,0 +1,56 @@
+"""Which decoders dlm-adapt converts: one row of facts per `model_type`, everything else is generic code.
+
+A row is added only when the test case table (tests/tiny_models.py) builds that architecture and the
+invariants hold for it: ratio-0 equivalence, bidirectionality in every layer type, padding invariance.
+"""
+
+from dataclasses import dataclass
+
+from transformers import PreTrainedConfig
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+from .errors import AdaptError
+
+
+@dataclass(frozen=True)
+class Architecture:
+    family: str
+    #: layers may use sliding-window attention (bidirectional conversion keeps the window, both sides)
+    sliding_window: bool = False
+    #: mixture-of-experts MLPs
+    moe: bool = False
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "llama": Architecture("LLaMA 2/3, SmolLM, TinyLlama"),
+    "mistral": Architecture("Mistral", sliding_window=True),
+    "qwen2": Architecture("Qwen2 / Qwen2.5", sliding_window=True),
+    "qwen3": Architecture("Qwen3", sliding_window=True),
+    "qwen3_moe": Architecture("Qwen3-MoE", sliding_window=True, moe=True),
+    "gemma2": Architecture("Gemma 2", sliding_window=True),
+    "gemma3_text": Architecture("Gemma 3 (text)", sliding_window=True),
+    "phi3": Architecture("Phi-3", sliding_window=True),
+    "gpt2": Architecture("GPT-2"),
+    "olmo2": Architecture("OLMo 2"),
+}
+
+
+def supported_list() -> str:
+    return ", ".join(ARCHITECTURES)
+
+
+def check_architecture(config: PreTrainedConfig) -> Architecture:
+    """The table row for `config`, or one clear error saying why it cannot be converted."""
+    model_type = getattr(config, "model_type", None)
+    if model_type in ARCHITECTURES:
+        return ARCHITECTURES[model_type]
+    if getattr(config, "is_encoder_decoder", False):
+        kind = "an encoder-decoder model"
+    elif model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        kind = "a causal LM that dlm-adapt has not verified"
+    else:
+        kind = "not a decoder-only causal LM (encoder-only, state-space or other)"
+    raise AdaptError(
+        f"unsupported architecture '{model_type}': {kind}. dlm-adapt converts these decoder model types: "
+        f"{supported_list()}"
+    )

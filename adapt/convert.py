@@ -1,0 +1,353 @@
+"""`dlm-adapt convert`: a causal checkpoint becomes a masked diffusion checkpoint that loads with transformers
+alone (remote code), keeping every weight of the source.
+
+Everything is written to a temporary directory beside OUTPUT and renamed into place at the end, so a failed
+conversion leaves nothing that looks like a checkpoint, and an existing OUTPUT survives until the new one is
+complete.
+"""
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
+
+from . import __version__
+from .architectures import check_architecture
+from .errors import AdaptError
+from .hub import Source, resolve_source
+from .model import MODEL_FILES, MaskedDiffusionConfig
+from .safetensors_io import StoredTensor, dtype_code, read_index, torch_dtype, write_safetensors
+
+DEFAULT_MASK_TOKEN = "<|mask|>"
+PREFIX = "decoder."  # where MaskedDiffusionLM keeps the causal LM
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_DECODING = {"max_new_tokens": 128, "steps": 128, "block_length": 128, "remasking": "low_confidence"}
+
+
+def convert(
+    source: str | Path,
+    output: str | Path,
+    *,
+    mask_token: str | int = "auto",
+    shift: bool = True,
+    dtype: str = "auto",
+    revision: str | None = None,
+    gguf_file: str | None = None,
+    trust_remote_code: bool = False,
+    overwrite: bool = False,
+) -> Path:
+    """Convert a causal LM into a masked diffusion checkpoint at `output`; returns the output path.
+
+    Args:
+        source: a local Hugging Face model directory, a `.gguf` file, or a Hub model id.
+        output: directory to create (refused if it exists, unless `overwrite`).
+        mask_token: `"auto"` (reuse the tokenizer's mask token, else a spare embedding row, else add
+            `<|mask|>` and resize), a token string already in the vocabulary, or a token id.
+        shift: keep the AR alignment (logit at i-1 predicts token i). Stored in the config.
+        dtype: `"auto"` keeps the source dtype; else `float32`, `bfloat16` or `float16`.
+        revision: Hub revision (branch, tag or commit) when `source` is a Hub id.
+        gguf_file: GGUF file name inside `source` (a directory or Hub repo).
+        trust_remote_code: allow the source's own code for its config/tokenizer (off unless you ask).
+        overwrite: replace an existing `output`.
+    """
+    output = Path(output).expanduser().absolute()
+    if dtype != "auto" and dtype not in DTYPES:
+        raise AdaptError(f"unknown dtype '{dtype}': use auto, {', '.join(DTYPES)}")
+    if output.exists() and not overwrite:
+        raise AdaptError(f"output {output} already exists; pass --overwrite (overwrite=True) to replace it")
+    if output.exists() and not output.is_dir():
+        raise AdaptError(f"output {output} exists and is not a directory; remove it or choose another path")
+    src = resolve_source(source, revision, gguf_file, trust_remote_code)
+    if output.resolve() == src.directory or src.directory in output.resolve().parents:
+        raise AdaptError(f"output {output} is inside the source {src.directory}; choose a separate directory")
+
+    config = _load_config(src, trust_remote_code)
+    check_architecture(config)
+    tokenizer = _load_tokenizer(src, trust_remote_code)
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.tmp-"))
+    try:
+        streamed = src.gguf_file is None and _has_safetensors(src.directory)
+        writer = _StreamedWeights(src.directory, config) if streamed else _LoadedWeights(src, config, trust_remote_code)
+        mask_id, case = choose_mask_token(tokenizer, writer.vocab_rows, mask_token)
+        writer.write(tmp, new_rows=max(0, mask_id + 1 - writer.vocab_rows), dtype=DTYPES.get(dtype))
+        config = writer.config
+        if dtype != "auto":
+            config.dtype = dtype
+        provenance = {
+            "converter": "dlm-adapt",
+            "converter_version": __version__,
+            "source": str(source),
+            "revision": revision,
+            "gguf_file": src.gguf_file,
+            "base_model_type": config.model_type,
+            "mask_token_case": case,
+        }
+        _write_config(tmp, config, mask_id, shift, provenance)
+        _write_generation_config(tmp, tokenizer, config, mask_id)
+        tokenizer.save_pretrained(tmp)
+        for f in src.directory.glob("LICENSE*"):
+            shutil.copyfile(f, tmp / f.name)
+        _publish(tmp, output)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return output
+
+
+def choose_mask_token(tokenizer: PreTrainedTokenizerBase, vocab_rows: int, spec: str | int) -> tuple[int, str]:
+    """Pick the [MASK] id and register it as the tokenizer's mask token. Returns (id, case) where case is
+    `existing`, `spare_row` (an embedding row beyond the tokenizer, no resize), `added` (new row: resize) or
+    `specified` (the user named it)."""
+    vocab = tokenizer.get_vocab()
+    if spec == "auto":
+        if tokenizer.mask_token is not None:
+            mask_id, case = tokenizer.mask_token_id, "existing"
+        elif DEFAULT_MASK_TOKEN in vocab:
+            mask_id, case = vocab[DEFAULT_MASK_TOKEN], "existing"
+        else:
+            mask_id = len(tokenizer)
+            case = "spare_row" if mask_id < vocab_rows else "added"
+            tokenizer.add_special_tokens({"mask_token": DEFAULT_MASK_TOKEN})
+            if tokenizer.mask_token_id != mask_id:
+                raise AdaptError(f"adding {DEFAULT_MASK_TOKEN} gave id {tokenizer.mask_token_id}, expected {mask_id}; "
+                                 "pass --mask-token with an explicit token or id")
+    elif isinstance(spec, int) or str(spec).isdigit():
+        mask_id, case = int(spec), "specified"
+        if not 0 <= mask_id < min(vocab_rows, len(tokenizer)):
+            raise AdaptError(f"mask token id {mask_id} is outside the vocabulary (tokenizer has {len(tokenizer)} "
+                             f"tokens, embedding {vocab_rows} rows)")
+    else:
+        case = "specified"
+        if spec in vocab:
+            mask_id = vocab[spec]
+        else:
+            ids = tokenizer.encode(spec, add_special_tokens=False)
+            if len(ids) != 1:
+                raise AdaptError(f"mask token {spec!r} is not a single token: it encodes to {len(ids)} tokens. "
+                                 "Pass a token already in the vocabulary, a token id, or 'auto'")
+            mask_id = ids[0]
+    forbidden = {"pad": tokenizer.pad_token_id, "bos": tokenizer.bos_token_id, "unk": tokenizer.unk_token_id}
+    eos = tokenizer.eos_token_id
+    for i in eos if isinstance(eos, list) else [eos]:
+        forbidden.setdefault("eos", i)
+    for role, tid in forbidden.items():
+        if tid is not None and tid == mask_id:
+            raise AdaptError(f"mask token id {mask_id} is the {role} token; the mask must be a distinct token. "
+                             "Pass --mask-token with another token or id")
+    if case == "specified":
+        tokenizer.add_special_tokens({"mask_token": tokenizer.convert_ids_to_tokens(mask_id)})
+    return mask_id, case
+
+
+def _load_config(src: Source, trust_remote_code: bool):
+    try:
+        return AutoConfig.from_pretrained(src.directory, gguf_file=src.gguf_file, trust_remote_code=trust_remote_code)
+    except (ValueError, OSError, KeyError, RuntimeError) as e:
+        raise AdaptError(f"cannot read the model config in {src.directory}: {_first_line(e)}") from e
+
+
+def _load_tokenizer(src: Source, trust_remote_code: bool) -> PreTrainedTokenizerBase:
+    try:
+        return AutoTokenizer.from_pretrained(src.directory, gguf_file=src.gguf_file,
+                                             trust_remote_code=trust_remote_code)
+    except (ValueError, OSError, KeyError, TypeError) as e:
+        raise AdaptError(f"cannot load a tokenizer from {src.directory} (the mask token must go into it): "
+                         f"{_first_line(e)}") from e
+
+
+def _has_safetensors(directory: Path) -> bool:
+    return (directory / "model.safetensors.index.json").is_file() or (directory / "model.safetensors").is_file()
+
+
+def _mean_rows(weight: torch.Tensor, n: int) -> torch.Tensor:
+    """`weight` with `n` rows appended, each the mean of the existing rows (a neutral start for [MASK])."""
+    mean = weight.float().mean(0, keepdim=True).to(weight.dtype)
+    return torch.cat([weight, mean.expand(n, *weight.shape[1:])], dim=0)
+
+
+def _vocab_param_names(model) -> set[str]:
+    """Names of the parameters whose first dimension is the vocabulary (input embedding, LM head and its bias)."""
+    targets = {id(model.get_input_embeddings().weight)}
+    out = model.get_output_embeddings()
+    if out is not None:
+        targets.add(id(out.weight))
+        if getattr(out, "bias", None) is not None:
+            targets.add(id(out.bias))
+    return {n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in targets}
+
+
+class _StreamedWeights:
+    """A safetensors source, rewritten shard by shard without ever loading the whole model."""
+
+    def __init__(self, directory: Path, config):
+        self.config = config
+        index = directory / "model.safetensors.index.json"
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() \
+            else ["model.safetensors"]
+        for shard in shards:
+            if not (directory / shard).is_file():
+                raise AdaptError(f"shard {shard} listed in {index} is missing")
+        self.shards = {s: read_index(directory / s) for s in shards}
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+        expected = set(skeleton.state_dict())
+        top_level = {n.split(".")[0] for n in expected}
+        prefix = skeleton.base_model_prefix
+
+        # Names stay as stored on disk: transformers' own checkpoint conversion (e.g. per-expert MoE weights
+        # fused in memory) applies on load, scoped to `decoder.`. Only checkpoints saved from the bare base
+        # model (no `model.`/`transformer.` prefix) are renamed.
+        self.names = {
+            name: name if name.split(".")[0] in top_level else f"{prefix}.{name}"
+            for tensors in self.shards.values()
+            for name in tensors
+        }
+        present = set(self.names.values())
+        if get_checkpoint_conversion_mapping(config.model_type) is None:
+            groups = {}
+            for n, p in skeleton.named_parameters(remove_duplicate=False):
+                groups.setdefault(id(p), []).append(n)
+            tied = {n: g for g in groups.values() for n in g}
+            missing = [n for n in expected if n not in present and not any(t in present for t in tied.get(n, []))]
+            if missing:
+                raise AdaptError(f"the checkpoint lacks {len(missing)} weights of the {config.model_type} model "
+                                 f"(e.g. {sorted(missing)[0]}); it is incomplete or not this architecture")
+            unexpected = sorted(present - expected)
+            if unexpected:
+                print(f"dlm-adapt: warning: {len(unexpected)} checkpoint tensors are not used by the "
+                      f"{config.model_type} model and are dropped (e.g. {unexpected[0]})", file=sys.stderr)
+                self.names = {k: v for k, v in self.names.items() if v in expected}
+        self.vocab_names = _vocab_param_names(skeleton)
+        embed_name = next(n for n, p in skeleton.named_parameters(remove_duplicate=False)
+                          if p is skeleton.get_input_embeddings().weight)
+        embed = next((k for k, v in self.names.items() if v == embed_name), None)
+        if embed is None:
+            raise AdaptError(f"the checkpoint has no input embedding tensor ({embed_name})")
+        self.vocab_rows = next(t[embed].shape[0] for t in self.shards.values() if embed in t)
+
+    def write(self, out_dir: Path, new_rows: int, dtype: torch.dtype | None):
+        weight_map, total = {}, 0
+        for shard, tensors in self.shards.items():
+            entries, shapes = {}, {}
+            for name, stored in tensors.items():
+                if name not in self.names:
+                    continue
+                out_name = PREFIX + self.names[name]
+                code, shape = stored.dtype, list(stored.shape)
+                cast = dtype is not None and torch_dtype(code).is_floating_point and torch_dtype(code) != dtype
+                grow = new_rows and self.names[name] in self.vocab_names
+                if cast:
+                    code = dtype_code(dtype)
+                if grow:
+                    shape[0] += new_rows
+                entries[out_name] = stored if not (cast or grow) else _transform(stored, new_rows if grow else 0, dtype)
+                shapes[out_name] = (code, shape)
+                weight_map[out_name] = shard
+            total += write_safetensors(out_dir / shard, entries, shapes)
+        if len(self.shards) > 1:
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        if new_rows:
+            self.config.vocab_size = self.vocab_rows + new_rows
+
+
+def _transform(stored: StoredTensor, new_rows: int, dtype: torch.dtype | None):
+    def load():
+        t = stored.load()
+        if new_rows:
+            t = _mean_rows(t, new_rows)
+        return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+    return load
+
+
+class _LoadedWeights:
+    """GGUF or pickle-free non-safetensors sources: transformers loads (dequantises) the model once."""
+
+    def __init__(self, src: Source, config, trust_remote_code: bool):
+        try:
+            self.model = AutoModelForCausalLM.from_pretrained(
+                src.directory, gguf_file=src.gguf_file, trust_remote_code=trust_remote_code, dtype="auto"
+            )
+        except ImportError as e:
+            raise AdaptError(f"{_first_line(e)} (GGUF support: pip install 'dlm-adapt[gguf]')") from e
+        except (OSError, ValueError, RuntimeError) as e:
+            raise AdaptError(f"cannot load the weights in {src.directory}: {_first_line(e)}") from e
+        self.config = self.model.config
+        self.vocab_rows = self.model.get_input_embeddings().weight.shape[0]
+
+    def write(self, out_dir: Path, new_rows: int, dtype: torch.dtype | None):
+        model = self.model
+        if new_rows:
+            old = self.vocab_rows
+            model.resize_token_embeddings(old + new_rows, mean_resizing=False)
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if name in _vocab_param_names(model):
+                        p[old:] = p[:old].float().mean(0).to(p.dtype)
+        entries, shapes, seen = {}, {}, set()
+        for name, t in model.state_dict().items():
+            if t.data_ptr() in seen:  # tied weights are stored once, like save_pretrained does
+                continue
+            seen.add(t.data_ptr())
+            t = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+            entries[PREFIX + name] = lambda t=t: t
+            shapes[PREFIX + name] = (dtype_code(t.dtype), list(t.shape))
+        write_safetensors(out_dir / "model.safetensors", entries, shapes)
+
+
+def _write_config(out_dir: Path, text_config, mask_id: int, shift: bool, provenance: dict):
+    text_config.is_causal = False
+    text_config._name_or_path = ""  # a local path would leak into a published checkpoint
+    config = MaskedDiffusionConfig(text_config=text_config, mask_token_id=mask_id, shift=shift, bidirectional=True,
+                                   provenance=provenance)
+    config.architectures = ["MaskedDiffusionLM"]
+    config.auto_map = {
+        "AutoConfig": "configuration_masked_diffusion.MaskedDiffusionConfig",
+        "AutoModel": "modeling_masked_diffusion.MaskedDiffusionLM",
+        # a diffusion checkpoint must never load as an ordinary causal LM: this auto class gets the diffusion model
+        "AutoModelForCausalLM": "modeling_masked_diffusion.MaskedDiffusionLM",
+        "AutoModelForMaskedLM": "modeling_masked_diffusion.MaskedDiffusionLM",
+    }
+    config.save_pretrained(out_dir)
+    for f in MODEL_FILES:
+        shutil.copyfile(f, out_dir / f.name)
+
+
+def _write_generation_config(out_dir: Path, tokenizer, config, mask_id: int):
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else getattr(config, "eos_token_id", None)
+    gen = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=eos,
+        pad_token_id=tokenizer.pad_token_id,
+        mask_token_id=mask_id,
+        **DEFAULT_DECODING,
+    )
+    gen.save_pretrained(out_dir)
+
+
+def _publish(tmp: Path, output: Path):
+    """Swap the finished directory into place; the old OUTPUT is removed only once the new one is there."""
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the checkpoint should get normal permissions
+    if output.exists():
+        old = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.old-"))
+        output.rename(old / "out")
+        tmp.rename(output)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(output)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

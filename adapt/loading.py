@@ -1,0 +1,37 @@
+"""`adapt.load`: a converted checkpoint and its tokenizer, through the package's own classes (no remote code)."""
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+
+from .errors import AdaptError
+from .model import MaskedDiffusionConfig, MaskedDiffusionLM
+
+
+def load(path: str | Path, *, dtype: str | torch.dtype | None = None, device: str | torch.device | None = None,
+         attn_implementation: str | None = None, revision: str | None = None):
+    """Load a dlm-adapt checkpoint (local directory or Hub id). Returns `(model, tokenizer)`, model in eval mode.
+
+    `attn_implementation` is transformers' own switch (`eager`, `sdpa`, `flash_attention_2`, ...)."""
+    local = Path(path).expanduser()
+    if local.is_dir():
+        config_file = local / "config.json"
+        if not config_file.is_file():
+            raise AdaptError(f"{local} has no config.json: not a model directory")
+        model_type = json.loads(config_file.read_text()).get("model_type")
+        if model_type != MaskedDiffusionConfig.model_type:
+            raise AdaptError(f"{local} is a '{model_type}' checkpoint, not a dlm-adapt diffusion checkpoint; "
+                             f"convert it first: dlm-adapt convert {local} OUTPUT")
+    kwargs = {"revision": revision} if revision else {}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    model = MaskedDiffusionLM.from_pretrained(str(path), **kwargs)
+    # explicit False: the checkpoint has auto_map, and the tokenizer needs no remote code
+    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False, **({"revision": revision} if revision else {}))
+    if device is not None:
+        model.to(device)
+    return model.eval(), tokenizer

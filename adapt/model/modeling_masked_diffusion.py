@@ -1,0 +1,186 @@
+# Written into every converted checkpoint as remote code: imports only torch and transformers, so
+# `AutoModel.from_pretrained(path, trust_remote_code=True)` works without dlm-adapt installed.
+import contextlib
+
+import torch
+from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel
+from transformers.modeling_outputs import MaskedLMOutput
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+from .configuration_masked_diffusion import MaskedDiffusionConfig
+
+
+class MaskedDiffusionLM(PreTrainedModel):
+    """A causal decoder turned into a masked diffusion denoiser.
+
+    The original causal LM lives unchanged in `self.decoder`; only its attention is made bidirectional, through
+    transformers' own `config.is_causal` switch (mask builders) and each attention module's `is_causal` flag
+    (which SDPA/flash kernels read when no mask tensor is built). This is not an autoregressive model:
+    `generate()` refuses, use `diffusion_generate()`.
+    """
+
+    config_class = MaskedDiffusionConfig
+    base_model_prefix = "decoder"
+    supports_gradient_checkpointing = True
+
+    # Attention support is the decoder's: transformers asks before the decoder exists, so look up its class.
+    def _decoder_supports(self, flag: str) -> bool:
+        return bool(getattr(MODEL_FOR_CAUSAL_LM_MAPPING[type(self.config.text_config)], flag, False))
+
+    _supports_sdpa = property(lambda self: self._decoder_supports("_supports_sdpa"))
+    _supports_flash_attn = property(lambda self: self._decoder_supports("_supports_flash_attn"))
+    _supports_flex_attn = property(lambda self: self._decoder_supports("_supports_flex_attn"))
+    _supports_attention_backend = property(lambda self: self._decoder_supports("_supports_attention_backend"))
+
+    def __init__(self, config: MaskedDiffusionConfig):
+        super().__init__(config)
+        self.decoder = AutoModelForCausalLM.from_config(config.text_config)
+        # one config object, so `config.text_config` and what the decoder reads never disagree
+        self.config.text_config = self.decoder.config
+        self._no_split_modules = getattr(self.decoder, "_no_split_modules", None)
+        self.generation_config = GenerationConfig()
+        self.post_init()
+        self._set_causal(not config.bidirectional)
+
+    def _init_weights(self, module):
+        self.decoder._init_weights(module)
+
+    def get_input_embeddings(self):
+        return self.decoder.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.decoder.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.decoder.get_output_embeddings()
+
+    def set_output_embeddings(self, value):
+        self.decoder.set_output_embeddings(value)
+
+    def _set_causal(self, causal: bool):
+        self.decoder.config.is_causal = causal
+        for module in self.decoder.modules():
+            if isinstance(getattr(module, "is_causal", None), bool) and not isinstance(module, PreTrainedModel):
+                module.is_causal = causal
+
+    @contextlib.contextmanager
+    def _attention(self, causal: bool):
+        default = not self.config.bidirectional
+        if causal == default:
+            yield
+            return
+        self._set_causal(causal)
+        try:
+            yield
+        finally:
+            self._set_causal(default)
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        inputs_embeds=None,
+        is_causal: bool = False,
+        **kwargs,
+    ) -> MaskedLMOutput:
+        """Logits for every position. `attention_mask` is the 2-D padding mask (1 = real token).
+
+        `is_causal=True` runs the decoder with its original causal mask (annealing ratio 0): the converted model
+        then reproduces the source causal LM exactly.
+        """
+        if position_ids is None and attention_mask is not None and attention_mask.dim() == 2:
+            # padding must not move real tokens' positions, or padded and unpadded inputs would differ
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+        kwargs.pop("use_cache", None)
+        with self._attention(is_causal or not self.config.bidirectional):
+            out = self.decoder(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                inputs_embeds=inputs_embeds,
+                use_cache=False,
+                **kwargs,
+            )
+        return MaskedLMOutput(logits=out.logits, hidden_states=out.hidden_states, attentions=out.attentions)
+
+    def generate(self, *args, **kwargs):
+        raise TypeError(
+            "MaskedDiffusionLM is a masked diffusion model, not an autoregressive one: "
+            "use model.diffusion_generate(input_ids, max_new_tokens=N, steps=S)"
+        )
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        hub_kwargs = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only") if k in kwargs}
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+        except OSError:
+            pass  # no generation_config.json: diffusion_generate uses its documented defaults
+        return model
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if self.generation_config is not None:
+            self.generation_config.save_pretrained(save_directory)
+
+    @torch.no_grad()
+    def diffusion_generate(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        max_new_tokens: int | None = None,
+        steps: int | None = None,
+        temperature: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> torch.LongTensor:
+        """Low-confidence remasking sampler (MaskGIT/LLaDA order, linear schedule).
+
+        The canvas is the prompt followed by `max_new_tokens` mask tokens. Each of `steps` forward passes predicts
+        every masked position and commits the most confident ones, spreading the commits evenly over the steps.
+        Prompts in a batch are left-padded with `attention_mask` marking real tokens. Returns a LongTensor of shape
+        (batch, prompt_len + max_new_tokens). `max_new_tokens` and `steps` default to `generation_config.json`;
+        temperature 0 (the default) is greedy and deterministic.
+        """
+        gen = self.generation_config
+        n = int(max_new_tokens if max_new_tokens is not None else getattr(gen, "max_new_tokens", None) or 128)
+        steps = int(steps if steps is not None else getattr(gen, "steps", None) or n)
+        temperature = float(temperature)
+        mask_id = self.config.mask_token_id
+        if n < 1 or steps < 1:
+            raise ValueError(f"max_new_tokens and steps must be positive, got {n} and {steps}")
+        if self.config.shift and input_ids.shape[1] == 0:
+            raise ValueError("this model uses shift: the prompt needs at least one token (e.g. BOS)")
+        steps = min(steps, n)
+        batch, prompt_len = input_ids.shape
+        device = input_ids.device
+        canvas = torch.cat([input_ids, input_ids.new_full((batch, n), mask_id)], dim=1)
+        if attention_mask is not None:
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones((batch, n))], dim=1)
+        per_step = [n // steps + (1 if s < n % steps else 0) for s in range(steps)]
+        generated = torch.zeros_like(canvas, dtype=torch.bool)
+        generated[:, prompt_len:] = True
+
+        for k in per_step:
+            logits = self(input_ids=canvas, attention_mask=attention_mask).logits
+            if self.config.shift:
+                logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+            logits = logits.double()
+            logits[..., mask_id] = -float("inf")  # never commit [MASK] itself
+            probs = logits.softmax(-1)
+            if temperature > 0:
+                # Gumbel-max in float64 (LLaDA): low precision noise would bias the sample
+                u = torch.rand(logits.shape, dtype=torch.float64, device=device, generator=generator)
+                choice = (logits / temperature - torch.log(-torch.log(u.clamp_min(1e-300)))).argmax(-1)
+            else:
+                choice = logits.argmax(-1)
+            confidence = probs.gather(-1, choice.unsqueeze(-1)).squeeze(-1)
+            masked = (canvas == mask_id) & generated
+            confidence = confidence.masked_fill(~masked, -float("inf"))
+            commit = confidence.topk(k, dim=-1).indices
+            canvas.scatter_(1, commit, choice.gather(1, commit))
+        return canvas
+
+
+__all__ = ["MaskedDiffusionLM"]

@@ -1,0 +1,37 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from tiny_models import save_tiny_source
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may touch the network
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+STORIES = SHARED / "models" / "stories260K"
+
+
+@pytest.fixture(scope="session")
+def converted(tmp_path_factory):
+    """converted(arch) -> (source_dir, output_dir), converting each tiny architecture once per session."""
+    import adapt
+
+    cache = {}
+
+    def get(arch):
+        if arch not in cache:
+            root = tmp_path_factory.mktemp(arch)
+            save_tiny_source(root / "src", arch)
+            adapt.convert(root / "src", root / "dlm")
+            cache[arch] = (root / "src", root / "dlm")
+        return cache[arch]
+
+    return get
+
+
+def require_shared():
+    if not STORIES.is_dir():
+        pytest.skip(f"real-model test needs ../shared/models/stories260K beside the checkout ({STORIES} not found)")
+    return STORIES
