@@ -168,9 +168,8 @@ def _has_safetensors(directory: Path) -> bool:
 
 
 def _mean_rows(weight: torch.Tensor, n: int) -> torch.Tensor:
-    """`weight` with `n` rows appended, each the mean of the existing rows (a neutral start for [MASK])."""
-    mean = weight.float().mean(0, keepdim=True).to(weight.dtype)
-    return torch.cat([weight, mean.expand(n, *weight.shape[1:])], dim=0)
+    """`n` rows, each the mean of the rows of `weight` (a neutral start for [MASK])."""
+    return weight.float().mean(0, keepdim=True).to(weight.dtype).expand(n, *weight.shape[1:])
 
 
 def _vocab_param_names(model) -> set[str]:
@@ -262,9 +261,8 @@ class _StreamedWeights:
 def _transform(stored: StoredTensor, new_rows: int, dtype: torch.dtype | None):
     def load():
         t = stored.load()
-        if new_rows:
-            t = _mean_rows(t, new_rows)
-        return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+        pieces = [t, _mean_rows(t, new_rows)] if new_rows else [t]
+        return [p.to(dtype) if dtype is not None and p.is_floating_point() else p for p in pieces]
 
     return load
 
@@ -289,17 +287,18 @@ class _LoadedWeights:
         if new_rows:
             old = self.vocab_rows
             model.resize_token_embeddings(old + new_rows, mean_resizing=False)
+            grown = _vocab_param_names(model)
             with torch.no_grad():
                 for name, p in model.named_parameters():
-                    if name in _vocab_param_names(model):
-                        p[old:] = p[:old].float().mean(0).to(p.dtype)
+                    if name in grown:
+                        p[old:] = _mean_rows(p[:old], new_rows)
         entries, shapes, seen = {}, {}, set()
         for name, t in model.state_dict().items():
             if t.data_ptr() in seen:  # tied weights are stored once, like save_pretrained does
                 continue
             seen.add(t.data_ptr())
             t = t.to(dtype) if dtype is not None and t.is_floating_point() else t
-            entries[PREFIX + name] = lambda t=t: t
+            entries[PREFIX + name] = lambda t=t: [t]
             shapes[PREFIX + name] = (dtype_code(t.dtype), list(t.shape))
         write_safetensors(out_dir / "model.safetensors", entries, shapes)
 

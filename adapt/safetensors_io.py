@@ -38,8 +38,14 @@ class StoredTensor:
     end: int
 
     def load(self) -> torch.Tensor:
-        with safe_open(str(self.path), framework="pt") as f:
-            return f.get_tensor(self.name)
+        # a plain read, not mmap: mapped pages would count once more in the process's memory
+        buf = bytearray(self.end - self.begin)
+        with open(self.path, "rb") as f:
+            f.seek(self.begin)
+            if f.readinto(buf) != len(buf):
+                raise AdaptError(f"{self.path} ended early while reading {self.name}: the file is truncated")
+        return torch.frombuffer(buf, dtype=_DTYPES[self.dtype]).reshape(self.shape) if buf else \
+            torch.empty(self.shape, dtype=_DTYPES[self.dtype])
 
 
 def read_index(path: Path) -> dict[str, StoredTensor]:
@@ -61,12 +67,15 @@ def read_index(path: Path) -> dict[str, StoredTensor]:
     }
 
 
-# What to write for one output tensor: a stored tensor copied as bytes, or a function producing a tensor.
-Entry = StoredTensor | Callable[[], torch.Tensor]
+# What to write for one output tensor: a stored tensor copied as bytes, or a function producing the tensor as
+# consecutive pieces along dim 0 (so a grown embedding is written as old rows + new rows, never concatenated).
+Entry = StoredTensor | Callable[[], list[torch.Tensor]]
 
 
-def _tensor_bytes(t: torch.Tensor) -> bytes:
-    return t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()
+def _write_tensor(out, t: torch.Tensor) -> int:
+    data = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+    out.write(data)  # buffer protocol: no bytes copy
+    return data.nbytes
 
 
 def write_safetensors(path: Path, entries: dict[str, Entry], shapes: dict[str, tuple[str, list[int]]]) -> int:
@@ -91,12 +100,12 @@ def write_safetensors(path: Path, entries: dict[str, Entry], shapes: dict[str, t
             if isinstance(entry, StoredTensor):
                 written = _copy_range(entry, out)
             else:
-                tensor = entry()
-                if (_CODES[tensor.dtype], list(tensor.shape)) != (header[name]["dtype"], header[name]["shape"]):
+                pieces = entry()
+                rows = sum(p.shape[0] for p in pieces) if pieces[0].dim() else 1
+                declared = (header[name]["dtype"], header[name]["shape"])
+                if (_CODES[pieces[0].dtype], [rows, *pieces[0].shape[1:]] if pieces[0].dim() else []) != declared:
                     raise RuntimeError(f"tensor {name} does not match its declared dtype/shape")
-                data = _tensor_bytes(tensor)
-                out.write(data)
-                written = len(data)
+                written = sum(_write_tensor(out, p) for p in pieces)
             if written != expected:
                 raise RuntimeError(f"wrote {written} bytes for {name}, expected {expected}")
     return offset

@@ -1,0 +1,80 @@
+"""The real pretrained model in ../shared/models/stories260K (LLaMA architecture), converted in the test."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import adapt
+from conftest import require_shared
+
+TEXT = ["Once upon a time, there was a little girl named Lily. She loved to play outside.",
+        "Tom had a big red ball."]
+
+
+@pytest.fixture(scope="module")
+def stories(tmp_path_factory):
+    src = require_shared()
+    out = tmp_path_factory.mktemp("stories") / "dlm"
+    adapt.convert(src, out)
+    return src, out
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_real_model_invariants(stories, impl):
+    src, out = stories
+    causal = AutoModelForCausalLM.from_pretrained(src, attn_implementation=impl).eval()
+    model, tok = adapt.load(out, attn_implementation=impl)
+    src_tok = AutoTokenizer.from_pretrained(src)
+    assert tok.mask_token_id == model.config.mask_token_id == 512 and len(src_tok) == 512
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+
+    ids = src_tok(TEXT[0], return_tensors="pt").input_ids
+    assert tok(TEXT[0], return_tensors="pt").input_ids.equal(ids)  # tokenisation unchanged
+    with torch.no_grad():
+        # 1. ratio 0 reproduces the source
+        torch.testing.assert_close(model(ids, is_causal=True).logits[..., :512], causal(ids).logits,
+                                   atol=1e-5, rtol=0)
+        # 2. bidirectional: a later token reaches position 0
+        changed = ids.clone()
+        changed[0, 6] = (changed[0, 6] + 1) % 512
+        assert (model(ids).logits[0, 0] - model(changed).logits[0, 0]).abs().max() > 1e-4
+        # 3. padding invariance, both sides (the tokenizer has no pad token; masked positions are ignored anyway).
+        # Real logits are O(10): a padded softmax sums in another order, so allow float32 rounding (1e-4).
+        tok.pad_token = tok.eos_token
+        tok.padding_side = "left"
+        batch = tok(TEXT, return_tensors="pt", padding=True)
+        padded = model(**batch).logits
+        real = batch.attention_mask.bool()
+        short = tok(TEXT[1], return_tensors="pt").input_ids
+        torch.testing.assert_close(padded[1][real[1]], model(short).logits[0], atol=1e-4, rtol=0)
+        tok.padding_side = "right"
+        batch = tok(TEXT, return_tensors="pt", padding=True)
+        padded = model(**batch).logits
+        torch.testing.assert_close(padded[1][batch.attention_mask[1].bool()], model(short).logits[0],
+                                   atol=1e-4, rtol=0)
+
+
+def test_real_model_loads_with_transformers_alone(stories, tmp_path):
+    _, out = stories
+    script = textwrap.dedent("""
+        import sys, torch
+        sys.modules["adapt"] = None
+        from transformers import AutoModel
+        m = AutoModel.from_pretrained(sys.argv[1], trust_remote_code=True)
+        ids = torch.tensor([[1, 403, 407, 261, 378]])
+        out = m.diffusion_generate(ids, max_new_tokens=12, steps=6)
+        assert out.shape == (1, 17) and not (out == m.config.mask_token_id).any()
+        torch.save(m(ids).logits, sys.argv[2])
+    """)
+    env = {"HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "mods"), "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run([sys.executable, "-I", "-c", script, str(out), str(tmp_path / "l.pt")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    model, _ = adapt.load(out)
+    with torch.no_grad():
+        local = model(torch.tensor([[1, 403, 407, 261, 378]])).logits
+    torch.testing.assert_close(torch.load(tmp_path / "l.pt", weights_only=True), local, atol=1e-6, rtol=0)
