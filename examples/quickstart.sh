@@ -16,7 +16,7 @@ sys.modules["adapt"] = None  # prove the checkpoint needs nothing but transforme
 from transformers import AutoModel, AutoTokenizer
 path = sys.argv[1]
 model = AutoModel.from_pretrained(path, trust_remote_code=True)
-tok = AutoTokenizer.from_pretrained(path)
+tok = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
 print(f"{type(model).__name__}: base {model.config.text_config.model_type}, mask token {tok.mask_token!r} "
       f"(id {model.config.mask_token_id}), shift={model.config.shift}, bidirectional={model.config.bidirectional}")
 ids = tok("The capital of France is", return_tensors="pt").input_ids
