@@ -142,7 +142,7 @@ def choose_mask_token(tokenizer: PreTrainedTokenizerBase, vocab_rows: int, spec:
         if tid is not None and tid == mask_id:
             raise AdaptError(f"mask token id {mask_id} is the {role} token; the mask must be a distinct token. "
                              "Pass --mask-token with another token or id")
-    if case == "specified":
+    if tokenizer.mask_token_id != mask_id:
         tokenizer.add_special_tokens({"mask_token": tokenizer.convert_ids_to_tokens(mask_id)})
     return mask_id, case
 

@@ -1,12 +1,13 @@
 import os
-from pathlib import Path
 
-import pytest
-import torch
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may touch the network; set before huggingface_hub loads
 
-from tiny_models import save_tiny_source
+from pathlib import Path  # noqa: E402
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may touch the network
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from tiny_models import save_tiny_source  # noqa: E402
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"

@@ -188,3 +188,18 @@ def test_causal_lm_loader_cannot_silently_load_causal_model(converted):
     _, out = converted("llama")
     with pytest.raises(ValueError, match="trust_remote_code"):
         AutoModelForCausalLM.from_pretrained(out)
+
+
+def test_mask_token_string_in_vocabulary_is_registered(tmp_path):
+    src = tmp_path / "src"
+    save_tiny_source(src, "llama")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(src)
+    tok.add_tokens(["<|mask|>"])  # present as an ordinary token, not declared as the mask token
+    tok.save_pretrained(src)
+    adapt.convert(src, tmp_path / "out", mask_token="auto")
+    model, loaded = adapt.load(tmp_path / "out")
+    assert loaded.mask_token == "<|mask|>" and loaded.mask_token_id == model.config.mask_token_id == 100
+    assert _mask_case(tmp_path / "out") == "existing"
+    assert model.get_input_embeddings().weight.shape[0] == 101  # the token had no embedding row yet

@@ -93,6 +93,9 @@ class MaskedDiffusionLM(PreTrainedModel):
             # padding must not move real tokens' positions, or padded and unpadded inputs would differ
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
         kwargs.pop("use_cache", None)
+        if kwargs.get("labels") is not None:
+            # the decoder would compute a causal next-token loss, which is not the diffusion objective
+            raise TypeError("MaskedDiffusionLM.forward takes no labels: compute the masked-diffusion loss from logits")
         with self._attention(is_causal or not self.config.bidirectional):
             out = self.decoder(
                 input_ids=input_ids,
