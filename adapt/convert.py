@@ -22,7 +22,7 @@ from . import __version__
 from .architectures import check_architecture
 from .errors import AdaptError
 from .hub import Source, resolve_source
-from .model import MODEL_FILES, MaskedDiffusionConfig
+from .model import AUTO_MAP, MODEL_FILES, MaskedDiffusionConfig
 from .safetensors_io import StoredTensor, dtype_code, read_index, torch_dtype, write_safetensors
 
 DEFAULT_MASK_TOKEN = "<|mask|>"
@@ -309,13 +309,7 @@ def _write_config(out_dir: Path, text_config, mask_id: int, shift: bool, provena
     config = MaskedDiffusionConfig(text_config=text_config, mask_token_id=mask_id, shift=shift, bidirectional=True,
                                    provenance=provenance)
     config.architectures = ["MaskedDiffusionLM"]
-    config.auto_map = {
-        "AutoConfig": "configuration_masked_diffusion.MaskedDiffusionConfig",
-        "AutoModel": "modeling_masked_diffusion.MaskedDiffusionLM",
-        # a diffusion checkpoint must never load as an ordinary causal LM: this auto class gets the diffusion model
-        "AutoModelForCausalLM": "modeling_masked_diffusion.MaskedDiffusionLM",
-        "AutoModelForMaskedLM": "modeling_masked_diffusion.MaskedDiffusionLM",
-    }
+    config.auto_map = dict(AUTO_MAP)
     config.save_pretrained(out_dir)
     for f in MODEL_FILES:
         shutil.copyfile(f, out_dir / f.name)

@@ -36,14 +36,18 @@ _REMOTE = textwrap.dedent("""
 """)
 
 
-def test_round_trip_transformers_alone_matches_adapt_load(converted, tmp_path):
-    outs = {arch: converted(arch)[1] for arch in ARCHS}
+def _load_remotely(tmp_path, paths):
     result_file = tmp_path / "remote.json"
     env = {"HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "PATH": "/usr/bin:/bin"}
-    proc = subprocess.run([sys.executable, "-I", "-c", _REMOTE, str(result_file), *map(str, outs.values())],
+    proc = subprocess.run([sys.executable, "-I", "-c", _REMOTE, str(result_file), *map(str, paths)],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    remote = json.loads(result_file.read_text())
+    return json.loads(result_file.read_text())
+
+
+def test_round_trip_transformers_alone_matches_adapt_load(converted, tmp_path):
+    outs = {arch: converted(arch)[1] for arch in ARCHS}
+    remote = _load_remotely(tmp_path, outs.values())
     ids = torch.arange(4, 14).unsqueeze(0)
     for arch, out in outs.items():
         model, _ = adapt.load(out)
@@ -69,7 +73,8 @@ def test_config_records_diffusion_settings_and_provenance(converted):
     assert {"configuration_masked_diffusion.py", "modeling_masked_diffusion.py"} <= {p.name for p in out.iterdir()}
     for f in ("configuration_masked_diffusion.py", "modeling_masked_diffusion.py"):
         imports = [ln for ln in (out / f).read_text().splitlines() if ln.startswith(("import ", "from "))]
-        assert all(ln.split()[1].split(".")[0] in {"torch", "transformers", "contextlib", ""} for ln in imports), imports
+        allowed = {"torch", "transformers", ""} | set(sys.stdlib_module_names)
+        assert all(ln.split()[1].split(".")[0] in allowed for ln in imports), imports
 
 
 def test_no_shift_is_stored_and_loaded(tmp_path):
@@ -203,3 +208,14 @@ def test_mask_token_string_in_vocabulary_is_registered(tmp_path):
     assert loaded.mask_token == "<|mask|>" and loaded.mask_token_id == model.config.mask_token_id == 100
     assert _mask_case(tmp_path / "out") == "existing"
     assert model.get_input_embeddings().weight.shape[0] == 101  # the token had no embedding row yet
+
+
+def test_save_pretrained_of_a_loaded_model_still_loads_with_transformers_alone(converted, tmp_path):
+    _, out = converted("gemma3_text")
+    model, _ = adapt.load(out)
+    model.save_pretrained(tmp_path / "resaved")
+    assert json.loads((tmp_path / "resaved" / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"]
+    got = _load_remotely(tmp_path, [tmp_path / "resaved"])[str(tmp_path / "resaved")]
+    with torch.no_grad():
+        local = model(torch.arange(4, 14).unsqueeze(0)).logits
+    torch.testing.assert_close(torch.tensor(got["logits"]), local, atol=1e-5, rtol=0)

@@ -4,9 +4,8 @@ so they import only torch and transformers; `adapt.load` uses the very same clas
 from pathlib import Path
 
 from .configuration_masked_diffusion import MaskedDiffusionConfig
-from .modeling_masked_diffusion import MaskedDiffusionLM
+from .modeling_masked_diffusion import AUTO_MAP, CODE_FILES, MaskedDiffusionLM
 
-_HERE = Path(__file__).parent
-MODEL_FILES = [_HERE / "configuration_masked_diffusion.py", _HERE / "modeling_masked_diffusion.py"]
+MODEL_FILES = [Path(__file__).parent / name for name in CODE_FILES]
 
-__all__ = ["MODEL_FILES", "MaskedDiffusionConfig", "MaskedDiffusionLM"]
+__all__ = ["AUTO_MAP", "MODEL_FILES", "MaskedDiffusionConfig", "MaskedDiffusionLM"]

@@ -1,6 +1,8 @@
 # Written into every converted checkpoint as remote code: imports only torch and transformers, so
 # `AutoModel.from_pretrained(path, trust_remote_code=True)` works without dlm-adapt installed.
 import contextlib
+import shutil
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel
@@ -8,6 +10,16 @@ from transformers.modeling_outputs import MaskedLMOutput
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from .configuration_masked_diffusion import MaskedDiffusionConfig
+
+
+# Every auto class resolves to the diffusion model: a checkpoint must never load as an ordinary causal LM.
+AUTO_MAP = {
+    "AutoConfig": "configuration_masked_diffusion.MaskedDiffusionConfig",
+    "AutoModel": "modeling_masked_diffusion.MaskedDiffusionLM",
+    "AutoModelForCausalLM": "modeling_masked_diffusion.MaskedDiffusionLM",
+    "AutoModelForMaskedLM": "modeling_masked_diffusion.MaskedDiffusionLM",
+}
+CODE_FILES = ("configuration_masked_diffusion.py", "modeling_masked_diffusion.py")
 
 
 class MaskedDiffusionLM(PreTrainedModel):
@@ -124,7 +136,14 @@ class MaskedDiffusionLM(PreTrainedModel):
         return model
 
     def save_pretrained(self, save_directory, *args, **kwargs):
+        """Saves a checkpoint that loads with transformers alone: weights, config with `auto_map`, this file and
+        its configuration file (copied from wherever this class was loaded), and the generation config."""
+        self.config.auto_map = dict(AUTO_MAP)
         super().save_pretrained(save_directory, *args, **kwargs)
+        here, there = Path(__file__).resolve().parent, Path(save_directory).resolve()
+        if here != there:
+            for name in CODE_FILES:
+                shutil.copyfile(here / name, there / name)
         if self.generation_config is not None:
             self.generation_config.save_pretrained(save_directory)
 
