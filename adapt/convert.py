@@ -189,8 +189,11 @@ class _StreamedWeights:
     def __init__(self, directory: Path, config):
         self.config = config
         index = directory / "model.safetensors.index.json"
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() \
-            else ["model.safetensors"]
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() \
+                else ["model.safetensors"]
+        except (ValueError, KeyError, AttributeError) as e:
+            raise AdaptError(f"corrupt shard index {index}: {_first_line(e)}") from e
         for shard in shards:
             if not (directory / shard).is_file():
                 raise AdaptError(f"shard {shard} listed in {index} is missing")
