@@ -1,0 +1,86 @@
+"""The masked-diffusion (absorbing-state) objective: sample t, mask, cross-entropy on masked positions × 1/t.
+
+One t per sequence, t = (1 − ε)·u + ε. Each maskable token (not prompt, not padding; never position 0 when
+`shift`, since nothing predicts it) becomes [MASK] with probability t. With `shift`, the logit at i−1 predicts
+the token at i, as in the AR model the weights come from. See REFERENCE §3–§4.
+"""
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class ObjectiveConfig:
+    """Options of the masked-diffusion loss."""
+
+    eps: float = 1e-3
+    """Smallest t: t = (1 − eps)·u + eps."""
+    t_sampling: Literal["iid", "antithetic"] = "iid"
+    """`antithetic`: low-discrepancy t across the batch, t_i from (u + i/B) mod 1 (MDLM); lower variance."""
+    normalization: Literal["masked", "all", "sequence"] = "masked"
+    """Divide the weighted loss sum by the masked tokens in the batch (DiffuLLaMA), by all maskable tokens
+    (LLaDA: an unbiased per-token ELBO), or per sequence by its maskable tokens, then average (LLaDA SFT)."""
+    weighting: Literal["inverse_t", "cart"] = "inverse_t"
+    """`inverse_t`: the ELBO weight 1/t. `cart` (Dream): weight a masked token by ½ Σ over clean positions i of
+    p(1 − p)^(|n − i| − 1), favouring tokens with clean neighbours."""
+    cart_p: float = 0.3
+    complementary: bool = False
+    """Also train on the complement mask of every sequence (Fast-dLLM v2): every maskable token is supervised
+    once per step; the batch is doubled."""
+
+
+def sample_t(batch: int, cfg: ObjectiveConfig, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+    u = torch.rand(batch, generator=generator, device=device)
+    if cfg.t_sampling == "antithetic":
+        u = (u[:1] + torch.arange(batch, device=device) / batch) % 1.0
+    return (1 - cfg.eps) * u + cfg.eps
+
+
+def corrupt(x0, maskable, t, mask_id: int, generator=None):
+    """x_t: each maskable token replaced by `mask_id` with probability t (per sequence). Returns (x_t, masked)."""
+    masked = (torch.rand(x0.shape, generator=generator, device=x0.device) < t[:, None]) & maskable
+    return x0.masked_fill(masked, mask_id), masked
+
+
+def cart_weights(masked: torch.Tensor, maskable: torch.Tensor, p: float) -> torch.Tensor:
+    """w[b, n] = ½ Σ_{i clean, i ≠ n} p(1 − p)^(|n − i| − 1), as one convolution over the sequence."""
+    length = masked.shape[1]
+    d = torch.arange(-(length - 1), length, device=masked.device).abs()
+    kernel = torch.where(d > 0, p * (1 - p) ** (d - 1).clamp_min(0).float(), torch.zeros((), device=d.device))
+    clean = (maskable & ~masked).float()[:, None, :]
+    return 0.5 * F.conv1d(clean, kernel.flip(0)[None, None], padding=length - 1)[:, 0]
+
+
+def diffusion_loss(logits, x0, masked, maskable, t, cfg: ObjectiveConfig, shift: bool) -> torch.Tensor:
+    """Weighted cross-entropy on masked positions, normalised as `cfg.normalization` says."""
+    if shift:  # logit i−1 predicts token i
+        logits, x0, masked, maskable = logits[:, :-1], x0[:, 1:], masked[:, 1:], maskable[:, 1:]
+    ce = F.cross_entropy(logits.float().transpose(1, 2), x0, reduction="none")  # (B, L)
+    if cfg.weighting == "cart":
+        weight = cart_weights(masked, maskable, cfg.cart_p)
+    else:
+        weight = (1.0 / t)[:, None].expand_as(ce)
+    per_token = ce * weight * masked
+    if cfg.normalization == "masked":
+        return per_token.sum() / masked.sum().clamp_min(1)
+    if cfg.normalization == "all":
+        return per_token.sum() / maskable.sum().clamp_min(1)
+    return (per_token.sum(1) / maskable.sum(1).clamp_min(1)).mean()
+
+
+def noised_batch(x0, maskable, cfg: ObjectiveConfig, mask_id: int, shift: bool, generator=None):
+    """Everything one training step needs: (x_t, x0, masked, maskable, t), doubled with complements if asked."""
+    if shift:
+        maskable = maskable.clone()
+        maskable[:, 0] = False
+    t = sample_t(x0.shape[0], cfg, generator, x0.device)
+    x_t, masked = corrupt(x0, maskable, t, mask_id, generator)
+    if cfg.complementary:
+        other = maskable & ~masked
+        x_t = torch.cat([x_t, x0.masked_fill(other, mask_id)])
+        x0, masked, maskable = torch.cat([x0, x0]), torch.cat([masked, other]), torch.cat([maskable, maskable])
+        t = torch.cat([t, (1 - t).clamp_min(cfg.eps)])
+    return x_t, x0, masked, maskable, t
