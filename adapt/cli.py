@@ -23,6 +23,14 @@ def _convert(args):
     print(f"converted {args.source} -> {out}")
 
 
+def _train(args):
+    from .config import load_config
+    from .train import train
+
+    final = train(load_config(args.recipe, args.overrides))
+    print(f"trained -> {final}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dlm-adapt", description="Turn causal LMs into masked diffusion LMs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -45,6 +53,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow the source's own Python code for its config/tokenizer (off by default)")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     p.set_defaults(func=_convert)
+
+    p = sub.add_parser("train", help="adapt a model with the masked-diffusion objective",
+                       description="Continued training with the masked-diffusion objective while annealing the "
+                                   "attention mask; runs under `accelerate launch` too. Writes OUTPUT/metrics.jsonl, "
+                                   "OUTPUT/checkpoints/step-N and OUTPUT/final.")
+    p.add_argument("recipe", help="YAML recipe (see recipes/adapt/)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted overrides, e.g. output_dir=runs/x max_steps=10 train.lr=3e-4")
+    p.set_defaults(func=_train)
     return parser
 
 

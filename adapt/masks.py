@@ -66,7 +66,7 @@ def annealed_attention_mask(model, padding_mask: torch.Tensor, ratio: float, gen
     future = ((future < ratio) & torch.ones(length, length, dtype=torch.bool, device=future.device).triu(1)).to(device)
     causal = copy.copy(config)
     causal.is_causal = True  # build on top of the causal mask; the model itself stays bidirectional
-    embeds = torch.empty(batch, length, 0, dtype=model.get_input_embeddings().weight.dtype, device=device)
+    embeds = torch.empty(batch, length, 0, dtype=model.dtype, device=device)
     kwargs = dict(config=causal, inputs_embeds=embeds, attention_mask=padding_mask, past_key_values=None,
                   position_ids=position_ids_from_padding(padding_mask))
     window = getattr(config, "sliding_window", None)

@@ -39,9 +39,9 @@ def sample_t(batch: int, cfg: ObjectiveConfig, generator: torch.Generator | None
     return (1 - cfg.eps) * u + cfg.eps
 
 
-def corrupt(x0, maskable, t, mask_id: int, generator=None):
-    """x_t: each maskable token replaced by `mask_id` with probability t (per sequence). Returns (x_t, masked)."""
-    masked = (torch.rand(x0.shape, generator=generator, device=x0.device) < t[:, None]) & maskable
+def corrupt(x0, maskable, t, mask_id: int, u: torch.Tensor):
+    """x_t: each maskable token replaced by `mask_id` where its uniform draw u < t. Returns (x_t, masked)."""
+    masked = (u < t[:, None]) & maskable
     return x0.masked_fill(masked, mask_id), masked
 
 
@@ -71,13 +71,22 @@ def diffusion_loss(logits, x0, masked, maskable, t, cfg: ObjectiveConfig, shift:
     return (per_token.sum(1) / maskable.sum(1).clamp_min(1)).mean()
 
 
-def noised_batch(x0, maskable, cfg: ObjectiveConfig, mask_id: int, shift: bool, generator=None):
-    """Everything one training step needs: (x_t, x0, masked, maskable, t), doubled with complements if asked."""
+def noised_batch(x0, maskable, cfg: ObjectiveConfig, mask_id: int, shift: bool, generator=None,
+                 rows: slice | None = None, total_rows: int | None = None):
+    """Everything one training step needs: (x_t, x0, masked, maskable, t), doubled with complements if asked.
+
+    In data parallel training each process passes `total_rows` (the global batch) and its `rows`: the noise is
+    drawn for the whole global batch and sliced, so it does not depend on the number of processes."""
     if shift:
         maskable = maskable.clone()
         maskable[:, 0] = False
-    t = sample_t(x0.shape[0], cfg, generator, x0.device)
-    x_t, masked = corrupt(x0, maskable, t, mask_id, generator)
+    total = total_rows or x0.shape[0]
+    t = sample_t(total, cfg, generator, generator.device if generator is not None else x0.device)
+    u = torch.rand((total, x0.shape[1]), generator=generator, device=t.device)
+    if rows is not None:
+        t, u = t[rows], u[rows]
+    t, u = t.to(x0.device), u.to(x0.device)
+    x_t, masked = corrupt(x0, maskable, t, mask_id, u)
     if cfg.complementary:
         other = maskable & ~masked
         x_t = torch.cat([x_t, x0.masked_fill(other, mask_id)])

@@ -1,0 +1,179 @@
+"""Training configuration: dataclasses with documented fields, loaded from YAML with `dotted.key=value`
+overrides. An unknown key or a value of the wrong type is an error that names the key."""
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+from .errors import AdaptError
+from .masks import AnnealConfig
+from .objective import ObjectiveConfig
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""
+    """A dlm-adapt checkpoint, or a causal source (directory, .gguf, Hub id) converted into OUTPUT/converted."""
+    mask_token: str = "auto"
+    """Used only when `path` is a causal source: see `dlm-adapt convert --mask-token`."""
+    shift: bool = True
+    """Used only when `path` is a causal source: see `dlm-adapt convert --shift`."""
+    gguf_file: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Dtype the weights are loaded in (mixed precision is `train.mixed_precision`)."""
+    attn_implementation: str = "sdpa"
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class DataConfig:
+    train: str = ""
+    """Local .txt/.jsonl/.json/.parquet file (or comma-separated files), or a Hub dataset name."""
+    validation: str | None = None
+    """Same forms as `train`. If unset, `validation_fraction` of the training documents is held out before
+    packing, so no validation text is ever trained on."""
+    validation_fraction: float = 0.05
+    hub_split: str = "train"
+    hub_config: str | None = None
+    text_column: str = "text"
+    sample_by: Literal["line", "paragraph", "document"] = "paragraph"
+    """How a .txt file splits into documents (blank-line-separated paragraphs by default)."""
+    block_length: int = 256
+    """Tokens per packed training block (documents joined with EOS in between)."""
+    max_eval_blocks: int = 64
+
+
+@dataclass
+class LoraOptions:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: str | list[str] = "all-linear"
+    """PEFT target modules; `all-linear` is every linear layer except the LM head."""
+    train_mask_token: bool = True
+    """Make the [MASK] embedding row trainable (PEFT trainable tokens): the new token has to be learned."""
+    save_adapter_only: bool = False
+    """Write only the adapter to OUTPUT/final instead of merging it into the model."""
+
+
+@dataclass
+class TrainOptions:
+    method: Literal["full", "lora", "qlora"] = "full"
+    batch_size: int = 8
+    """Blocks per device per micro-step."""
+    gradient_accumulation_steps: int = 1
+    lr: float = 1e-4
+    attention_lr: float | None = None
+    """Separate learning rate for attention parameters (RND1 trains attention faster than MLPs)."""
+    mlp_lr: float | None = None
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = 0
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "cosine"
+    max_grad_norm: float = 1.0
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    seed: int = 0
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/adapt"
+    max_steps: int = 100
+    """Optimizer steps."""
+    save_steps: int = 100
+    eval_steps: int = 50
+    log_steps: int = 1
+    sample_steps: int = 0
+    """Every this many steps, decode a few samples into OUTPUT/samples.log (0: never)."""
+    save_total_limit: int = 2
+    resume: bool | str = False
+    """`true`: continue from the newest checkpoint in OUTPUT/checkpoints; or a checkpoint directory."""
+    tensorboard: bool = False
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    anneal: AnnealConfig = field(default_factory=AnnealConfig)
+    train: TrainOptions = field(default_factory=TrainOptions)
+    lora: LoraOptions = field(default_factory=LoraOptions)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = (), cls=TrainConfig):
+    """A config from a YAML file (optional) and `dotted.key=value` overrides (values parsed as YAML)."""
+    data = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise AdaptError(f"config file {path} not found")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise AdaptError(f"config file {path} is not valid YAML: {e}") from e
+        if not isinstance(data, dict):
+            raise AdaptError(f"config file {path} must hold a mapping of keys")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise AdaptError(f"override {item!r} is not of the form dotted.key=value")
+        node = data
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise AdaptError(f"override {item!r}: {p} is not a section")
+        node[leaf] = yaml.safe_load(value) if value != "" else None
+    return from_dict(cls, data)
+
+
+def from_dict(cls, data: dict, prefix: str = ""):
+    if not isinstance(data, dict):
+        raise AdaptError(f"config key {prefix.rstrip('.') or '(top level)'} must be a mapping")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            raise AdaptError(f"unknown config key '{prefix}{key}' (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = from_dict(hint, value or {}, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _check(value, hint, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def _check(value, hint, key):
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        if value not in args:
+            raise AdaptError(f"config key '{key}' must be one of {list(args)}, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for arg in args:
+            try:
+                return _check(value, arg, key)
+            except AdaptError:
+                continue
+        raise AdaptError(f"config key '{key}' has invalid value {value!r} (expected {hint})")
+    if hint is type(None):
+        if value is not None:
+            raise AdaptError(f"config key '{key}' must be null")
+        return None
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise AdaptError(f"config key '{key}' must be a list, got {value!r}")
+        return origin(_check(v, args[0], key) for v in value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and not (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
+        raise AdaptError(f"config key '{key}' must be {hint.__name__}, got {value!r}")
+    return value
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,289 @@
+"""`dlm-adapt train` / `adapt.train(config)`: continued training with the masked-diffusion objective while the
+attention mask anneals from causal to bidirectional, on Accelerate (CPU, one GPU, DDP/FSDP/DeepSpeed)."""
+
+import contextlib
+import json
+import re
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, PreTrainedConfig, get_scheduler
+
+from . import checkpointing
+from .config import TrainConfig, to_dict
+from .convert import convert
+from .data import BlockLoader, build_datasets
+from .errors import AdaptError
+from .masks import annealed_attention_mask, check_annealing_supported, mask_ratio
+from .model import MaskedDiffusionConfig, MaskedDiffusionLM
+from .objective import ObjectiveConfig, diffusion_loss, noised_batch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def is_diffusion_checkpoint(path: str) -> bool:
+    try:
+        config, _ = PreTrainedConfig.get_config_dict(path)
+    except Exception:  # not a model directory / id at all: the converter gives the precise error
+        return False
+    return config.get("model_type") == MaskedDiffusionConfig.model_type
+
+
+def load_for_training(cfg: TrainConfig, path: str):
+    """The diffusion model (LoRA/QLoRA-wrapped if asked) and its tokenizer."""
+    kwargs = {"dtype": DTYPES[cfg.model.dtype], "attn_implementation": cfg.model.attn_implementation}
+    if cfg.train.method == "qlora":
+        try:
+            import bitsandbytes  # noqa: F401
+            from transformers import BitsAndBytesConfig
+        except Exception as e:
+            raise AdaptError(f"QLoRA needs a working bitsandbytes ({type(e).__name__}: {e}); "
+                             "pip install bitsandbytes, or use train.method=lora") from e
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=DTYPES[cfg.model.dtype])
+    model = MaskedDiffusionLM.from_pretrained(path, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.train.method in ("lora", "qlora"):
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+        if cfg.train.method == "qlora":
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.model.gradient_checkpointing)
+        lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                          target_modules=cfg.lora.target_modules,
+                          trainable_token_indices=[model.config.mask_token_id] if cfg.lora.train_mask_token else None)
+        try:
+            model = get_peft_model(model, lora)
+        except ValueError as e:
+            raise AdaptError(f"LoRA target modules {cfg.lora.target_modules!r} do not fit this model: "
+                             f"{str(e).splitlines()[0]}. Set lora.target_modules") from e
+    return model, tokenizer
+
+
+def diffusion_model(model) -> MaskedDiffusionLM:
+    """The MaskedDiffusionLM inside Accelerate/PEFT wrappers."""
+    while not isinstance(model, MaskedDiffusionLM):
+        model = model.get_base_model() if hasattr(model, "get_base_model") else model.module
+    return model
+
+
+def param_groups(model, opt):
+    """Attention and MLP parameters may get their own learning rates (RND1)."""
+    groups = {"attention": [], "mlp": [], "other": []}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if re.search(r"\.(self_attn|attn|attention)\.", name):
+            groups["attention"].append(p)
+        elif re.search(r"\.(mlp|experts|feed_forward|block_sparse_moe)\.", name):
+            groups["mlp"].append(p)
+        else:
+            groups["other"].append(p)
+    lrs = {"attention": opt.attention_lr or opt.lr, "mlp": opt.mlp_lr or opt.lr, "other": opt.lr}
+    return [{"params": ps, "lr": lrs[k], "name": k} for k, ps in groups.items() if ps]
+
+
+@torch.no_grad()
+def validation_elbo(model, blocks, mask_id: int, shift: bool, batch_size: int, seed: int = 1234) -> float:
+    """Monte-Carlo ELBO bound in nats per token on `blocks`, one antithetic t-draw per block, fixed seed."""
+    was_training = model.training
+    model.eval()
+    cfg = ObjectiveConfig(t_sampling="antithetic", normalization="all")
+    g = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    total, tokens = 0.0, 0
+    for start in range(0, len(blocks), batch_size):
+        x0 = blocks[start:start + batch_size].to(device)
+        x_t, x0, masked, maskable, t = noised_batch(x0, torch.ones_like(x0, dtype=torch.bool), cfg, mask_id, shift, g)
+        logits = model(input_ids=x_t).logits
+        n = int(maskable[:, 1:].sum() if shift else maskable.sum())
+        total += diffusion_loss(logits, x0, masked, maskable, t, cfg, shift).item() * n
+        tokens += n
+    model.train(was_training)
+    return total / tokens
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Run the training described by `cfg`; returns OUTPUT/final."""
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    out = Path(cfg.output_dir)
+    ckpt_root = out / "checkpoints"
+    if cfg.resume is False and checkpoint_dirs_exist(ckpt_root):
+        raise AdaptError(f"{out} already holds checkpoints; set resume=true to continue, or choose another output_dir")
+    resume_from = _resume_path(cfg, ckpt_root)
+
+    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, project_dir=str(out),
+                              log_with="tensorboard" if cfg.tensorboard else None)
+    main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
+    if cfg.train.batch_size < 1 or cfg.train.gradient_accumulation_steps < 1:
+        raise AdaptError("train.batch_size and train.gradient_accumulation_steps must be at least 1")
+
+    source = cfg.model.path
+    if not source:
+        raise AdaptError("model.path is not set")
+    if not is_diffusion_checkpoint(source):
+        converted = out / "converted"
+        if main and not (converted / "config.json").exists():
+            convert(source, converted, mask_token=cfg.model.mask_token, shift=cfg.model.shift,
+                    gguf_file=cfg.model.gguf_file)
+        accelerator.wait_for_everyone()
+        source = str(converted)
+
+    torch.manual_seed(cfg.train.seed)
+    model, tokenizer = load_for_training(cfg, source)
+    dlm = diffusion_model(model)
+    check_annealing_supported(dlm, cfg.anneal)
+    mask_id, shift = dlm.config.mask_token_id, dlm.config.shift
+    max_positions = getattr(dlm.config.text_config, "max_position_embeddings", None)
+    train_blocks, val_blocks = build_datasets(cfg.data, tokenizer, max_positions, cfg.train.seed)
+    val_blocks = val_blocks[: cfg.data.max_eval_blocks]
+    global_batch = cfg.train.batch_size * world
+    loader = BlockLoader(train_blocks, global_batch, cfg.train.seed, rank, world)
+
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.train), lr=cfg.train.lr, betas=tuple(cfg.train.betas),
+                                  weight_decay=cfg.train.weight_decay)
+    # stepped by hand once per optimizer step: Accelerate's wrapper would step it once per process
+    scheduler = get_scheduler(cfg.train.lr_scheduler, optimizer, num_warmup_steps=cfg.train.warmup_steps,
+                              num_training_steps=cfg.max_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.train()
+    noise = torch.Generator().manual_seed(cfg.train.seed)  # same stream on every process: global-batch noise
+
+    start_step = 0
+    if resume_from is not None:
+        state, rng = checkpointing.load(resume_from, accelerator.unwrap_model(model), optimizer, scheduler, rank)
+        start_step = state["step"]
+        loader.load_state(state["data"])
+        torch.set_rng_state(rng["torch"])
+        noise.set_state(rng["noise"])
+        if torch.cuda.is_available() and "cuda" in rng:
+            torch.cuda.set_rng_state(rng["cuda"])
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2, default=str))
+        _truncate_metrics(out / "metrics.jsonl", start_step)
+    if cfg.tensorboard:
+        accelerator.init_trackers("dlm-adapt")
+
+    ga, length = cfg.train.gradient_accumulation_steps, cfg.data.block_length
+    rows = slice(rank * cfg.train.batch_size, (rank + 1) * cfg.train.batch_size)
+    bar = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps, disable=not main,
+               desc="train")
+    for step in bar:
+        ratio = mask_ratio(step, cfg.anneal)
+        started, loss_sum = time.perf_counter(), 0.0
+        for micro in range(ga):
+            x0 = loader.next().to(accelerator.device)
+            x_t, x0_, masked, maskable, t = noised_batch(x0, torch.ones_like(x0, dtype=torch.bool), cfg.objective,
+                                                         mask_id, shift, noise, rows, global_batch)
+            padding = torch.ones_like(x_t)
+            attention = annealed_attention_mask(dlm, padding, ratio, noise)
+            positions = torch.arange(length, device=x_t.device).expand_as(x_t)
+            sync = accelerator.no_sync(model) if micro < ga - 1 else contextlib.nullcontext()
+            with sync, accelerator.autocast():
+                logits = model(input_ids=x_t, attention_mask=attention, position_ids=positions).logits
+                loss = diffusion_loss(logits, x0_, masked, maskable, t, cfg.objective, shift)
+                accelerator.backward(loss / ga)
+            loss_sum += loss.detach().float().item() / ga
+        if cfg.train.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        seconds = time.perf_counter() - started
+        loss_value = accelerator.reduce(torch.tensor(loss_sum, device=accelerator.device), "mean").item()
+        record = {"step": done, "loss": loss_value, "lr": scheduler.get_last_lr()[0], "mask_ratio": ratio,
+                  "tokens_per_s": global_batch * ga * length / seconds}
+        if cfg.eval_steps and (done % cfg.eval_steps == 0 or done == cfg.max_steps):
+            record["val_elbo"] = validation_elbo(dlm, val_blocks, mask_id, shift, cfg.train.batch_size)
+        if main and (done % cfg.log_steps == 0 or "val_elbo" in record):
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{record['lr']:.2e}", ratio=f"{ratio:.2f}",
+                            tok_s=f"{record['tokens_per_s']:.0f}")
+            if cfg.tensorboard:
+                accelerator.log(record, step=done)
+        if main and cfg.sample_steps and done % cfg.sample_steps == 0:
+            _write_samples(dlm, tokenizer, val_blocks, out / "samples.log", done, bar)
+        if cfg.save_steps and done % cfg.save_steps == 0 and done < cfg.max_steps:
+            rng = {"torch": torch.get_rng_state(), "noise": noise.get_state()}
+            if torch.cuda.is_available():
+                rng["cuda"] = torch.cuda.get_rng_state()
+            checkpointing.save(ckpt_root, done, accelerator.unwrap_model(model), optimizer, scheduler,
+                               {"data": loader.state()}, rng, main, rank, accelerator.wait_for_everyone,
+                               cfg.save_total_limit)
+    accelerator.wait_for_everyone()
+    if cfg.tensorboard:
+        accelerator.end_training()
+    final = out / "final"
+    if main:
+        _save_final(cfg, accelerator.unwrap_model(model), tokenizer, source, final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def checkpoint_dirs_exist(root: Path) -> bool:
+    return bool(checkpointing.checkpoint_dirs(root))
+
+
+def _resume_path(cfg: TrainConfig, root: Path) -> Path | None:
+    if cfg.resume is False:
+        return None
+    if cfg.resume is True:
+        found = checkpointing.checkpoint_dirs(root)
+        if not found:
+            raise AdaptError(f"resume=true but {root} holds no complete checkpoint")
+        return found[-1]
+    path = Path(cfg.resume)
+    if not (path / "state.json").is_file():
+        raise AdaptError(f"resume={cfg.resume}: not a dlm-adapt training checkpoint")
+    return path
+
+
+def _truncate_metrics(path: Path, step: int):
+    """On resume, drop lines logged after the checkpoint (a killed run may have got further)."""
+    if not path.exists():
+        return
+    kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+    path.write_text("".join(ln + "\n" for ln in kept))
+
+
+@torch.no_grad()
+def _write_samples(dlm, tokenizer, val_blocks, path: Path, step: int, bar, prompt_len: int = 8, new: int = 24):
+    prompts = val_blocks[:2, :prompt_len].to(next(dlm.parameters()).device)
+    was_training = dlm.training
+    dlm.eval()
+    out = dlm.diffusion_generate(prompts, max_new_tokens=new, steps=new)
+    dlm.train(was_training)
+    texts = [tokenizer.decode(row, skip_special_tokens=False) for row in out]
+    with open(path, "a") as f:
+        f.write(f"--- step {step}\n" + "\n".join(texts) + "\n")
+    bar.write(f"[step {step}] sample: {texts[0]!r}")
+
+
+def _save_final(cfg: TrainConfig, model, tokenizer, source: str, final: Path):
+    tmp = final.parent / ".final-tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    if cfg.train.method == "full":
+        model.save_pretrained(tmp)
+    elif cfg.lora.save_adapter_only:
+        model.save_pretrained(tmp)  # PEFT adapter; load with PeftModel.from_pretrained(base diffusion model, dir)
+    else:
+        if cfg.train.method == "qlora":  # merge into full-precision weights, not into the 4-bit ones
+            from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+            base = MaskedDiffusionLM.from_pretrained(source, dtype=DTYPES[cfg.model.dtype])
+            full = get_peft_model(base, model.peft_config["default"])
+            set_peft_model_state_dict(full, get_peft_model_state_dict(model))
+            model = full
+        model.merge_and_unload().save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
