@@ -28,7 +28,7 @@ def _train(args):
     from .train import train
 
     final = train(load_config(args.recipe, args.overrides))
-    print(f"trained -> {final}")
+    print(f"trained -> {final}" if final else "stopped (stop_after); continue with resume=true")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -91,6 +91,9 @@ class TrainConfig:
     sample_steps: int = 0
     """Every this many steps, decode a few samples into OUTPUT/samples.log (0: never)."""
     save_total_limit: int = 2
+    stop_after: int | None = None
+    """Stop after this many steps in this invocation, saving a checkpoint (time-limited or preemptible jobs);
+    run again with resume=true to continue. The schedule still spans `max_steps`."""
     resume: bool | str = False
     """`true`: continue from the newest checkpoint in OUTPUT/checkpoints; or a checkpoint directory."""
     tensorboard: bool = False
@@ -170,6 +173,11 @@ def _check(value, hint, key):
         return origin(_check(v, args[0], key) for v in value)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if hint in (int, float, str, bool) and not (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
         raise AdaptError(f"config key '{key}' must be {hint.__name__}, got {value!r}")
     return value

@@ -106,8 +106,8 @@ def validation_elbo(model, blocks, mask_id: int, shift: bool, batch_size: int, s
     return total / tokens
 
 
-def train(cfg: TrainConfig) -> Path:
-    """Run the training described by `cfg`; returns OUTPUT/final."""
+def train(cfg: TrainConfig) -> Path | None:
+    """Run the training described by `cfg`; returns OUTPUT/final (None when `stop_after` stopped it early)."""
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
@@ -126,6 +126,10 @@ def train(cfg: TrainConfig) -> Path:
     source = cfg.model.path
     if not source:
         raise AdaptError("model.path is not set")
+    # data problems surface before anything is converted or written
+    tokenizer, max_positions = _source_tokenizer(cfg, source)
+    train_blocks, val_blocks = build_datasets(cfg.data, tokenizer, max_positions, cfg.train.seed)
+    val_blocks = val_blocks[: cfg.data.max_eval_blocks]
     if not is_diffusion_checkpoint(source):
         converted = out / "converted"
         if main and not (converted / "config.json").exists():
@@ -139,9 +143,6 @@ def train(cfg: TrainConfig) -> Path:
     dlm = diffusion_model(model)
     check_annealing_supported(dlm, cfg.anneal)
     mask_id, shift = dlm.config.mask_token_id, dlm.config.shift
-    max_positions = getattr(dlm.config.text_config, "max_position_embeddings", None)
-    train_blocks, val_blocks = build_datasets(cfg.data, tokenizer, max_positions, cfg.train.seed)
-    val_blocks = val_blocks[: cfg.data.max_eval_blocks]
     global_batch = cfg.train.batch_size * world
     loader = BlockLoader(train_blocks, global_batch, cfg.train.seed, rank, world)
 
@@ -211,13 +212,17 @@ def train(cfg: TrainConfig) -> Path:
                 accelerator.log(record, step=done)
         if main and cfg.sample_steps and done % cfg.sample_steps == 0:
             _write_samples(dlm, tokenizer, val_blocks, out / "samples.log", done, bar)
-        if cfg.save_steps and done % cfg.save_steps == 0 and done < cfg.max_steps:
+        stopping = cfg.stop_after is not None and done - start_step >= cfg.stop_after and done < cfg.max_steps
+        if (cfg.save_steps and done % cfg.save_steps == 0 and done < cfg.max_steps) or stopping:
             rng = {"torch": torch.get_rng_state(), "noise": noise.get_state()}
             if torch.cuda.is_available():
                 rng["cuda"] = torch.cuda.get_rng_state()
             checkpointing.save(ckpt_root, done, accelerator.unwrap_model(model), optimizer, scheduler,
                                {"data": loader.state()}, rng, main, rank, accelerator.wait_for_everyone,
                                cfg.save_total_limit)
+        if stopping:
+            accelerator.wait_for_everyone()
+            return None
     accelerator.wait_for_everyone()
     if cfg.tensorboard:
         accelerator.end_training()
@@ -226,6 +231,23 @@ def train(cfg: TrainConfig) -> Path:
         _save_final(cfg, accelerator.unwrap_model(model), tokenizer, source, final)
     accelerator.wait_for_everyone()
     return final
+
+
+def _source_tokenizer(cfg: TrainConfig, source: str):
+    """The tokenizer and position limit of the model to train, read before any conversion."""
+    from transformers import AutoConfig
+
+    gguf = {"gguf_file": cfg.model.gguf_file} if cfg.model.gguf_file else {}
+    src = Path(source)
+    if src.suffix == ".gguf" and src.is_file():
+        source, gguf = str(src.parent), {"gguf_file": src.name}
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=False, **gguf) \
+            if not is_diffusion_checkpoint(source) else MaskedDiffusionConfig.from_pretrained(source).text_config
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False, **gguf)
+    except (OSError, ValueError, KeyError) as e:
+        raise AdaptError(f"cannot load model.path={cfg.model.path}: {str(e).splitlines()[0]}") from e
+    return tokenizer, getattr(config, "max_position_embeddings", None)
 
 
 def checkpoint_dirs_exist(root: Path) -> bool:

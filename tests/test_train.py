@@ -1,0 +1,178 @@
+"""Training: metrics and final checkpoint, exact resume, crash safety, LoRA/QLoRA, bad inputs."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import adapt
+from adapt import AdaptError
+from adapt.config import load_config
+from tiny_models import save_tiny_source
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    save_tiny_source(root / "causal", "llama")
+    adapt.convert(root / "causal", root / "dlm")
+    rng = random.Random(0)
+    # documents with learnable structure: runs of consecutive words
+    docs = []
+    for _ in range(300):
+        start = rng.randrange(4, 80)
+        docs.append(" ".join(f"w{i}" for i in range(start, start + rng.randrange(8, 16))))
+    (root / "train.txt").write_text("\n\n".join(docs))
+    return root
+
+
+def _cfg(setup, out, *overrides, model="dlm"):
+    base = [f"output_dir={out}", f"model.path={setup / model}", f"data.train={setup / 'train.txt'}",
+            "data.block_length=16", "data.max_eval_blocks=8", "train.batch_size=4", "train.lr=3e-3",
+            "max_steps=6", "eval_steps=3", "save_steps=0", "anneal.anneal_steps=4", "model.attn_implementation=eager"]
+    return load_config(None, base + list(overrides))
+
+
+def _losses(out):
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_full_run_logs_metrics_and_writes_a_loadable_final(setup, tmp_path):
+    out = tmp_path / "run"
+    final = adapt.train(_cfg(setup, out, "sample_steps=3", model="causal"))  # causal source: converted on the fly
+    assert (out / "converted" / "config.json").exists()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert all({"step", "loss", "lr", "mask_ratio", "tokens_per_s"} <= r.keys() for r in records)
+    assert [r["mask_ratio"] for r in records] == pytest.approx([0.25, 0.5, 0.75, 1, 1, 1])
+    assert "val_elbo" in records[2] and "val_elbo" in records[5] and "val_elbo" not in records[0]
+    assert (out / "samples.log").read_text().count("--- step") == 2
+    config = json.loads((final / "config.json").read_text())
+    assert config["auto_map"]["AutoModel"] and (final / "modeling_masked_diffusion.py").exists()
+    model, _ = adapt.load(final)
+    assert model.config.mask_token_id == 100
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_resume_reproduces_the_uninterrupted_losses(setup, tmp_path, method):
+    extra = [f"train.method={method}", "max_steps=8", "train.gradient_accumulation_steps=2", "eval_steps=0",
+             "objective.t_sampling=antithetic"]
+    adapt.train(_cfg(setup, tmp_path / "straight", *extra))
+    assert adapt.train(_cfg(setup, tmp_path / "split", *extra, "stop_after=4")) is None
+    adapt.train(_cfg(setup, tmp_path / "split", *extra, "resume=true"))
+    straight, split = _losses(tmp_path / "straight"), _losses(tmp_path / "split")
+    assert len(straight) == 8 and split == straight  # bit-identical, step by step
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_every_trainable_parameter_changes(setup, tmp_path, method):
+    out = tmp_path / "run"
+    cfg = _cfg(setup, out, f"train.method={method}", "max_steps=6", "stop_after=3", "eval_steps=0")
+    torch.manual_seed(cfg.train.seed)
+    from adapt.train import load_for_training
+
+    initial, _ = load_for_training(cfg, str(setup / "dlm"))
+    before = {n: p.detach().clone() for n, p in initial.named_parameters() if p.requires_grad}
+    adapt.train(cfg)
+    after = load_file(out / "checkpoints" / "step-00000003" / "trainable.safetensors")
+    aliases = json.loads((out / "checkpoints" / "step-00000003" / "state.json").read_text())["aliases"]
+    assert set(after) | set(aliases) == set(before)
+    unchanged = [n for n in after if torch.equal(after[n], before[n])]
+    assert unchanged == []
+    if method == "lora":
+        delta = [n for n in after if "trainable_tokens_delta" in n]
+        assert delta and after[delta[0]].abs().sum() > 0  # the [MASK] row is being learned
+
+
+def test_qlora_step_runs_on_cpu_and_merges(setup, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    final = adapt.train(_cfg(setup, tmp_path / "q", "train.method=qlora", "max_steps=2", "eval_steps=0"))
+    model, _ = adapt.load(final)
+    converted, _ = adapt.load(setup / "dlm")
+    mask_id = model.config.mask_token_id
+    emb, before = model.get_input_embeddings().weight, converted.get_input_embeddings().weight
+    assert not torch.equal(emb[mask_id], before[mask_id])  # merged trainable [MASK] row
+    assert _losses(tmp_path / "q")[0] > 0
+
+
+def test_partial_checkpoint_write_is_ignored_on_resume(setup, tmp_path):
+    out = tmp_path / "run"
+    adapt.train(_cfg(setup, out, "max_steps=6", "stop_after=2", "eval_steps=0"))
+    # what a kill -9 in the middle of the next save leaves behind
+    partial = out / "checkpoints" / ".tmp-step-00000004"
+    partial.mkdir()
+    (partial / "trainable.safetensors").write_bytes(b"\x00" * 10)
+    adapt.train(_cfg(setup, out, "max_steps=6", "resume=true", "eval_steps=0"))
+    assert [json.loads(ln)["step"] for ln in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
+
+
+def test_kill_9_during_checkpointing_then_resume(setup, tmp_path):
+    out = tmp_path / "run"
+    overrides = [f"output_dir={out}", f"model.path={setup / 'dlm'}", f"data.train={setup / 'train.txt'}",
+                 "data.block_length=16", "train.batch_size=4", "max_steps=400", "save_steps=1",
+                 "eval_steps=0", "save_total_limit=3"]
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("{}\n")
+    proc = subprocess.Popen([sys.executable, "-m", "adapt", "train", str(recipe), *overrides],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((out / "checkpoints").glob("step-*"))) < 2:
+        time.sleep(0.05)
+    time.sleep(random.Random(1).uniform(0.0, 0.3))
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    done = subprocess.run([sys.executable, "-m", "adapt", "train", str(recipe), *overrides, "resume=true",
+                           "max_steps=" + str(400)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    steps = [json.loads(ln)["step"] for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 401))
+    assert (out / "final" / "config.json").exists()
+
+
+def test_every_shipped_recipe_validates():
+    import yaml
+
+    root = Path(__file__).resolve().parents[1] / "recipes"
+    recipes = sorted((root / "adapt").glob("*.yaml"))
+    assert len(recipes) >= 5
+    for path in recipes:
+        cfg = load_config(path)
+        assert cfg.model.path and cfg.data.train and cfg.output_dir, path
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    accel = sorted((root / "accelerate").glob("*.yaml"))
+    assert {p.stem for p in accel} >= {"ddp", "fsdp", "deepspeed-zero2", "deepspeed-zero3"}
+    for path in accel:
+        assert isinstance(yaml.safe_load(path.read_text()), dict)
+        ClusterConfig.from_yaml_file(str(path))
+
+
+BAD = {
+    "missing data file": (["data.train=/nonexistent/train.txt"], "data file .* not found"),
+    "empty dataset": (["data.train={empty}"], "is empty"),
+    "block length beyond positions": (["data.block_length=100"], "exceeds the model's 64 positions"),
+    "lora targets match nothing": (["train.method=lora", "lora.target_modules=[nope]"], "LoRA target modules"),
+    "unknown key": (["train.lrr=1"], "unknown config key 'train.lrr'"),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_training_input_is_one_clear_error(setup, tmp_path, case):
+    overrides, message = BAD[case]
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n   \n")
+    overrides = [o.format(empty=empty) for o in overrides]
+    out = tmp_path / "run"
+    with pytest.raises(AdaptError, match=message):
+        adapt.train(_cfg(setup, out, *overrides))
+    assert not (out / "final").exists() and not (out / "checkpoints").exists()
+    assert not (out / "metrics.jsonl").exists()
