@@ -176,3 +176,22 @@ def test_bad_training_input_is_one_clear_error(setup, tmp_path, case):
         adapt.train(_cfg(setup, out, *overrides))
     assert not (out / "final").exists() and not (out / "checkpoints").exists()
     assert not (out / "metrics.jsonl").exists()
+
+
+def test_ddp_two_processes_match_one_process_with_the_same_global_batch(setup, tmp_path):
+    # `accelerate launch --cpu --num_processes 2` starts a single process unless MPI is set up; torchrun gives
+    # real multi-CPU data parallelism (gloo), which Accelerate detects from the environment.
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("{}\n")
+    common = [f"model.path={setup / 'dlm'}", f"data.train={setup / 'train.txt'}", "data.block_length=16",
+              "max_steps=4", "eval_steps=0", "anneal.anneal_steps=3", "objective.normalization=all"]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "adapt",
+                          "train", str(recipe), f"output_dir={tmp_path / 'two'}", "train.batch_size=2", *common],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    adapt.train(load_config(recipe, [f"output_dir={tmp_path / 'one'}", "train.batch_size=4", *common]))
+    # normalisation by all tokens makes the mean of per-process losses equal the global loss; the noise is
+    # drawn for the global batch, so only float reduction order differs
+    torch.testing.assert_close(torch.tensor(_losses(tmp_path / "two")), torch.tensor(_losses(tmp_path / "one")),
+                               rtol=1e-5, atol=0)
