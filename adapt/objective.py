@@ -58,7 +58,8 @@ def diffusion_loss(logits, x0, masked, maskable, t, cfg: ObjectiveConfig, shift:
     """Weighted cross-entropy on masked positions, normalised as `cfg.normalization` says."""
     if shift:  # logit i−1 predicts token i
         logits, x0, masked, maskable = logits[:, :-1], x0[:, 1:], masked[:, 1:], maskable[:, 1:]
-    ce = F.cross_entropy(logits.float().transpose(1, 2), x0, reduction="none")  # (B, L)
+    # flattened (N, V) layout: the (B, V, L) transpose makes cross_entropy about 2x slower on CPU
+    ce = F.cross_entropy(logits.float().flatten(0, 1), x0.flatten(), reduction="none").view_as(x0)
     if cfg.weighting == "cart":
         weight = cart_weights(masked, maskable, cfg.cart_p)
     else:

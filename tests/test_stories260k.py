@@ -1,5 +1,6 @@
 """The real pretrained model in ../shared/models/stories260K (LLaMA architecture), converted in the test."""
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -78,3 +79,29 @@ def test_real_model_loads_with_transformers_alone(stories, tmp_path):
     with torch.no_grad():
         local = model(torch.tensor([[1, 403, 407, 261, 378]])).logits
     torch.testing.assert_close(torch.load(tmp_path / "l.pt", weights_only=True), local, atol=1e-6, rtol=0)
+
+
+def test_short_adaptation_lowers_the_validation_elbo(stories, tmp_path):
+    """A couple of minutes of adaptation on TinyStories must clearly beat the freshly converted model."""
+    from pathlib import Path
+
+    from adapt.config import load_config
+    from adapt.data import build_datasets
+    from adapt.train import validation_elbo
+    from conftest import SHARED
+
+    _, converted = stories
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "adapt" / "stories260k.yaml"
+    data = SHARED / "data" / "tinystories"
+    cfg = load_config(recipe, [f"output_dir={tmp_path / 'run'}", f"model.path={converted}", "max_steps=60",
+                               "eval_steps=60", "save_steps=0", "sample_steps=0", "anneal.anneal_steps=20",
+                               f"data.train={data / 'train.txt'}", f"data.validation={data / 'valid.txt'}",
+                               "data.max_eval_blocks=32"])
+    model, tok = adapt.load(converted)
+    _, val = build_datasets(cfg.data, tok, 512, cfg.train.seed)
+    before = validation_elbo(model, val[:32], model.config.mask_token_id, model.config.shift, 16)
+    adapt.train(cfg)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    after = records[-1]["val_elbo"]
+    print(f"stories260K validation ELBO: {before:.3f} -> {after:.3f} nats/token after 60 steps")
+    assert after < before - 1.0, (before, after)
