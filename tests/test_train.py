@@ -195,3 +195,43 @@ def test_ddp_two_processes_match_one_process_with_the_same_global_batch(setup, t
     # drawn for the global batch, so only float reduction order differs
     torch.testing.assert_close(torch.tensor(_losses(tmp_path / "two")), torch.tensor(_losses(tmp_path / "one")),
                                rtol=1e-5, atol=0)
+
+
+def test_attention_and_mlp_learning_rates_are_separate(setup):
+    from adapt.config import TrainOptions
+    from adapt.train import param_groups
+
+    model, _ = adapt.load(setup / "dlm")
+    groups = {g["name"]: g for g in param_groups(model, TrainOptions(lr=1e-4, attention_lr=3e-4, mlp_lr=5e-5))}
+    assert groups["attention"]["lr"] == 3e-4 and groups["mlp"]["lr"] == 5e-5 and groups["other"]["lr"] == 1e-4
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all("self_attn" in names[id(p)] for p in groups["attention"]["params"])
+    assert all(".mlp." in names[id(p)] for p in groups["mlp"]["params"])
+    assert sum(len(g["params"]) for g in groups.values()) == len(list(model.parameters()))
+
+
+def test_gradient_checkpointing_and_adapter_only_final(setup, tmp_path):
+    final = adapt.train(_cfg(setup, tmp_path / "run", "train.method=lora", "model.gradient_checkpointing=true",
+                             "lora.save_adapter_only=true", "max_steps=2", "eval_steps=0"))
+    assert (final / "adapter_config.json").exists() and (final / "adapter_model.safetensors").exists()
+    from peft import PeftModel
+
+    base, _ = adapt.load(setup / "dlm")
+    model = PeftModel.from_pretrained(base, final)
+    assert model(torch.tensor([[1, 5, 6]])).logits.shape == (1, 3, 101)
+
+
+def test_hub_dataset_name_goes_through_datasets(setup, tmp_path, monkeypatch):
+    import datasets
+
+    calls = []
+    real = datasets.load_dataset
+
+    def fake(name, config=None, split=None, **kwargs):
+        calls.append((name, config, split))
+        return real("text", data_files=[str(setup / "train.txt")], split="train", sample_by="paragraph")
+
+    monkeypatch.setattr(datasets, "load_dataset", fake)
+    adapt.train(_cfg(setup, tmp_path / "run", "data.train=someorg/stories", "data.hub_config=small",
+                     "max_steps=1", "eval_steps=0"))
+    assert ("someorg/stories", "small", "train") in calls
