@@ -31,6 +31,29 @@ def _train(args):
     print(f"trained -> {final}" if final else "stopped (stop_after); continue with resume=true")
 
 
+def _generate(args):
+    import json
+
+    from .generate import generate
+
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        from pathlib import Path
+
+        if not Path(args.prompts_file).is_file():
+            raise AdaptError(f"prompts file {args.prompts_file} not found")
+        prompts += [ln for ln in Path(args.prompts_file).read_text().splitlines() if ln.strip()]
+    if args.infill:
+        prompts.append(args.infill)
+    results = generate(args.model, prompts, chat=args.chat, infill=bool(args.infill),
+                       max_new_tokens=args.max_new_tokens, steps=args.steps, block_length=args.block_length,
+                       remasking=args.remasking, threshold=args.threshold, temperature=args.temperature,
+                       top_k=args.top_k, top_p=args.top_p, seed=args.seed, show_steps=args.show_steps,
+                       min_new_tokens=args.min_new_tokens)
+    for r in results:
+        print(json.dumps(r) if args.json else r["text"])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dlm-adapt", description="Turn causal LMs into masked diffusion LMs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -62,6 +85,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="dotted overrides, e.g. output_dir=runs/x max_steps=10 train.lr=3e-4")
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("generate", help="decode text from a diffusion checkpoint",
+                       description="Iterative-unmasking decoding from a dlm-adapt checkpoint.")
+    p.add_argument("model", help="a dlm-adapt checkpoint directory or Hub id")
+    p.add_argument("--prompt", action="append", help="prompt text (repeatable; decoded as one left-padded batch)")
+    p.add_argument("--prompts-file", help="a file with one prompt per line")
+    p.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
+    p.add_argument("--infill", metavar="TEXT", help="text whose mask-token strings (e.g. <|mask|>) are holes to fill")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--steps", type=int, help="forward passes (default: max-new-tokens)")
+    p.add_argument("--block-length", type=int, help="semi-autoregressive block length (default: one block)")
+    p.add_argument("--remasking", choices=["low_confidence", "margin", "entropy", "random"], default="low_confidence")
+    p.add_argument("--threshold", type=float, help="parallel decoding: commit every position with p >= threshold")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--min-new-tokens", type=int, default=0, help="forbid EOS before this many new tokens")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--show-steps", action="store_true", help="print the canvas after every step (stderr)")
+    p.add_argument("--json", action="store_true", help="one JSON object per prompt: text, tokens, nfe, ...")
+    p.set_defaults(func=_generate)
     return parser
 
 

@@ -10,6 +10,7 @@ from transformers.modeling_outputs import MaskedLMOutput
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from .configuration_masked_diffusion import MaskedDiffusionConfig
+from .sampling_masked_diffusion import diffusion_sample
 
 
 # Every auto class resolves to the diffusion model: a checkpoint must never load as an ordinary causal LM.
@@ -19,7 +20,11 @@ AUTO_MAP = {
     "AutoModelForCausalLM": "modeling_masked_diffusion.MaskedDiffusionLM",
     "AutoModelForMaskedLM": "modeling_masked_diffusion.MaskedDiffusionLM",
 }
-CODE_FILES = ("configuration_masked_diffusion.py", "modeling_masked_diffusion.py")
+CODE_FILES = (
+    "configuration_masked_diffusion.py",
+    "modeling_masked_diffusion.py",
+    "sampling_masked_diffusion.py",
+)
 
 
 class MaskedDiffusionLM(PreTrainedModel):
@@ -154,55 +159,61 @@ class MaskedDiffusionLM(PreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         max_new_tokens: int | None = None,
         steps: int | None = None,
+        block_length: int | None = None,
+        remasking: str | None = None,
+        threshold: float | None = None,
         temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        stop_at_eos: bool = True,
+        min_new_tokens: int = 0,
+        schedule: str = "linear",
+        order_temperature: float = 0.0,
         generator: torch.Generator | None = None,
-    ) -> torch.LongTensor:
-        """Low-confidence remasking sampler (MaskGIT/LLaDA order, linear schedule).
+        return_dict_in_generate: bool = False,
+        return_history: bool = False,
+    ):
+        """Decode `max_new_tokens` tokens after each prompt by iterative unmasking (see `diffusion_sample`).
 
-        The canvas is the prompt followed by `max_new_tokens` mask tokens. Each of `steps` forward passes predicts
-        every masked position and commits the most confident ones, spreading the commits evenly over the steps.
-        Prompts in a batch are left-padded with `attention_mask` marking real tokens. Returns a LongTensor of shape
-        (batch, prompt_len + max_new_tokens). `max_new_tokens` and `steps` default to `generation_config.json`;
-        temperature 0 (the default) is greedy and deterministic.
+        Left-pad batched prompts and pass `attention_mask`; mask tokens inside a prompt are holes to infill.
+        When `max_new_tokens` is not given, it, `steps` and `block_length` come from `generation_config.json`;
+        otherwise `steps` defaults to `max_new_tokens` and `block_length` to `max_new_tokens` (one block).
+        Returns a LongTensor (batch, prompt_len + max_new_tokens), or a `SamplingOutput` (`.sequences`, `.nfe`,
+        `.committed_per_step`, `.history`) with `return_dict_in_generate=True`.
         """
         gen = self.generation_config
-        n = int(max_new_tokens if max_new_tokens is not None else getattr(gen, "max_new_tokens", None) or 128)
-        steps = int(steps if steps is not None else getattr(gen, "steps", None) or n)
-        temperature = float(temperature)
-        mask_id = self.config.mask_token_id
-        if n < 1 or steps < 1:
-            raise ValueError(f"max_new_tokens and steps must be positive, got {n} and {steps}")
-        if self.config.shift and input_ids.shape[1] == 0:
-            raise ValueError("this model uses shift: the prompt needs at least one token (e.g. BOS)")
-        steps = min(steps, n)
-        batch, prompt_len = input_ids.shape
-        device = input_ids.device
-        canvas = torch.cat([input_ids, input_ids.new_full((batch, n), mask_id)], dim=1)
-        if attention_mask is not None:
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones((batch, n))], dim=1)
-        per_step = [n // steps + (1 if s < n % steps else 0) for s in range(steps)]
-        generated = torch.zeros_like(canvas, dtype=torch.bool)
-        generated[:, prompt_len:] = True
+        from_config = max_new_tokens is None
+        n = int(getattr(gen, "max_new_tokens", None) or 128) if from_config else int(max_new_tokens)
+        steps = int(steps if steps is not None else (getattr(gen, "steps", None) or n) if from_config else n)
+        if block_length is None:
+            block_length = int(getattr(gen, "block_length", None) or n) if from_config else n
+        out = diffusion_sample(
+            lambda ids, mask: self(input_ids=ids, attention_mask=mask).logits,
+            input_ids,
+            attention_mask=attention_mask,
+            mask_token_id=self.config.mask_token_id,
+            shift=self.config.shift,
+            max_new_tokens=n,
+            steps=steps,
+            block_length=block_length,
+            remasking=remasking or getattr(gen, "remasking", None) or "low_confidence",
+            schedule=schedule,
+            threshold=threshold,
+            temperature=temperature,
+            order_temperature=order_temperature,
+            top_k=top_k,
+            top_p=top_p,
+            eos_token_id=_first(getattr(gen, "eos_token_id", None)) if stop_at_eos else None,
+            min_new_tokens=min_new_tokens,
+            max_positions=getattr(self.config.text_config, "max_position_embeddings", None),
+            generator=generator,
+            return_history=return_history,
+        )
+        return out if return_dict_in_generate else out.sequences
 
-        for k in per_step:
-            logits = self(input_ids=canvas, attention_mask=attention_mask).logits
-            if self.config.shift:
-                logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
-            logits = logits.double()
-            logits[..., mask_id] = -float("inf")  # never commit [MASK] itself
-            probs = logits.softmax(-1)
-            if temperature > 0:
-                # Gumbel-max in float64 (LLaDA): low precision noise would bias the sample
-                u = torch.rand(logits.shape, dtype=torch.float64, device=device, generator=generator)
-                choice = (logits / temperature - torch.log(-torch.log(u.clamp_min(1e-300)))).argmax(-1)
-            else:
-                choice = logits.argmax(-1)
-            confidence = probs.gather(-1, choice.unsqueeze(-1)).squeeze(-1)
-            masked = (canvas == mask_id) & generated
-            confidence = confidence.masked_fill(~masked, -float("inf"))
-            commit = confidence.topk(k, dim=-1).indices
-            canvas.scatter_(1, commit, choice.gather(1, commit))
-        return canvas
+
+def _first(token_id):
+    return token_id[0] if isinstance(token_id, (list, tuple)) else token_id
 
 
 __all__ = ["MaskedDiffusionLM"]

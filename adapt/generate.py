@@ -1,0 +1,61 @@
+"""`dlm-adapt generate` / `adapt.generate.generate`: prompts in, decoded text and decoding statistics out."""
+
+import sys
+from pathlib import Path
+
+import torch
+
+from .errors import AdaptError
+from .loading import load
+from .sampling import SamplingError
+
+
+def generate(model, prompts: list[str], *, tokenizer=None, chat: bool = False, infill: bool = False,
+             max_new_tokens: int = 64, show_steps: bool = False, seed: int | None = None, **sampling) -> list[dict]:
+    """Decode each prompt (batched, left-padded). `model` is a loaded model or a checkpoint path. With
+    `infill`, each prompt is a text whose mask-token strings are holes to fill. Returns one dict per prompt:
+    `prompt`, `text` (the generated part, or the filled text for infilling), `tokens`, `nfe`,
+    `tokens_per_forward`."""
+    if isinstance(model, (str, Path)):
+        model, tokenizer = load(model)
+    if tokenizer is None:
+        raise AdaptError("pass the tokenizer with the model")
+    if not prompts:
+        raise AdaptError("no prompts given")
+    texts = prompts
+    if chat:
+        if not tokenizer.chat_template:
+            raise AdaptError("--chat: this tokenizer has no chat template")
+        texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                               add_generation_prompt=True) for p in prompts]
+    if infill and tokenizer.mask_token and not any(tokenizer.mask_token in t for t in texts):
+        raise AdaptError(f"--infill text has no {tokenizer.mask_token} marking a hole")
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:  # padding is masked out by attention_mask; any non-mask id will do
+        tokenizer.pad_token = tokenizer.eos_token
+    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not chat)
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    n = 0 if infill else max_new_tokens
+    try:
+        out = model.diffusion_generate(batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
+                                       max_new_tokens=n, generator=generator, return_dict_in_generate=True,
+                                       return_history=show_steps, **sampling)
+    except SamplingError as e:
+        raise AdaptError(str(e)) from e
+    if show_steps:
+        for i, canvas in enumerate(out.history):
+            shown = tokenizer.decode(canvas[0, batch.input_ids.shape[1] - (n == 0) * batch.input_ids.shape[1]:])
+            print(f"[step {i + 1:3d}] {shown.replace(tokenizer.mask_token, '░')}", file=sys.stderr)
+    results = []
+    eos = tokenizer.eos_token_id
+    for row, prompt in enumerate(prompts):
+        real = batch.attention_mask[row].bool()
+        seq = out.sequences[row].cpu()
+        generated = seq[batch.input_ids.shape[1]:] if not infill else seq[: batch.input_ids.shape[1]][real]
+        ids = generated.tolist()
+        if not infill and eos in ids:
+            ids = ids[: ids.index(eos)]
+        results.append({"prompt": prompt, "text": tokenizer.decode(ids, skip_special_tokens=True), "tokens": ids,
+                        "nfe": out.nfe, "tokens_per_forward": out.tokens_per_forward})
+    return results

@@ -1,0 +1,216 @@
+"""The sampler: index alignment (shift on/off) against an oracle, LLaDA's reference algorithm, forward-pass
+counts, parallel decoding, infilling, EOS handling, batch invariance and bad inputs."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import adapt
+from adapt.sampling import SamplingError, commit_schedule, diffusion_sample
+from tiny_models import save_tiny_source
+
+MASK, V = 99, 100
+
+
+def oracle(target: torch.Tensor, shift: bool, sharpness: float = 20.0):
+    """A model that knows `target`: the logit for position i (at i-1 when shifted) points at target[i], with a
+    confidence that varies by position so every unmasking order is exercised."""
+    def model_fn(canvas, attention_mask):
+        logits = torch.zeros(*canvas.shape, V)
+        conf = sharpness * (1 + torch.arange(canvas.shape[1]).flip(0) % 5)[None].float()
+        want = F.one_hot(target, V).float() * conf[..., None]
+        if shift:
+            logits[:, :-1] = want[:, 1:]
+        else:
+            logits[:] = want
+        return logits
+    return model_fn
+
+
+@pytest.mark.parametrize("shift", [True, False], ids=["shift", "no-shift"])
+@pytest.mark.parametrize("remasking", ["low_confidence", "margin", "entropy", "random"])
+@pytest.mark.parametrize("setting", [dict(block_length=8, steps=8), dict(block_length=4, steps=8),
+                                     dict(block_length=8, steps=4, threshold=0.9), dict(block_length=8, steps=8,
+                                                                                        schedule="cosine")],
+                         ids=["one-block", "blocks", "threshold", "cosine"])
+def test_decodes_the_oracle_target_exactly(shift, remasking, setting):
+    target = torch.randint(4, 90, (2, 12), generator=torch.Generator().manual_seed(0))
+    out = diffusion_sample(oracle(target, shift), target[:, :4], mask_token_id=MASK, shift=shift, max_new_tokens=8,
+                           remasking=remasking, generator=torch.Generator().manual_seed(1), **setting)
+    assert torch.equal(out.sequences, target)
+    assert sum(out.committed_per_step) == 16
+
+
+def llada_generate(model_fn, prompt, steps, gen_length, block_length, mask_id):
+    """LLaDA's low-confidence semi-autoregressive sampler at temperature 0, written from its paper and
+    guideline: blocks left to right, steps/num_blocks steps each, an even number of tokens per step (the
+    remainder to the first steps), confidence = softmax probability, −inf outside the current block."""
+    x = torch.full((prompt.shape[0], prompt.shape[1] + gen_length), mask_id)
+    x[:, : prompt.shape[1]] = prompt
+    num_blocks = gen_length // block_length
+    steps_per_block = steps // num_blocks
+    for b in range(num_blocks):
+        lo, hi = prompt.shape[1] + b * block_length, prompt.shape[1] + (b + 1) * block_length
+        block_masked = (x[:, lo:hi] == mask_id).sum(1, keepdim=True)
+        base, rem = block_masked // steps_per_block, block_masked % steps_per_block
+        num_transfer = base.repeat(1, steps_per_block)
+        for i in range(num_transfer.shape[0]):
+            num_transfer[i, : rem[i]] += 1
+        for i in range(steps_per_block):
+            mask_index = x == mask_id
+            logits = model_fn(x, None)
+            x0 = logits.argmax(-1)
+            p = F.softmax(logits.to(torch.float64), dim=-1)
+            x0_p = p.gather(-1, x0[..., None])[..., 0]
+            x0_p[:, hi:] = -float("inf")
+            x0 = torch.where(mask_index, x0, x)
+            confidence = torch.where(mask_index, x0_p, torch.full_like(x0_p, -float("inf")))
+            transfer = torch.zeros_like(x0, dtype=torch.bool)
+            for j in range(confidence.shape[0]):
+                _, select = confidence[j].topk(int(num_transfer[j, i]))
+                transfer[j, select] = True
+            x[transfer] = x0[transfer]
+    return x
+
+
+def test_matches_the_llada_reference_on_a_tiny_model(tmp_path):
+    save_tiny_source(tmp_path / "src", "llama")
+    adapt.convert(tmp_path / "src", tmp_path / "dlm", shift=False)  # LLaDA is not shifted
+    model, _ = adapt.load(tmp_path / "dlm")
+    mask_id = model.config.mask_token_id
+
+    def model_fn(x, attention_mask):
+        logits = model(input_ids=x).logits
+        logits[..., mask_id] = -float("inf")  # both samplers see a model that never predicts [MASK]
+        return logits
+
+    prompt = torch.randint(4, 100, (2, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for steps, gen_length, block_length in [(12, 12, 4), (8, 16, 8), (5, 10, 10)]:
+            ref = llada_generate(model_fn, prompt, steps, gen_length, block_length, mask_id)
+            ours = diffusion_sample(model_fn, prompt, mask_token_id=mask_id, shift=False, max_new_tokens=gen_length,
+                                    steps=steps, block_length=block_length)
+            assert torch.equal(ours.sequences, ref), (steps, gen_length, block_length)
+            assert ours.nfe == steps
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sampling")
+    save_tiny_source(root / "src", "llama")
+    adapt.convert(root / "src", root / "dlm")
+    return adapt.load(root / "dlm")
+
+
+def test_forward_counts_and_determinism(tiny):
+    model, _ = tiny
+    prompt = torch.tensor([[1, 7, 8, 9]])
+    kw = dict(max_new_tokens=12, stop_at_eos=False, return_dict_in_generate=True)
+    a = model.diffusion_generate(prompt, steps=6, **kw)
+    b = model.diffusion_generate(prompt, steps=6, **kw)
+    assert torch.equal(a.sequences, b.sequences) and a.nfe == 6  # block = N, no threshold: exactly S passes
+    one = model.diffusion_generate(prompt, steps=12, threshold=1.0, **kw)
+    assert one.nfe == 12 and one.committed_per_step == [1] * 12  # tau = 1: one token per pass
+    blocks = model.diffusion_generate(prompt, steps=6, block_length=4, **kw)
+    assert blocks.nfe == 6 and blocks.committed_per_step == [2] * 6
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(block_length=4, steps=6), dict(threshold=0.2),
+                                    dict(remasking="margin"), dict(remasking="entropy")],
+                         ids=["default", "blocks", "threshold", "margin", "entropy"])
+def test_left_padded_batch_equals_each_prompt_alone(tiny, kwargs):
+    model, _ = tiny
+    prompts = [[1, 7, 8, 9, 10, 11], [1, 20, 21], [1, 30, 31, 32, 33]]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[3] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    batch = model.diffusion_generate(ids, attention_mask=mask, max_new_tokens=12, **kwargs)
+    for row, p in enumerate(prompts):
+        alone = model.diffusion_generate(torch.tensor([p]), max_new_tokens=12, **kwargs)
+        assert torch.equal(batch[row, width - len(p):], alone[0]), row
+
+
+@pytest.mark.parametrize("n", [0, 6])
+def test_infilling_keeps_prefix_and_suffix(tiny, n):
+    model, _ = tiny
+    m = model.config.mask_token_id
+    text = torch.tensor([[1, 7, 8, m, m, m, 12, 13, m, 15]])
+    out = model.diffusion_generate(text, max_new_tokens=n, steps=4 if n == 0 else 6, stop_at_eos=False)
+    keep = text != m
+    assert torch.equal(out[:, : text.shape[1]][keep], text[keep])
+    assert not (out == m).any() and out.shape == (1, text.shape[1] + n)
+
+
+def test_eos_finishes_a_row_and_min_new_tokens_forbids_early_eos():
+    eos = 2
+    target = torch.tensor([[1, 5, 6, 7, 8, eos, 10, 11, 12, 13, 14, 15, 16, 17]])
+    out = diffusion_sample(oracle(target, True), target[:, :2], mask_token_id=MASK, shift=True, max_new_tokens=12,
+                           steps=12, block_length=4, eos_token_id=eos)
+    assert out.sequences[0, 5:].eq(eos).all()  # the rest of the row became EOS ...
+    assert out.nfe == 4  # ... and decoding stopped after the first block (canvas 2-5 holds the EOS)
+    late = diffusion_sample(oracle(target, True), target[:, :2], mask_token_id=MASK, shift=True, max_new_tokens=12,
+                            steps=12, block_length=4, eos_token_id=eos, min_new_tokens=6)
+    assert not late.sequences[0, 2:8].eq(eos).any()
+
+
+def test_schedules_sum_to_n():
+    for n, s in [(10, 3), (7, 7), (64, 8), (5, 10)]:
+        lin, cos = commit_schedule(n, s, "linear"), commit_schedule(n, s, "cosine")
+        assert sum(lin) == sum(cos) == n and max(lin) - min(lin) <= 1
+        assert all(c >= 0 for c in cos)
+    assert commit_schedule(10, 3) == [4, 3, 3]
+
+
+def test_top_k_one_equals_greedy(tiny):
+    model, _ = tiny
+    prompt = torch.tensor([[1, 7, 8]])
+    greedy = model.diffusion_generate(prompt, max_new_tokens=8)
+    sampled = model.diffusion_generate(prompt, max_new_tokens=8, temperature=1.0, top_k=1,
+                                       generator=torch.Generator().manual_seed(0))
+    assert torch.equal(greedy, sampled)
+
+
+BAD = {
+    "steps < 1": (dict(steps=0), "steps must be at least 1"),
+    "N not divisible by B": (dict(max_new_tokens=10, block_length=4), "multiple of block_length"),
+    "steps not divisible by blocks": (dict(max_new_tokens=12, block_length=4, steps=4), "multiple of the number of blocks"),
+    "prompt beyond positions": (dict(max_new_tokens=70), "exceeds the model's 64 positions"),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_sampling_arguments(tiny, case):
+    model, _ = tiny
+    kwargs, message = BAD[case]
+    with pytest.raises(SamplingError, match=message):
+        model.diffusion_generate(torch.tensor([[1, 7]]), **kwargs)
+
+
+def test_model_without_mask_token_is_refused():
+    with pytest.raises(SamplingError, match="no mask token"):
+        diffusion_sample(oracle(torch.zeros(1, 4, dtype=torch.long), False), torch.tensor([[1]]), mask_token_id=None,
+                         shift=False, max_new_tokens=3, steps=3)
+
+
+def test_generate_cli_json_and_errors(tiny, tmp_path):
+    model, tok = tiny
+    path = tmp_path / "m"
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    run = lambda *a: subprocess.run([sys.executable, "-m", "adapt", "generate", str(path), *a],  # noqa: E731
+                                    capture_output=True, text=True, timeout=120)
+    ok = run("--prompt", "w1 w2", "--prompt", "w3", "--max-new-tokens", "8", "--steps", "4", "--json")
+    assert ok.returncode == 0, ok.stderr
+    rows = [json.loads(line) for line in ok.stdout.splitlines()]
+    assert len(rows) == 2 and all({"text", "tokens", "nfe"} <= r.keys() for r in rows)
+    assert rows[0]["nfe"] <= 4
+    bad = run("--prompt", "w1", "--max-new-tokens", "10", "--block-length", "4")
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("dlm-adapt: error:")
+    infill = run("--infill", f"w1 w2 {tok.mask_token} {tok.mask_token} w5", "--steps", "2", "--json")
+    assert infill.returncode == 0, infill.stderr
+    filled = json.loads(infill.stdout)
+    assert tok.mask_token not in filled["text"] and filled["text"].startswith("w1 w2")
