@@ -214,3 +214,28 @@ def test_generate_cli_json_and_errors(tiny, tmp_path):
     assert infill.returncode == 0, infill.stderr
     filled = json.loads(infill.stdout)
     assert tok.mask_token not in filled["text"] and filled["text"].startswith("w1 w2")
+
+
+def test_threshold_below_one_needs_fewer_forwards_on_a_trained_model(tmp_path):
+    """A tiny model trained on counting runs ("w10 w11 w12 ...") is confident about several positions at once."""
+    import random
+
+    from adapt.config import load_config
+
+    save_tiny_source(tmp_path / "causal", "llama")
+    rng = random.Random(0)
+    docs = [" ".join(f"w{i}" for i in range(s, s + rng.randrange(8, 16))) for s in
+            (rng.randrange(4, 80) for _ in range(300))]
+    (tmp_path / "train.txt").write_text("\n\n".join(docs))
+    final = adapt.train(load_config(None, [f"output_dir={tmp_path / 'run'}", f"model.path={tmp_path / 'causal'}",
+                                           f"data.train={tmp_path / 'train.txt'}", "data.block_length=16",
+                                           "train.batch_size=16", "train.lr=1e-2", "max_steps=600", "eval_steps=0",
+                                           "save_steps=0", "anneal.mode=none"]))
+    model, tok = adapt.load(final)
+    ids = tok(["w10 w11 w12"], return_tensors="pt").input_ids
+    kw = dict(max_new_tokens=8, steps=8, stop_at_eos=False, return_dict_in_generate=True)
+    one = model.diffusion_generate(ids, threshold=1.0, **kw)
+    fast = model.diffusion_generate(ids, threshold=0.7, **kw)
+    assert one.nfe == 8 and fast.nfe < one.nfe
+    assert tok.decode(fast.sequences[0, 3:8]) == "w13 w14 w15 w16 w17"
+    assert not (fast.sequences == model.config.mask_token_id).any()

@@ -81,8 +81,9 @@ def test_real_model_loads_with_transformers_alone(stories, tmp_path):
     torch.testing.assert_close(torch.load(tmp_path / "l.pt", weights_only=True), local, atol=1e-6, rtol=0)
 
 
-def test_short_adaptation_lowers_the_validation_elbo(stories, tmp_path):
-    """A couple of minutes of adaptation on TinyStories must clearly beat the freshly converted model."""
+@pytest.fixture(scope="module")
+def adapted(stories, tmp_path_factory):
+    """stories260K after 60 steps of the stories260K recipe: (final dir, ELBO before, ELBO after)."""
     from pathlib import Path
 
     from adapt.config import load_config
@@ -91,17 +92,34 @@ def test_short_adaptation_lowers_the_validation_elbo(stories, tmp_path):
     from conftest import SHARED
 
     _, converted = stories
+    out = tmp_path_factory.mktemp("adapted") / "run"
     recipe = Path(__file__).resolve().parents[1] / "recipes" / "adapt" / "stories260k.yaml"
     data = SHARED / "data" / "tinystories"
-    cfg = load_config(recipe, [f"output_dir={tmp_path / 'run'}", f"model.path={converted}", "max_steps=60",
+    cfg = load_config(recipe, [f"output_dir={out}", f"model.path={converted}", "max_steps=60",
                                "eval_steps=60", "save_steps=0", "sample_steps=0", "anneal.anneal_steps=20",
                                f"data.train={data / 'train.txt'}", f"data.validation={data / 'valid.txt'}",
                                "data.max_eval_blocks=32"])
     model, tok = adapt.load(converted)
     _, val = build_datasets(cfg.data, tok, 512, cfg.train.seed)
     before = validation_elbo(model, val[:32], model.config.mask_token_id, model.config.shift, 16)
-    adapt.train(cfg)
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    after = records[-1]["val_elbo"]
+    final = adapt.train(cfg)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return final, before, records[-1]["val_elbo"]
+
+
+def test_short_adaptation_lowers_the_validation_elbo(adapted):
+    """A couple of minutes of adaptation on TinyStories must clearly beat the freshly converted model."""
+    _, before, after = adapted
     print(f"stories260K validation ELBO: {before:.3f} -> {after:.3f} nats/token after 60 steps")
     assert after < before - 1.0, (before, after)
+
+
+def test_generate_on_the_adapted_model(adapted):
+    final, _, _ = adapted
+    proc = subprocess.run([sys.executable, "-m", "adapt", "generate", str(final), "--prompt", "Once upon a time",
+                           "--prompt", "Tom and Lily", "--max-new-tokens", "32", "--steps", "32", "--block-length",
+                           "8", "--json"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert len(rows) == 2 and all(r["text"].strip() and "<|mask|>" not in r["text"] for r in rows)
+    assert all(512 not in r["tokens"] for r in rows)
