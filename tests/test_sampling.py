@@ -239,3 +239,37 @@ def test_threshold_below_one_needs_fewer_forwards_on_a_trained_model(tmp_path):
     assert one.nfe == 8 and fast.nfe < one.nfe
     assert tok.decode(fast.sequences[0, 3:8]) == "w13 w14 w15 w16 w17"
     assert not (fast.sequences == model.config.mask_token_id).any()
+
+
+@pytest.mark.parametrize("shift", [True, False], ids=["shift", "no-shift"])
+def test_prefix_cache_is_exact_when_the_prefix_cannot_see_the_future(tmp_path, shift):
+    """With causal attention the prefix keys/values never go stale, so cached decoding must equal uncached
+    decoding token for token: this checks positions, padding, the shift offset and cache cropping."""
+    from adapt.model import MaskedDiffusionLM
+
+    save_tiny_source(tmp_path / "src", "llama")
+    adapt.convert(tmp_path / "src", tmp_path / "dlm", shift=shift)
+    model = MaskedDiffusionLM.from_pretrained(tmp_path / "dlm", bidirectional=False).eval()
+    ids = torch.tensor([[3, 3, 1, 7, 8], [1, 20, 21, 22, 23]])
+    mask = (ids != 3).long()
+    kw = dict(attention_mask=mask, max_new_tokens=12, steps=12, block_length=4, stop_at_eos=False,
+              return_dict_in_generate=True)
+    plain = model.diffusion_generate(ids, **kw)
+    cached = model.diffusion_generate(ids, prefix_cache=True, **kw)
+    assert torch.equal(cached.sequences, plain.sequences) and cached.nfe == plain.nfe == 12
+
+
+def test_prefix_cache_bidirectional_decodes_and_refuses_sliding_windows(tiny, tmp_path):
+    model, _ = tiny
+    ids = torch.tensor([[1, 7, 8, 9]])
+    out = model.diffusion_generate(ids, max_new_tokens=12, steps=6, block_length=4, prefix_cache=True,
+                                   stop_at_eos=False)
+    assert torch.equal(out[:, :4], ids) and not (out == model.config.mask_token_id).any()
+    with pytest.raises(SamplingError, match="infilling"):
+        m = model.config.mask_token_id
+        model.diffusion_generate(torch.tensor([[1, m, 9]]), max_new_tokens=4, prefix_cache=True)
+    save_tiny_source(tmp_path / "src", "mistral")  # every layer is sliding-window
+    adapt.convert(tmp_path / "src", tmp_path / "dlm")
+    sliding, _ = adapt.load(tmp_path / "dlm")
+    with pytest.raises(SamplingError, match="sliding-window"):
+        sliding.diffusion_generate(ids, max_new_tokens=4, prefix_cache=True)

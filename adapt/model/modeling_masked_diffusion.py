@@ -2,15 +2,16 @@
 # `AutoModel.from_pretrained(path, trust_remote_code=True)` works without dlm-adapt installed.
 import contextlib
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel
-from transformers.modeling_outputs import MaskedLMOutput
+from transformers.utils import ModelOutput
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from .configuration_masked_diffusion import MaskedDiffusionConfig
-from .sampling_masked_diffusion import diffusion_sample
+from .sampling_masked_diffusion import SamplingError, diffusion_sample
 
 
 # Every auto class resolves to the diffusion model: a checkpoint must never load as an ordinary causal LM.
@@ -25,6 +26,16 @@ CODE_FILES = (
     "modeling_masked_diffusion.py",
     "sampling_masked_diffusion.py",
 )
+
+
+@dataclass
+class MaskedDiffusionOutput(ModelOutput):
+    """Logits for every position; `past_key_values` only when called with `use_cache=True`."""
+
+    logits: torch.FloatTensor | None = None
+    past_key_values: object | None = None
+    hidden_states: tuple | None = None
+    attentions: tuple | None = None
 
 
 class MaskedDiffusionLM(PreTrainedModel):
@@ -99,8 +110,10 @@ class MaskedDiffusionLM(PreTrainedModel):
         position_ids=None,
         inputs_embeds=None,
         is_causal: bool = False,
+        past_key_values=None,
+        use_cache: bool = False,
         **kwargs,
-    ) -> MaskedLMOutput:
+    ) -> MaskedDiffusionOutput:
         """Logits for every position. `attention_mask` is the 2-D padding mask (1 = real token).
 
         `is_causal=True` runs the decoder with its original causal mask (annealing ratio 0): the converted model
@@ -108,8 +121,8 @@ class MaskedDiffusionLM(PreTrainedModel):
         """
         if position_ids is None and attention_mask is not None and attention_mask.dim() == 2:
             # padding must not move real tokens' positions, or padded and unpadded inputs would differ
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-        kwargs.pop("use_cache", None)
+            length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -length:]
         if kwargs.get("labels") is not None:
             # the decoder would compute a causal next-token loss, which is not the diffusion objective
             raise TypeError("MaskedDiffusionLM.forward takes no labels: compute the masked-diffusion loss from logits")
@@ -119,10 +132,12 @@ class MaskedDiffusionLM(PreTrainedModel):
                 attention_mask=attention_mask,
                 position_ids=position_ids,
                 inputs_embeds=inputs_embeds,
-                use_cache=False,
+                past_key_values=past_key_values,
+                use_cache=use_cache,
                 **kwargs,
             )
-        return MaskedLMOutput(logits=out.logits, hidden_states=out.hidden_states, attentions=out.attentions)
+        return MaskedDiffusionOutput(logits=out.logits, hidden_states=out.hidden_states, attentions=out.attentions,
+                                     past_key_values=out.past_key_values if use_cache else None)
 
     def generate(self, *args, **kwargs):
         raise TypeError(
@@ -172,15 +187,21 @@ class MaskedDiffusionLM(PreTrainedModel):
         generator: torch.Generator | None = None,
         return_dict_in_generate: bool = False,
         return_history: bool = False,
+        prefix_cache: bool = False,
     ):
         """Decode `max_new_tokens` tokens after each prompt by iterative unmasking (see `diffusion_sample`).
 
         Left-pad batched prompts and pass `attention_mask`; mask tokens inside a prompt are holes to infill.
         When `max_new_tokens` is not given, it, `steps` and `block_length` come from `generation_config.json`;
         otherwise `steps` defaults to `max_new_tokens` and `block_length` to `max_new_tokens` (one block).
+        `prefix_cache=True` (Fast-dLLM's approximation): the keys/values of everything before the current block
+        are computed once per block and reused, so later passes run only the block and what follows it. With
+        bidirectional attention those cached entries go stale as the block fills in; off by default.
         Returns a LongTensor (batch, prompt_len + max_new_tokens), or a `SamplingOutput` (`.sequences`, `.nfe`,
         `.committed_per_step`, `.history`) with `return_dict_in_generate=True`.
         """
+        if prefix_cache and not self.supports_prefix_cache():
+            raise SamplingError("prefix_cache needs a decoder without sliding-window layers")
         gen = self.generation_config
         from_config = max_new_tokens is None
         n = int(getattr(gen, "max_new_tokens", None) or 128) if from_config else int(max_new_tokens)
@@ -208,8 +229,42 @@ class MaskedDiffusionLM(PreTrainedModel):
             max_positions=getattr(self.config.text_config, "max_position_embeddings", None),
             generator=generator,
             return_history=return_history,
+            prefix_cache_fn=_PrefixCache(self) if prefix_cache else None,
         )
         return out if return_dict_in_generate else out.sequences
+
+    def supports_prefix_cache(self) -> bool:
+        text = self.config.text_config
+        layer_types = getattr(text, "layer_types", None)
+        if layer_types:
+            return all(t == "full_attention" for t in layer_types)
+        return getattr(text, "sliding_window", None) is None or getattr(text, "use_sliding_window", True) is False
+
+
+class _PrefixCache:
+    """Keys/values of the canvas before the current block, refreshed at each block start."""
+
+    def __init__(self, model):
+        self.model, self.cache, self.start = model, None, 0
+
+    def __call__(self, canvas, attention_mask, refresh_at):
+        if refresh_at is not None:  # a full pass; keep the prefix part of its cache
+            out = self.model(input_ids=canvas, attention_mask=attention_mask, use_cache=True)
+            self.cache, self.start = out.past_key_values, refresh_at
+            self._crop()
+            return out.logits
+        mask = attention_mask if attention_mask is not None else torch.ones_like(canvas)
+        out = self.model(input_ids=canvas[:, self.start:], attention_mask=mask, past_key_values=self.cache,
+                         use_cache=True)
+        self._crop()  # drop this pass's entries: the prefix is all that is reused
+        logits = out.logits.new_zeros(*canvas.shape, out.logits.shape[-1])
+        logits[:, self.start:] = out.logits
+        return logits
+
+    def _crop(self):
+        extra = self.cache.get_seq_length() - self.start
+        if extra > 0:
+            self.cache.crop(-extra)  # transformers 5: a negative count of tokens to remove
 
 
 def _first(token_id):

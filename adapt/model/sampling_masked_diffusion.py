@@ -77,6 +77,7 @@ def diffusion_sample(
     max_positions: int | None = None,
     generator: torch.Generator | None = None,
     return_history: bool = False,
+    prefix_cache_fn: Callable | None = None,
 ) -> SamplingOutput:
     """Masked-diffusion decoding.
 
@@ -90,6 +91,9 @@ def diffusion_sample(
     probability is at least the threshold plus the best one (Fast-dLLM); then a block may take fewer passes.
     `order_temperature` > 0 samples the order instead of sorting. Holes in the prompt are eligible from the
     first block on. A row whose EOS is committed with nothing masked before it is finished: the rest becomes EOS.
+
+    `prefix_cache_fn(canvas, attention_mask, refresh_at)` replaces `model_fn` when given: called with
+    `refresh_at` (where the reusable prefix ends) on the first pass of each block, and with None after that.
     """
     batch, prompt_len = input_ids.shape
     n = max_new_tokens
@@ -131,6 +135,8 @@ def diffusion_sample(
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     out = SamplingOutput(sequences=canvas, nfe=0, history=[] if return_history else None)
     steps_per_block = steps // blocks
+    if prefix_cache_fn is not None and (canvas[:, :prompt_len] == mask_token_id).any():
+        raise SamplingError("prefix_cache cannot be combined with infilling holes in the prompt")
 
     for b in range(blocks):
         block_end = prompt_len + (b + 1) * block_length if n else prompt_len
@@ -138,11 +144,15 @@ def diffusion_sample(
         masked = (canvas == mask_token_id) & eligible_region
         counts = masked.sum(1)
         plan = torch.stack([torch.tensor(commit_schedule(int(c), steps_per_block, schedule)) for c in counts]).to(device)
+        block_start = prompt_len + b * block_length
         for s in range(steps_per_block if threshold is None else int(counts.max())):
             masked = (canvas == mask_token_id) & eligible_region & ~done[:, None]
             if not masked.any():
                 break
-            logits = model_fn(canvas, attention_mask)
+            if prefix_cache_fn is None:
+                logits = model_fn(canvas, attention_mask)
+            else:  # with shift the block's first token is predicted from the position before it
+                logits = prefix_cache_fn(canvas, attention_mask, block_start - int(shift) if s == 0 else None)
             out.nfe += 1
             if shift:  # the logit at i-1 predicts the token at i
                 logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
