@@ -44,8 +44,9 @@ def generate(model, prompts: list[str], *, tokenizer=None, chat: bool = False, i
     except SamplingError as e:
         raise AdaptError(str(e)) from e
     if show_steps:
+        start = 0 if infill else batch.input_ids.shape[1]  # infilling shows the whole text, else the new part
         for i, canvas in enumerate(out.history):
-            shown = tokenizer.decode(canvas[0, batch.input_ids.shape[1] - (n == 0) * batch.input_ids.shape[1]:])
+            shown = tokenizer.decode(canvas[0, start:])
             print(f"[step {i + 1:3d}] {shown.replace(tokenizer.mask_token, '░')}", file=sys.stderr)
     results = []
     eos = tokenizer.eos_token_id

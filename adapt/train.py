@@ -127,10 +127,11 @@ def train(cfg: TrainConfig) -> Path | None:
     if not source:
         raise AdaptError("model.path is not set")
     # data problems surface before anything is converted or written
-    tokenizer, max_positions = _source_tokenizer(cfg, source)
+    diffusion_source = is_diffusion_checkpoint(source)
+    tokenizer, max_positions = _source_tokenizer(cfg, source, diffusion_source)
     train_blocks, val_blocks = build_datasets(cfg.data, tokenizer, max_positions, cfg.train.seed)
     val_blocks = val_blocks[: cfg.data.max_eval_blocks]
-    if not is_diffusion_checkpoint(source):
+    if not diffusion_source:
         converted = out / "converted"
         if main and not (converted / "config.json").exists():
             convert(source, converted, mask_token=cfg.model.mask_token, shift=cfg.model.shift,
@@ -233,7 +234,7 @@ def train(cfg: TrainConfig) -> Path | None:
     return final
 
 
-def _source_tokenizer(cfg: TrainConfig, source: str):
+def _source_tokenizer(cfg: TrainConfig, source: str, diffusion_source: bool):
     """The tokenizer and position limit of the model to train, read before any conversion."""
     from transformers import AutoConfig
 
@@ -243,7 +244,7 @@ def _source_tokenizer(cfg: TrainConfig, source: str):
         source, gguf = str(src.parent), {"gguf_file": src.name}
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=False, **gguf) \
-            if not is_diffusion_checkpoint(source) else MaskedDiffusionConfig.from_pretrained(source).text_config
+            if not diffusion_source else MaskedDiffusionConfig.from_pretrained(source).text_config
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False, **gguf)
     except (OSError, ValueError, KeyError) as e:
         raise AdaptError(f"cannot load model.path={cfg.model.path}: {str(e).splitlines()[0]}") from e
