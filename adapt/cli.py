@@ -31,6 +31,14 @@ def _train(args):
     print(f"trained -> {final}" if final else "stopped (stop_after); continue with resume=true")
 
 
+def _sft(args):
+    from .config import SFTConfig, load_config
+    from .train import sft
+
+    final = sft(load_config(args.recipe, args.overrides, cls=SFTConfig))
+    print(f"fine-tuned -> {final}" if final else "stopped (stop_after); continue with resume=true")
+
+
 def _generate(args):
     import json
 
@@ -81,10 +89,19 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Continued training with the masked-diffusion objective while annealing the "
                                    "attention mask; runs under `accelerate launch` too. Writes OUTPUT/metrics.jsonl, "
                                    "OUTPUT/checkpoints/step-N and OUTPUT/final.")
-    p.add_argument("recipe", help="YAML recipe (see recipes/adapt/)")
+    p.add_argument("recipe", help="YAML recipe (see recipes/adaptation/)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="dotted overrides, e.g. output_dir=runs/x max_steps=10 train.lr=3e-4")
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("sft", help="supervised fine-tuning on chat data (prompt never noised)",
+                       description="SFT of a diffusion checkpoint (or a causal source, converted first) on "
+                                   "conversations: only assistant tokens are noised and trained, answers are padded "
+                                   "with EOS to a fixed canvas, one sample per row. Same outputs as `train`.")
+    p.add_argument("recipe", help="YAML recipe (see recipes/sft/)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted overrides, e.g. output_dir=runs/x max_steps=10 data.eos_padding=none")
+    p.set_defaults(func=_sft)
 
     p = sub.add_parser("generate", help="decode text from a diffusion checkpoint",
                        description="Iterative-unmasking decoding from a dlm-adapt checkpoint.")

@@ -49,6 +49,42 @@ class DataConfig:
 
 
 @dataclass
+class SFTDataConfig:
+    """SFT data (REFERENCE §6): only assistant tokens are maskable and carry loss; one sample per row (never
+    packed, so no attention crosses samples), answers padded with EOS to a fixed canvas."""
+
+    train: str = ""
+    """Local .jsonl/.json/.parquet file (or comma-separated files), or a Hub dataset name."""
+    validation: str | None = None
+    """Same forms as `train`. If unset, `validation_fraction` of the training samples is held out."""
+    validation_fraction: float = 0.05
+    hub_split: str = "train"
+    hub_config: str | None = None
+    format: Literal["auto", "messages", "prompt_completion", "instruction"] = "auto"
+    """`messages`: a column of conversations, lists of {role, content}, multi-turn allowed. `prompt_completion`:
+    `prompt` and `completion` columns (strings, or message lists). `instruction`: `instruction`, optional
+    `input`, and `output` columns (Alpaca). `auto` picks by the columns present, in that order."""
+    messages_column: str = "messages"
+    chat_template: str | None = None
+    """Null: the tokenizer's own chat template (an error if it has none). `default`: dlm-adapt's plain template
+    (`### User:` / `### Assistant:` turns, each answer ending with EOS). Or a Jinja template string. The template used
+    is saved with OUTPUT/final's tokenizer, so `dlm-adapt generate --chat` uses it too."""
+    train_on: Literal["all_assistant", "last_assistant"] = "all_assistant"
+    """Which assistant turns are noised and trained; the others are prompt (never masked)."""
+    max_length: int = 256
+    """The canvas: tokens per sample, prompt + answer + EOS padding."""
+    eos_padding: Literal["trained", "clean", "none"] = "trained"
+    """`trained` (LLaDA): answers are padded with EOS to `max_length`; the padding is maskable and carries loss,
+    which teaches the model to end. `clean`: the EOS padding is never masked and carries no loss (the model then
+    sees the answer length during training, which it will not at generation). `none`: rows are padded with
+    attention-masked padding instead; the model never learns to fill a canvas with EOS."""
+    truncation: Literal["error", "drop"] = "error"
+    """Samples longer than `max_length`: `error` stops with their count; `drop` skips them and reports the count.
+    Nothing is ever cut."""
+    max_eval_samples: int = 64
+
+
+@dataclass
 class LoraOptions:
     r: int = 16
     alpha: int = 32
@@ -103,6 +139,17 @@ class TrainConfig:
     anneal: AnnealConfig = field(default_factory=AnnealConfig)
     train: TrainOptions = field(default_factory=TrainOptions)
     lora: LoraOptions = field(default_factory=LoraOptions)
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    """`dlm-adapt sft`: the training config with SFT data. Defaults differ from adaptation: no annealing (the
+    model is normally an adapted checkpoint) and per-answer-length loss normalisation (LLaDA SFT)."""
+
+    output_dir: str = "runs/sft"
+    data: SFTDataConfig = field(default_factory=SFTDataConfig)
+    objective: ObjectiveConfig = field(default_factory=lambda: ObjectiveConfig(normalization="sequence"))
+    anneal: AnnealConfig = field(default_factory=lambda: AnnealConfig(mode="none"))
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = (), cls=TrainConfig):

@@ -309,6 +309,11 @@ class _LoadedWeights:
 def _write_config(out_dir: Path, text_config, mask_id: int, shift: bool, provenance: dict):
     text_config.is_causal = False
     text_config._name_or_path = ""  # a local path would leak into a published checkpoint
+    # GGUF weights are dequantized on load, so the output is plain; a kept GGUF quantization_config would make
+    # transformers refuse to save the model again (e.g. at the end of training)
+    if getattr(text_config, "quantization_config", None) is not None and \
+            dict(text_config.quantization_config).get("quant_method") == "gguf":
+        del text_config.quantization_config
     config = MaskedDiffusionConfig(text_config=text_config, mask_token_id=mask_id, shift=shift, bidirectional=True,
                                    provenance=provenance)
     config.architectures = ["MaskedDiffusionLM"]

@@ -11,7 +11,9 @@ from .errors import AdaptError
 _BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
-def load_documents(spec: str, cfg: DataConfig) -> list[str]:
+def load_table(spec: str, cfg) -> "datasets.Dataset":
+    """Rows from local files (comma-separated .txt/.json/.jsonl/.parquet) or a Hub dataset name. `cfg` needs
+    `hub_split`, `hub_config` and, for .txt files, `sample_by`."""
     import datasets
 
     files = [s.strip() for s in spec.split(",") if s.strip()]
@@ -24,14 +26,17 @@ def load_documents(spec: str, cfg: DataConfig) -> list[str]:
                 if p.suffix not in _BUILDERS:
                     raise AdaptError(f"data file {p}: unsupported type (use {', '.join(_BUILDERS)})")
             builder = _BUILDERS[local[0].suffix]
-            extra = {"sample_by": cfg.sample_by} if builder == "text" else {}
-            ds = datasets.load_dataset(builder, data_files=[str(p) for p in local], split="train", **extra)
-        else:
-            ds = datasets.load_dataset(spec, cfg.hub_config, split=cfg.hub_split)
+            extra = {"sample_by": getattr(cfg, "sample_by", "line")} if builder == "text" else {}
+            return datasets.load_dataset(builder, data_files=[str(p) for p in local], split="train", **extra)
+        return datasets.load_dataset(spec, cfg.hub_config, split=cfg.hub_split)
     except AdaptError:
         raise
     except Exception as e:  # datasets raises many types for unreadable files and unreachable Hub names
         raise AdaptError(f"cannot load dataset {spec}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+
+
+def load_documents(spec: str, cfg: DataConfig) -> list[str]:
+    ds = load_table(spec, cfg)
     if cfg.text_column not in ds.column_names:
         raise AdaptError(f"dataset {spec} has no column '{cfg.text_column}' (columns: {', '.join(ds.column_names)}); "
                          "set data.text_column")

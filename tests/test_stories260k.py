@@ -93,7 +93,7 @@ def adapted(stories, tmp_path_factory):
 
     _, converted = stories
     out = tmp_path_factory.mktemp("adapted") / "run"
-    recipe = Path(__file__).resolve().parents[1] / "recipes" / "adapt" / "stories260k.yaml"
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "adaptation" / "stories260k.yaml"
     data = SHARED / "data" / "tinystories"
     cfg = load_config(recipe, [f"output_dir={out}", f"model.path={converted}", "max_steps=60",
                                "eval_steps=60", "save_steps=0", "sample_steps=0", "anneal.anneal_steps=20",

@@ -142,7 +142,7 @@ def test_every_shipped_recipe_validates():
     import yaml
 
     root = Path(__file__).resolve().parents[1] / "recipes"
-    recipes = sorted((root / "adapt").glob("*.yaml"))
+    recipes = sorted((root / "adaptation").glob("*.yaml"))
     assert len(recipes) >= 5
     for path in recipes:
         cfg = load_config(path)

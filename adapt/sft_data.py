@@ -1,0 +1,168 @@
+"""SFT data: conversations rendered with a chat template into fixed canvases, and which tokens may be noised.
+
+Each sample becomes one row of `max_length` tokens with two masks beside it: `maskable` (the assistant tokens
+that are noised and carry loss; the prompt never is, REFERENCE §6) and `attention` (1 on real tokens). Rows are
+never packed, so a sample's tokens cannot reach another sample through bidirectional attention.
+
+A conversation is tokenised segment by segment — prompt text, answer text, prompt text … — where each answer
+segment is what the template adds for that assistant turn (its content and end-of-turn marker). The prompt
+segment before an answer is exactly what `apply_chat_template(..., add_generation_prompt=True)` renders, so
+training sees the same prompt tokens that `dlm-adapt generate --chat` feeds the model.
+"""
+
+import sys
+
+import torch
+
+from .config import SFTDataConfig
+from .data import load_table
+from .errors import AdaptError
+
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}### Assistant:\n{{ message['content'] }}{{ eos_token }}"
+    "{% elif message['role'] == 'system' %}{{ message['content'] }}\n\n"
+    "{% else %}### User:\n{{ message['content'] }}\n\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}### Assistant:\n{% endif %}"
+)
+
+# rows of the tensors build_sft_datasets returns, stacked as (samples, 3, max_length)
+INPUT_IDS, MASKABLE, ATTENTION = 0, 1, 2
+
+
+def resolve_chat_template(tokenizer, cfg: SFTDataConfig) -> str:
+    if cfg.chat_template == "default":
+        return DEFAULT_CHAT_TEMPLATE
+    if cfg.chat_template:
+        return cfg.chat_template
+    if not tokenizer.chat_template:
+        raise AdaptError("the tokenizer has no chat template; set data.chat_template=default (dlm-adapt's plain "
+                         "'### User:/### Assistant:' template) or give a Jinja template string")
+    return tokenizer.chat_template
+
+
+def to_messages(row: dict, fmt: str, cfg: SFTDataConfig) -> list[dict]:
+    """One record in any supported format as a list of {role, content} messages."""
+    if fmt == "messages":
+        messages = row[cfg.messages_column]
+        if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m
+                                                      for m in messages):
+            raise AdaptError(f"column '{cfg.messages_column}' must hold lists of {{role, content}} messages")
+        return [{"role": m["role"], "content": m["content"]} for m in messages]
+    if fmt == "prompt_completion":
+        def turns(value, role):
+            return value if isinstance(value, list) else [{"role": role, "content": value}]
+        return turns(row["prompt"], "user") + turns(row["completion"], "assistant")
+    user = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": row["output"]}]
+
+
+def detect_format(columns: list[str], cfg: SFTDataConfig, spec: str) -> str:
+    needed = {"messages": {cfg.messages_column}, "prompt_completion": {"prompt", "completion"},
+              "instruction": {"instruction", "output"}}
+    if cfg.format != "auto":
+        missing = needed[cfg.format] - set(columns)
+        if missing:
+            raise AdaptError(f"dataset {spec} has no column {', '.join(sorted(missing))} for data.format="
+                             f"{cfg.format} (columns: {', '.join(columns)})")
+        return cfg.format
+    for fmt, cols in needed.items():
+        if cols <= set(columns):
+            return fmt
+    raise AdaptError(f"dataset {spec} has columns {', '.join(columns)}; SFT needs a '{cfg.messages_column}' column "
+                     "of conversations, 'prompt' and 'completion', or 'instruction' and 'output' (+ 'input'); set "
+                     "data.format and data.messages_column to match")
+
+
+def tokenize_conversation(messages: list[dict], tokenizer, template: str, train_on: str) -> tuple[list, list]:
+    """(ids, trained): token ids of the rendered conversation and, per token, whether it is a trained answer
+    token. Messages after the last assistant turn are dropped: nothing after the answer is trained."""
+    answers = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if not answers:
+        raise AdaptError("a conversation has no assistant turn, so there is nothing to train on; remove it or fix "
+                         "its roles (expected 'user'/'assistant'/'system')")
+    messages = messages[: answers[-1] + 1]
+    trained_turns = answers if train_on == "all_assistant" else answers[-1:]
+
+    def render(msgs, generation_prompt):
+        if not msgs:
+            return ""
+        return tokenizer.apply_chat_template(msgs, chat_template=template, tokenize=False,
+                                             add_generation_prompt=generation_prompt)
+
+    full = render(messages, False)
+    segments, pos = [], 0
+    for i in trained_turns:
+        before, through = render(messages[:i], True), render(messages[: i + 1], False)
+        if not (through.startswith(before) and full.startswith(through) and len(before) >= pos):
+            raise AdaptError("the chat template does not render a conversation's turns as prefixes of the whole "
+                             "(it rewrites earlier turns), so answer spans cannot be located; use "
+                             "data.train_on=last_assistant or another data.chat_template")
+        segments += [(full[pos:len(before)], False), (full[len(before):len(through)], True)]
+        pos = len(through)
+    ids, trained = [], []
+    for text, is_answer in segments:
+        if text:
+            piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids += piece
+            trained += [is_answer] * len(piece)
+    return ids, trained
+
+
+def encode(rows, fmt: str, tokenizer, template: str, cfg: SFTDataConfig, what: str) -> torch.Tensor:
+    """(samples, 3, max_length): input ids, maskable, attention. Over-long samples: error or drop, never cut."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise AdaptError("the tokenizer has no EOS token to pad answers with")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos  # attention-masked either way
+    length = cfg.max_length
+    samples, too_long, longest = [], 0, 0
+    for index, row in enumerate(rows):
+        try:
+            ids, trained = tokenize_conversation(to_messages(row, fmt, cfg), tokenizer, template, cfg.train_on)
+        except AdaptError as e:
+            raise AdaptError(f"{what} sample {index}: {e}") from e
+        if len(ids) > length:
+            too_long, longest = too_long + 1, max(longest, len(ids))
+            continue
+        fill = length - len(ids)
+        if cfg.eos_padding == "none":
+            rows_ = (ids + [pad] * fill, trained + [False] * fill, [1] * len(ids) + [0] * fill)
+        else:
+            rows_ = (ids + [eos] * fill, trained + [cfg.eos_padding == "trained"] * fill, [1] * length)
+        samples.append(rows_)
+    if too_long:
+        message = (f"{too_long} {what} samples are longer than data.max_length={length} tokens (the longest has "
+                   f"{longest})")
+        if cfg.truncation == "error":
+            raise AdaptError(f"{message}; raise data.max_length or set data.truncation=drop to skip them")
+        print(f"dlm-adapt: dropped {message}", file=sys.stderr)
+    if not samples:
+        raise AdaptError(f"no {what} samples fit in data.max_length={length} tokens")
+    return torch.tensor(samples, dtype=torch.long)
+
+
+def build_sft_datasets(cfg: SFTDataConfig, tokenizer, max_positions: int | None, seed: int):
+    """(train, validation) tensors of shape (samples, 3, max_length), and the chat template used."""
+    if not cfg.train:
+        raise AdaptError("data.train is not set")
+    if max_positions is not None and cfg.max_length > max_positions:
+        raise AdaptError(f"data.max_length {cfg.max_length} exceeds the model's {max_positions} positions")
+    template = resolve_chat_template(tokenizer, cfg)
+    table = load_table(cfg.train, cfg)
+    fmt = detect_format(table.column_names, cfg, cfg.train)
+    rows = list(table)
+    if cfg.validation:
+        val_table = load_table(cfg.validation, cfg)
+        val_rows, val_fmt = list(val_table), detect_format(val_table.column_names, cfg, cfg.validation)
+    else:
+        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
+        n_val = max(1, int(len(rows) * cfg.validation_fraction))
+        if n_val >= len(rows):
+            raise AdaptError(f"dataset {cfg.train} has too few samples ({len(rows)}) to hold out validation")
+        val_rows, val_fmt = [rows[i] for i in order[:n_val]], fmt
+        rows = [rows[i] for i in sorted(order[n_val:])]
+    train = encode(rows, fmt, tokenizer, template, cfg, "training")
+    val = encode(val_rows, val_fmt, tokenizer, template, cfg, "validation")
+    return train, val[: cfg.max_eval_samples], template
