@@ -6,6 +6,8 @@ from .convert import convert  # noqa: E402
 from .errors import AdaptError  # noqa: E402
 from .loading import load  # noqa: E402
 from .model import MaskedDiffusionConfig, MaskedDiffusionLM  # noqa: E402
+from .push import push_to_hub  # noqa: E402
 from .train import train  # noqa: E402
 
-__all__ = ["AdaptError", "MaskedDiffusionConfig", "MaskedDiffusionLM", "__version__", "convert", "load", "train"]
+__all__ = ["AdaptError", "MaskedDiffusionConfig", "MaskedDiffusionLM", "__version__", "convert", "load", "push_to_hub",
+           "train"]
