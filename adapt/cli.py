@@ -62,6 +62,14 @@ def _generate(args):
         print(json.dumps(r) if args.json else r["text"])
 
 
+def _push(args):
+    from .push import push_to_hub
+
+    result = push_to_hub(args.directory, args.repo_id, private=args.private, revision=args.revision,
+                         commit_message=args.commit_message, adapter_only=args.adapter_only, dry_run=args.dry_run)
+    print(result.report())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dlm-adapt", description="Turn causal LMs into masked diffusion LMs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -125,6 +133,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show-steps", action="store_true", help="print the canvas after every step (stderr)")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt: text, tokens, nfe, ...")
     p.set_defaults(func=_generate)
+
+    p = sub.add_parser("push", help="upload a checkpoint or adapter to the Hugging Face Hub with a model card",
+                       description="Validate DIR (a dlm-adapt checkpoint, or a PEFT adapter of one), generate its "
+                                   "model card, and upload everything in one commit. The token comes from HF_TOKEN "
+                                   "or `hf auth login`; DIR is never modified.")
+    p.add_argument("directory", metavar="DIR", help="checkpoint directory (e.g. OUTPUT/final) or PEFT adapter")
+    p.add_argument("repo_id", metavar="REPO_ID", help="Hub repo, namespace/name; created if missing")
+    p.add_argument("--private", action="store_true",
+                   help="create the repo private (an existing repo keeps its visibility)")
+    p.add_argument("--revision", metavar="BRANCH", help="branch to commit to, created if missing (default: main)")
+    p.add_argument("--commit-message", metavar="M", help="commit message")
+    p.add_argument("--adapter-only", action="store_true",
+                   help="DIR must be a PEFT adapter: upload only adapter_config.json and adapter_model.safetensors "
+                        "(and the card)")
+    p.add_argument("--dry-run", action="store_true", help="print the files and the card; contact nothing")
+    p.set_defaults(func=_push)
     return parser
 
 
