@@ -30,8 +30,10 @@ def load(path: str | Path, *, dtype: str | torch.dtype | None = None, device: st
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     model = MaskedDiffusionLM.from_pretrained(str(path), **kwargs)
-    # explicit False: the checkpoint has auto_map, and the tokenizer needs no remote code
-    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False, **({"revision": revision} if revision else {}))
+    # explicit False: the checkpoint has auto_map, and the tokenizer needs no remote code; passing the config
+    # spares AutoTokenizer a failing AutoConfig lookup of our model type (and its misleading warning)
+    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False, config=model.config,
+                                              **({"revision": revision} if revision else {}))
     if device is not None:
         model.to(device)
     return model.eval(), tokenizer

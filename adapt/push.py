@@ -581,7 +581,9 @@ def _training_section(plan: _Plan) -> list[str]:
     train, anneal = recipe.get("train") or {}, recipe.get("anneal") or {}
     data, objective, lora = recipe.get("data") or {}, recipe.get("objective") or {}, recipe.get("lora") or {}
     steps = max([m.get("step", 0) for m in plan.metrics] + [0]) or recipe.get("max_steps")
-    batch, ga, length = train.get("batch_size"), train.get("gradient_accumulation_steps", 1), data.get("block_length")
+    sft = "max_length" in data  # `dlm-adapt sft` records a canvas length instead of a packing block length
+    batch, ga = train.get("batch_size"), train.get("gradient_accumulation_steps", 1)
+    length = data.get("max_length") if sft else data.get("block_length")
     method = train.get("method", "full")
     if method == "full":
         how = "full fine-tuning"
@@ -596,8 +598,12 @@ def _training_section(plan: _Plan) -> list[str]:
         annealing = (f"attention mask annealed from causal to bidirectional over {anneal.get('anneal_steps')} steps "
                      f"({anneal.get('schedule', 'linear')}, {anneal.get('mode')})")
     rows = [("method", how), ("steps", f"{steps} optimizer steps")]
+    if sft:
+        rows.insert(0, ("stage", f"supervised fine-tuning (`dlm-adapt sft`) on chat data: prompts never noised, "
+                                 f"{data.get('train_on')} turns trained, {length}-token canvas, EOS padding "
+                                 f"{data.get('eos_padding')}"))
     if all(isinstance(v, int) for v in (steps, batch, ga, length)):
-        rows.append(("tokens seen", f"{steps * batch * ga * length:,} per process ({steps} steps × {batch} blocks × "
+        rows.append(("tokens seen", f"{steps * batch * ga * length:,} per process ({steps} steps × {batch} {'samples' if sft else 'blocks'} × "
                                     f"{ga} accumulation × {length} tokens); the number of data-parallel processes is "
                                     "not recorded: multiply by it"))
     rows += [
@@ -614,7 +620,8 @@ def _training_section(plan: _Plan) -> list[str]:
                         f"precision {train.get('mixed_precision')}"),
         ("training data", _describe_data(data.get("train"))),
         ("validation data", _describe_data(data.get("validation")) if data.get("validation") else
-         f"{_percent(data.get('validation_fraction'))} of the training documents, held out before packing"),
+         f"{_percent(data.get('validation_fraction'))} of the training "
+         + ("samples, held out" if sft else "documents, held out before packing")),
     ]
     evals = [m for m in plan.metrics if m.get("val_elbo") is not None]
     if evals:

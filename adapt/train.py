@@ -45,7 +45,7 @@ def load_for_training(cfg: TrainConfig, path: str):
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=DTYPES[cfg.model.dtype])
     model = MaskedDiffusionLM.from_pretrained(path, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False, config=model.config)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.train.method in ("lora", "qlora"):
@@ -265,14 +265,17 @@ def _source_tokenizer(cfg: TrainConfig, source: str, diffusion_source: bool):
     """The tokenizer and position limit of the model to train, read before any conversion."""
     from transformers import AutoConfig
 
-    gguf = {"gguf_file": cfg.model.gguf_file} if cfg.model.gguf_file else {}
+    extra = {"gguf_file": cfg.model.gguf_file} if cfg.model.gguf_file else {}
     src = Path(source)
     if src.suffix == ".gguf" and src.is_file():
-        source, gguf = str(src.parent), {"gguf_file": src.name}
+        source, extra = str(src.parent), {"gguf_file": src.name}
     try:
-        config = AutoConfig.from_pretrained(source, trust_remote_code=False, **gguf) \
-            if not diffusion_source else MaskedDiffusionConfig.from_pretrained(source).text_config
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False, **gguf)
+        if diffusion_source:  # our config passed on: AutoConfig would need remote code for our model type
+            extra["config"] = MaskedDiffusionConfig.from_pretrained(source)
+            config = extra["config"].text_config
+        else:
+            config = AutoConfig.from_pretrained(source, trust_remote_code=False, **extra)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False, **extra)
     except (OSError, ValueError, KeyError) as e:
         raise AdaptError(f"cannot load model.path={cfg.model.path}: {str(e).splitlines()[0]}") from e
     return tokenizer, getattr(config, "max_position_embeddings", None)
