@@ -251,3 +251,23 @@ def test_stories260k_recipe_runs_as_shipped_and_answers_in_chat(tmp_path):
     [result] = generate(out / "final", ["Who is Lily?"], chat=True, max_new_tokens=32, steps=32)
     assert result["text"].strip() and "<|mask|>" not in result["text"]
     assert result["tokens"] and len(result["tokens"]) < 32  # the model learned to end its answer with EOS
+
+
+def test_sft_script_under_two_process_ddp_matches_one_process(setup, tmp_path):
+    # torchrun gives real multi-CPU data parallelism that Accelerate picks up from the environment (see
+    # test_train); per-sequence normalisation makes the mean of the per-process losses the global loss
+    common = [f"model.path={setup / 'dlm'}", f"data.train={setup / 'chat.jsonl'}", "data.max_length=16",
+              "max_steps=3", "eval_steps=0", "objective.normalization=sequence", "model.attn_implementation=eager"]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    recipe = ROOT / "recipes/sft/stories260k-tiny.yaml"
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          str(ROOT / "recipes" / "sft.py"), str(recipe), f"output_dir={tmp_path / 'two'}",
+                          "train.batch_size=2", *common], capture_output=True, text=True, env=env, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert (tmp_path / "two" / "final" / "config.json").exists()
+    adapt.sft(load_config(recipe, [f"output_dir={tmp_path / 'one'}", "train.batch_size=4", *common], cls=SFTConfig))
+
+    def losses(out):
+        return torch.tensor([json.loads(ln)["loss"] for ln in (out / "metrics.jsonl").read_text().splitlines()])
+
+    torch.testing.assert_close(losses(tmp_path / "two"), losses(tmp_path / "one"), rtol=1e-5, atol=0)
