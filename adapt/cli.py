@@ -70,6 +70,61 @@ def _push(args):
     print(result.report())
 
 
+def _eval(args):
+    import json
+
+    from .evaluate import evaluate, write_json
+
+    steps = None
+    if args.sweep_steps:
+        try:
+            steps = [int(s) for s in args.sweep_steps.split(",") if s.strip()]
+        except ValueError:
+            raise AdaptError(f"--sweep-steps takes comma-separated integers, got {args.sweep_steps!r}") from None
+    result = evaluate(args.model, args.data, metrics=args.metrics, ar_parent=args.ar_parent,
+                      mc_samples=args.mc_samples, block_length=args.block_length, num_blocks=args.num_blocks,
+                      batch_size=args.batch_size, seed=args.seed, device=args.device, text_column=args.text_column,
+                      sample_by=args.sample_by, split=args.split, hub_config=args.hub_config,
+                      infill_span=args.infill_span, infill_examples=args.infill_examples,
+                      sweep_length=args.sweep_length, sweep_steps=steps, sweep_examples=args.sweep_examples,
+                      plot=args.plot)
+    if args.json:
+        write_json(result, args.json)
+    print(json.dumps(result, indent=2))
+
+
+def _add_eval_parser(sub):
+    p = sub.add_parser("eval", help="likelihood, infilling and steps-sweep metrics on held-out text",
+                       description="Evaluate a diffusion checkpoint (Monte-Carlo ELBO, infilling, quality against "
+                                   "decoding steps) or a causal LM (exact NLL, left-context baseline) on the same "
+                                   "packed blocks of text. Prints the result as JSON.")
+    p.add_argument("model", help="a dlm-adapt checkpoint, a causal LM directory, a .gguf file, or a Hub id")
+    p.add_argument("--data", required=True,
+                   help="a .txt/.json/.jsonl/.parquet file (comma-separated for several) or a Hub dataset name")
+    p.add_argument("--metrics", default="elbo", help="comma-separated: elbo, infill, steps_sweep (default: elbo)")
+    p.add_argument("--mc-samples", type=int, default=16, help="Monte-Carlo draws per block for the ELBO (default: 16)")
+    p.add_argument("--ar-parent", help="causal LM that scores generated text (default: the checkpoint's "
+                                       "provenance.source, if it loads from local files)")
+    p.add_argument("--block-length", type=int, default=128, help="tokens per packed block (default: 128)")
+    p.add_argument("--num-blocks", type=int, default=64, help="blocks evaluated, from the start of the data (default: 64)")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass (default: 16)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", help="e.g. cpu, cuda, cuda:1 (default: where the model loads)")
+    p.add_argument("--text-column", default="text", help="text field of json/jsonl/parquet/Hub data (default: text)")
+    p.add_argument("--sample-by", default="paragraph", choices=["line", "paragraph", "document"],
+                   help="how a .txt file splits into documents (default: blank-line-separated paragraphs)")
+    p.add_argument("--split", default="validation", help="Hub dataset split (default: validation)")
+    p.add_argument("--hub-config", help="Hub dataset configuration name")
+    p.add_argument("--infill-span", type=int, help="tokens hidden in the middle of each block (default: block/4)")
+    p.add_argument("--infill-examples", type=int, default=16, help="blocks used for infilling (default: 16)")
+    p.add_argument("--sweep-length", type=int, default=16, help="tokens generated in the steps sweep (default: 16)")
+    p.add_argument("--sweep-steps", help="comma-separated step counts (default: 1, 2, 4, ... up to --sweep-length)")
+    p.add_argument("--sweep-examples", type=int, default=32, help="task examples and prompts in the sweep (default: 32)")
+    p.add_argument("--json", metavar="OUT.json", help="also write the result to this file")
+    p.add_argument("--plot", metavar="OUT.png", help="plot the steps sweep (needs matplotlib: the eval extra)")
+    p.set_defaults(func=_eval)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dlm-adapt", description="Turn causal LMs into masked diffusion LMs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -149,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(and the card)")
     p.add_argument("--dry-run", action="store_true", help="print the files and the card; contact nothing")
     p.set_defaults(func=_push)
+    _add_eval_parser(sub)
     return parser
 
 

@@ -43,17 +43,23 @@ def load_documents(spec: str, cfg: DataConfig) -> list[str]:
     return [t for t in ds[cfg.text_column] if t and t.strip()]
 
 
-def pack(documents: list[str], tokenizer, block_length: int, what: str) -> torch.Tensor:
-    """(N, block_length) LongTensor: documents tokenised, joined with EOS, cut into full blocks."""
+def pack(documents: list[str], tokenizer, block_length: int, what: str, max_blocks: int | None = None) -> torch.Tensor:
+    """(N, block_length) LongTensor: documents tokenised, joined with EOS, cut into full blocks; with
+    `max_blocks`, the first max_blocks blocks (tokenising no more documents than they need)."""
     eos = tokenizer.eos_token_id
     if eos is None:
         raise AdaptError("the tokenizer has no EOS token to separate packed documents")
     stream = []
-    for start in range(0, len(documents), 1000):
-        for ids in tokenizer(documents[start:start + 1000], add_special_tokens=False)["input_ids"]:
+    chunk = 1000 if max_blocks is None else 64
+    for start in range(0, len(documents), chunk):
+        if max_blocks is not None and len(stream) >= max_blocks * block_length:
+            break
+        for ids in tokenizer(documents[start:start + chunk], add_special_tokens=False)["input_ids"]:
             stream.extend(ids)
             stream.append(eos)
     n = len(stream) // block_length
+    if max_blocks is not None:
+        n = min(n, max_blocks)
     if n == 0:
         raise AdaptError(f"{what} data yields no full block of {block_length} tokens ({len(stream)} tokens in "
                          f"{len(documents)} documents); add data or lower data.block_length")
@@ -115,3 +121,13 @@ class BlockLoader:
 
     def load_state(self, state: dict):
         self.epoch, self.index, self._order = state["epoch"], state["index"], None
+
+
+def split_batch(batch: torch.Tensor):
+    """(x0, maskable, padding) of a batch: packed blocks (rows, L) are all maskable and real; SFT rows
+    (rows, 3, L) carry their own masks, and trailing columns that are padding in every row are dropped."""
+    if batch.dim() == 2:
+        return batch, torch.ones_like(batch, dtype=torch.bool), torch.ones_like(batch)
+    x0, maskable, padding = batch.unbind(1)
+    keep = int(padding.sum(1).max())
+    return x0[:, :keep], maskable[:, :keep].bool(), padding[:, :keep]

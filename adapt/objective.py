@@ -54,8 +54,8 @@ def cart_weights(masked: torch.Tensor, maskable: torch.Tensor, p: float) -> torc
     return 0.5 * F.conv1d(clean, kernel.flip(0)[None, None], padding=length - 1)[:, 0]
 
 
-def diffusion_loss(logits, x0, masked, maskable, t, cfg: ObjectiveConfig, shift: bool) -> torch.Tensor:
-    """Weighted cross-entropy on masked positions, normalised as `cfg.normalization` says."""
+def _weighted_ce(logits, x0, masked, maskable, t, cfg: ObjectiveConfig, shift: bool):
+    """(weighted CE per position, masked, maskable), aligned so position i is the prediction of token i."""
     if shift:  # logit i−1 predicts token i
         logits, x0, masked, maskable = logits[:, :-1], x0[:, 1:], masked[:, 1:], maskable[:, 1:]
     # flattened (N, V) layout: the (B, V, L) transpose makes cross_entropy about 2x slower on CPU
@@ -64,12 +64,24 @@ def diffusion_loss(logits, x0, masked, maskable, t, cfg: ObjectiveConfig, shift:
         weight = cart_weights(masked, maskable, cfg.cart_p)
     else:
         weight = (1.0 / t)[:, None].expand_as(ce)
-    per_token = ce * weight * masked
+    return ce * weight * masked, masked, maskable
+
+
+def diffusion_loss(logits, x0, masked, maskable, t, cfg: ObjectiveConfig, shift: bool) -> torch.Tensor:
+    """Weighted cross-entropy on masked positions, normalised as `cfg.normalization` says."""
+    if cfg.normalization == "sequence":
+        return sequence_losses(logits, x0, masked, maskable, t, cfg, shift).mean()
+    per_token, masked, maskable = _weighted_ce(logits, x0, masked, maskable, t, cfg, shift)
     if cfg.normalization == "masked":
         return per_token.sum() / masked.sum().clamp_min(1)
-    if cfg.normalization == "all":
-        return per_token.sum() / maskable.sum().clamp_min(1)
-    return (per_token.sum(1) / maskable.sum(1).clamp_min(1)).mean()
+    return per_token.sum() / maskable.sum().clamp_min(1)
+
+
+def sequence_losses(logits, x0, masked, maskable, t, cfg: ObjectiveConfig, shift: bool) -> torch.Tensor:
+    """(batch,) weighted CE of each sequence divided by its maskable tokens: with `inverse_t`, one Monte-Carlo
+    draw of each sequence's ELBO in nats per token (what `adapt.evaluate` averages)."""
+    per_token, _, maskable = _weighted_ce(logits, x0, masked, maskable, t, cfg, shift)
+    return per_token.sum(1) / maskable.sum(1).clamp_min(1)
 
 
 def noised_batch(x0, maskable, cfg: ObjectiveConfig, mask_id: int, shift: bool, generator=None,

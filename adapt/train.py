@@ -14,11 +14,12 @@ from transformers import AutoTokenizer, PreTrainedConfig, get_scheduler
 from . import checkpointing
 from .config import SFTConfig, SFTDataConfig, TrainConfig, to_dict
 from .convert import convert
-from .data import BlockLoader, build_datasets
+from .data import BlockLoader, build_datasets, split_batch
 from .errors import AdaptError
+from .evaluate import diffusion_elbo
 from .masks import annealed_attention_mask, check_annealing_supported, mask_ratio
 from .model import MaskedDiffusionConfig, MaskedDiffusionLM
-from .objective import ObjectiveConfig, diffusion_loss, noised_batch
+from .objective import diffusion_loss, noised_batch
 from .sft_data import build_sft_datasets
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -85,37 +86,6 @@ def param_groups(model, opt):
             groups["other"].append(p)
     lrs = {"attention": opt.attention_lr or opt.lr, "mlp": opt.mlp_lr or opt.lr, "other": opt.lr}
     return [{"params": ps, "lr": lrs[k], "name": k} for k, ps in groups.items() if ps]
-
-
-def split_batch(batch: torch.Tensor):
-    """(x0, maskable, padding) of a batch: packed blocks (rows, L) are all maskable and real; SFT rows
-    (rows, 3, L) carry their own masks, and trailing columns that are padding in every row are dropped."""
-    if batch.dim() == 2:
-        return batch, torch.ones_like(batch, dtype=torch.bool), torch.ones_like(batch)
-    x0, maskable, padding = batch.unbind(1)
-    keep = int(padding.sum(1).max())
-    return x0[:, :keep], maskable[:, :keep].bool(), padding[:, :keep]
-
-
-@torch.no_grad()
-def validation_elbo(model, blocks, mask_id: int, shift: bool, batch_size: int, seed: int = 1234) -> float:
-    """Monte-Carlo ELBO bound in nats per maskable token (every token of packed blocks, the answer tokens of
-    SFT samples), one antithetic t-draw per sample, fixed seed."""
-    was_training = model.training
-    model.eval()
-    cfg = ObjectiveConfig(t_sampling="antithetic", normalization="all")
-    g = torch.Generator().manual_seed(seed)
-    device = next(model.parameters()).device
-    total, tokens = 0.0, 0
-    for start in range(0, len(blocks), batch_size):
-        x0, maskable, padding = split_batch(blocks[start:start + batch_size].to(device))
-        x_t, x0, masked, maskable, t = noised_batch(x0, maskable, cfg, mask_id, shift, g)
-        logits = model(input_ids=x_t, attention_mask=padding).logits
-        n = int(maskable.sum())  # noised_batch already excludes position 0 under shift
-        total += diffusion_loss(logits, x0, masked, maskable, t, cfg, shift).item() * n
-        tokens += n
-    model.train(was_training)
-    return total / tokens
 
 
 def sft(cfg: SFTConfig) -> Path | None:
@@ -230,7 +200,9 @@ def train(cfg: TrainConfig) -> Path | None:
         record = {"step": done, "loss": loss_value, "lr": scheduler.get_last_lr()[0], "mask_ratio": ratio,
                   "tokens_per_s": seen * world / seconds}
         if cfg.eval_steps and (done % cfg.eval_steps == 0 or done == cfg.max_steps):
-            record["val_elbo"] = validation_elbo(dlm, val_blocks, mask_id, shift, cfg.train.batch_size)
+            # one low-discrepancy draw per block, fixed seed: the same blocks and noise at every evaluation
+            record["val_elbo"] = diffusion_elbo(dlm, val_blocks, mc_samples=1, batch_size=cfg.train.batch_size,
+                                                seed=1234)["elbo_nats_per_token"]
         if main and (done % cfg.log_steps == 0 or "val_elbo" in record):
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")

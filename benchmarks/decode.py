@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import torch
+from results_md import write_section  # benchmarks/ is the script's directory
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -116,7 +117,7 @@ def main():
         "|---|---:|---:|---:|---:|",
     ]
     lines += [f"| {name} | {tpf:.2f} | {ratio:.2f} | {nll:.3f} | {dist:.0%} |" for name, tpf, ratio, nll, dist in results]
-    args.out.write_text("\n".join(lines) + "\n")
+    write_section(args.out, lines[0], "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -1,6 +1,7 @@
 """SFT: answer spans, prompt never noised, EOS padding switch, no cross-sample attention, recipes, bad inputs."""
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -15,7 +16,8 @@ from adapt import AdaptError, SFTConfig, load_config
 from adapt.config import SFTDataConfig
 from adapt.objective import ObjectiveConfig, noised_batch
 from adapt.sft_data import ATTENTION, INPUT_IDS, MASKABLE, build_sft_datasets, encode, tokenize_conversation
-from adapt.train import split_batch, validation_elbo
+from adapt.data import split_batch
+from adapt.evaluate import diffusion_elbo
 from conftest import require_shared
 from tiny_models import save_tiny_source, tiny_tokenizer
 
@@ -155,10 +157,10 @@ def test_tiny_sft_run_lowers_the_response_elbo_and_keeps_the_chat_template(setup
     cfg = _sft_cfg(setup, tmp_path / "run", "sample_steps=20")
     model, tok = adapt.load(setup / "dlm")
     _, val, _ = build_sft_datasets(cfg.data, tok, None, cfg.train.seed)
-    before = validation_elbo(model, val, model.config.mask_token_id, model.config.shift, 8)
+    before = diffusion_elbo(model, val, mc_samples=4, seed=0)["elbo_nats_per_token"]
     final = adapt.sft(cfg)
     trained, trained_tok = adapt.load(final)
-    after = validation_elbo(trained, val, trained.config.mask_token_id, trained.config.shift, 8)
+    after = diffusion_elbo(trained, val, mc_samples=4, seed=0)["elbo_nats_per_token"]
     assert after < 0.7 * before, (before, after)
     assert trained_tok.chat_template == TEMPLATE
     assert (tmp_path / "run" / "samples.log").read_text().count("--- step") == 2
@@ -271,3 +273,28 @@ def test_sft_script_under_two_process_ddp_matches_one_process(setup, tmp_path):
         return torch.tensor([json.loads(ln)["loss"] for ln in (out / "metrics.jsonl").read_text().splitlines()])
 
     torch.testing.assert_close(losses(tmp_path / "two"), losses(tmp_path / "one"), rtol=1e-5, atol=0)
+
+
+def test_sft_elbo_scores_only_answer_tokens(tok):
+    # uniform logits: every scored token costs exactly log V, whatever is masked; and only answer tokens count
+    from types import SimpleNamespace
+
+    vocab = 101
+
+    class Uniform(torch.nn.Module):
+        config = SimpleNamespace(mask_token_id=vocab - 1, shift=True)
+
+        def __init__(self):
+            super().__init__()
+            self.anchor = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, input_ids, attention_mask=None, **_):
+            return SimpleNamespace(logits=torch.zeros(*input_ids.shape, vocab))
+
+    cfg = SFTDataConfig(chat_template=TEMPLATE, max_length=16, eos_padding="none")
+    rows = torch.cat(
+        [encode([{"messages": CONVERSATION}], "messages", tok, TEMPLATE, cfg, "training"),
+         encode([{"prompt": "w5", "completion": "w6 w7"}], "prompt_completion", tok, TEMPLATE, cfg, "training")])
+    result = diffusion_elbo(Uniform(), rows, mc_samples=5, seed=0)
+    assert result["tokens"] == 6 + 3  # w20 w21 w22 </s> w23 </s>, and w6 w7 </s>
+    assert result["elbo_nats_per_token"] == pytest.approx(math.log(vocab), rel=1e-6)

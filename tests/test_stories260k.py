@@ -88,7 +88,7 @@ def adapted(stories, tmp_path_factory):
 
     from adapt.config import load_config
     from adapt.data import build_datasets
-    from adapt.train import validation_elbo
+    from adapt.evaluate import diffusion_elbo
     from conftest import SHARED
 
     _, converted = stories
@@ -101,7 +101,7 @@ def adapted(stories, tmp_path_factory):
                                "data.max_eval_blocks=32"])
     model, tok = adapt.load(converted)
     _, val = build_datasets(cfg.data, tok, 512, cfg.train.seed)
-    before = validation_elbo(model, val[:32], model.config.mask_token_id, model.config.shift, 16)
+    before = diffusion_elbo(model, val[:32], mc_samples=1, batch_size=16, seed=1234)["elbo_nats_per_token"]
     final = adapt.train(cfg)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return final, before, records[-1]["val_elbo"]

@@ -1,0 +1,531 @@
+"""`dlm-adapt eval` / `adapt.evaluate(model, data, ...)`: likelihood, infilling and quality-against-steps for a
+diffusion checkpoint, and the same harness for a plain causal LM (its exact NLL, its left-context baseline).
+
+Comparability rule: text becomes the same packed blocks (`adapt.data.pack`) for either kind of model, and the
+first token of every block is context that is never scored. With shift nothing predicts it, and a causal model
+has nothing to predict it from; so an ELBO and an AR NLL on the same data score the same
+blocks × (block_length − 1) tokens, each given the same block-local information.
+"""
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .config import DataConfig
+from .data import load_documents, pack
+from .errors import AdaptError
+from .model import MaskedDiffusionConfig
+from .objective import ObjectiveConfig, sequence_losses
+from .sampling import SamplingError, diffusion_sample
+
+METRICS = ("elbo", "infill", "steps_sweep")
+DIFFUSION, AUTOREGRESSIVE = "diffusion", "autoregressive"
+
+
+# --------------------------------------------------------------------------------------------- likelihood
+
+@torch.no_grad()
+def diffusion_elbo(model, blocks: torch.Tensor, *, mc_samples: int = 16, batch_size: int = 16,
+                   seed: int = 0) -> dict:
+    """Monte-Carlo ELBO (an upper bound on the NLL) in nats per scored token.
+
+    `blocks` are packed text (rows, L), scored on tokens 1..L−1 with token 0 as context, or SFT rows
+    (rows, 3, L) from `sft_data` (ids, maskable, attention), scored on their answer tokens only.
+
+    Each draw picks a number of masked tokens l uniform on 1..N (N = the row's scored tokens), masks a uniform
+    subset of that size and scores (1/l)·Σ CE over it. This is the continuous-time 1/t ELBO with t integrated out
+    (∫ Binomial(N, t)(l)/t dt = 1/l; LLaDA's estimator), with lower variance, and exact per draw for a model
+    whose predictions ignore the context. The l's are low-discrepancy: draw k of block b uses
+    u = (k + (o_k + b/B) mod 1)/K, stratified over the K draws of a block and a shifted lattice across blocks
+    (the antithetic t of MDLM); with K = 1 that is the one-draw-per-block estimate used during training.
+    Rows are weighted by their scored tokens, so the result is per token, not per row.
+
+    `stderr` is the Monte-Carlo standard error for this fixed text, from the within-block spread of the K draws
+    taken as independent. Stratification makes the real error smaller when the score depends on the mask count
+    (3x smaller for the context-dependent model in tests/test_eval.py); for a context-free model it is exact.
+    """
+    config = model.config
+    mask_id, shift = getattr(config, "mask_token_id", None), bool(getattr(config, "shift", False))
+    if mask_id is None:
+        raise AdaptError("the model has no mask_token_id: not a diffusion model")
+    if blocks.dim() == 3:
+        ids, scorable, attention = blocks[:, 0], blocks[:, 1].bool(), blocks[:, 2]
+        scorable = scorable.clone()
+        scorable[:, 0] = False  # nothing predicts position 0 under shift; it is prompt anyway
+    else:
+        ids, attention = blocks, None
+        scorable = torch.ones_like(blocks, dtype=torch.bool)
+        scorable[:, 0] = False
+    n_blocks, length = ids.shape
+    if length < 2:
+        raise AdaptError("blocks need at least 2 tokens (the first is context)")
+    if mc_samples < 1 or batch_size < 1:
+        raise AdaptError("mc_samples and batch_size must be at least 1")
+    scored = scorable.sum(1)
+    if (scored == 0).any():
+        raise AdaptError("a row has no tokens to score")
+    k_draws = mc_samples
+    g = torch.Generator().manual_seed(seed)
+    offsets = torch.rand(k_draws, generator=g, dtype=torch.float64)
+    lattice = (offsets[None, :] + torch.arange(n_blocks, dtype=torch.float64)[:, None] / n_blocks) % 1.0
+    u = (torch.arange(k_draws, dtype=torch.float64)[None, :] + lattice) / k_draws
+    counts = torch.minimum((u * scored[:, None]).long(), scored[:, None] - 1) + 1  # (B, K), uniform on 1..N_b
+    device = _device(model)
+    cfg = ObjectiveConfig(weighting="inverse_t")
+    values = torch.empty(n_blocks, k_draws, dtype=torch.float64)
+    noise, drawn = {}, 0  # subset draws made block by block: results do not depend on batch_size
+
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, n_blocks * k_draws, batch_size):
+            rows = torch.arange(start, min(start + batch_size, n_blocks * k_draws))
+            b, k = rows // k_draws, rows % k_draws
+            while drawn <= int(b[-1]):
+                noise[drawn] = torch.rand((k_draws, length), generator=g)
+                drawn += 1
+            for old in [key for key in noise if key < int(b[0])]:
+                del noise[old]
+            draws = torch.stack([noise[int(bi)][int(ki)] for bi, ki in zip(b, k)])
+            draws = draws.masked_fill(~scorable[b], 2.0)  # unscorable positions rank last, never chosen
+            n = counts[b, k]
+            masked = (draws.argsort(1).argsort(1) < n[:, None]).to(device)  # the n smallest: a uniform n-subset
+            x0 = ids[b].to(device)
+            mask = attention[b].to(device) if attention is not None else None
+            logits = model(input_ids=x0.masked_fill(masked, mask_id), attention_mask=mask).logits
+            t = (n.double() / scored[b]).float().to(device)
+            values[b, k] = sequence_losses(logits, x0, masked, scorable[b].to(device), t, cfg,
+                                           shift).double().cpu()
+    finally:
+        model.train(was_training)
+    weight = scored.double() / scored.sum()
+    elbo = (values.mean(1) * weight).sum().item()
+    stderr = (values.var(1) * weight ** 2).sum().div(k_draws).sqrt().item() if k_draws > 1 else None
+    return {"elbo_nats_per_token": elbo, "ppl_bound": _exp(elbo), "stderr": stderr, "tokens": int(scored.sum()),
+            "blocks": n_blocks, "mc_samples": k_draws, "seed": seed}
+
+
+@torch.no_grad()
+def causal_nll(model, blocks: torch.Tensor, *, batch_size: int = 16) -> dict:
+    """Exact NLL of a causal LM in nats per token over tokens 1..L−1 of each block (the ELBO's tokens)."""
+    nll = _token_nll(model, blocks, batch_size)
+    value = nll.double().mean().item()
+    return {"nll_nats_per_token": value, "ppl": _exp(value), "stderr": 0.0, "tokens": nll.numel(),
+            "blocks": blocks.shape[0]}
+
+
+def _nll_from(model, ids: torch.Tensor, start: int, batch_size: int) -> float:
+    """Mean NLL per token of tokens start..L−1 of each row under a causal LM (each given everything before it)."""
+    return _token_nll(model, ids, batch_size)[:, start - 1:].double().mean().item()
+
+
+@torch.no_grad()
+def _token_nll(model, ids: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """(rows, L−1) NLL of token j+1 given tokens 0..j under a causal LM."""
+    device = _device(model)
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        for start in range(0, ids.shape[0], batch_size):
+            x = ids[start:start + batch_size].to(device)
+            logits = model(input_ids=x).logits[:, :-1].float()
+            out.append(F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten(), reduction="none")
+                       .view(x.shape[0], -1).cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(out)
+
+
+# ------------------------------------------------------------------------------------------------ infill
+
+@torch.no_grad()
+def infill(model, blocks: torch.Tensor, *, span: int | None = None, examples: int = 16, batch_size: int = 16,
+           ar_scorer=None, ar_name: str | None = None) -> dict:
+    """Hide the middle `span` tokens of each block and fill them: a diffusion model with our sampler (prefix and
+    suffix visible, one token per pass, most confident first), a causal LM greedily from the prefix alone (the
+    baseline that cannot see the suffix). `token_accuracy`: filled tokens equal to the original.
+    `ar_parent_nll`: the AR scorer's NLL per token of the span and everything after it, so a fill that does not
+    lead into the suffix is penalised too; `reference_ar_parent_nll` is the same on the original text."""
+    x = blocks[:examples]
+    length = x.shape[1]
+    span = span if span is not None else max(1, length // 4)
+    if not 1 <= span <= length - 2:
+        raise AdaptError(f"infill span must be between 1 and block_length − 2 ({length - 2}), got {span}")
+    start = (length - span) // 2
+    device = _device(model)
+    filled = []
+    diffusion = _kind(model) == DIFFUSION
+    for lo in range(0, x.shape[0], batch_size):
+        rows = x[lo:lo + batch_size].to(device)
+        if diffusion:
+            holes = rows.clone()
+            holes[:, start:start + span] = model.config.mask_token_id
+            out = _sample(model, holes, max_new_tokens=0, steps=span).sequences
+        else:
+            out = torch.cat([rows[:, :start], _greedy(model, rows[:, :start], span), rows[:, start + span:]], 1)
+        filled.append(out.cpu())
+    filled = torch.cat(filled)
+    hit = filled[:, start:start + span] == x[:, start:start + span]
+    result = {"method": "diffusion" if diffusion else "left_context_greedy", "examples": x.shape[0], "span": span,
+              "span_start": start, "token_accuracy": hit.double().mean().item(),
+              "span_exact_match": hit.all(1).double().mean().item(), "ar_parent": ar_name,
+              "ar_parent_nll": None, "reference_ar_parent_nll": None}
+    if ar_scorer is not None:
+        result["ar_parent_nll"] = _nll_from(ar_scorer, filled, start, batch_size)
+        result["reference_ar_parent_nll"] = _nll_from(ar_scorer, x, start, batch_size)
+    return result
+
+
+# ------------------------------------------------------------------------------------------- steps sweep
+
+def repeat_task(blocks: torch.Tensor, tokenizer, *, examples: int, length: int, seed: int, mask_id=None,
+                repeats: int = 2, pool: int = 64):
+    """A copying task with a checkable answer: a random sequence of `length` frequent tokens shown `repeats`
+    times (after BOS if the tokenizer has one); the answer is one more repetition. Tokens come from the most
+    frequent ordinary tokens of the evaluation text, so they are ones the model has learnt. Returns
+    (prompts (examples, P), answers (examples, length))."""
+    counts = torch.bincount(blocks.flatten(), minlength=int(blocks.max()) + 1)
+    for special in set(tokenizer.all_special_ids) | ({mask_id} if mask_id is not None else set()):
+        if special < len(counts):
+            counts[special] = 0
+    candidates = counts.sort(descending=True, stable=True).indices[: min(pool, int((counts > 0).sum()))]
+    if len(candidates) < 2:
+        raise AdaptError("the evaluation text has fewer than 2 distinct ordinary tokens: no copying task possible")
+    g = torch.Generator().manual_seed(seed)
+    answers = candidates[torch.randint(len(candidates), (examples, length), generator=g)]
+    prompts = answers.repeat(1, repeats)
+    if tokenizer.bos_token_id is not None:
+        prompts = torch.cat([torch.full((examples, 1), tokenizer.bos_token_id), prompts], 1)
+    return prompts, answers
+
+
+@torch.no_grad()
+def steps_sweep(model, blocks: torch.Tensor, tokenizer, *, length: int = 16, steps: list[int] | None = None,
+                examples: int = 32, prompt_tokens: int = 16, batch_size: int = 16, seed: int = 0,
+                ar_scorer=None, ar_name: str | None = None) -> dict:
+    """Quality against the number of decoding passes for `length` new tokens (one block, most confident first,
+    temperature 0). Sequence level: exact match on `repeat_task`; token level: that task's token accuracy and
+    the AR scorer's NLL of free continuations of `prompt_tokens`-token prompts from the text. Token quality
+    saturates with few steps while whole-sequence correctness needs more (REFERENCE §7): the two error curves
+    show that gap. `reference`: the AR scorer (or the causal model evaluated) decoding greedily, one token per
+    forward."""
+    steps = sorted(set(steps or [2 ** i for i in range(int(math.log2(length)) + 1)]))
+    if any(not 1 <= s <= length for s in steps):
+        raise AdaptError(f"sweep steps must be between 1 and the sweep length {length}, got {steps}")
+    if blocks.shape[1] <= prompt_tokens:
+        raise AdaptError(f"blocks of {blocks.shape[1]} tokens are too short for {prompt_tokens}-token prompts")
+    diffusion = _kind(model) == DIFFUSION
+    task_prompts, answers = repeat_task(blocks, tokenizer, examples=examples, length=length, seed=seed,
+                                        mask_id=getattr(model.config, "mask_token_id", None) if diffusion else None)
+    free_prompts = blocks[:examples, :prompt_tokens]
+
+    def score(decode) -> dict:
+        task = _batched(decode, task_prompts, batch_size)
+        free = _batched(decode, free_prompts, batch_size)
+        hit = task == answers
+        row = {"task_token_accuracy": hit.double().mean().item(), "task_exact_match": hit.all(1).double().mean().item(),
+               "ar_parent_nll": None, "distinct_tokens": _distinct(free)}
+        if ar_scorer is not None:
+            text = torch.cat([free_prompts, free], 1)
+            row["ar_parent_nll"] = _nll_from(ar_scorer, text, prompt_tokens, batch_size)
+        return row
+
+    points = []
+    if diffusion:
+        for s in steps:
+            points.append({"steps": s, "tokens_per_step": length / s,
+                           **score(lambda p, s=s: _sample(model, p, max_new_tokens=length, steps=s).sequences[:, p.shape[1]:])})
+    reference_model = model if not diffusion else ar_scorer
+    reference = None
+    if reference_model is not None:
+        reference = {"method": "ar_greedy", "model": ar_name if diffusion else "self",
+                     **score(lambda p: _greedy(reference_model, p, length))}
+    return {"task": "repeat", "length": length, "examples": examples, "prompt_tokens": prompt_tokens,
+            "ar_parent": ar_name, "points": points, "reference": reference}
+
+
+def plot_steps_sweep(sweep: dict, path: str | Path, title: str = "") -> Path:
+    """Two panels: task token error and sequence error against steps; AR-parent NLL of free text against steps.
+    Dashed lines: the AR reference."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise AdaptError("--plot needs matplotlib: pip install 'dlm-adapt[eval]'") from e
+    points, ref = sweep["points"], sweep["reference"]
+    steps = [p["steps"] for p in points]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    left.plot(steps, [1 - p["task_token_accuracy"] for p in points], "o-", color="tab:blue",
+              label="token error (1 − token accuracy)")
+    left.plot(steps, [1 - p["task_exact_match"] for p in points], "s-", color="tab:red",
+              label="sequence error (1 − exact match)")
+    if ref is not None:
+        left.axhline(1 - ref["task_token_accuracy"], color="tab:blue", ls="--", lw=1, label="AR greedy, token")
+        left.axhline(1 - ref["task_exact_match"], color="tab:red", ls="--", lw=1, label="AR greedy, sequence")
+    left.set_ylim(-0.03, 1.03)
+    left.set_ylabel("error rate")
+    left.set_title(f"repeat task, {sweep['length']} tokens, {sweep['examples']} examples")
+    nll = [p["ar_parent_nll"] for p in points]
+    if any(v is not None for v in nll):
+        right.plot(steps, nll, "o-", color="tab:green", label="diffusion")
+    if ref is not None and ref["ar_parent_nll"] is not None:
+        right.axhline(ref["ar_parent_nll"], color="tab:green", ls="--", lw=1, label="AR greedy")
+    if not any(v is not None for v in nll) and (ref is None or ref["ar_parent_nll"] is None):
+        right.text(0.5, 0.5, "no AR parent to score with", ha="center", transform=right.transAxes)
+    right.set_ylabel("AR-parent NLL of generated tokens (nats)")
+    right.set_title(f"free continuation, {sweep['length']} tokens")
+    for ax in (left, right):
+        if steps:
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(steps, [str(s) for s in steps])
+        ax.set_xlabel("decoding steps (forward passes)")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- evaluate
+
+def evaluate(model, data: str, *, metrics=("elbo",), tokenizer=None, ar_parent=None, mc_samples: int = 16,
+             block_length: int = 128, num_blocks: int = 64, batch_size: int = 16, seed: int = 0,
+             device: str | None = None, text_column: str = "text", sample_by: str = "paragraph",
+             split: str = "validation", hub_config: str | None = None, infill_span: int | None = None,
+             infill_examples: int = 16, sweep_length: int = 16, sweep_steps: list[int] | None = None,
+             sweep_examples: int = 32, plot: str | Path | None = None) -> dict:
+    """Evaluate a diffusion checkpoint or a causal LM on held-out text; returns the dict `dlm-adapt eval` writes
+    as JSON.
+
+    `model`: a dlm-adapt checkpoint, a Hugging Face causal LM directory, a `.gguf` file, a Hub id, or a loaded
+    model (then pass `tokenizer`). `data`: a .txt file (documents as `sample_by` says), .json/.jsonl/.parquet with
+    `text_column`, comma-separated files, or a Hub dataset (`split`, `hub_config`). The text is packed into
+    blocks of `block_length` tokens and the first `num_blocks` are used. `metrics`: any of `elbo`, `infill`,
+    `steps_sweep` (a list or a comma-separated string). `ar_parent`: causal LM (path or loaded) that scores
+    generated text; default the diffusion model's `provenance.source` when it loads from local files.
+    `plot`: PNG of the steps sweep."""
+    metrics = parse_metrics(metrics)
+    for name, value in {"mc_samples": mc_samples, "block_length": block_length, "num_blocks": num_blocks,
+                        "batch_size": batch_size, "infill_examples": infill_examples, "sweep_length": sweep_length,
+                        "sweep_examples": sweep_examples}.items():
+        if value < 1:
+            raise AdaptError(f"{name} must be at least 1, got {value}")
+    if block_length < 2:
+        raise AdaptError("block_length must be at least 2 (the first token of a block is context)")
+    if plot is not None and "steps_sweep" not in metrics:
+        raise AdaptError("--plot draws the steps sweep: add steps_sweep to --metrics")
+    name = str(model) if isinstance(model, (str, Path)) else type(model).__name__
+    spec = _model_spec(model) if isinstance(model, (str, Path)) else None  # bad paths fail before data is read
+    documents = _quietly(load_documents, data, DataConfig(text_column=text_column, sample_by=sample_by,
+                                                          hub_split=split, hub_config=hub_config))
+    if not documents:
+        raise AdaptError(f"dataset {data} holds no text")
+    if spec is not None:
+        model, tokenizer = _load(spec, device)
+    elif tokenizer is None:
+        raise AdaptError("pass the tokenizer with a loaded model")
+    elif device is not None:
+        model.to(device)
+    kind = _kind(model)
+    limit = _max_positions(model)
+    if limit is not None and block_length > limit:
+        raise AdaptError(f"block_length {block_length} exceeds the model's {limit} positions")
+    blocks = pack(documents, tokenizer, block_length, "evaluation", max_blocks=num_blocks)
+
+    result = {"model": name, "kind": kind, "data": str(data), "block_length": block_length,
+              "blocks": blocks.shape[0], "seed": seed, "metrics": list(metrics)}
+    scorer, scorer_name = None, None
+    if "infill" in metrics or "steps_sweep" in metrics:
+        scorer, scorer_name = _ar_scorer(model, kind, ar_parent, device)
+    try:
+        if "elbo" in metrics:
+            result["elbo"] = (diffusion_elbo(model, blocks, mc_samples=mc_samples, batch_size=batch_size, seed=seed)
+                              if kind == DIFFUSION else causal_nll(model, blocks, batch_size=batch_size))
+        if "infill" in metrics:
+            result["infill"] = infill(model, blocks, span=infill_span, examples=infill_examples,
+                                      batch_size=batch_size, ar_scorer=scorer, ar_name=scorer_name)
+        if "steps_sweep" in metrics:
+            result["steps_sweep"] = steps_sweep(model, blocks, tokenizer, length=sweep_length, steps=sweep_steps,
+                                                examples=sweep_examples, batch_size=batch_size, seed=seed,
+                                                prompt_tokens=min(16, block_length // 2), ar_scorer=scorer,
+                                                ar_name=scorer_name)
+    except SamplingError as e:
+        raise AdaptError(str(e)) from e
+    if plot is not None:
+        result["plot"] = str(plot_steps_sweep(result["steps_sweep"], plot, title=f"{name} ({kind})"))
+    return result
+
+
+def _quietly(fn, *args):
+    """`datasets` progress bars off for the call: on stderr they bury the one-line error and the JSON."""
+    import datasets
+
+    enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        return fn(*args)
+    finally:
+        if enabled:
+            datasets.enable_progress_bars()
+
+
+def parse_metrics(metrics) -> tuple[str, ...]:
+    names = [m.strip() for m in (metrics.split(",") if isinstance(metrics, str) else metrics) if m.strip()]
+    unknown = [m for m in names if m not in METRICS]
+    if unknown or not names:
+        raise AdaptError(f"unknown metric {', '.join(unknown) or '(none given)'}; choose from {', '.join(METRICS)}")
+    return tuple(dict.fromkeys(names))
+
+
+def write_json(result: dict, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ models
+
+def _model_spec(model) -> tuple[str, str, str | None]:
+    """(kind, path, gguf_file) from the files alone, before any weights are read."""
+    from transformers import PreTrainedConfig
+
+    path = Path(model).expanduser()
+    text = str(model)
+    if path.is_file() and path.suffix == ".gguf":
+        return AUTOREGRESSIVE, str(path.parent), path.name
+    if path.is_dir():
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            raise AdaptError(f"{path} is neither a dlm-adapt checkpoint nor a causal LM: it has no config.json")
+        try:
+            model_type = json.loads(config_file.read_text()).get("model_type")
+        except (json.JSONDecodeError, AttributeError) as e:
+            raise AdaptError(f"{config_file} is not a valid JSON config ({e})") from e
+        return (DIFFUSION if model_type == MaskedDiffusionConfig.model_type else AUTOREGRESSIVE), str(path), None
+    if path.exists() or text.startswith(("/", ".", "~")) or path.suffix == ".gguf":
+        raise AdaptError(f"model {model} not found (expected a checkpoint directory, a .gguf file or a Hub id)")
+    try:  # a Hub id
+        config, _ = PreTrainedConfig.get_config_dict(text)
+    except Exception as e:
+        raise AdaptError(f"cannot load model {model}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+    return (DIFFUSION if config.get("model_type") == MaskedDiffusionConfig.model_type else AUTOREGRESSIVE), text, None
+
+
+def _load(spec, device):
+    kind, path, gguf = spec
+    if kind == DIFFUSION:
+        from .loading import load
+
+        return load(path, device=device)
+    return _load_causal(path, gguf, device)
+
+
+def _load_causal(path: str, gguf: str | None, device, local_files_only: bool = False):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {"gguf_file": gguf} if gguf else {}
+    if local_files_only:
+        kwargs["local_files_only"] = True
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=False, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False, **kwargs)
+    except Exception as e:  # transformers raises ValueError/OSError/KeyError/ImportError for unloadable models
+        where = f"{path}/{gguf}" if gguf else path
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise AdaptError(f"{where} is neither a dlm-adapt diffusion checkpoint nor a causal LM transformers can "
+                         f"load: {first}") from e
+    if device is not None:
+        model.to(device)
+    return model.eval(), tokenizer
+
+
+def _ar_scorer(model, kind: str, ar_parent, device):
+    """(causal LM that scores generated text, its name): `ar_parent` if given; for a diffusion model its
+    `provenance.source` when that loads from local files; for a causal model, itself."""
+    if ar_parent is not None and not isinstance(ar_parent, (str, Path)):
+        return ar_parent, type(ar_parent).__name__
+    if ar_parent is not None:
+        p = Path(ar_parent).expanduser()
+        gguf = p.name if p.is_file() and p.suffix == ".gguf" else None
+        if not p.exists():
+            raise AdaptError(f"--ar-parent {ar_parent} not found")
+        scorer, _ = _load_causal(str(p.parent) if gguf else str(p), gguf, device)
+        return scorer, str(ar_parent)
+    if kind == AUTOREGRESSIVE:
+        return model, "self"
+    provenance = getattr(model.config, "provenance", None) or {}
+    source = provenance.get("source")
+    if not source:
+        return None, None
+    p = Path(source).expanduser()
+    gguf = provenance.get("gguf_file")
+    if p.is_file() and p.suffix == ".gguf":
+        p, gguf = p.parent, p.name
+    try:  # a Hub id counts only when it is already in the local cache: evaluation never downloads a parent
+        scorer, _ = _load_causal(str(p) if p.exists() else source, gguf, device, local_files_only=not p.exists())
+    except AdaptError:
+        return None, None
+    return scorer, source
+
+
+def _kind(model) -> str:
+    config = getattr(model, "config", None)
+    return DIFFUSION if getattr(config, "model_type", None) == MaskedDiffusionConfig.model_type else AUTOREGRESSIVE
+
+
+def _max_positions(model) -> int | None:
+    config = model.config
+    text = getattr(config, "text_config", None) or config
+    return getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
+
+
+def _device(model) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+# ------------------------------------------------------------------------------------------------ decode
+
+def _sample(model, ids, *, max_new_tokens: int, steps: int):
+    """Our sampler at temperature 0, most confident first, one block, no early stop at EOS (the checks compare
+    fixed-length outputs)."""
+    return diffusion_sample(lambda x, mask: model(input_ids=x, attention_mask=mask).logits, ids.to(_device(model)),
+                            mask_token_id=model.config.mask_token_id, shift=bool(model.config.shift),
+                            max_new_tokens=max_new_tokens, steps=steps, remasking="low_confidence",
+                            max_positions=_max_positions(model))
+
+
+@torch.no_grad()
+def _greedy(model, prompt: torch.Tensor, n: int) -> torch.Tensor:
+    """n greedy tokens from a causal LM, EOS included as an ordinary token (spans of packed text contain EOS)."""
+    ids = prompt.to(_device(model))
+    for _ in range(n):
+        ids = torch.cat([ids, model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    return ids[:, prompt.shape[1]:].to(prompt.device)
+
+
+def _batched(decode, prompts: torch.Tensor, batch_size: int) -> torch.Tensor:
+    return torch.cat([decode(prompts[i:i + batch_size]).cpu() for i in range(0, prompts.shape[0], batch_size)])
+
+
+def _distinct(tokens: torch.Tensor) -> float:
+    return sum(len(set(row.tolist())) / len(row) for row in tokens) / len(tokens)
+
+
+def _exp(x: float) -> float:
+    return math.exp(x) if x < 700 else math.inf
