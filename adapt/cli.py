@@ -24,19 +24,13 @@ def _convert(args):
 
 
 def _train(args):
-    from .config import load_config
-    from .train import train
+    """`train` and `sft`: a recipe plus overrides, run by the same loop; `args.job` picks config class and entry."""
+    from .config import SFTConfig, TrainConfig, load_config
+    from .train import sft, train
 
-    final = train(load_config(args.recipe, args.overrides))
-    print(f"trained -> {final}" if final else "stopped (stop_after); continue with resume=true")
-
-
-def _sft(args):
-    from .config import SFTConfig, load_config
-    from .train import sft
-
-    final = sft(load_config(args.recipe, args.overrides, cls=SFTConfig))
-    print(f"fine-tuned -> {final}" if final else "stopped (stop_after); continue with resume=true")
+    cls, run, done = {"train": (TrainConfig, train, "trained"), "sft": (SFTConfig, sft, "fine-tuned")}[args.job]
+    final = run(load_config(args.recipe, args.overrides, cls=cls))
+    print(f"{done} -> {final}" if final else "stopped (stop_after); continue with resume=true")
 
 
 def _generate(args):
@@ -148,23 +142,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     p.set_defaults(func=_convert)
 
-    p = sub.add_parser("train", help="adapt a model with the masked-diffusion objective",
-                       description="Continued training with the masked-diffusion objective while annealing the "
-                                   "attention mask; runs under `accelerate launch` too. Writes OUTPUT/metrics.jsonl, "
-                                   "OUTPUT/checkpoints/step-N and OUTPUT/final.")
-    p.add_argument("recipe", help="YAML recipe (see recipes/adaptation/)")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="dotted overrides, e.g. output_dir=runs/x max_steps=10 train.lr=3e-4")
-    p.set_defaults(func=_train)
-
-    p = sub.add_parser("sft", help="supervised fine-tuning on chat data (prompt never noised)",
-                       description="SFT of a diffusion checkpoint (or a causal source, converted first) on "
-                                   "conversations: only assistant tokens are noised and trained, answers are padded "
-                                   "with EOS to a fixed canvas, one sample per row. Same outputs as `train`.")
-    p.add_argument("recipe", help="YAML recipe (see recipes/sft/)")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="dotted overrides, e.g. output_dir=runs/x max_steps=10 data.eos_padding=none")
-    p.set_defaults(func=_sft)
+    recipe_jobs = {
+        "train": ("adapt a model with the masked-diffusion objective",
+                  "Continued training with the masked-diffusion objective while annealing the attention mask; runs "
+                  "under `accelerate launch` too. Writes OUTPUT/metrics.jsonl, OUTPUT/checkpoints/step-N and "
+                  "OUTPUT/final.", "recipes/adaptation/", "train.lr=3e-4"),
+        "sft": ("supervised fine-tuning on chat data (prompt never noised)",
+                "SFT of a diffusion checkpoint (or a causal source, converted first) on conversations: only assistant "
+                "tokens are noised and trained, answers are padded with EOS to a fixed canvas, one sample per row. "
+                "Same outputs as `train`.", "recipes/sft/", "data.eos_padding=none"),
+    }
+    for job, (summary, description, recipes, example) in recipe_jobs.items():
+        p = sub.add_parser(job, help=summary, description=description)
+        p.add_argument("recipe", help=f"YAML recipe (see {recipes})")
+        p.add_argument("overrides", nargs="*", metavar="key=value",
+                       help=f"dotted overrides, e.g. output_dir=runs/x max_steps=10 {example}")
+        p.set_defaults(func=_train, job=job)
 
     p = sub.add_parser("generate", help="decode text from a diffusion checkpoint",
                        description="Iterative-unmasking decoding from a dlm-adapt checkpoint.")

@@ -23,7 +23,7 @@ from .architectures import check_architecture
 from .errors import AdaptError
 from .hub import Source, resolve_source
 from .model import AUTO_MAP, MODEL_FILES, MaskedDiffusionConfig
-from .safetensors_io import StoredTensor, dtype_code, read_index, torch_dtype, write_safetensors
+from .safetensors_io import StoredTensor, dtype_code, read_shards, torch_dtype, write_safetensors
 
 DEFAULT_MASK_TOKEN = "<|mask|>"
 PREFIX = "decoder."  # where MaskedDiffusionLM keeps the causal LM
@@ -188,16 +188,7 @@ class _StreamedWeights:
 
     def __init__(self, directory: Path, config):
         self.config = config
-        index = directory / "model.safetensors.index.json"
-        try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() \
-                else ["model.safetensors"]
-        except (ValueError, KeyError, AttributeError) as e:
-            raise AdaptError(f"corrupt shard index {index}: {_first_line(e)}") from e
-        for shard in shards:
-            if not (directory / shard).is_file():
-                raise AdaptError(f"shard {shard} listed in {index} is missing")
-        self.shards = {s: read_index(directory / s) for s in shards}
+        self.shards = read_shards(directory)
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(config)
         expected = set(skeleton.state_dict())

@@ -52,8 +52,7 @@ def diffusion_elbo(model, blocks: torch.Tensor, *, mc_samples: int = 16, batch_s
     if mask_id is None:
         raise AdaptError("the model has no mask_token_id: not a diffusion model")
     if blocks.dim() == 3:
-        ids, scorable, attention = blocks[:, 0], blocks[:, 1].bool(), blocks[:, 2]
-        scorable = scorable.clone()
+        ids, scorable, attention = blocks[:, 0], blocks[:, 1].bool(), blocks[:, 2]  # .bool() copies
         scorable[:, 0] = False  # nothing predicts position 0 under shift; it is prompt anyway
     else:
         ids, attention = blocks, None

@@ -9,6 +9,7 @@ already reached the Hub are recognised and skipped.
 """
 
 import json
+import math
 import os
 import re
 import sys
@@ -187,7 +188,6 @@ def _check_checkpoint(directory: Path) -> _Checkpoint:
 
     from .model import MaskedDiffusionConfig, MaskedDiffusionLM
     from .model.modeling_masked_diffusion import CODE_FILES
-    from .safetensors_io import read_index
 
     try:
         raw = json.loads((directory / "config.json").read_text())
@@ -219,7 +219,7 @@ def _check_checkpoint(directory: Path) -> _Checkpoint:
     if not isinstance(config.mask_token_id, int):
         raise AdaptError(f"{directory}/config.json has no mask_token_id")
 
-    stored = _stored_tensors(directory, read_index)
+    stored = _stored_tensors(directory)
     if not all(name.startswith("decoder.") for name in stored):
         odd = sorted(n for n in stored if not n.startswith("decoder."))[0]
         raise AdaptError(f"{directory} holds weight {odd} outside the diffusion model's decoder: not a dlm-adapt "
@@ -255,28 +255,18 @@ def _check_checkpoint(directory: Path) -> _Checkpoint:
     except (OSError, ValueError) as e:
         raise AdaptError(f"cannot read {directory}/generation_config.json: {_first_line(e)}") from e
     dtype = raw.get("dtype") or raw.get("torch_dtype") or (raw.get("text_config") or {}).get("dtype")
-    return _Checkpoint(directory, raw, tokenizer.mask_token, sum(_numel(t.shape) for t in stored.values()),
+    return _Checkpoint(directory, raw, tokenizer.mask_token, sum(math.prod(t.shape) for t in stored.values()),
                        str(dtype) if dtype else None, generation,
                        sorted(p.name for p in directory.glob("LICENSE*") if p.is_file()))
 
 
-def _stored_tensors(directory: Path, read_index) -> dict:
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (OSError, ValueError, KeyError, AttributeError, TypeError) as e:
-            raise AdaptError(f"corrupt shard index {index}: {_first_line(e)}") from e
-    elif (directory / "model.safetensors").is_file():
-        shards = ["model.safetensors"]
-    else:
+def _stored_tensors(directory: Path) -> dict:
+    from .safetensors_io import read_shards
+
+    if not any((directory / f).is_file() for f in ("model.safetensors.index.json", "model.safetensors")):
         raise AdaptError(f"{directory} has no model.safetensors (nor model.safetensors.index.json): dlm-adapt "
                          "checkpoints store their weights as safetensors")
-    stored = {}
-    for shard in shards:
-        if not (directory / shard).is_file():
-            raise AdaptError(f"shard {shard} listed in {index} is missing")
-        stored.update(read_index(directory / shard))
+    stored = {name: t for tensors in read_shards(directory).values() for name, t in tensors.items()}
     if not stored:
         raise AdaptError(f"{directory} holds no weights")
     return stored
@@ -294,7 +284,7 @@ def _check_adapter(directory: Path) -> tuple[dict, int, _Checkpoint | None]:
     weights = directory / "adapter_model.safetensors"
     if not weights.is_file():
         raise AdaptError(f"{directory} has adapter_config.json but no adapter_model.safetensors")
-    parameters = sum(_numel(t.shape) for t in read_index(weights).values())
+    parameters = sum(math.prod(t.shape) for t in read_index(weights).values())
     base = adapter.get("base_model_name_or_path")
     local = Path(base).expanduser() if base else None
     if local is not None and local.is_dir():
@@ -733,13 +723,6 @@ def _hub_id(value: str) -> bool:
     except HFValidationError:
         return False
     return not Path(value).exists()
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 # ---------------------------------------------------------------- upload

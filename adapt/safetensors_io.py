@@ -72,6 +72,22 @@ def read_index(path: Path) -> dict[str, StoredTensor]:
 Entry = StoredTensor | Callable[[], list[torch.Tensor]]
 
 
+def read_shards(directory: Path) -> dict[str, dict[str, StoredTensor]]:
+    """{shard file: its tensors} of the safetensors weights in `directory`: the shards model.safetensors.index.json
+    lists, or the single model.safetensors."""
+    index = directory / "model.safetensors.index.json"
+    try:
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() \
+            else ["model.safetensors"]
+    except (OSError, ValueError, KeyError, AttributeError, TypeError) as e:
+        raise AdaptError(f"corrupt shard index {index}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+    for shard in shards:
+        if not (directory / shard).is_file():
+            raise AdaptError(f"shard {shard} listed in {index} is missing" if index.is_file()
+                             else f"{directory} has no model.safetensors")
+    return {shard: read_index(directory / shard) for shard in shards}
+
+
 def _write_tensor(out, t: torch.Tensor) -> int:
     data = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
     out.write(data)  # buffer protocol: no bytes copy

@@ -128,10 +128,10 @@ def encode(rows, fmt: str, tokenizer, template: str, cfg: SFTDataConfig, what: s
             continue
         fill = length - len(ids)
         if cfg.eos_padding == "none":
-            rows_ = (ids + [pad] * fill, trained + [False] * fill, [1] * len(ids) + [0] * fill)
+            sample = (ids + [pad] * fill, trained + [False] * fill, [1] * len(ids) + [0] * fill)
         else:
-            rows_ = (ids + [eos] * fill, trained + [cfg.eos_padding == "trained"] * fill, [1] * length)
-        samples.append(rows_)
+            sample = (ids + [eos] * fill, trained + [cfg.eos_padding == "trained"] * fill, [1] * length)
+        samples.append(sample)
     if too_long:
         message = (f"{too_long} {what} samples are longer than data.max_length={length} tokens (the longest has "
                    f"{longest})")
