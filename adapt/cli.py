@@ -51,7 +51,7 @@ def _generate(args):
                        max_new_tokens=args.max_new_tokens, steps=args.steps, block_length=args.block_length,
                        remasking=args.remasking, threshold=args.threshold, temperature=args.temperature,
                        top_k=args.top_k, top_p=args.top_p, seed=args.seed, show_steps=args.show_steps,
-                       min_new_tokens=args.min_new_tokens, prefix_cache=args.prefix_cache)
+                       min_new_tokens=args.min_new_tokens, kv_cache=args.kv_cache)
     for r in results:
         print(json.dumps(r) if args.json else r["text"])
 
@@ -176,8 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float)
     p.add_argument("--min-new-tokens", type=int, default=0, help="forbid EOS before this many new tokens")
     p.add_argument("--seed", type=int)
-    p.add_argument("--prefix-cache", action="store_true",
-                   help="reuse keys/values before the current block, refreshed once per block (Fast-dLLM; approximate)")
+    p.add_argument("--kv-cache", choices=["prefix", "dual"],
+                   help="Fast-dLLM's approximate KV cache, refreshed once per block: later passes rerun the block and "
+                        "what follows it (prefix) or only the block (dual)")
     p.add_argument("--show-steps", action="store_true", help="print the canvas after every step (stderr)")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt: text, tokens, nfe, ...")
     p.set_defaults(func=_generate)

@@ -38,7 +38,8 @@ _REMOTE = textwrap.dedent("""
 
 def _load_remotely(tmp_path, paths):
     result_file = tmp_path / "remote.json"
-    env = {"HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "PATH": "/usr/bin:/bin"}
+    env = {"HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "PATH": "/usr/bin:/bin",
+           "OMP_NUM_THREADS": str(torch.get_num_threads())}  # same float reduction order as this process
     proc = subprocess.run([sys.executable, "-I", "-c", _REMOTE, str(result_file), *map(str, paths)],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -255,21 +255,57 @@ def test_prefix_cache_is_exact_when_the_prefix_cannot_see_the_future(tmp_path, s
     kw = dict(attention_mask=mask, max_new_tokens=12, steps=12, block_length=4, stop_at_eos=False,
               return_dict_in_generate=True)
     plain = model.diffusion_generate(ids, **kw)
-    cached = model.diffusion_generate(ids, prefix_cache=True, **kw)
+    cached = model.diffusion_generate(ids, kv_cache="prefix", **kw)
     assert torch.equal(cached.sequences, plain.sequences) and cached.nfe == plain.nfe == 12
+    with pytest.raises(SamplingError, match="bidirectional"):
+        model.diffusion_generate(ids, kv_cache="dual", **kw)
 
 
-def test_prefix_cache_bidirectional_decodes_and_refuses_sliding_windows(tiny, tmp_path):
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("shift", [True, False], ids=["shift", "no-shift"])
+@pytest.mark.parametrize("kv_cache", ["prefix", "dual"])
+def test_kv_cache_pass_matches_the_full_pass_and_reuses_what_it_should(tmp_path, arch, shift, kv_cache):
+    """A cached pass over an unchanged canvas gives the full pass's logits (positions, left padding, the reordered
+    keys and their mask, shift, cropping: all must be right). After the refresh, a token changed inside the block
+    changes the cached logits; one changed after the block changes them with "prefix" (rerun) but not with "dual"
+    (its keys/values are reused)."""
+    from adapt.model.modeling_masked_diffusion import _Denoiser
+
+    save_tiny_source(tmp_path / "src", arch)
+    adapt.convert(tmp_path / "src", tmp_path / "dlm", shift=shift)
+    model, _ = adapt.load(tmp_path / "dlm")
+    m = model.config.mask_token_id
+    canvas = torch.tensor([[3, 3, 1, 7, 8, 9, m, m, m, m, m, m], [1, 20, 21, 22, 23, 24, m, m, m, m, m, m]])
+    mask = torch.ones_like(canvas)
+    mask[0, :2] = 0
+    lo, hi = 6, 9
+    full = _Denoiser(model)(canvas, mask, lo, hi, True)
+    cache = _Denoiser(model, kv_cache)
+    with torch.no_grad():
+        torch.testing.assert_close(cache(canvas, mask, lo, hi, True), full)
+        for _ in range(2):  # the second pass checks that the first one cropped its entries away
+            torch.testing.assert_close(cache(canvas, mask, lo, hi, False), full, atol=1e-5, rtol=1e-5)
+        inside, after = canvas.clone(), canvas.clone()
+        inside[:, 7], after[:, 10] = 30, 30
+        assert not torch.allclose(cache(inside, mask, lo, hi, False), full, atol=1e-4)
+        assert torch.allclose(cache(after, mask, lo, hi, False), full, atol=1e-5) == (kv_cache == "dual")
+
+
+def test_kv_cache_bidirectional_decodes_infills_and_refuses_sliding_windows(tiny, tmp_path):
     model, _ = tiny
+    m = model.config.mask_token_id
     ids = torch.tensor([[1, 7, 8, 9]])
-    out = model.diffusion_generate(ids, max_new_tokens=12, steps=6, block_length=4, prefix_cache=True,
-                                   stop_at_eos=False)
-    assert torch.equal(out[:, :4], ids) and not (out == model.config.mask_token_id).any()
-    with pytest.raises(SamplingError, match="infilling"):
-        m = model.config.mask_token_id
-        model.diffusion_generate(torch.tensor([[1, m, 9]]), max_new_tokens=4, prefix_cache=True)
+    for kv_cache in ("prefix", "dual"):
+        out = model.diffusion_generate(ids, max_new_tokens=12, steps=6, block_length=4, kv_cache=kv_cache,
+                                       stop_at_eos=False)
+        assert torch.equal(out[:, :4], ids) and not (out == m).any()
+        holes = torch.tensor([[1, m, m, 9, 10]])
+        filled = model.diffusion_generate(holes, max_new_tokens=4, steps=4, kv_cache=kv_cache, stop_at_eos=False)
+        assert torch.equal(filled[:, [0, 3, 4]], holes[:, [0, 3, 4]]) and not (filled == m).any()
+    with pytest.raises(SamplingError, match="kv_cache must be"):
+        model.diffusion_generate(ids, max_new_tokens=4, kv_cache="both")
     save_tiny_source(tmp_path / "src", "mistral")  # every layer is sliding-window
     adapt.convert(tmp_path / "src", tmp_path / "dlm")
     sliding, _ = adapt.load(tmp_path / "dlm")
     with pytest.raises(SamplingError, match="sliding-window"):
-        sliding.diffusion_generate(ids, max_new_tokens=4, prefix_cache=True)
+        sliding.diffusion_generate(ids, max_new_tokens=4, kv_cache="prefix")

@@ -71,7 +71,9 @@ def test_real_model_loads_with_transformers_alone(stories, tmp_path):
         assert out.shape == (1, 17) and not (out == m.config.mask_token_id).any()
         torch.save(m(ids).logits, sys.argv[2])
     """)
-    env = {"HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "mods"), "PATH": "/usr/bin:/bin"}
+    # the same thread count as this process: it sets the float reduction order the 1e-6 comparison relies on
+    env = {"HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "mods"), "PATH": "/usr/bin:/bin",
+           "OMP_NUM_THREADS": str(torch.get_num_threads())}
     proc = subprocess.run([sys.executable, "-I", "-c", script, str(out), str(tmp_path / "l.pt")],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -187,21 +187,25 @@ class MaskedDiffusionLM(PreTrainedModel):
         generator: torch.Generator | None = None,
         return_dict_in_generate: bool = False,
         return_history: bool = False,
-        prefix_cache: bool = False,
+        kv_cache: str | None = None,
     ):
         """Decode `max_new_tokens` tokens after each prompt by iterative unmasking (see `diffusion_sample`).
 
         Left-pad batched prompts and pass `attention_mask`; mask tokens inside a prompt are holes to infill.
         When `max_new_tokens` is not given, it, `steps` and `block_length` come from `generation_config.json`;
         otherwise `steps` defaults to `max_new_tokens` and `block_length` to `max_new_tokens` (one block).
-        `prefix_cache=True` (Fast-dLLM's approximation): the keys/values of everything before the current block
-        are computed once per block and reused, so later passes run only the block and what follows it. With
-        bidirectional attention those cached entries go stale as the block fills in; off by default.
+        `kv_cache` (Fast-dLLM's approximation, off by default): keys/values are computed once per block and reused
+        by the block's later passes, which then run only the block and what follows it (`"prefix"`) or only the
+        block (`"dual"`). With bidirectional attention the reused entries go stale as the block fills in.
         Returns a LongTensor (batch, prompt_len + max_new_tokens), or a `SamplingOutput` (`.sequences`, `.nfe`,
         `.committed_per_step`, `.history`) with `return_dict_in_generate=True`.
         """
-        if prefix_cache and not self.supports_prefix_cache():
-            raise SamplingError("prefix_cache needs a decoder without sliding-window layers")
+        if kv_cache not in (None, "prefix", "dual"):
+            raise SamplingError(f"kv_cache must be None, 'prefix' or 'dual', got {kv_cache!r}")
+        if kv_cache and not self.supports_kv_cache():
+            raise SamplingError("kv_cache needs a decoder without sliding-window layers")
+        if kv_cache == "dual" and not self.config.bidirectional:
+            raise SamplingError("kv_cache='dual' needs bidirectional attention (the stored keys are reordered)")
         gen = self.generation_config
         from_config = max_new_tokens is None
         n = int(getattr(gen, "max_new_tokens", None) or 128) if from_config else int(max_new_tokens)
@@ -209,7 +213,7 @@ class MaskedDiffusionLM(PreTrainedModel):
         if block_length is None:
             block_length = int(getattr(gen, "block_length", None) or n) if from_config else n
         out = diffusion_sample(
-            lambda ids, mask: self(input_ids=ids, attention_mask=mask).logits,
+            None,
             input_ids,
             attention_mask=attention_mask,
             mask_token_id=self.config.mask_token_id,
@@ -229,11 +233,11 @@ class MaskedDiffusionLM(PreTrainedModel):
             max_positions=getattr(self.config.text_config, "max_position_embeddings", None),
             generator=generator,
             return_history=return_history,
-            prefix_cache_fn=_PrefixCache(self) if prefix_cache else None,
+            window_fn=_Denoiser(self, kv_cache),
         )
         return out if return_dict_in_generate else out.sequences
 
-    def supports_prefix_cache(self) -> bool:
+    def supports_kv_cache(self) -> bool:
         text = self.config.text_config
         layer_types = getattr(text, "layer_types", None)
         if layer_types:
@@ -241,30 +245,40 @@ class MaskedDiffusionLM(PreTrainedModel):
         return getattr(text, "sliding_window", None) is None or getattr(text, "use_sliding_window", True) is False
 
 
-class _PrefixCache:
-    """Keys/values of the canvas before the current block, refreshed at each block start."""
+class _Denoiser:
+    """The sampler's `window_fn`: predictions for the tokens at canvas positions [lo, hi), with the vocabulary
+    projection computed only there. With `kv_cache` (Fast-dLLM's approximation) a full pass at each block start
+    computes keys/values once; later passes of the block rerun only the span and what follows it ("prefix"), or
+    only the span ("dual"), attending to the stored keys/values of the rest. Under bidirectional attention those
+    go stale as the span fills in."""
 
-    def __init__(self, model):
-        self.model, self.cache, self.start = model, None, 0
+    def __init__(self, model, kv_cache=None):
+        self.model, self.kv_cache, self.shift = model, kv_cache, int(model.config.shift)
 
-    def __call__(self, canvas, attention_mask, refresh_at):
-        if refresh_at is not None:  # a full pass; keep the prefix part of its cache
-            out = self.model(input_ids=canvas, attention_mask=attention_mask, use_cache=True)
-            self.cache, self.start = out.past_key_values, refresh_at
-            self._crop()
-            return out.logits
+    def __call__(self, canvas, attention_mask, lo, hi, refresh):
+        first, last = lo - self.shift, hi - self.shift  # logits at [first, last) predict tokens [lo, hi)
+        keep = torch.arange(first, last, device=canvas.device)
+        if self.kv_cache is None:
+            return self.model(input_ids=canvas, attention_mask=attention_mask, logits_to_keep=keep).logits
+        length = canvas.shape[1]
         mask = attention_mask if attention_mask is not None else torch.ones_like(canvas)
-        out = self.model(input_ids=canvas[:, self.start:], attention_mask=mask, past_key_values=self.cache,
-                         use_cache=True)
-        self._crop()  # drop this pass's entries: the prefix is all that is reused
-        logits = out.logits.new_zeros(*canvas.shape, out.logits.shape[-1])
-        logits[:, self.start:] = out.logits
-        return logits
-
-    def _crop(self):
-        extra = self.cache.get_seq_length() - self.start
-        if extra > 0:
-            self.cache.crop(-extra)  # transformers 5: a negative count of tokens to remove
+        if refresh:
+            out = self.model(input_ids=canvas, attention_mask=mask, use_cache=True, logits_to_keep=keep)
+            # the rerun window starts where the first needed logit is and ends after the last token that can change
+            self.window = (first, hi if self.kv_cache == "dual" else length)
+            stored = torch.cat([torch.arange(first), torch.arange(self.window[1], length)]).to(canvas.device)
+            self.cache = out.past_key_values
+            for layer in self.cache.layers:  # bidirectional attention ignores key order, so the window goes last
+                layer.keys, layer.values = layer.keys[:, :, stored], layer.values[:, :, stored]
+            self.stored_mask = mask[:, stored]
+            return out.logits
+        a, b = self.window
+        positions = (mask.long().cumsum(-1) - 1).clamp_min(0)[:, a:b]
+        out = self.model(input_ids=canvas[:, a:b], attention_mask=torch.cat([self.stored_mask, mask[:, a:b]], 1),
+                         position_ids=positions, past_key_values=self.cache, use_cache=True,
+                         logits_to_keep=keep - a)
+        self.cache.crop(-(b - a))  # transformers 5: a negative count of tokens to remove
+        return out.logits
 
 
 def _first(token_id):

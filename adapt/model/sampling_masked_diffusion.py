@@ -77,7 +77,7 @@ def diffusion_sample(
     max_positions: int | None = None,
     generator: torch.Generator | None = None,
     return_history: bool = False,
-    prefix_cache_fn: Callable | None = None,
+    window_fn: Callable | None = None,
 ) -> SamplingOutput:
     """Masked-diffusion decoding.
 
@@ -92,8 +92,11 @@ def diffusion_sample(
     `order_temperature` > 0 samples the order instead of sorting. Holes in the prompt are eligible from the
     first block on. A row whose EOS is committed with nothing masked before it is finished: the rest becomes EOS.
 
-    `prefix_cache_fn(canvas, attention_mask, refresh_at)` replaces `model_fn` when given: called with
-    `refresh_at` (where the reusable prefix ends) on the first pass of each block, and with None after that.
+    `model_fn(canvas, attention_mask)` returns logits for every canvas position. `window_fn(canvas,
+    attention_mask, lo, hi, refresh)` replaces it when given and returns only the predictions for the tokens at
+    positions [lo, hi) (shift already applied), the span that can change in the current block: from the block
+    start (or the first hole in the prompt) to the block end. `refresh` is True on the first pass of each block
+    and the span is fixed until the next one, which is what a once-per-block KV cache needs.
     """
     batch, prompt_len = input_ids.shape
     n = max_new_tokens
@@ -135,8 +138,6 @@ def diffusion_sample(
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     out = SamplingOutput(sequences=canvas, nfe=0, history=[] if return_history else None)
     steps_per_block = steps // blocks
-    if prefix_cache_fn is not None and (canvas[:, :prompt_len] == mask_token_id).any():
-        raise SamplingError("prefix_cache cannot be combined with infilling holes in the prompt")
 
     for b in range(blocks):
         block_end = prompt_len + (b + 1) * block_length if n else prompt_len
@@ -144,22 +145,22 @@ def diffusion_sample(
         masked = (canvas == mask_token_id) & eligible_region
         counts = masked.sum(1)
         plan = torch.stack([torch.tensor(commit_schedule(int(c), steps_per_block, schedule)) for c in counts]).to(device)
-        block_start = prompt_len + b * block_length
+        # everything after this block's span is fixed for the block: compute and sort only inside it
+        lo = min([prompt_len + b * block_length] + masked.any(0).nonzero()[:1, 0].tolist())
+        span = slice(lo, block_end)
         for s in range(steps_per_block if threshold is None else int(counts.max())):
-            masked = (canvas == mask_token_id) & eligible_region & ~done[:, None]
+            masked = (canvas[:, span] == mask_token_id) & eligible_region[:, span] & ~done[:, None]
             if not masked.any():
                 break
-            if prefix_cache_fn is None:
-                logits = model_fn(canvas, attention_mask)
-            else:  # with shift the block's first token is predicted from the position before it
-                logits = prefix_cache_fn(canvas, attention_mask, block_start - int(shift) if s == 0 else None)
+            if window_fn is not None:
+                logits = window_fn(canvas, attention_mask, lo, block_end, s == 0)
+            else:  # with shift the logit at i-1 predicts the token at i
+                logits = model_fn(canvas, attention_mask)[:, lo - int(shift):block_end - int(shift)]
             out.nfe += 1
-            if shift:  # the logit at i-1 predicts the token at i
-                logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
             logits = logits.double()
             logits[..., mask_token_id] = -math.inf
             if eos_token_id is not None and min_new_tokens > 0:
-                early = (position >= prompt_len) & (position < prompt_len + min_new_tokens)
+                early = (position[span] >= prompt_len) & (position[span] < prompt_len + min_new_tokens)
                 logits[:, early, eos_token_id] = -math.inf
             probs = logits.softmax(-1)  # confidences come from the model's distribution, not the filtered one
             if temperature > 0:
@@ -187,7 +188,7 @@ def diffusion_sample(
                 commit = masked & (ranks < plan[:, s, None])
             else:
                 commit = masked & ((ranks == 0) | (p_token >= threshold))
-            canvas = torch.where(commit, tokens, canvas)
+            canvas[:, span] = torch.where(commit, tokens, canvas[:, span])
             out.committed_per_step.append(int(commit.sum()))
             if return_history:
                 out.history.append(canvas.clone())
