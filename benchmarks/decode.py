@@ -1,4 +1,4 @@
-"""Decoding strategies on an adapted stories260K vs its AR parent's KV-cached `generate`.
+"""Decoding strategies on an adapted model (default: stories260K) vs its AR parent's KV-cached `generate`.
 
 For each strategy: tokens committed per forward pass; wall time per generated token ÷ the AR parent's (greedy, KV
 cache, same prompts, same number of new tokens), measured side by side in this process both with every prompt
@@ -9,7 +9,9 @@ tokens and the quality columns are the same for both batch sizes. Writes a Markd
 targets checked into benchmarks/RESULTS.md (or --out).
 
     python benchmarks/decode.py [--model runs/stories/final] [--new 64] [--prompts 16]
-If --model is missing, the stories260K recipe is run first (about half a minute on CPU); needs ../shared.
+    python benchmarks/decode.py --model runs/bench-smollm2/run/final --prompts 4 --new 32 --quick   # SmolLM2
+If the default --model is missing, the stories260K recipe is run first (about half a minute on CPU). The AR
+parent is the model's `provenance.source` (or --ar-parent); prompts come from ../shared/data/tinystories.
 """
 
 import argparse
@@ -84,27 +86,80 @@ SETTINGS = [  # (name, diffusion_generate arguments for N new tokens); the first
                                                               kv_cache="dual")),
     ("threshold 0.5, blocks of 8, dual cache", lambda n: dict(steps=n, block_length=8, threshold=0.5,
                                                               kv_cache="dual")),
+    ("threshold 0.5, blocks of 32, dual cache", lambda n: dict(steps=n, block_length=min(n, 32), threshold=0.5,
+                                                               kv_cache="dual")),
 ]
+QUICK = ("low_confidence, blocks of 8, 1 token/step", "low_confidence, blocks of 8, 4 tokens/step",
+         "blocks of 8, 4 tokens/step, dual cache", "threshold 0.9, blocks of 8, dual cache",
+         "threshold 0.5, blocks of 8, dual cache")
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", type=Path, default=ROOT / "runs/stories/final")
+    ap.add_argument("--chat", type=Path, help="SFT data file (messages, prompt/completion or instruction records): "
+                                               "decode answers to its prompts, one at a time, and check them")
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--prompt-tokens", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--ar-parent", help="causal LM that is timed and scores the output (default: provenance.source)")
+    ap.add_argument("--quick", action="store_true", help=f"only {len(QUICK)} settings (for models slow on CPU)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/RESULTS.md")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    from transformers import AutoModelForCausalLM
-
     import adapt
+    from adapt.evaluate import DIFFUSION, _ar_scorer
 
-    model_path = adapted_model(args.model)
+    model_path = adapted_model(args.model) if args.model == ap.get_default("model") else args.model
     dlm, tok = adapt.load(model_path)
-    ar = AutoModelForCausalLM.from_pretrained(SHARED / "models/stories260K").eval()
+    ar, ar_name = _ar_scorer(dlm, DIFFUSION, args.ar_parent, None)
+    if ar is None:
+        raise SystemExit(f"{model_path} names no local AR parent in provenance.source: pass --ar-parent")
+    settings = [(name, s(args.new)) for name, s in SETTINGS if not args.quick or name in QUICK]
+    run = chat if args.chat else continuation
+    workload, header, results = run(args, dlm, tok, ar, settings)
+
+    reference = results[1]
+    parallel = [r for r in results[1:] if r[1] >= 4 and r[-2] <= 1.05 * reference[-2]]  # r[-2]: the NLL
+    fast = [r for r in parallel if r[2] <= 0.5]
+    title = f"# Decoding benchmark, {Path(ar_name).name} adapted, {workload} (benchmarks/decode.py)"
+    lines = [
+        title,
+        "",
+        f"{datetime.date.today()}, {platform.machine()} CPU, torch {torch.__version__}, {torch.get_num_threads()} "
+        f"threads. Model: `{model_path}`, AR parent `{Path(ar_name).name}`. " + header +
+        f" Temperature 0, times are medians of {args.repeats} runs; time ratios < 1 mean faster than the AR parent.",
+        "",
+        "| strategy | " + " | ".join(COLUMNS[workload]) + " |",
+        "|---|" + "---:|" * len(COLUMNS[workload]),
+    ]
+    lines += ["| " + " | ".join([name, f"{tpf:.2f}"] + ["" if r is None else f"{r:.2f}" for r in ratios]
+                                + [f"{nll:.3f}", f"{extra:.0%}"]) + " |"
+              for name, tpf, *ratios, nll, extra in results]
+    lines += [
+        "",
+        f"Targets (issue 4); quality reference: {reference[0]}, NLL {reference[-2]:.3f}.",
+        f"- ≥ 4 tokens per forward within 5% of its quality (NLL ≤ {1.05 * reference[-2]:.3f}): "
+        + ("; ".join(f"met by {r[0]} ({r[1]:.2f} tokens/forward, NLL {r[-2]:.3f}, {r[2]:.2f}× AR time)"
+                     for r in parallel) if parallel else "not met") + ".",
+        f"- the same with time per token ≤ 0.5× the AR parent's (batch 1): {'met' if fast else 'not met'}.",
+    ]
+    write_section(args.out, title, "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+COLUMNS = {
+    "continuation": ["tokens / forward", "time per token ÷ AR, batch 1", "time per token ÷ AR, batched",
+                     "AR-parent NLL of output (nats/token)", "distinct tokens"],
+    "chat": ["answer tokens / forward", "time per answer token ÷ AR, batch 1", "AR-parent NLL of answers (nats/token)",
+             "exact answers"],
+}
+
+
+def continuation(args, dlm, tok, ar, settings):
+    """Stories: the first tokens of validation stories, continued by a fixed number of tokens (no EOS stop)."""
     texts = [t for t in (SHARED / "data/tinystories/valid.txt").read_text().split("\n\n") if t.strip()]
     rows = [tok(t).input_ids[: args.prompt_tokens] for t in texts]
     prompts = torch.tensor([r for r in rows if len(r) == args.prompt_tokens][: args.prompts])
@@ -116,48 +171,77 @@ def main():
     ar_gen = ar_decode(prompts)[:, prompts.shape[1]:]
     ar_time = {alone: seconds_per_token(ar_decode, prompts, n, args.repeats, alone) for alone in (True, False)}
     results = [("AR parent, KV-cached greedy", 1.0, 1.0, 1.0, ar_nll(ar, prompts, ar_gen), distinct(ar_gen))]
-    for name, setting in SETTINGS:
-        kw = setting(n)
-
+    for name, kw in settings:
         def decode(p, kw=kw):
             return dlm.diffusion_generate(p, max_new_tokens=n, stop_at_eos=False, return_dict_in_generate=True, **kw)
 
-        out = decode(prompts)
-        gen = out.sequences[:, prompts.shape[1]:]
+        # each prompt alone: a batch needs as many passes as its slowest row, which would hide per-row parallelism
+        outs = [decode(p[None]) for p in prompts]
+        gen = torch.cat([o.sequences[:, prompts.shape[1]:] for o in outs])
         ratio = {alone: seconds_per_token(decode, prompts, n, args.repeats, alone) / ar_time[alone]
                  for alone in (True, False)}
-        results.append((name, out.tokens_per_forward, ratio[True], ratio[False], ar_nll(ar, prompts, gen),
-                        distinct(gen)))
+        results.append((name, gen.numel() / sum(o.nfe for o in outs), ratio[True], ratio[False],
+                        ar_nll(ar, prompts, gen), distinct(gen)))
+    header = (f"{len(prompts)} validation stories cut to {args.prompt_tokens} tokens, {n} new tokens each; tokens per "
+              f"forward of each prompt decoded alone. AR parent: "
+              f"{ar_time[True] * 1e3:.3f} ms per token alone, {ar_time[False] * 1e3:.3f} ms per token in a batch of "
+              f"{len(prompts)} (the batched column).")
+    return "continuation", header, results
 
-    reference = results[1][4]
-    parallel = [r for r in results[1:] if r[1] >= 4 and r[4] <= 1.05 * reference]
-    fastest = min(results[1:], key=lambda r: r[2])
-    lines = [
-        "# Decoding benchmark (benchmarks/decode.py)",
-        "",
-        f"{datetime.date.today()}, {platform.machine()} CPU, torch {torch.__version__}, {torch.get_num_threads()} "
-        f"threads. Model: `{model_path}`. {len(prompts)} validation prompts of {args.prompt_tokens} tokens, {n} new "
-        f"tokens each, temperature 0, median of {args.repeats} runs. AR parent: "
-        f"{ar_time[True] * 1e3:.3f} ms per token alone, {ar_time[False] * 1e3:.3f} ms per token in a batch of "
-        f"{len(prompts)}. Time ratios < 1 mean faster than the AR parent.",
-        "",
-        f"| strategy | tokens / forward | time per token ÷ AR, batch 1 | time per token ÷ AR, batch {len(prompts)} "
-        "| AR-parent NLL of output (nats/token) | distinct tokens |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    lines += [f"| {name} | {tpf:.2f} | {r1:.2f} | {rb:.2f} | {nll:.3f} | {dist:.0%} |"
-              for name, tpf, r1, rb, nll, dist in results]
-    lines += [
-        "",
-        f"Targets (issue 4), quality reference: {results[1][0]}, NLL {reference:.3f}.",
-        f"- ≥ 4 tokens per forward within 5% of it (NLL ≤ {1.05 * reference:.3f}): "
-        + (", ".join(f"met by {r[0]} ({r[1]:.2f} tokens/forward, NLL {r[4]:.3f})" for r in parallel)
-           if parallel else "not met"),
-        f"- time per token ≤ 0.5× the AR parent's: {'met' if fastest[2] <= 0.5 else 'not met'}; fastest at batch 1: "
-        f"{fastest[0]} ({fastest[2]:.2f}×, NLL {fastest[4]:.3f})",
-    ]
-    write_section(args.out, lines[0], "\n".join(lines) + "\n")
-    print("\n".join(lines))
+
+def chat(args, dlm, tok, ar, settings):
+    """Instructions: each prompt alone in the chat template, answered until EOS (at most --new tokens). Counts,
+    times and NLLs are per answer token (EOS included); exact = the answer equals the file's."""
+    from adapt.config import SFTDataConfig
+    from adapt.data import load_table
+    from adapt.sft_data import detect_format, to_messages
+
+    cfg = SFTDataConfig()
+    table = load_table(str(args.chat), cfg)
+    fmt = detect_format(table.column_names, cfg, str(args.chat))
+    prompts, answers = [], []
+    for row in list(table)[: args.prompts]:
+        messages = to_messages(row, fmt, cfg)
+        text = tok.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+        prompts.append(torch.tensor([tok(text, add_special_tokens=False).input_ids]))
+        answers.append(messages[-1]["content"].strip())
+    eos, n = tok.eos_token_id, args.new
+
+    def answer(seq, p):
+        ids = seq[0, p.shape[1]:].tolist()
+        return ids[: ids.index(eos) + 1] if eos in ids else ids
+
+    def measure(decode):
+        """(answers, total answer tokens, forward passes, median seconds for all prompts)."""
+        outs = [decode(p) for p in prompts]
+        times = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            for p in prompts:
+                decode(p)
+            times.append(time.perf_counter() - t0)
+        got = [answer(seq, p) for (seq, _), p in zip(outs, prompts)]
+        return got, sum(map(len, got)), sum(nfe for _, nfe in outs), statistics.median(times)
+
+    def scored(got):
+        nll = sum(ar_nll(ar, p, torch.tensor([g])) * len(g) for p, g in zip(prompts, got)) / sum(map(len, got))
+        exact = statistics.mean(tok.decode(g, skip_special_tokens=True).strip() == a for g, a in zip(got, answers))
+        return nll, exact
+
+    ar_got, ar_tokens, _, ar_seconds = measure(lambda p: (ar.generate(p, max_new_tokens=n, do_sample=False,
+                                                                      eos_token_id=eos, pad_token_id=eos), 0))
+    ar_per_token = ar_seconds / ar_tokens
+    results = [("AR parent, KV-cached greedy", 1.0, 1.0, *scored(ar_got))]
+    for name, kw in settings:
+        def decode(p, kw=kw):
+            out = dlm.diffusion_generate(p, max_new_tokens=n, return_dict_in_generate=True, **kw)
+            return out.sequences, out.nfe
+
+        got, tokens, nfe, seconds = measure(decode)
+        results.append((name, tokens / nfe, seconds / tokens / ar_per_token, *scored(got)))
+    header = (f"{len(prompts)} prompts from `{args.chat}` in the chat template, each decoded alone until EOS "
+              f"(at most {n} tokens). AR parent: {ar_per_token * 1e3:.3f} ms per answer token.")
+    return "chat", header, results
 
 
 if __name__ == "__main__":
