@@ -14,8 +14,8 @@ def generate(model, prompts: list[str], *, tokenizer=None, chat: bool = False, i
              max_new_tokens: int = 64, show_steps: bool = False, seed: int | None = None, **sampling) -> list[dict]:
     """Decode each prompt (batched, left-padded). `model` is a loaded model or a checkpoint path. With
     `infill`, each prompt is a text whose mask-token strings are holes to fill. Returns one dict per prompt:
-    `prompt`, `text` (the generated part, or the filled text for infilling), `tokens`, `nfe`,
-    `tokens_per_forward`."""
+    `prompt`, `text` (the generated part, or the filled text for infilling), `tokens`, and the row's own `nfe`
+    (forward passes it needed: the same as decoding it alone) and `tokens_per_forward`."""
     if isinstance(model, (str, Path)):
         model, tokenizer = load(model)
     if tokenizer is None:
@@ -58,5 +58,6 @@ def generate(model, prompts: list[str], *, tokenizer=None, chat: bool = False, i
         if not infill and eos in ids:
             ids = ids[: ids.index(eos)]
         results.append({"prompt": prompt, "text": tokenizer.decode(ids, skip_special_tokens=True), "tokens": ids,
-                        "nfe": out.nfe, "tokens_per_forward": out.tokens_per_forward})
+                        "nfe": int(out.row_nfe[row]),
+                        "tokens_per_forward": int(out.row_committed[row]) / max(1, int(out.row_nfe[row]))})
     return results

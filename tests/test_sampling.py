@@ -120,18 +120,24 @@ def test_forward_counts_and_determinism(tiny):
 
 
 @pytest.mark.parametrize("kwargs", [dict(), dict(block_length=4, steps=6), dict(threshold=0.2),
-                                    dict(remasking="margin"), dict(remasking="entropy")],
-                         ids=["default", "blocks", "threshold", "margin", "entropy"])
+                                    dict(remasking="margin"), dict(remasking="entropy"),
+                                    dict(block_length=4, steps=6, kv_cache="prefix"),
+                                    dict(block_length=4, steps=12, threshold=0.2, kv_cache="dual")],
+                         ids=["default", "blocks", "threshold", "margin", "entropy", "prefix-cache",
+                              "dual-cache-threshold"])
 def test_left_padded_batch_equals_each_prompt_alone(tiny, kwargs):
     model, _ = tiny
     prompts = [[1, 7, 8, 9, 10, 11], [1, 20, 21], [1, 30, 31, 32, 33]]
     width = max(map(len, prompts))
     ids = torch.tensor([[3] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    batch = model.diffusion_generate(ids, attention_mask=mask, max_new_tokens=12, **kwargs)
+    batch = model.diffusion_generate(ids, attention_mask=mask, max_new_tokens=12, return_dict_in_generate=True,
+                                     **kwargs)
     for row, p in enumerate(prompts):
-        alone = model.diffusion_generate(torch.tensor([p]), max_new_tokens=12, **kwargs)
-        assert torch.equal(batch[row, width - len(p):], alone[0]), row
+        alone = model.diffusion_generate(torch.tensor([p]), max_new_tokens=12, return_dict_in_generate=True,
+                                         **kwargs)
+        assert torch.equal(batch.sequences[row, width - len(p):], alone.sequences[0]), row
+        assert batch.row_nfe[row] == alone.nfe and batch.row_committed[row] == alone.row_committed[0], row
 
 
 @pytest.mark.parametrize("n", [0, 6])

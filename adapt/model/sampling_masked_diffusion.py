@@ -24,10 +24,15 @@ class SamplingOutput:
     """Tokens committed at each forward pass, summed over the batch."""
     history: list[torch.LongTensor] | None = None
     """The canvas after every step, if asked for."""
+    row_nfe: torch.LongTensor | None = None
+    """Per row, the passes in which it still had masks: its `nfe` had it been decoded alone."""
+    row_committed: torch.LongTensor | None = None
+    """Per row, the tokens committed."""
 
     @property
     def tokens_per_forward(self) -> float:
-        return sum(self.committed_per_step) / max(1, self.nfe) / self.sequences.shape[0]
+        """Tokens committed per pass a row needed, over the batch (a batch runs as long as its slowest row)."""
+        return int(self.row_committed.sum()) / max(1, int(self.row_nfe.sum()))
 
 
 def commit_schedule(n: int, steps: int, kind: str = "linear") -> list[int]:
@@ -136,7 +141,9 @@ def diffusion_sample(
         real = torch.ones_like(canvas, dtype=torch.bool)
     position = torch.arange(canvas.shape[1], device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
-    out = SamplingOutput(sequences=canvas, nfe=0, history=[] if return_history else None)
+    out = SamplingOutput(sequences=canvas, nfe=0, history=[] if return_history else None,
+                         row_nfe=torch.zeros(batch, dtype=torch.long, device=device),
+                         row_committed=torch.zeros(batch, dtype=torch.long, device=device))
     steps_per_block = steps // blocks
 
     for b in range(blocks):
@@ -157,6 +164,7 @@ def diffusion_sample(
             else:  # with shift the logit at i-1 predicts the token at i
                 logits = model_fn(canvas, attention_mask)[:, lo - int(shift):block_end - int(shift)]
             out.nfe += 1
+            out.row_nfe += masked.any(1)
             logits = logits.double()
             logits[..., mask_token_id] = -math.inf
             if eos_token_id is not None and min_new_tokens > 0:
@@ -190,6 +198,7 @@ def diffusion_sample(
                 commit = masked & ((ranks == 0) | (p_token >= threshold))
             canvas[:, span] = torch.where(commit, tokens, canvas[:, span])
             out.committed_per_step.append(int(commit.sum()))
+            out.row_committed += commit.sum(1)
             if return_history:
                 out.history.append(canvas.clone())
         if eos_token_id is not None and n:
