@@ -9,7 +9,8 @@ tokens and the quality columns are the same for both batch sizes. Writes a Markd
 targets checked into benchmarks/RESULTS.md (or --out).
 
     python benchmarks/decode.py [--model runs/stories/final] [--new 64] [--prompts 16]
-    python benchmarks/decode.py --model runs/bench-smollm2/run/final --prompts 4 --new 32 --quick   # SmolLM2
+    python benchmarks/decode.py --model runs/quickstart/adapted/final --chat heldout.jsonl --new 32 --quick
+    python benchmarks/decode.py --model DIR --device cuda --dtype bfloat16
 If the default --model is missing, the stories260K recipe is run first (about half a minute on CPU). The AR
 parent is the model's `provenance.source` (or --ar-parent); prompts come from ../shared/data/tinystories.
 """
@@ -44,7 +45,7 @@ def adapted_model(path: Path) -> Path:
 @torch.no_grad()
 def ar_nll(ar, prompts, generated):
     ids = torch.cat([prompts, generated], 1)
-    logp = ar(ids).logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]
+    logp = ar(ids).logits[:, :-1].float().log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]
     return -logp[:, prompts.shape[1] - 1:].mean().item()
 
 
@@ -52,14 +53,21 @@ def distinct(gen: torch.Tensor) -> float:
     return statistics.mean(len(set(row.tolist())) / len(row) for row in gen)
 
 
+def synchronize():
+    if torch.cuda.is_initialized():  # GPU work is asynchronous: wait for it before reading the clock
+        torch.cuda.synchronize()
+
+
 def seconds_per_token(decode, prompts, new, repeats, alone):
     """Median over `repeats` of the wall time per generated token, decoding `prompts` as one batch or one by one."""
     groups = [p[None] for p in prompts] if alone else [prompts]
     times = []
     for _ in range(repeats):
+        synchronize()
         t0 = time.perf_counter()
         for g in groups:
             decode(g)
+        synchronize()
         times.append(time.perf_counter() - t0)
     return statistics.median(times) / (new * len(prompts))
 
@@ -104,6 +112,8 @@ def main():
     ap.add_argument("--prompt-tokens", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="e.g. cuda")
+    ap.add_argument("--dtype", help="e.g. bfloat16 (default: as saved)")
     ap.add_argument("--ar-parent", help="causal LM that is timed and scores the output (default: provenance.source)")
     ap.add_argument("--quick", action="store_true", help=f"only {len(QUICK)} settings (for models slow on CPU)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/RESULTS.md")
@@ -113,10 +123,11 @@ def main():
     from adapt.evaluate import DIFFUSION, _ar_scorer
 
     model_path = adapted_model(args.model) if args.model == ap.get_default("model") else args.model
-    dlm, tok = adapt.load(model_path)
-    ar, ar_name = _ar_scorer(dlm, DIFFUSION, args.ar_parent, None)
+    dlm, tok = adapt.load(model_path, device=args.device, dtype=args.dtype)
+    ar, ar_name = _ar_scorer(dlm, DIFFUSION, args.ar_parent, args.device)
     if ar is None:
         raise SystemExit(f"{model_path} names no local AR parent in provenance.source: pass --ar-parent")
+    ar.to(dlm.dtype)
     settings = [(name, s(args.new)) for name, s in SETTINGS if not args.quick or name in QUICK]
     run = chat if args.chat else continuation
     workload, header, results = run(args, dlm, tok, ar, settings)
@@ -128,8 +139,9 @@ def main():
     lines = [
         title,
         "",
-        f"{datetime.date.today()}, {platform.machine()} CPU, torch {torch.__version__}, {torch.get_num_threads()} "
-        f"threads. Model: `{model_path}`, AR parent `{Path(ar_name).name}`. " + header +
+        f"{datetime.date.today()}, "
+        + (torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{platform.machine()} CPU")
+        + f", torch {torch.__version__}, {torch.get_num_threads()} threads, {dlm.dtype}. Model: `{model_path}`, AR parent `{Path(ar_name).name}`. " + header +
         f" Temperature 0, times are medians of {args.repeats} runs; time ratios < 1 mean faster than the AR parent.",
         "",
         "| strategy | " + " | ".join(COLUMNS[workload]) + " |",
@@ -162,7 +174,7 @@ def continuation(args, dlm, tok, ar, settings):
     """Stories: the first tokens of validation stories, continued by a fixed number of tokens (no EOS stop)."""
     texts = [t for t in (SHARED / "data/tinystories/valid.txt").read_text().split("\n\n") if t.strip()]
     rows = [tok(t).input_ids[: args.prompt_tokens] for t in texts]
-    prompts = torch.tensor([r for r in rows if len(r) == args.prompt_tokens][: args.prompts])
+    prompts = torch.tensor([r for r in rows if len(r) == args.prompt_tokens][: args.prompts], device=args.device)
     n = args.new
 
     def ar_decode(p):
@@ -203,7 +215,7 @@ def chat(args, dlm, tok, ar, settings):
     for row in list(table)[: args.prompts]:
         messages = to_messages(row, fmt, cfg)
         text = tok.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
-        prompts.append(torch.tensor([tok(text, add_special_tokens=False).input_ids]))
+        prompts.append(torch.tensor([tok(text, add_special_tokens=False).input_ids], device=args.device))
         answers.append(messages[-1]["content"].strip())
     eos, n = tok.eos_token_id, args.new
 
@@ -216,15 +228,18 @@ def chat(args, dlm, tok, ar, settings):
         outs = [decode(p) for p in prompts]
         times = []
         for _ in range(args.repeats):
+            synchronize()
             t0 = time.perf_counter()
             for p in prompts:
                 decode(p)
+            synchronize()
             times.append(time.perf_counter() - t0)
         got = [answer(seq, p) for (seq, _), p in zip(outs, prompts)]
         return got, sum(map(len, got)), sum(nfe for _, nfe in outs), statistics.median(times)
 
     def scored(got):
-        nll = sum(ar_nll(ar, p, torch.tensor([g])) * len(g) for p, g in zip(prompts, got)) / sum(map(len, got))
+        nll = sum(ar_nll(ar, p, torch.tensor([g], device=p.device)) * len(g)
+                  for p, g in zip(prompts, got)) / sum(map(len, got))
         exact = statistics.mean(tok.decode(g, skip_special_tokens=True).strip() == a for g, a in zip(got, answers))
         return nll, exact
 
