@@ -58,18 +58,22 @@ def synchronize():
         torch.cuda.synchronize()
 
 
-def seconds_per_token(decode, prompts, new, repeats, alone):
-    """Median over `repeats` of the wall time per generated token, decoding `prompts` as one batch or one by one."""
-    groups = [p[None] for p in prompts] if alone else [prompts]
+def median_seconds(fn, repeats):
+    """Median wall time of `repeats` calls of `fn()`."""
     times = []
     for _ in range(repeats):
         synchronize()
         t0 = time.perf_counter()
-        for g in groups:
-            decode(g)
+        fn()
         synchronize()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times) / (new * len(prompts))
+    return statistics.median(times)
+
+
+def seconds_per_token(decode, prompts, new, repeats, alone):
+    """Median wall time per generated token, decoding `prompts` as one batch or one by one."""
+    groups = [p[None] for p in prompts] if alone else [prompts]
+    return median_seconds(lambda: [decode(g) for g in groups], repeats) / (new * len(prompts))
 
 
 SETTINGS = [  # (name, diffusion_generate arguments for N new tokens); the first is the quality reference
@@ -226,16 +230,9 @@ def chat(args, dlm, tok, ar, settings):
     def measure(decode):
         """(answers, total answer tokens, forward passes, median seconds for all prompts)."""
         outs = [decode(p) for p in prompts]
-        times = []
-        for _ in range(args.repeats):
-            synchronize()
-            t0 = time.perf_counter()
-            for p in prompts:
-                decode(p)
-            synchronize()
-            times.append(time.perf_counter() - t0)
+        seconds = median_seconds(lambda: [decode(p) for p in prompts], args.repeats)
         got = [answer(seq, p) for (seq, _), p in zip(outs, prompts)]
-        return got, sum(map(len, got)), sum(nfe for _, nfe in outs), statistics.median(times)
+        return got, sum(map(len, got)), sum(nfe for _, nfe in outs), seconds
 
     def scored(got):
         nll = sum(ar_nll(ar, p, torch.tensor([g], device=p.device)) * len(g)

@@ -198,7 +198,8 @@ class MaskedDiffusionLM(PreTrainedModel):
         by the block's later passes, which then run only the block and what follows it (`"prefix"`) or only the
         block (`"dual"`). With bidirectional attention the reused entries go stale as the block fills in.
         Returns a LongTensor (batch, prompt_len + max_new_tokens), or a `SamplingOutput` (`.sequences`, `.nfe`,
-        `.committed_per_step`, `.history`) with `return_dict_in_generate=True`.
+        `.committed_per_step`, `.history`, per-row `.row_nfe` and `.row_committed`) with
+        `return_dict_in_generate=True`.
         """
         if kv_cache not in (None, "prefix", "dual"):
             raise SamplingError(f"kv_cache must be None, 'prefix' or 'dual', got {kv_cache!r}")
@@ -254,6 +255,7 @@ class _Denoiser:
 
     def __init__(self, model, kv_cache=None):
         self.model, self.kv_cache, self.shift = model, kv_cache, int(model.config.shift)
+        self.cache = self.window = self.stored_mask = None  # set by each block's refresh pass
 
     def __call__(self, canvas, attention_mask, lo, hi, refresh):
         first, last = lo - self.shift, hi - self.shift  # logits at [first, last) predict tokens [lo, hi)
