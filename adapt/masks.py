@@ -18,6 +18,7 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 
 from .architectures import check_architecture
 from .errors import AdaptError
+from .model.transformers_compat import causal_mask
 
 # Implementations whose mask interface honours an arbitrary mask function, as tested here. flash-attention
 # takes only causal/padding information and would silently drop the annealing mask (a DiffuLLaMA bug).
@@ -67,7 +68,7 @@ def annealed_attention_mask(model, padding_mask: torch.Tensor, ratio: float, gen
     causal = copy.copy(config)
     causal.is_causal = True  # build on top of the causal mask; the model itself stays bidirectional
     embeds = torch.empty(batch, length, 0, dtype=model.dtype, device=device)
-    kwargs = dict(config=causal, inputs_embeds=embeds, attention_mask=padding_mask, past_key_values=None,
+    kwargs = dict(config=causal, inputs_embeds=embeds, attention_mask=padding_mask,
                   position_ids=position_ids_from_padding(padding_mask))
     window = getattr(config, "sliding_window", None)
 
@@ -79,8 +80,8 @@ def annealed_attention_mask(model, padding_mask: torch.Tensor, ratio: float, gen
 
     def build(kind):
         if kind == "sliding_attention":
-            return create_sliding_window_causal_mask(**kwargs, or_mask_function=sliding)
-        return create_causal_mask(**kwargs, or_mask_function=full, allow_is_causal_skip=False)
+            return causal_mask(create_sliding_window_causal_mask, **kwargs, or_mask_function=sliding)
+        return causal_mask(create_causal_mask, **kwargs, or_mask_function=full, allow_is_causal_skip=False)
 
     if check_architecture(config).layer_type_masks:
         return {kind: build(kind) for kind in set(config.layer_types)}

@@ -388,7 +388,7 @@ def test_push_uploads_dir_byte_for_byte_with_the_card(converted, tmp_path, hub):
 
     proc = _push(tmp_path, hub.url, ckpt, "me/tiny", *options)
     assert proc.returncode == 0, proc.stderr
-    assert "pushed 10 files" in proc.stdout
+    assert "pushed 11 files" in proc.stdout
     assert hub.repos["me/tiny"]["visibility"] == "private"
     assert hub.commits == [("me/tiny", "exp", {"summary": "first", "description": ""})]
     uploaded = hub.files("me/tiny", "exp")

@@ -2,16 +2,15 @@
 # `AutoModel.from_pretrained(path, trust_remote_code=True)` works without dlm-adapt installed.
 import contextlib
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel
-from transformers.utils import ModelOutput
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from .configuration_masked_diffusion import MaskedDiffusionConfig
 from .sampling_masked_diffusion import SamplingError, diffusion_sample
+from .transformers_compat import (cache_kwarg, decoder_class, drop_last_cached, output_cache, select_cache_positions,
+                                  set_causal)
 
 
 # Every auto class resolves to the diffusion model: a checkpoint must never load as an ordinary causal LM.
@@ -25,17 +24,8 @@ CODE_FILES = (
     "configuration_masked_diffusion.py",
     "modeling_masked_diffusion.py",
     "sampling_masked_diffusion.py",
+    "transformers_compat.py",
 )
-
-
-@dataclass
-class MaskedDiffusionOutput(ModelOutput):
-    """Logits for every position; `past_key_values` only when called with `use_cache=True`."""
-
-    logits: torch.FloatTensor | None = None
-    past_key_values: object | None = None
-    hidden_states: tuple | None = None
-    attentions: tuple | None = None
 
 
 class MaskedDiffusionLM(PreTrainedModel):
@@ -53,7 +43,7 @@ class MaskedDiffusionLM(PreTrainedModel):
 
     # Attention support is the decoder's: transformers asks before the decoder exists, so look up its class.
     def _decoder_supports(self, flag: str) -> bool:
-        return bool(getattr(MODEL_FOR_CAUSAL_LM_MAPPING[type(self.config.text_config)], flag, False))
+        return bool(getattr(decoder_class(self.config.text_config), flag, False))
 
     _supports_sdpa = property(lambda self: self._decoder_supports("_supports_sdpa"))
     _supports_flash_attn = property(lambda self: self._decoder_supports("_supports_flash_attn"))
@@ -86,10 +76,7 @@ class MaskedDiffusionLM(PreTrainedModel):
         self.decoder.set_output_embeddings(value)
 
     def _set_causal(self, causal: bool):
-        self.decoder.config.is_causal = causal
-        for module in self.decoder.modules():
-            if isinstance(getattr(module, "is_causal", None), bool) and not isinstance(module, PreTrainedModel):
-                module.is_causal = causal
+        set_causal(self.decoder, causal)
 
     @contextlib.contextmanager
     def _attention(self, causal: bool):
@@ -113,12 +100,16 @@ class MaskedDiffusionLM(PreTrainedModel):
         past_key_values=None,
         use_cache: bool = False,
         **kwargs,
-    ) -> MaskedDiffusionOutput:
+    ):
         """Logits for every position. `attention_mask` is the 2-D padding mask (1 = real token).
 
         `is_causal=True` runs the decoder with its original causal mask (annealing ratio 0): the converted model
-        then reproduces the source causal LM exactly.
+        then reproduces the source causal LM exactly. The output is the decoder's own (transformers' causal-LM
+        output class of the installed release), with its KV cache only when `use_cache=True`. The cache goes in as
+        `cache=` or `past_key_values=`, whichever the caller's transformers uses.
         """
+        cache = kwargs.pop("cache", None)
+        cache = cache if cache is not None else past_key_values
         if position_ids is None and attention_mask is not None and attention_mask.dim() == 2:
             # padding must not move real tokens' positions, or padded and unpadded inputs would differ
             length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
@@ -132,12 +123,11 @@ class MaskedDiffusionLM(PreTrainedModel):
                 attention_mask=attention_mask,
                 position_ids=position_ids,
                 inputs_embeds=inputs_embeds,
-                past_key_values=past_key_values,
                 use_cache=use_cache,
+                **{cache_kwarg(self.decoder.forward): cache},
                 **kwargs,
             )
-        return MaskedDiffusionOutput(logits=out.logits, hidden_states=out.hidden_states, attentions=out.attentions,
-                                     past_key_values=out.past_key_values if use_cache else None)
+        return out
 
     def generate(self, *args, **kwargs):
         raise TypeError(
@@ -269,9 +259,8 @@ class _Denoiser:
             # the rerun window starts where the first needed logit is and ends after the last token that can change
             self.window = (first, hi if self.kv_cache == "dual" else length)
             stored = torch.cat([torch.arange(first), torch.arange(self.window[1], length)]).to(canvas.device)
-            self.cache = out.past_key_values
-            for layer in self.cache.layers:  # bidirectional attention ignores key order, so the window goes last
-                layer.keys, layer.values = layer.keys[:, :, stored], layer.values[:, :, stored]
+            self.cache = output_cache(out)
+            select_cache_positions(self.cache, stored)  # bidirectional attention ignores key order: window goes last
             self.stored_mask = mask[:, stored]
             return out.logits
         a, b = self.window
@@ -279,7 +268,7 @@ class _Denoiser:
         out = self.model(input_ids=canvas[:, a:b], attention_mask=torch.cat([self.stored_mask, mask[:, a:b]], 1),
                          position_ids=positions, past_key_values=self.cache, use_cache=True,
                          logits_to_keep=keep - a)
-        self.cache.crop(-(b - a))  # transformers 5: a negative count of tokens to remove
+        drop_last_cached(self.cache, b - a)
         return out.logits
 
 
