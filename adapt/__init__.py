@@ -24,12 +24,13 @@ _EXPORTS = {
     "push_to_hub": "push",
     "sft": "train",
     "train": "train",
+    "upgrade": "upgrade",
 }
 __all__ = ["__version__", *sorted(_EXPORTS)]
 
 
 class _Package(types.ModuleType):
-    """`adapt.convert`, `adapt.evaluate` and `adapt.train` name functions, as they always have,
+    """`adapt.convert`, `adapt.evaluate`, `adapt.train` and `adapt.upgrade` name functions, as they always have,
     although submodules of those names exist: importing the submodule must not replace the function."""
 
     def __getattr__(self, name):

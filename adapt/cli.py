@@ -56,6 +56,14 @@ def _generate(args):
         print(json.dumps(r) if args.json else r["text"])
 
 
+def _upgrade(args):
+    from .upgrade import upgrade
+
+    result = upgrade(args.directory, check=args.check)
+    print(result.report())
+    return 1 if args.check and result.needed else 0
+
+
 def _push(args):
     from .push import push_to_hub
 
@@ -199,17 +207,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the files and the card; contact nothing")
     p.set_defaults(func=_push)
     _add_eval_parser(sub)
+
+    p = sub.add_parser("upgrade", help="update an older dlm-adapt checkpoint's remote code to this release",
+                       description="Rewrite the remote-code files and outdated config fields of a checkpoint written "
+                                   "by an earlier dlm-adapt (e.g. one that fails with transformers alone after a "
+                                   "transformers upgrade), in place; each file is replaced atomically and weight "
+                                   "files stay byte-identical. Works on convert outputs, OUTPUT/final and "
+                                   "OUTPUT/checkpoints/step-N. Push the directory again to update a Hub repo.")
+    p.add_argument("directory", metavar="DIR", help="a dlm-adapt checkpoint directory")
+    p.add_argument("--check", action="store_true",
+                   help="only report whether an upgrade is needed (exit 1 if so); write nothing")
+    p.set_defaults(func=_upgrade)
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        return args.func(args) or 0
     except AdaptError as e:
         print(f"dlm-adapt: error: {e}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

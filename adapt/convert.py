@@ -77,6 +77,7 @@ def convert(
     try:
         streamed = src.gguf_file is None and _has_safetensors(src.directory)
         writer = _StreamedWeights(src.directory, config) if streamed else _LoadedWeights(src, config, trust_remote_code)
+        pad_case = ensure_pad_token(tokenizer)
         mask_id, case = choose_mask_token(tokenizer, writer.vocab_rows, mask_token)
         writer.write(tmp, new_rows=max(0, mask_id + 1 - writer.vocab_rows), dtype=DTYPES.get(dtype))
         config = writer.config
@@ -90,16 +91,39 @@ def convert(
             "gguf_file": src.gguf_file,
             "base_model_type": config.model_type,
             "mask_token_case": case,
+            "pad_token_case": pad_case,
         }
         _write_config(tmp, config, mask_id, shift, provenance)
         _write_generation_config(tmp, tokenizer, config, mask_id)
         tokenizer.save_pretrained(tmp)
+        tokenizer_config = tmp / "tokenizer_config.json"
+        tokenizer_config.write_text(json.dumps(padding_policy(json.loads(tokenizer_config.read_text())), indent=2) + "\n")
         for f in src.directory.glob("LICENSE*"):
             shutil.copyfile(f, tmp / f.name)
         _publish(tmp, output)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return output
+
+
+def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> str:
+    """Batched prompts need a pad token. A source without one gets its EOS as pad (only ever attention-masked, so
+    the id is never read; the mask token is chosen distinct from both). Returns `existing`, `eos` or `none`."""
+    if tokenizer.pad_token is not None:
+        return "existing"
+    if tokenizer.eos_token is None:
+        return "none"
+    tokenizer.pad_token = tokenizer.eos_token
+    return "eos"
+
+
+def padding_policy(tokenizer_config: dict) -> dict:
+    """A checkpoint's `tokenizer_config.json` as batched `diffusion_generate` needs it: padding on the left (the
+    canvas continues after each prompt) and, as `ensure_pad_token`, EOS as pad where there is no pad token."""
+    updated = dict(tokenizer_config, padding_side="left")
+    if updated.get("pad_token") is None and updated.get("eos_token") is not None:
+        updated["pad_token"] = updated["eos_token"]
+    return updated
 
 
 def choose_mask_token(tokenizer: PreTrainedTokenizerBase, vocab_rows: int, spec: str | int) -> tuple[int, str]:

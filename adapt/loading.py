@@ -1,6 +1,7 @@
 """`adapt.load`: a converted checkpoint and its tokenizer, through the package's own classes (no remote code)."""
 
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -8,6 +9,7 @@ from transformers import AutoTokenizer
 
 from .errors import AdaptError
 from .model import MaskedDiffusionConfig, MaskedDiffusionLM
+from .upgrade import stale_code_warning
 
 
 def load(path: str | Path, *, dtype: str | torch.dtype | None = None, device: str | torch.device | None = None,
@@ -24,6 +26,9 @@ def load(path: str | Path, *, dtype: str | torch.dtype | None = None, device: st
         if model_type != MaskedDiffusionConfig.model_type:
             raise AdaptError(f"{local} is a '{model_type}' checkpoint, not a dlm-adapt diffusion checkpoint; "
                              f"convert it first: dlm-adapt convert {local} OUTPUT")
+        stale = stale_code_warning(local)
+        if stale:  # this package's own classes run it fine; transformers alone may not
+            print(f"dlm-adapt: warning: {stale}", file=sys.stderr)
     kwargs = {"revision": revision} if revision else {}
     if dtype is not None:
         kwargs["dtype"] = dtype

@@ -188,6 +188,7 @@ def _check_checkpoint(directory: Path) -> _Checkpoint:
 
     from .model import MaskedDiffusionConfig, MaskedDiffusionLM
     from .model.modeling_masked_diffusion import CODE_FILES
+    from .upgrade import stale_code_warning
 
     try:
         raw = json.loads((directory / "config.json").read_text())
@@ -207,11 +208,14 @@ def _check_checkpoint(directory: Path) -> _Checkpoint:
         path = directory / name
         if not path.is_file():
             raise AdaptError(f"{directory} lacks the remote code file {name}: it would not load with transformers "
-                             "alone; re-save it with model.save_pretrained or convert again")
+                             f"alone; add it with: dlm-adapt upgrade {directory}")
         try:
             compile(path.read_text(), str(path), "exec")
         except (SyntaxError, ValueError, UnicodeDecodeError) as e:
             raise AdaptError(f"remote code file {path} does not compile: {_first_line(e)}") from e
+    stale = stale_code_warning(directory)
+    if stale:  # publishing it would hand Hub users code that may fail on their transformers
+        raise AdaptError(f"refusing to push: {stale}")
     try:
         config = MaskedDiffusionConfig.from_pretrained(directory)
     except (OSError, ValueError, KeyError, TypeError) as e:

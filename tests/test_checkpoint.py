@@ -17,23 +17,38 @@ from tiny_models import ARCHS, save_tiny_source
 
 # A process in which `import adapt` fails: only transformers' remote-code path can load the checkpoint.
 _REMOTE = textwrap.dedent("""
-    import sys, json, torch
+    import json, os, sys, tempfile, torch
     sys.modules["adapt"] = None
-    from transformers import AutoModel, AutoModelForCausalLM
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
     results = {}
     for path in sys.argv[2:]:
         model = AutoModel.from_pretrained(path, trust_remote_code=True).eval()
         as_causal = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
         assert type(as_causal).__name__ == "MaskedDiffusionLM", type(as_causal)
         assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        if os.path.exists(os.path.join(path, "tokenizer_config.json")):
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)  # documented call: no prompt
+            assert tokenizer.mask_token_id == model.config.mask_token_id
         ids = torch.arange(4, 14).unsqueeze(0)
         with torch.no_grad():
             logits = model(ids).logits
         out = model.diffusion_generate(ids[:, :4], max_new_tokens=6, steps=3)
+        batch = torch.tensor([[0, 4, 5, 6], [7, 8, 9, 10]])  # row 0 left-padded
+        pad = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+        caches = (None, "prefix", "dual") if model.supports_kv_cache() else (None,)  # sliding-window decoders refuse
+        cached = {kv: model.diffusion_generate(batch, attention_mask=pad, max_new_tokens=6, steps=6, block_length=3,
+                                               kv_cache=kv).tolist() for kv in caches}
+        with tempfile.TemporaryDirectory() as resaved:
+            model.save_pretrained(resaved)
+            again = AutoModel.from_pretrained(resaved, trust_remote_code=True).eval()
+            with torch.no_grad():
+                assert torch.equal(again(ids).logits, logits), "save_pretrained round trip changed the logits"
         results[path] = {"logits": logits.tolist(), "mask_token_id": model.config.mask_token_id,
-                         "gen_shape": list(out.shape), "gen_has_mask": bool((out == model.config.mask_token_id).any())}
+                         "gen_shape": list(out.shape), "gen_has_mask": bool((out == model.config.mask_token_id).any()),
+                         "cached": cached}
     json.dump(results, open(sys.argv[1], "w"))
 """)
+
 
 
 def _load_remotely(tmp_path, paths):
@@ -41,8 +56,9 @@ def _load_remotely(tmp_path, paths):
     env = {"HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "PATH": "/usr/bin:/bin",
            "OMP_NUM_THREADS": str(torch.get_num_threads())}  # same float reduction order as this process
     proc = subprocess.run([sys.executable, "-I", "-c", _REMOTE, str(result_file), *map(str, paths)],
-                          capture_output=True, text=True, env=env, timeout=300)
+                          capture_output=True, text=True, env=env, timeout=300, stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Do you wish to run the custom code" not in proc.stdout + proc.stderr
     return json.loads(result_file.read_text())
 
 
@@ -58,6 +74,13 @@ def test_round_trip_transformers_alone_matches_adapt_load(converted, tmp_path):
         torch.testing.assert_close(torch.tensor(got["logits"]), local, atol=1e-5, rtol=0, msg=arch)
         assert got["mask_token_id"] == model.config.mask_token_id
         assert got["gen_shape"] == [1, 10] and not got["gen_has_mask"], arch
+        batch = torch.tensor([[0, 4, 5, 6], [7, 8, 9, 10]])
+        pad = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+        for kv, tokens in got["cached"].items():  # the KV-cache paths too run on transformers alone, unchanged
+            kv = None if kv == "null" else kv
+            ours = model.diffusion_generate(batch, attention_mask=pad, max_new_tokens=6, steps=6, block_length=3,
+                                            kv_cache=kv)
+            assert tokens == ours.tolist(), (arch, kv)
 
 
 def test_config_records_diffusion_settings_and_provenance(converted):

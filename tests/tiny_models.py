@@ -68,7 +68,7 @@ def layer_type_variants(config):
     return variants
 
 
-def tiny_tokenizer(mask_token: bool = False) -> PreTrainedTokenizerFast:
+def tiny_tokenizer(mask_token: bool = False, pad_token: bool = True) -> PreTrainedTokenizerFast:
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3}
     vocab.update({f"w{i}": i + 4 for i in range(WORDS)})
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
@@ -76,14 +76,16 @@ def tiny_tokenizer(mask_token: bool = False) -> PreTrainedTokenizerFast:
     extra = {"mask_token": "<mask>"} if mask_token else {}
     if mask_token:
         tok.add_special_tokens(["<mask>"])
+    if pad_token:
+        extra["pad_token"] = "<pad>"
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                   pad_token="<pad>", **extra)
+                                   **extra)
 
 
 def save_tiny_source(path, arch: str, vocab_size: int | None = None, tie: bool | None = None,
-                     mask_token: bool = False, seed: int = 0, **save_kwargs):
+                     mask_token: bool = False, seed: int = 0, pad_token: bool = True, **save_kwargs):
     """A causal source checkpoint directory (safetensors + tokenizer). Returns the causal model (eval)."""
-    tokenizer = tiny_tokenizer(mask_token)
+    tokenizer = tiny_tokenizer(mask_token, pad_token)
     config = tiny_config(arch, vocab_size or len(tokenizer), tie)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).eval()

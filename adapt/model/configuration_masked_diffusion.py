@@ -1,6 +1,5 @@
 # Written into every converted checkpoint as remote code: imports only torch and transformers.
 from transformers import AutoConfig, PreTrainedConfig
-from transformers.configuration_utils import SubConfigSpec
 
 
 class MaskedDiffusionConfig(PreTrainedConfig):
@@ -25,20 +24,24 @@ class MaskedDiffusionConfig(PreTrainedConfig):
     """
 
     model_type = "masked_diffusion_lm"
-    sub_configs_defaults = {"text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama")}
+    # The classic form (an explicit __init__ and `sub_configs`) on purpose: every 5.x release keeps it working for
+    # the many remote-code configs written that way, while the declarative forms changed twice within 5.x.
+    sub_configs = {"text_config": AutoConfig}
 
-    text_config: dict | PreTrainedConfig | None = None
-    mask_token_id: int | None = None
-    shift: bool = True
-    bidirectional: bool = True
-    provenance: dict | None = None
-    tie_word_embeddings: bool = False
-
-    def __post_init__(self, **kwargs):
-        super().__post_init__(**kwargs)
+    def __init__(self, text_config=None, mask_token_id=None, shift=True, bidirectional=True, provenance=None,
+                 **kwargs):
+        if text_config is None or isinstance(text_config, dict):
+            fields = dict(text_config or {})
+            text_config = AutoConfig.for_model(fields.pop("model_type", "llama"), **fields)
         # transformers' mask builders read `is_causal` from the decoder config; keep it derived from ours.
-        self.text_config.is_causal = not self.bidirectional
-        self.tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", False))
+        text_config.is_causal = not bidirectional
+        self.text_config = text_config
+        self.mask_token_id = mask_token_id
+        self.shift = shift
+        self.bidirectional = bidirectional
+        self.provenance = provenance
+        kwargs["tie_word_embeddings"] = bool(getattr(text_config, "tie_word_embeddings", False))
+        super().__init__(**kwargs)
 
 
 __all__ = ["MaskedDiffusionConfig"]

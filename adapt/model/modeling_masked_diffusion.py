@@ -9,8 +9,8 @@ from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 
 from .configuration_masked_diffusion import MaskedDiffusionConfig
 from .sampling_masked_diffusion import SamplingError, diffusion_sample
-from .transformers_compat import (cache_kwarg, decoder_class, drop_last_cached, output_cache, select_cache_positions,
-                                  set_causal)
+from .transformers_compat import (cache_kwarg, decoder_class, drop_last_cached, explain_newer_transformers,
+                                  output_cache, select_cache_positions, set_causal)
 
 
 # Every auto class resolves to the diffusion model: a checkpoint must never load as an ordinary causal LM.
@@ -51,6 +51,10 @@ class MaskedDiffusionLM(PreTrainedModel):
     _supports_attention_backend = property(lambda self: self._decoder_supports("_supports_attention_backend"))
 
     def __init__(self, config: MaskedDiffusionConfig):
+        with explain_newer_transformers():
+            self._build(config)
+
+    def _build(self, config: MaskedDiffusionConfig):
         super().__init__(config)
         self.decoder = AutoModelForCausalLM.from_config(config.text_config)
         # one config object, so `config.text_config` and what the decoder reads never disagree
@@ -117,7 +121,7 @@ class MaskedDiffusionLM(PreTrainedModel):
         if kwargs.get("labels") is not None:
             # the decoder would compute a causal next-token loss, which is not the diffusion objective
             raise TypeError("MaskedDiffusionLM.forward takes no labels: compute the masked-diffusion loss from logits")
-        with self._attention(is_causal or not self.config.bidirectional):
+        with explain_newer_transformers(), self._attention(is_causal or not self.config.bidirectional):
             out = self.decoder(
                 input_ids=input_ids,
                 attention_mask=attention_mask,

@@ -4,11 +4,13 @@
 transformers renames things between minor releases (5.24: `past_key_values` became `cache` in model outputs and
 forward arguments). The rest of the remote code uses only public classes and these functions, so a rename is
 fixed here once, and `tests/test_transformers_compat.py` checks each function on the oldest and latest supported
-releases. Each function looks up what the installed transformers offers instead of comparing version numbers.
+releases. Each function looks up what the installed transformers offers; only the error hint compares versions.
 """
 
+import contextlib
 import dataclasses
 import inspect
+import re
 
 import torch
 from transformers import PreTrainedModel
@@ -16,8 +18,38 @@ from transformers import PreTrainedModel
 # The dlm-adapt release that wrote this code, and the transformers releases it was tested on. A checkpoint whose
 # code fails on a newer transformers is fixed by `pip install -U dlm-adapt; dlm-adapt upgrade DIR`.
 DLM_ADAPT_VERSION = "0.2.0"
-TESTED_TRANSFORMERS = ("5.10.0", "5.24.0")
+TESTED_TRANSFORMERS = ("5.5.0", "5.24.0")  # oldest = pyproject's minimum
 CACHE_NAMES = ("cache", "past_key_values")  # newest first
+
+
+def _release(version: str) -> tuple[int, int, int]:
+    parts = [int(part) for part in re.findall(r"\d+", version)[:3]]
+    return tuple(parts + [0] * (3 - len(parts)))
+
+
+def installed_transformers() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+@contextlib.contextmanager
+def explain_newer_transformers():
+    """Errors typical of a renamed or removed transformers API, raised while this code runs on a transformers newer
+    than any it was tested on, gain one line that says how to update the checkpoint's code."""
+    try:
+        yield
+    except (TypeError, AttributeError, ImportError, NameError) as error:
+        installed = installed_transformers()
+        if _release(installed) <= _release(TESTED_TRANSFORMERS[-1]):
+            raise
+        raise RuntimeError(
+            f"this checkpoint's code (written by dlm-adapt {DLM_ADAPT_VERSION}, tested up to transformers "
+            f"{TESTED_TRANSFORMERS[-1]}) failed on transformers {installed}, probably because "
+            f"transformers changed an API it uses. Update the code in place: pip install -U dlm-adapt && "
+            f"dlm-adapt upgrade CHECKPOINT_DIR (or install transformers<={TESTED_TRANSFORMERS[-1]}). "
+            f"Original error: {type(error).__name__}: {error}"
+        ) from error
 
 
 def cache_kwarg(forward) -> str:
@@ -66,4 +98,4 @@ def causal_mask(builder, **kwargs):
 
 
 __all__ = ["DLM_ADAPT_VERSION", "TESTED_TRANSFORMERS", "cache_kwarg", "causal_mask", "decoder_class",
-           "drop_last_cached", "output_cache", "select_cache_positions", "set_causal"]
+           "drop_last_cached", "explain_newer_transformers", "output_cache", "select_cache_positions", "set_causal"]

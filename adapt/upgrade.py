@@ -1,0 +1,173 @@
+"""`dlm-adapt upgrade DIR [--check]`: bring a checkpoint written by an earlier dlm-adapt to the current format.
+
+Only small files change: the remote-code files (what transformers runs for `trust_remote_code=True`), the
+`auto_map`/`architectures` fields of `config.json`, and the pad-token policy (left padding; a checkpoint without a
+pad token gets EOS as pad, in `tokenizer_config.json` and `generation_config.json`). Each file is written beside itself and renamed
+over the old one, so a file is always either wholly old or wholly new. Weight files are never opened for writing.
+"""
+
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import AdaptError
+
+MODEL_TYPE = "masked_diffusion_lm"
+_VERSION_LINE = re.compile(r'^DLM_ADAPT_VERSION = "([^"]+)"', re.M)
+
+
+@dataclass
+class UpgradeResult:
+    directory: Path
+    code_version: str
+    """The dlm-adapt release that wrote the checkpoint's remote code."""
+    changes: dict[str, bytes] = field(default_factory=dict)
+    """File name -> its new content."""
+    written: bool = False
+
+    @property
+    def needed(self) -> bool:
+        return bool(self.changes)
+
+    def report(self) -> str:
+        from . import __version__
+
+        if not self.needed:
+            return f"{self.directory} is up to date (remote code of dlm-adapt {__version__})"
+        files = ", ".join(sorted(self.changes))
+        if self.written:
+            return f"upgraded {self.directory} from dlm-adapt {self.code_version} to {__version__}: rewrote {files}"
+        return (f"{self.directory} needs an upgrade (remote code of dlm-adapt {self.code_version}; this is "
+                f"{__version__}): would rewrite {files}; run: dlm-adapt upgrade {self.directory}")
+
+
+def code_version(directory: Path) -> str:
+    """The dlm-adapt release that wrote `directory`'s remote code (0.1.0 recorded no version in the code)."""
+    compat = directory / "transformers_compat.py"
+    found = _VERSION_LINE.search(compat.read_text()) if compat.is_file() else None
+    return found.group(1) if found else "0.1.0"
+
+
+def plan_upgrade(directory: str | Path) -> UpgradeResult:
+    """What `upgrade` would rewrite in `directory`, without writing anything."""
+    from .model import AUTO_MAP, MODEL_FILES
+
+    directory = Path(directory).expanduser()
+    config = _read_checkpoint_config(directory)
+    result = UpgradeResult(directory, code_version(directory))
+    for src in MODEL_FILES:
+        new = src.read_bytes()
+        old = directory / src.name
+        if not old.is_file() or old.read_bytes() != new:
+            result.changes[src.name] = new
+
+    updated = dict(config, auto_map=dict(AUTO_MAP), architectures=["MaskedDiffusionLM"])
+    text = dict(updated.get("text_config") or {})
+    text["is_causal"] = not updated.get("bidirectional", True)
+    updated["text_config"] = text
+    if updated != config:
+        result.changes["config.json"] = _json_bytes(updated)
+
+    _plan_pad_token(directory, result)
+    return result
+
+
+def upgrade(directory: str | Path, *, check: bool = False) -> UpgradeResult:
+    """Rewrite `directory`'s remote code and outdated config fields to this release's format, in place (each file
+    replaced atomically; weights untouched). With `check`, only report what would change."""
+    result = plan_upgrade(directory)
+    if check or not result.needed:
+        return result
+    for name, content in result.changes.items():
+        _replace(result.directory / name, content)
+    result.written = True
+    return result
+
+
+def stale_code_warning(directory: Path) -> str | None:
+    """One line for users of a checkpoint whose remote code is older than this release's, else None."""
+    from .model import MODEL_FILES
+
+    if not (directory / "config.json").is_file():
+        return None
+    stale = [f.name for f in MODEL_FILES if not (directory / f.name).is_file()
+             or (directory / f.name).read_bytes() != f.read_bytes()]
+    if not stale:
+        return None
+    return (f"{directory}'s remote code was written by dlm-adapt {code_version(directory)} and may not run with "
+            f"transformers alone on this transformers release; update it with: dlm-adapt upgrade {directory}")
+
+
+def _read_checkpoint_config(directory: Path) -> dict:
+    if not directory.is_dir():
+        raise AdaptError(f"{directory} is not a directory; upgrade takes a dlm-adapt checkpoint directory")
+    if (directory / "adapter_config.json").is_file() and not (directory / "config.json").is_file():
+        raise AdaptError(f"{directory} is a PEFT adapter, which holds no remote code; upgrade the checkpoint it "
+                         "adapts (its base_model_name_or_path) instead")
+    try:
+        config = json.loads((directory / "config.json").read_text())
+    except FileNotFoundError:
+        raise AdaptError(f"{directory} has no config.json: not a dlm-adapt checkpoint, nothing to upgrade") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdaptError(f"{directory}/config.json is not valid JSON ({e}); not a checkpoint upgrade can read") from None
+    if not isinstance(config, dict) or config.get("model_type") != MODEL_TYPE:
+        kind = config.get("model_type") if isinstance(config, dict) else None
+        raise AdaptError(f"{directory} is a '{kind}' checkpoint, not a dlm-adapt diffusion checkpoint; upgrade only "
+                         "rewrites dlm-adapt checkpoints (convert a causal LM with: dlm-adapt convert SOURCE OUTPUT)")
+    if not any(directory.glob("*.safetensors")):
+        raise AdaptError(f"{directory} has a dlm-adapt config but no *.safetensors weights; point upgrade at the "
+                         "checkpoint directory itself (e.g. OUTPUT/final or OUTPUT/checkpoints/step-N)")
+    return config
+
+
+def _plan_pad_token(directory: Path, result: UpgradeResult):
+    """Batched prompts need left padding and a pad token: checkpoints converted without one get EOS as pad (never
+    the mask), as `convert` now does."""
+    tok_file, gen_file = directory / "tokenizer_config.json", directory / "generation_config.json"
+    if not tok_file.is_file():
+        return
+    from .convert import padding_policy
+
+    tok = json.loads(tok_file.read_text())
+    updated = padding_policy(tok)
+    if updated != tok:
+        result.changes[tok_file.name] = _json_bytes(updated)
+    if gen_file.is_file():
+        gen = json.loads(gen_file.read_text())
+        if gen.get("pad_token_id") is None and gen.get("eos_token_id") is not None:
+            eos_id = gen["eos_token_id"]
+            result.changes[gen_file.name] = _json_bytes(dict(gen, pad_token_id=eos_id[0] if isinstance(eos_id, list)
+                                                             else eos_id))
+
+
+def _json_bytes(obj) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
+
+
+def _replace(path: Path, content: bytes):
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(content)
+            f.flush()
+            os.fsync(f.fileno())
+        if path.exists():
+            os.chmod(tmp, path.stat().st_mode & 0o777)
+        else:
+            os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+__all__ = ["UpgradeResult", "plan_upgrade", "stale_code_warning", "upgrade"]

@@ -1,0 +1,290 @@
+# Written into every converted checkpoint as remote code: imports only torch and transformers, so
+# `AutoModel.from_pretrained(path, trust_remote_code=True)` works without dlm-adapt installed.
+import contextlib
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel
+from transformers.utils import ModelOutput
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+from .configuration_masked_diffusion import MaskedDiffusionConfig
+from .sampling_masked_diffusion import SamplingError, diffusion_sample
+
+
+# Every auto class resolves to the diffusion model: a checkpoint must never load as an ordinary causal LM.
+AUTO_MAP = {
+    "AutoConfig": "configuration_masked_diffusion.MaskedDiffusionConfig",
+    "AutoModel": "modeling_masked_diffusion.MaskedDiffusionLM",
+    "AutoModelForCausalLM": "modeling_masked_diffusion.MaskedDiffusionLM",
+    "AutoModelForMaskedLM": "modeling_masked_diffusion.MaskedDiffusionLM",
+}
+CODE_FILES = (
+    "configuration_masked_diffusion.py",
+    "modeling_masked_diffusion.py",
+    "sampling_masked_diffusion.py",
+)
+
+
+@dataclass
+class MaskedDiffusionOutput(ModelOutput):
+    """Logits for every position; `past_key_values` only when called with `use_cache=True`."""
+
+    logits: torch.FloatTensor | None = None
+    past_key_values: object | None = None
+    hidden_states: tuple | None = None
+    attentions: tuple | None = None
+
+
+class MaskedDiffusionLM(PreTrainedModel):
+    """A causal decoder turned into a masked diffusion denoiser.
+
+    The original causal LM lives unchanged in `self.decoder`; only its attention is made bidirectional, through
+    transformers' own `config.is_causal` switch (mask builders) and each attention module's `is_causal` flag
+    (which SDPA/flash kernels read when no mask tensor is built). This is not an autoregressive model:
+    `generate()` refuses, use `diffusion_generate()`.
+    """
+
+    config_class = MaskedDiffusionConfig
+    base_model_prefix = "decoder"
+    supports_gradient_checkpointing = True
+
+    # Attention support is the decoder's: transformers asks before the decoder exists, so look up its class.
+    def _decoder_supports(self, flag: str) -> bool:
+        return bool(getattr(MODEL_FOR_CAUSAL_LM_MAPPING[type(self.config.text_config)], flag, False))
+
+    _supports_sdpa = property(lambda self: self._decoder_supports("_supports_sdpa"))
+    _supports_flash_attn = property(lambda self: self._decoder_supports("_supports_flash_attn"))
+    _supports_flex_attn = property(lambda self: self._decoder_supports("_supports_flex_attn"))
+    _supports_attention_backend = property(lambda self: self._decoder_supports("_supports_attention_backend"))
+
+    def __init__(self, config: MaskedDiffusionConfig):
+        super().__init__(config)
+        self.decoder = AutoModelForCausalLM.from_config(config.text_config)
+        # one config object, so `config.text_config` and what the decoder reads never disagree
+        self.config.text_config = self.decoder.config
+        self._no_split_modules = getattr(self.decoder, "_no_split_modules", None)
+        self.generation_config = GenerationConfig()
+        self.post_init()
+        self._set_causal(not config.bidirectional)
+
+    def _init_weights(self, module):
+        self.decoder._init_weights(module)
+
+    def get_input_embeddings(self):
+        return self.decoder.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.decoder.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.decoder.get_output_embeddings()
+
+    def set_output_embeddings(self, value):
+        self.decoder.set_output_embeddings(value)
+
+    def _set_causal(self, causal: bool):
+        self.decoder.config.is_causal = causal
+        for module in self.decoder.modules():
+            if isinstance(getattr(module, "is_causal", None), bool) and not isinstance(module, PreTrainedModel):
+                module.is_causal = causal
+
+    @contextlib.contextmanager
+    def _attention(self, causal: bool):
+        default = not self.config.bidirectional
+        if causal == default:
+            yield
+            return
+        self._set_causal(causal)
+        try:
+            yield
+        finally:
+            self._set_causal(default)
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        inputs_embeds=None,
+        is_causal: bool = False,
+        past_key_values=None,
+        use_cache: bool = False,
+        **kwargs,
+    ) -> MaskedDiffusionOutput:
+        """Logits for every position. `attention_mask` is the 2-D padding mask (1 = real token).
+
+        `is_causal=True` runs the decoder with its original causal mask (annealing ratio 0): the converted model
+        then reproduces the source causal LM exactly.
+        """
+        if position_ids is None and attention_mask is not None and attention_mask.dim() == 2:
+            # padding must not move real tokens' positions, or padded and unpadded inputs would differ
+            length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -length:]
+        if kwargs.get("labels") is not None:
+            # the decoder would compute a causal next-token loss, which is not the diffusion objective
+            raise TypeError("MaskedDiffusionLM.forward takes no labels: compute the masked-diffusion loss from logits")
+        with self._attention(is_causal or not self.config.bidirectional):
+            out = self.decoder(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                inputs_embeds=inputs_embeds,
+                past_key_values=past_key_values,
+                use_cache=use_cache,
+                **kwargs,
+            )
+        return MaskedDiffusionOutput(logits=out.logits, hidden_states=out.hidden_states, attentions=out.attentions,
+                                     past_key_values=out.past_key_values if use_cache else None)
+
+    def generate(self, *args, **kwargs):
+        raise TypeError(
+            "MaskedDiffusionLM is a masked diffusion model, not an autoregressive one: "
+            "use model.diffusion_generate(input_ids, max_new_tokens=N, steps=S)"
+        )
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        hub_kwargs = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only") if k in kwargs}
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+        except OSError:
+            pass  # no generation_config.json: diffusion_generate uses its documented defaults
+        return model
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Saves a checkpoint that loads with transformers alone: weights, config with `auto_map`, this file and
+        its configuration file (copied from wherever this class was loaded), and the generation config."""
+        self.config.auto_map = dict(AUTO_MAP)
+        super().save_pretrained(save_directory, *args, **kwargs)
+        here, there = Path(__file__).resolve().parent, Path(save_directory).resolve()
+        if here != there:
+            for name in CODE_FILES:
+                shutil.copyfile(here / name, there / name)
+        if self.generation_config is not None:
+            self.generation_config.save_pretrained(save_directory)
+
+    @torch.no_grad()
+    def diffusion_generate(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        max_new_tokens: int | None = None,
+        steps: int | None = None,
+        block_length: int | None = None,
+        remasking: str | None = None,
+        threshold: float | None = None,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        stop_at_eos: bool = True,
+        min_new_tokens: int = 0,
+        schedule: str = "linear",
+        order_temperature: float = 0.0,
+        generator: torch.Generator | None = None,
+        return_dict_in_generate: bool = False,
+        return_history: bool = False,
+        kv_cache: str | None = None,
+    ):
+        """Decode `max_new_tokens` tokens after each prompt by iterative unmasking (see `diffusion_sample`).
+
+        Left-pad batched prompts and pass `attention_mask`; mask tokens inside a prompt are holes to infill.
+        When `max_new_tokens` is not given, it, `steps` and `block_length` come from `generation_config.json`;
+        otherwise `steps` defaults to `max_new_tokens` and `block_length` to `max_new_tokens` (one block).
+        `kv_cache` (Fast-dLLM's approximation, off by default): keys/values are computed once per block and reused
+        by the block's later passes, which then run only the block and what follows it (`"prefix"`) or only the
+        block (`"dual"`). With bidirectional attention the reused entries go stale as the block fills in.
+        Returns a LongTensor (batch, prompt_len + max_new_tokens), or a `SamplingOutput` (`.sequences`, `.nfe`,
+        `.committed_per_step`, `.history`, per-row `.row_nfe` and `.row_committed`) with
+        `return_dict_in_generate=True`.
+        """
+        if kv_cache not in (None, "prefix", "dual"):
+            raise SamplingError(f"kv_cache must be None, 'prefix' or 'dual', got {kv_cache!r}")
+        if kv_cache and not self.supports_kv_cache():
+            raise SamplingError("kv_cache needs a decoder without sliding-window layers")
+        if kv_cache == "dual" and not self.config.bidirectional:
+            raise SamplingError("kv_cache='dual' needs bidirectional attention (the stored keys are reordered)")
+        gen = self.generation_config
+        from_config = max_new_tokens is None
+        n = int(getattr(gen, "max_new_tokens", None) or 128) if from_config else int(max_new_tokens)
+        steps = int(steps if steps is not None else (getattr(gen, "steps", None) or n) if from_config else n)
+        if block_length is None:
+            block_length = int(getattr(gen, "block_length", None) or n) if from_config else n
+        out = diffusion_sample(
+            None,
+            input_ids,
+            attention_mask=attention_mask,
+            mask_token_id=self.config.mask_token_id,
+            shift=self.config.shift,
+            max_new_tokens=n,
+            steps=steps,
+            block_length=block_length,
+            remasking=remasking or getattr(gen, "remasking", None) or "low_confidence",
+            schedule=schedule,
+            threshold=threshold,
+            temperature=temperature,
+            order_temperature=order_temperature,
+            top_k=top_k,
+            top_p=top_p,
+            eos_token_id=_first(getattr(gen, "eos_token_id", None)) if stop_at_eos else None,
+            min_new_tokens=min_new_tokens,
+            max_positions=getattr(self.config.text_config, "max_position_embeddings", None),
+            generator=generator,
+            return_history=return_history,
+            window_fn=_Denoiser(self, kv_cache),
+        )
+        return out if return_dict_in_generate else out.sequences
+
+    def supports_kv_cache(self) -> bool:
+        text = self.config.text_config
+        layer_types = getattr(text, "layer_types", None)
+        if layer_types:
+            return all(t == "full_attention" for t in layer_types)
+        return getattr(text, "sliding_window", None) is None or getattr(text, "use_sliding_window", True) is False
+
+
+class _Denoiser:
+    """The sampler's `window_fn`: predictions for the tokens at canvas positions [lo, hi), with the vocabulary
+    projection computed only there. With `kv_cache` (Fast-dLLM's approximation) a full pass at each block start
+    computes keys/values once; later passes of the block rerun only the span and what follows it ("prefix"), or
+    only the span ("dual"), attending to the stored keys/values of the rest. Under bidirectional attention those
+    go stale as the span fills in."""
+
+    def __init__(self, model, kv_cache=None):
+        self.model, self.kv_cache, self.shift = model, kv_cache, int(model.config.shift)
+        self.cache = self.window = self.stored_mask = None  # set by each block's refresh pass
+
+    def __call__(self, canvas, attention_mask, lo, hi, refresh):
+        first, last = lo - self.shift, hi - self.shift  # logits at [first, last) predict tokens [lo, hi)
+        keep = torch.arange(first, last, device=canvas.device)
+        if self.kv_cache is None:
+            return self.model(input_ids=canvas, attention_mask=attention_mask, logits_to_keep=keep).logits
+        length = canvas.shape[1]
+        mask = attention_mask if attention_mask is not None else torch.ones_like(canvas)
+        if refresh:
+            out = self.model(input_ids=canvas, attention_mask=mask, use_cache=True, logits_to_keep=keep)
+            # the rerun window starts where the first needed logit is and ends after the last token that can change
+            self.window = (first, hi if self.kv_cache == "dual" else length)
+            stored = torch.cat([torch.arange(first), torch.arange(self.window[1], length)]).to(canvas.device)
+            self.cache = out.past_key_values
+            for layer in self.cache.layers:  # bidirectional attention ignores key order, so the window goes last
+                layer.keys, layer.values = layer.keys[:, :, stored], layer.values[:, :, stored]
+            self.stored_mask = mask[:, stored]
+            return out.logits
+        a, b = self.window
+        positions = (mask.long().cumsum(-1) - 1).clamp_min(0)[:, a:b]
+        out = self.model(input_ids=canvas[:, a:b], attention_mask=torch.cat([self.stored_mask, mask[:, a:b]], 1),
+                         position_ids=positions, past_key_values=self.cache, use_cache=True,
+                         logits_to_keep=keep - a)
+        self.cache.crop(-(b - a))  # transformers 5: a negative count of tokens to remove
+        return out.logits
+
+
+def _first(token_id):
+    return token_id[0] if isinstance(token_id, (list, tuple)) else token_id
+
+
+__all__ = ["MaskedDiffusionLM"]

@@ -1,0 +1,111 @@
+"""The transformers internals the remote code touches, one test per compatibility function. CI runs this file on
+the oldest supported transformers and on the latest; the CLI's import weight and its silence on CPU."""
+
+import logging
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, DynamicCache
+from transformers.masking_utils import create_causal_mask
+
+import adapt
+from adapt.model import transformers_compat as compat
+from tiny_models import tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def llama():
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(tiny_config("llama")).eval()
+
+
+def test_versions_agree():
+    assert adapt.__version__ == compat.DLM_ADAPT_VERSION
+    minimum = re.search(r'"transformers>=([\d.]+),', (ROOT / "pyproject.toml").read_text()).group(1)
+    assert compat._release(compat.TESTED_TRANSFORMERS[0]) == compat._release(minimum)
+    assert compat._release(compat.TESTED_TRANSFORMERS[0]) <= compat._release(transformers.__version__)
+
+
+def test_cache_goes_in_and_comes_out_under_this_releases_name(llama):
+    name = compat.cache_kwarg(llama.forward)
+    assert name in compat.CACHE_NAMES
+    ids = torch.arange(4, 10)[None]
+    with torch.no_grad():
+        first = llama(ids[:, :4], use_cache=True)
+        cache = compat.output_cache(first)
+        assert isinstance(cache, DynamicCache) and cache.get_seq_length() == 4
+        assert compat.output_cache(llama(ids, use_cache=False)) is None
+        step = llama(ids[:, 4:], **{name: cache}, use_cache=True)  # the cache was really used: equals a full pass
+        full = llama(ids).logits[:, 4:]
+    torch.testing.assert_close(step.logits, full, atol=1e-5, rtol=0)
+
+
+def test_cache_positions_are_selected_and_dropped(llama):
+    with torch.no_grad():
+        cache = compat.output_cache(llama(torch.arange(4, 10)[None], use_cache=True))
+    keys = [layer.keys.clone() for layer in cache.layers]
+    compat.select_cache_positions(cache, torch.tensor([5, 0, 2]))
+    for layer, k in zip(cache.layers, keys):
+        assert torch.equal(layer.keys, k[:, :, [5, 0, 2]])
+    compat.drop_last_cached(cache, 2)
+    assert cache.get_seq_length() == 1
+    for layer, k in zip(cache.layers, keys):
+        assert torch.equal(layer.keys, k[:, :, [5]])
+
+
+def test_set_causal_switches_every_attention_module(llama):
+    ids = torch.arange(4, 10)[None]
+    with torch.no_grad():
+        causal = llama(ids).logits
+        compat.set_causal(llama, False)
+        flags = {m.is_causal for m in llama.modules() if isinstance(getattr(m, "is_causal", None), bool)}
+        bidirectional = llama(ids).logits
+        compat.set_causal(llama, True)
+        again = llama(ids).logits
+    assert flags == {False}
+    assert not torch.allclose(causal[:, 0], bidirectional[:, 0])  # position 0 now sees later tokens
+    torch.testing.assert_close(again, causal, atol=0, rtol=0)
+
+
+def test_decoder_class_and_mask_builder(llama):
+    assert compat.decoder_class(llama.config) is type(llama)
+    embeds = torch.empty(1, 5, 0)
+    mask = compat.causal_mask(create_causal_mask, config=llama.config, inputs_embeds=embeds,
+                              attention_mask=torch.ones(1, 5, dtype=torch.long), allow_is_causal_skip=False)
+    assert mask is not None and mask.shape[-2:] == (5, 5)
+
+
+def test_newer_transformers_errors_name_upgrade(monkeypatch):
+    with pytest.raises(TypeError, match="plain"), compat.explain_newer_transformers():
+        raise TypeError("plain")  # on a tested release errors pass through unchanged
+    monkeypatch.setattr(compat, "installed_transformers", lambda: "99.0.0")
+    with pytest.raises(RuntimeError, match=r"dlm-adapt upgrade CHECKPOINT_DIR.*unexpected keyword"), \
+            compat.explain_newer_transformers():
+        raise TypeError("__init__() got an unexpected keyword argument 'cache'")
+    with pytest.raises(ValueError), compat.explain_newer_transformers():
+        raise ValueError("a bad argument is not an API change")
+
+
+def test_cli_parses_arguments_without_torch_or_transformers():
+    code = ("import sys, adapt.cli; adapt.cli.build_parser().parse_args(['convert', 'a', 'b']); "
+            "print(sorted({'torch', 'transformers', 'bitsandbytes'} & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_missing_kernels_notice_is_dropped_and_other_bitsandbytes_warnings_kept(caplog):
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    with caplog.at_level(logging.WARNING, logger=logger.name):
+        logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please ...", "no kernels")
+        logger.warning("a real bitsandbytes problem")
+    assert [r.getMessage() for r in caplog.records] == ["a real bitsandbytes problem"]
+    proc = subprocess.run([sys.executable, "-c", "import adapt.train, peft, bitsandbytes"], capture_output=True,
+                          text=True)
+    assert proc.returncode == 0 and "gemm_4bit_forward" not in proc.stderr, proc.stderr[-500:]
