@@ -77,9 +77,13 @@ def test_set_causal_switches_every_attention_module(llama):
 def test_decoder_class_and_mask_builder(llama):
     assert compat.decoder_class(llama.config) is type(llama)
     embeds = torch.empty(1, 5, 0)
+    first_future = lambda batch, head, q, kv: (q == 0) & (kv == 1)  # noqa: E731
     mask = compat.causal_mask(create_causal_mask, config=llama.config, inputs_embeds=embeds,
-                              attention_mask=torch.ones(1, 5, dtype=torch.long), allow_is_causal_skip=False)
-    assert mask is not None and mask.shape[-2:] == (5, 5)
+                              attention_mask=torch.ones(1, 5, dtype=torch.long), or_mask_function=first_future,
+                              allow_is_causal_skip=False)
+    visible = mask[0, 0] if mask.dtype == torch.bool else mask[0, 0] == 0
+    assert torch.equal(visible, torch.ones(5, 5, dtype=torch.bool).tril() | (torch.arange(5)[:, None] == 0)
+                       & (torch.arange(5) == 1))
 
 
 def test_newer_transformers_errors_name_upgrade(monkeypatch):

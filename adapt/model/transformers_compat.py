@@ -92,8 +92,12 @@ def drop_last_cached(cache, n: int):
 
 
 def causal_mask(builder, **kwargs):
-    """Call one of `transformers.masking_utils`' mask builders with no cache, under this release's argument name."""
+    """Call one of `transformers.masking_utils`' mask builders with no cache, under this release's argument name.
+    `allow_is_causal_skip=False` goes only to builders that take it: older ones already never skip building the
+    mask when given an `or_mask_function`, which is the only way this package calls them."""
     kwargs[cache_kwarg(builder)] = None
+    if "allow_is_causal_skip" not in inspect.signature(builder).parameters:
+        assert kwargs.pop("allow_is_causal_skip", False) is False and kwargs.get("or_mask_function") is not None
     return builder(**kwargs)
 
 
