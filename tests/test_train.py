@@ -59,6 +59,9 @@ def test_full_run_logs_metrics_and_writes_a_loadable_final(setup, tmp_path):
     assert config["auto_map"]["AutoModel"] and (final / "modeling_masked_diffusion.py").exists()
     model, _ = adapt.load(final)
     assert model.config.mask_token_id == 100
+    assert not adapt.upgrade(final, check=True).needed  # a final is written in the current format
+    (final / "transformers_compat.py").unlink()  # ... and `upgrade` takes one as it takes a convert output
+    assert adapt.upgrade(final).written and not adapt.upgrade(final, check=True).needed
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])

@@ -76,6 +76,12 @@ def test_set_causal_switches_every_attention_module(llama):
 
 def test_decoder_class_and_mask_builder(llama):
     assert compat.decoder_class(llama.config) is type(llama)
+    flags = compat.attention_support_flags()
+    assert "_supports_sdpa" in flags and all(isinstance(getattr(llama, f), bool) for f in flags)
+    from adapt.model import MaskedDiffusionConfig, MaskedDiffusionLM
+
+    model = MaskedDiffusionLM(MaskedDiffusionConfig(text_config=llama.config.to_dict(), mask_token_id=5))
+    assert {f: getattr(model, f) for f in flags} == {f: getattr(llama, f) for f in flags}
     embeds = torch.empty(1, 5, 0)
     first_future = lambda batch, head, q, kv: (q == 0) & (kv == 1)  # noqa: E731
     mask = compat.causal_mask(create_causal_mask, config=llama.config, inputs_embeds=embeds,

@@ -9,8 +9,8 @@ from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 
 from .configuration_masked_diffusion import MaskedDiffusionConfig
 from .sampling_masked_diffusion import SamplingError, diffusion_sample
-from .transformers_compat import (cache_kwarg, decoder_class, drop_last_cached, explain_newer_transformers,
-                                  output_cache, select_cache_positions, set_causal)
+from .transformers_compat import (attention_support_flags, cache_kwarg, decoder_class, drop_last_cached,
+                                  explain_newer_transformers, output_cache, select_cache_positions, set_causal)
 
 
 # Every auto class resolves to the diffusion model: a checkpoint must never load as an ordinary causal LM.
@@ -40,15 +40,6 @@ class MaskedDiffusionLM(PreTrainedModel):
     config_class = MaskedDiffusionConfig
     base_model_prefix = "decoder"
     supports_gradient_checkpointing = True
-
-    # Attention support is the decoder's: transformers asks before the decoder exists, so look up its class.
-    def _decoder_supports(self, flag: str) -> bool:
-        return bool(getattr(decoder_class(self.config.text_config), flag, False))
-
-    _supports_sdpa = property(lambda self: self._decoder_supports("_supports_sdpa"))
-    _supports_flash_attn = property(lambda self: self._decoder_supports("_supports_flash_attn"))
-    _supports_flex_attn = property(lambda self: self._decoder_supports("_supports_flex_attn"))
-    _supports_attention_backend = property(lambda self: self._decoder_supports("_supports_attention_backend"))
 
     def __init__(self, config: MaskedDiffusionConfig):
         with explain_newer_transformers():
@@ -128,7 +119,7 @@ class MaskedDiffusionLM(PreTrainedModel):
                 position_ids=position_ids,
                 inputs_embeds=inputs_embeds,
                 use_cache=use_cache,
-                **{cache_kwarg(self.decoder.forward): cache},
+                **{cache_kwarg(type(self.decoder).forward): cache},
                 **kwargs,
             )
         return out
@@ -238,6 +229,12 @@ class MaskedDiffusionLM(PreTrainedModel):
         if layer_types:
             return all(t == "full_attention" for t in layer_types)
         return getattr(text, "sliding_window", None) is None or getattr(text, "use_sliding_window", True) is False
+
+
+# Attention support is the decoder's: transformers asks before the decoder exists, so each flag looks up its class.
+for _flag in attention_support_flags():
+    setattr(MaskedDiffusionLM, _flag,
+            property(lambda self, flag=_flag: bool(getattr(decoder_class(self.config.text_config), flag, False))))
 
 
 class _Denoiser:

@@ -9,6 +9,7 @@ releases. Each function looks up what the installed transformers offers; only th
 
 import contextlib
 import dataclasses
+import functools
 import inspect
 import re
 
@@ -52,6 +53,7 @@ def explain_newer_transformers():
         ) from error
 
 
+@functools.lru_cache(maxsize=None)  # called on every forward pass: read each signature once
 def cache_kwarg(forward) -> str:
     """The name under which `forward` takes a KV cache (`cache` since transformers 5.24, `past_key_values` before)."""
     params = inspect.signature(forward).parameters
@@ -69,6 +71,13 @@ def decoder_class(text_config):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM._model_mapping[type(text_config)]
+
+
+def attention_support_flags() -> list[str]:
+    """The boolean `_supports_*` class flags this transformers reads to pick an attention implementation (their
+    names and number change between releases)."""
+    return sorted(name for name in dir(PreTrainedModel)
+                  if name.startswith("_supports_") and isinstance(getattr(PreTrainedModel, name), bool))
 
 
 def set_causal(decoder, causal: bool):
@@ -101,5 +110,5 @@ def causal_mask(builder, **kwargs):
     return builder(**kwargs)
 
 
-__all__ = ["DLM_ADAPT_VERSION", "TESTED_TRANSFORMERS", "cache_kwarg", "causal_mask", "decoder_class",
+__all__ = ["DLM_ADAPT_VERSION", "TESTED_TRANSFORMERS", "attention_support_flags", "cache_kwarg", "causal_mask", "decoder_class",
            "drop_last_cached", "explain_newer_transformers", "output_cache", "select_cache_positions", "set_causal"]
