@@ -132,6 +132,9 @@ class TrainConfig:
     run again with resume=true to continue. The schedule still spans `max_steps`."""
     resume: bool | str = False
     """`true`: continue from the newest checkpoint in OUTPUT/checkpoints; or a checkpoint directory."""
+    overwrite: bool = False
+    """Delete an existing run of the same kind in `output_dir` and start over (a rerun otherwise resumes, with
+    `resume`, or is refused). A directory dlm-adapt did not write is never deleted."""
     tensorboard: bool = False
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
