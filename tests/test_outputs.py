@@ -4,6 +4,7 @@ that appears during a run is never clobbered, and a diverged run leaves no final
 import importlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -78,6 +79,31 @@ def test_only_old_temporary_directories_of_our_own_are_cleaned(src, tmp_path):
     adapt.convert(src, tmp_path / "out")
     assert not ours_old.exists()
     assert ours_new.exists() and (foreign_old / "model.safetensors").read_bytes() == b"partial"
+
+
+def test_ctrl_c_during_convert_is_one_line_exit_130_and_no_output(src, tmp_path):
+    out = tmp_path / "out"
+    code = (
+        "import sys, time\n"
+        "import importlib\n"
+        "c = importlib.import_module('adapt.convert')\n"
+        "real = c._write_config\n"
+        "def slow(*a, **k):\n"
+        "    real(*a, **k)\n"
+        "    print('writing', flush=True)\n"
+        "    time.sleep(120)\n"
+        "c._write_config = slow\n"
+        "from adapt.cli import main\n"
+        f"sys.exit(main(['convert', {str(src)!r}, {str(out)!r}]))\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 130
+    stderr = proc.stderr.read()
+    assert "Traceback" not in stderr and len(_error_lines(stderr)) == 1 and "interrupted" in stderr, stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 def _train_cfg(src, out, *overrides):
