@@ -141,3 +141,33 @@ def test_readme_infill_example_fills_every_hole(ws, capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["nfe"] == 3 and len(result["tokens"]) == 5  # one pass per hole, by default
     assert result["text"].startswith("w1 ") and result["text"].endswith(" w5") and "mask" not in result["text"]
+
+
+RANGES = {  # override: the key named in the error (None: a boundary value that is valid)
+    "train.lr=0": "train.lr", "log_steps=0": "log_steps", "lora.dropout=1": "lora.dropout",
+    "anneal.anneal_steps=0": "anneal.anneal_steps", "data.validation_fraction=1": "data.validation_fraction",
+    "objective.cart_p=0": "objective.cart_p", "train.batch_size=0": "train.batch_size", "stop_after=0": "stop_after",
+    "train.max_grad_norm=-1": "train.max_grad_norm", "objective.eps=nan": "objective.eps",
+    "save_steps=0": None, "eval_steps=0": None, "data.validation_fraction=0": None, "train.betas=[0, 0.999]": None,
+}
+
+
+@pytest.mark.parametrize("override", RANGES)
+def test_numeric_config_ranges(override):
+    from adapt import AdaptError
+    from adapt.config import load_config
+
+    key = RANGES[override]
+    if key is None:
+        load_config(None, [override])
+    else:
+        with pytest.raises(AdaptError, match=rf"config key '{re.escape(key)}' must be in "):
+            load_config(None, [override])
+
+
+def test_sft_ranges_name_the_section():
+    from adapt import AdaptError
+    from adapt.config import SFTConfig, load_config
+
+    with pytest.raises(AdaptError, match=r"'data.max_length' must be in \[2, inf\), got 1"):
+        load_config(None, ["data.max_length=1"], cls=SFTConfig)
