@@ -278,9 +278,8 @@ def _model_settings(cfg: TrainConfig) -> dict:
 
 
 def _local_inputs(cfg: TrainConfig) -> dict[str, Path]:
+    # a resume checkpoint is not one: it normally lies inside output_dir, which a resumed run never deletes
     specs = {"model.path": cfg.model.path, "data.train": cfg.data.train, "data.validation": cfg.data.validation or ""}
-    if cfg.resume not in (True, False):
-        specs["resume"] = str(cfg.resume)
     found = {}
     for key, spec in specs.items():
         for i, item in enumerate(s.strip() for s in spec.split(",") if s.strip()):

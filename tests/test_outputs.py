@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -124,6 +123,10 @@ def test_rerunning_a_finished_run_resumes_or_is_refused(src, tmp_path):
     with pytest.raises(AdaptError, match=r"model.shift=False \(was True\)"):  # OUTPUT/converted has shift
         adapt.train(_train_cfg(src, out, "resume=true", "model.shift=false"))
     assert {p: p.read_bytes() for p in kept} == kept
+    # resuming from a checkpoint inside output_dir, named by path
+    adapt.train(_train_cfg(src, out, "stop_after=1", "max_steps=3", "overwrite=true"))
+    adapt.train(_train_cfg(src, out, f"resume={out / 'checkpoints' / 'step-00000001'}", "max_steps=3"))
+    assert [json.loads(ln)["step"] for ln in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
     adapt.train(_train_cfg(src, out, "overwrite=true", "model.shift=false", "max_steps=2"))
     assert json.loads((out / "converted" / "config.json").read_text())["shift"] is False  # converted again
     assert [json.loads(ln)["step"] for ln in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
