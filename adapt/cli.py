@@ -75,7 +75,7 @@ def _push(args):
 def _eval(args):
     import json
 
-    from .evaluate import evaluate, write_json
+    from .evaluate import check_writable, evaluate, write_json
 
     steps = None
     if args.sweep_steps:
@@ -83,6 +83,8 @@ def _eval(args):
             steps = [int(s) for s in args.sweep_steps.split(",") if s.strip()]
         except ValueError:
             raise AdaptError(f"--sweep-steps takes comma-separated integers, got {args.sweep_steps!r}") from None
+    if args.json:
+        check_writable(args.json)  # before minutes of evaluation, not after
     result = evaluate(args.model, args.data, metrics=args.metrics, ar_parent=args.ar_parent,
                       mc_samples=args.mc_samples, block_length=args.block_length, num_blocks=args.num_blocks,
                       batch_size=args.batch_size, seed=args.seed, device=args.device, text_column=args.text_column,
@@ -228,6 +230,9 @@ def main(argv=None) -> int:
     except AdaptError as e:
         print(f"dlm-adapt: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # temporary outputs were removed on the way out (finally blocks); 130 = 128 + SIGINT
+        print(f"dlm-adapt: error: interrupted (Ctrl-C); {args.command} stopped", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

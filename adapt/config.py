@@ -13,6 +13,7 @@ import yaml
 from .errors import AdaptError
 from .masks import AnnealConfig
 from .objective import ObjectiveConfig
+from .ranges import RangeError, check_ranges
 
 
 @dataclass
@@ -46,6 +47,10 @@ class DataConfig:
     block_length: int = 256
     """Tokens per packed training block (documents joined with EOS in between)."""
     max_eval_blocks: int = 64
+
+    def __post_init__(self):
+        check_ranges(self, {"validation_fraction": "[0, 1)", "block_length": "[2, inf)",
+                            "max_eval_blocks": "[1, inf)"})
 
 
 @dataclass
@@ -83,6 +88,10 @@ class SFTDataConfig:
     Nothing is ever cut."""
     max_eval_samples: int = 64
 
+    def __post_init__(self):
+        check_ranges(self, {"validation_fraction": "[0, 1)", "max_length": "[2, inf)",
+                            "max_eval_samples": "[1, inf)"})
+
 
 @dataclass
 class LoraOptions:
@@ -95,6 +104,9 @@ class LoraOptions:
     """Make the [MASK] embedding row trainable (PEFT trainable tokens): the new token has to be learned."""
     save_adapter_only: bool = False
     """Write only the adapter to OUTPUT/final instead of merging it into the model."""
+
+    def __post_init__(self):
+        check_ranges(self, {"r": "[1, inf)", "alpha": "(0, inf)", "dropout": "[0, 1)"})
 
 
 @dataclass
@@ -115,6 +127,12 @@ class TrainOptions:
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     seed: int = 0
 
+    def __post_init__(self):
+        check_ranges(self, {"batch_size": "[1, inf)", "gradient_accumulation_steps": "[1, inf)", "lr": "(0, inf)",
+                            "attention_lr": "(0, inf)", "mlp_lr": "(0, inf)", "weight_decay": "[0, inf)",
+                            "betas": "[0, 1)", "warmup_steps": "[0, inf)", "max_grad_norm": "[0, inf)",
+                            "seed": "[0, inf)"})
+
 
 @dataclass
 class TrainConfig:
@@ -132,6 +150,9 @@ class TrainConfig:
     run again with resume=true to continue. The schedule still spans `max_steps`."""
     resume: bool | str = False
     """`true`: continue from the newest checkpoint in OUTPUT/checkpoints; or a checkpoint directory."""
+    overwrite: bool = False
+    """Delete an existing run of the same kind in `output_dir` and start over (a rerun otherwise resumes, with
+    `resume`, or is refused). A directory dlm-adapt did not write is never deleted."""
     tensorboard: bool = False
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -139,6 +160,12 @@ class TrainConfig:
     anneal: AnnealConfig = field(default_factory=AnnealConfig)
     train: TrainOptions = field(default_factory=TrainOptions)
     lora: LoraOptions = field(default_factory=LoraOptions)
+
+    def __post_init__(self):
+        # 0 turns saving, evaluation and sampling off
+        check_ranges(self, {"max_steps": "[1, inf)", "save_steps": "[0, inf)", "eval_steps": "[0, inf)",
+                            "log_steps": "[1, inf)", "sample_steps": "[0, inf)", "save_total_limit": "[0, inf)",
+                            "stop_after": "[1, inf)"})
 
 
 @dataclass
@@ -175,7 +202,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), cls=T
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise AdaptError(f"override {item!r}: {p} is not a section")
-        node[leaf] = yaml.safe_load(value) if value != "" else None
+        try:
+            node[leaf] = yaml.safe_load(value) if value != "" else None
+        except yaml.YAMLError as e:
+            problem = str(e).splitlines()[0]
+            raise AdaptError(f"override {item!r}: the value is not valid YAML ({problem}); fix it, or quote a "
+                             "literal string") from e
     return from_dict(cls, data)
 
 
@@ -194,7 +226,10 @@ def from_dict(cls, data: dict, prefix: str = ""):
             kwargs[name] = from_dict(hint, value or {}, f"{prefix}{name}.")
         else:
             kwargs[name] = _check(value, hint, f"{prefix}{name}")
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except RangeError as e:  # the dataclass knows its own field, not the section it sits in
+        raise AdaptError(e.message(prefix)) from None
 
 
 def _check(value, hint, key):

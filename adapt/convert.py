@@ -3,14 +3,12 @@ alone (remote code), keeping every weight of the source.
 
 Everything is written to a temporary directory beside OUTPUT and renamed into place at the end, so a failed
 conversion leaves nothing that looks like a checkpoint, and an existing OUTPUT survives until the new one is
-complete.
+complete. Only a previous conversion output is ever replaced (see `outputs`).
 """
 
 import json
-import os
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,12 +20,15 @@ from . import __version__
 from .architectures import check_architecture
 from .errors import AdaptError
 from .hub import Source, resolve_source
+from .outputs import check_target, make_temp, publish
 from .model import AUTO_MAP, MODEL_FILES, MaskedDiffusionConfig
 from .safetensors_io import StoredTensor, dtype_code, read_shards, torch_dtype, write_safetensors
 
 DEFAULT_MASK_TOKEN = "<|mask|>"
 PREFIX = "decoder."  # where MaskedDiffusionLM keeps the causal LM
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+FLAG = "--overwrite (overwrite=True)"
+ADVICE = f"pass {FLAG} to replace it, or choose a new directory"
 DEFAULT_DECODING = {"max_new_tokens": 128, "steps": 128, "block_length": 128, "remasking": "low_confidence"}
 
 
@@ -47,7 +48,8 @@ def convert(
 
     Args:
         source: a local Hugging Face model directory, a `.gguf` file, or a Hub model id.
-        output: directory to create (refused if it exists, unless `overwrite`).
+        output: directory to create; an existing non-empty one is refused unless it is a previous conversion
+            output and `overwrite` is set.
         mask_token: `"auto"` (reuse the tokenizer's mask token, else a spare embedding row, else add
             `<|mask|>` and resize), a token string already in the vocabulary, or a token id.
         shift: keep the AR alignment (logit at i-1 predicts token i). Stored in the config.
@@ -55,25 +57,24 @@ def convert(
         revision: Hub revision (branch, tag or commit) when `source` is a Hub id.
         gguf_file: GGUF file name inside `source` (a directory or Hub repo).
         trust_remote_code: allow the source's own code for its config/tokenizer (off unless you ask).
-        overwrite: replace an existing `output`.
+        overwrite: replace a previous conversion output at `output`.
     """
+    if not str(output).strip():
+        raise AdaptError("output path is empty; name the directory to create")
     output = Path(output).expanduser().absolute()
     if dtype != "auto" and dtype not in DTYPES:
         raise AdaptError(f"unknown dtype '{dtype}': use auto, {', '.join(DTYPES)}")
-    if output.exists() and not overwrite:
-        raise AdaptError(f"output {output} already exists; pass --overwrite (overwrite=True) to replace it")
-    if output.exists() and not output.is_dir():
-        raise AdaptError(f"output {output} exists and is not a directory; remove it or choose another path")
+    local = Path(source).expanduser()
+    # checked before a Hub source is downloaded, and again once the source is a local directory
+    check_target(output, "convert", overwrite, {"source": local} if local.exists() else {}, ADVICE)
     src = resolve_source(source, revision, gguf_file, trust_remote_code)
-    if output.resolve() == src.directory or src.directory in output.resolve().parents:
-        raise AdaptError(f"output {output} is inside the source {src.directory}; choose a separate directory")
+    replace = check_target(output, "convert", overwrite, {"source": src.directory}, ADVICE)
 
     config = _load_config(src, trust_remote_code)
     check_architecture(config)
     tokenizer = _load_tokenizer(src, trust_remote_code)
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.tmp-"))
+    tmp = make_temp(output, "convert")
     try:
         streamed = src.gguf_file is None and _has_safetensors(src.directory)
         writer = _StreamedWeights(src.directory, config) if streamed else _LoadedWeights(src, config, trust_remote_code)
@@ -100,7 +101,7 @@ def convert(
         tokenizer_config.write_text(json.dumps(padding_policy(json.loads(tokenizer_config.read_text())), indent=2) + "\n")
         for f in src.directory.glob("LICENSE*"):
             shutil.copyfile(f, tmp / f.name)
-        _publish(tmp, output)
+        publish(tmp, output, "convert", replace, FLAG)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return output
@@ -242,6 +243,7 @@ class _StreamedWeights:
                 print(f"dlm-adapt: warning: {len(unexpected)} checkpoint tensors are not used by the "
                       f"{config.model_type} model and are dropped (e.g. {unexpected[0]})", file=sys.stderr)
                 self.names = {k: v for k, v in self.names.items() if v in expected}
+        _check_shapes(self.shards, self.names, skeleton, config.model_type)
         self.vocab_names = _vocab_param_names(skeleton)
         embed_name = next(n for n, p in skeleton.named_parameters(remove_duplicate=False)
                           if p is skeleton.get_input_embeddings().weight)
@@ -274,6 +276,18 @@ class _StreamedWeights:
             (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         if new_rows:
             self.config.vocab_size = self.vocab_rows + new_rows
+
+
+def _check_shapes(shards: dict, names: dict, skeleton, model_type: str):
+    """A config.json that disagrees with the weights would convert into a checkpoint that cannot load."""
+    expected = skeleton.state_dict()
+    for tensors in shards.values():
+        for name, stored in tensors.items():
+            want = expected.get(names.get(name))
+            if want is not None and tuple(stored.shape) != tuple(want.shape):
+                raise AdaptError(f"config.json does not match the weights: {name} has shape {tuple(stored.shape)}, "
+                                 f"but the {model_type} config implies {tuple(want.shape)}; fix config.json "
+                                 "(e.g. hidden_size, vocab_size) or use the checkpoint's own config")
 
 
 def _transform(stored: StoredTensor, new_rows: int, dtype: torch.dtype | None):
@@ -348,20 +362,6 @@ def _write_generation_config(out_dir: Path, tokenizer, config, mask_id: int):
         **DEFAULT_DECODING,
     )
     gen.save_pretrained(out_dir)
-
-
-def _publish(tmp: Path, output: Path):
-    """Swap the finished directory into place; the old OUTPUT is removed only once the new one is there."""
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the checkpoint should get normal permissions
-    if output.exists():
-        old = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.old-"))
-        output.rename(old / "out")
-        tmp.rename(output)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(output)
 
 
 def _first_line(e: BaseException) -> str:

@@ -9,6 +9,7 @@ blocks × (block_length − 1) tokens, each given the same block-local informati
 
 import json
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -386,6 +387,17 @@ def parse_metrics(metrics) -> tuple[str, ...]:
     if unknown or not names:
         raise AdaptError(f"unknown metric {', '.join(unknown) or '(none given)'}; choose from {', '.join(METRICS)}")
     return tuple(dict.fromkeys(names))
+
+
+def check_writable(path: str | Path):
+    """Refuse an output file that could not be written, without creating anything."""
+    path = Path(path)
+    parent = next((p for p in [path.parent, *path.parent.parents] if p.exists()), Path("."))
+    if path.is_dir():
+        raise AdaptError(f"--json {path} is a directory; name a file")
+    if not parent.is_dir() or not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise AdaptError(f"--json {path} cannot be written (no permission, or {parent} is not a directory); "
+                         "choose another path")
 
 
 def write_json(result: dict, path: str | Path) -> Path:

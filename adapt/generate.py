@@ -16,6 +16,8 @@ def generate(model, prompts: list[str], *, tokenizer=None, chat: bool = False, i
     `infill`, each prompt is a text whose mask-token strings are holes to fill. Returns one dict per prompt:
     `prompt`, `text` (the generated part, or the filled text for infilling), `tokens`, and the row's own `nfe`
     (forward passes it needed: the same as decoding it alone) and `tokens_per_forward`."""
+    if max_new_tokens < 0:  # checked before the model loads; infilling alone passes 0 new tokens on
+        raise AdaptError(f"--max-new-tokens must be 0 or more, got {max_new_tokens}")
     if isinstance(model, (str, Path)):
         model, tokenizer = load(model)
     if tokenizer is None:

@@ -7,7 +7,9 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
+from .convert import _first_line
 from .errors import AdaptError
+from .hub import _HUB_ID
 from .model import MaskedDiffusionConfig, MaskedDiffusionLM
 from .upgrade import stale_code_warning
 
@@ -18,11 +20,17 @@ def load(path: str | Path, *, dtype: str | torch.dtype | None = None, device: st
 
     `attn_implementation` is transformers' own switch (`eager`, `sdpa`, `flash_attention_2`, ...)."""
     local = Path(path).expanduser()
+    if not local.exists() and not _HUB_ID.match(str(path)):
+        raise AdaptError(f"model {path} does not exist (expected a dlm-adapt checkpoint directory or a Hub id)")
     if local.is_dir():
         config_file = local / "config.json"
         if not config_file.is_file():
             raise AdaptError(f"{local} has no config.json: not a model directory")
-        model_type = json.loads(config_file.read_text()).get("model_type")
+        try:
+            model_type = json.loads(config_file.read_text()).get("model_type")
+        except (ValueError, AttributeError) as e:
+            raise AdaptError(f"{config_file} is not a JSON object ({_first_line(e)}); the checkpoint is damaged: "
+                             "convert or download it again") from e
         if model_type != MaskedDiffusionConfig.model_type:
             raise AdaptError(f"{local} is a '{model_type}' checkpoint, not a dlm-adapt diffusion checkpoint; "
                              f"convert it first: dlm-adapt convert {local} OUTPUT")
@@ -34,7 +42,10 @@ def load(path: str | Path, *, dtype: str | torch.dtype | None = None, device: st
         kwargs["dtype"] = dtype
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
-    model = MaskedDiffusionLM.from_pretrained(str(path), **kwargs)
+    try:
+        model = MaskedDiffusionLM.from_pretrained(str(path), **kwargs)
+    except OSError as e:  # a Hub id that is not there (or not reachable), missing weight files
+        raise AdaptError(f"cannot load model {path}: {_first_line(e)}") from e
     # explicit False: the checkpoint has auto_map, and the tokenizer needs no remote code; passing the config
     # spares AutoTokenizer a failing AutoConfig lookup of our model type (and its misleading warning)
     tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False, config=model.config,

@@ -19,6 +19,7 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 from .architectures import check_architecture
 from .errors import AdaptError
 from .model.transformers_compat import causal_mask
+from .ranges import check_ranges
 
 # Implementations whose mask interface honours an arbitrary mask function, as tested here. flash-attention
 # takes only causal/padding information and would silently drop the annealing mask (a DiffuLLaMA bug).
@@ -35,6 +36,9 @@ class AnnealConfig:
     """Optimizer steps until the mask ratio reaches 1."""
     schedule: Literal["linear", "cosine"] = "linear"
     """Ratio over steps: linear r = min(1, (step + 1)/anneal_steps), or a cosine ramp over the same steps."""
+
+    def __post_init__(self):
+        check_ranges(self, {"anneal_steps": "[1, inf)"})
 
 
 def mask_ratio(step: int, cfg: AnnealConfig) -> float:

@@ -11,6 +11,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from .ranges import check_ranges
+
 
 @dataclass
 class ObjectiveConfig:
@@ -30,6 +32,9 @@ class ObjectiveConfig:
     complementary: bool = False
     """Also train on the complement mask of every sequence (Fast-dLLM v2): every maskable token is supervised
     once per step; the batch is doubled."""
+
+    def __post_init__(self):
+        check_ranges(self, {"eps": "(0, 1)", "cart_p": "(0, 1)"})
 
 
 def sample_t(batch: int, cfg: ObjectiveConfig, generator: torch.Generator | None = None, device=None) -> torch.Tensor:

@@ -3,6 +3,7 @@ attention mask anneals from causal to bidirectional, on Accelerate (CPU, one GPU
 
 import contextlib
 import json
+import math
 import re
 import shutil
 import time
@@ -11,7 +12,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, PreTrainedConfig, get_scheduler
 
-from . import checkpointing
+from . import checkpointing, outputs
 from .config import SFTConfig, SFTDataConfig, TrainConfig, to_dict
 from .convert import convert
 from .data import BlockLoader, build_datasets, split_batch
@@ -100,17 +101,17 @@ def train(cfg: TrainConfig) -> Path | None:
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
-    out = Path(cfg.output_dir)
+    if not str(cfg.output_dir).strip():
+        raise AdaptError("output_dir is empty; name the directory to write the run into")
+    out = Path(cfg.output_dir).expanduser().absolute()
     ckpt_root = out / "checkpoints"
-    if cfg.resume is False and checkpoint_dirs_exist(ckpt_root):
-        raise AdaptError(f"{out} already holds checkpoints; set resume=true to continue, or choose another output_dir")
+    kind = "sft" if isinstance(cfg.data, SFTDataConfig) else "train"
+    replace = _check_output(cfg, out, kind)
     resume_from = _resume_path(cfg, ckpt_root)
 
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, project_dir=str(out),
                               log_with="tensorboard" if cfg.tensorboard else None)
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
-    if cfg.train.batch_size < 1 or cfg.train.gradient_accumulation_steps < 1:
-        raise AdaptError("train.batch_size and train.gradient_accumulation_steps must be at least 1")
 
     source = cfg.model.path
     if not source:
@@ -125,6 +126,13 @@ def train(cfg: TrainConfig) -> Path | None:
     else:
         train_blocks, val_blocks = build_datasets(cfg.data, tokenizer, max_positions, cfg.train.seed)
         val_blocks = val_blocks[: cfg.data.max_eval_blocks]
+    accelerator.wait_for_everyone()  # every process has checked OUTPUT before the main one changes it
+    if main:
+        if replace:  # proven a run of this kind (marker) and overwrite=true: start over
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        if resume_from is None or outputs.marker_kind(out) is None:
+            outputs.write_marker(out, kind, model=_model_settings(cfg))
     if not diffusion_source:
         converted = out / "converted"
         if main and not (converted / "config.json").exists():
@@ -189,14 +197,19 @@ def train(cfg: TrainConfig) -> Path | None:
                 accelerator.backward(loss / ga)
             loss_sum += loss.detach().float().item() / ga
             seen += int(padding.sum())
-        if cfg.train.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
+        # an infinite max_norm measures the norm without clipping: one non-finite gradient poisons every weight
+        norm = accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm or math.inf)
+        norm = None if norm is None else float(norm)  # DeepSpeed clips inside its engine and returns None
+        loss_value = accelerator.reduce(torch.tensor(loss_sum, device=accelerator.device), "mean").item()
+        done = step + 1
+        # fp16 mixed precision's loss scaler makes infinite gradients on purpose and skips those steps itself
+        bad_norm = norm is not None and accelerator.scaler is None and not math.isfinite(norm)
+        if not math.isfinite(loss_value) or bad_norm:
+            raise AdaptError(_diverged(cfg, done, f"loss {loss_value}, gradient norm {norm}", ckpt_root))
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        done = step + 1
         seconds = time.perf_counter() - started
-        loss_value = accelerator.reduce(torch.tensor(loss_sum, device=accelerator.device), "mean").item()
         record = {"step": done, "loss": loss_value, "lr": scheduler.get_last_lr()[0], "mask_ratio": ratio,
                   "tokens_per_s": seen * world / seconds}
         if cfg.eval_steps and (done % cfg.eval_steps == 0 or done == cfg.max_steps):
@@ -213,7 +226,11 @@ def train(cfg: TrainConfig) -> Path | None:
         if main and cfg.sample_steps and done % cfg.sample_steps == 0:
             _write_samples(dlm, tokenizer, val_blocks, out / "samples.log", done, bar)
         stopping = cfg.stop_after is not None and done - start_step >= cfg.stop_after and done < cfg.max_steps
-        if (cfg.save_steps and done % cfg.save_steps == 0 and done < cfg.max_steps) or stopping:
+        saving = (cfg.save_steps and done % cfg.save_steps == 0 and done < cfg.max_steps) or stopping
+        if (saving or done == cfg.max_steps) and not _finite_weights(accelerator, model):
+            # finite gradients can still overflow a float16 update: never save such weights
+            raise AdaptError(_diverged(cfg, done, "the weights stopped being finite", ckpt_root))
+        if saving:
             rng = {"torch": torch.get_rng_state(), "noise": noise.get_state()}
             if torch.cuda.is_available():
                 rng["cuda"] = torch.cuda.get_rng_state()
@@ -253,8 +270,46 @@ def _source_tokenizer(cfg: TrainConfig, source: str, diffusion_source: bool):
     return tokenizer, getattr(config, "max_position_embeddings", None)
 
 
-def checkpoint_dirs_exist(root: Path) -> bool:
-    return bool(checkpointing.checkpoint_dirs(root))
+def _model_settings(cfg: TrainConfig) -> dict:
+    """What OUTPUT/converted was made from: a rerun may reuse it only with the same settings."""
+    path = Path(cfg.model.path).expanduser()
+    return {"path": str(path.absolute()) if path.exists() else cfg.model.path, "mask_token": cfg.model.mask_token,
+            "shift": cfg.model.shift, "gguf_file": cfg.model.gguf_file}
+
+
+def _local_inputs(cfg: TrainConfig) -> dict[str, Path]:
+    # a resume checkpoint is not one: it normally lies inside output_dir, which a resumed run never deletes
+    specs = {"model.path": cfg.model.path, "data.train": cfg.data.train, "data.validation": cfg.data.validation or ""}
+    found = {}
+    for key, spec in specs.items():
+        for i, item in enumerate(s.strip() for s in spec.split(",") if s.strip()):
+            path = Path(item).expanduser()
+            if path.exists():
+                found[f"{key} input" + (f" #{i + 1}" if i else "")] = path
+    return found
+
+
+def _check_output(cfg: TrainConfig, out: Path, kind: str) -> bool:
+    """Refuse an output_dir this run may not write. Returns whether it is a previous run of this kind that
+    overwrite=true replaces. A rerun into an existing run either resumes it or is refused."""
+    advice = "set resume=true to continue it, overwrite=true to delete it and start over, or choose a new output_dir"
+    if cfg.resume is not False:
+        if cfg.overwrite:
+            raise AdaptError("resume and overwrite=true contradict each other: resume continues OUTPUT, overwrite "
+                             "deletes it; set only one")
+        outputs.check_location(out, _local_inputs(cfg))
+        marker = outputs.read_marker(out)
+        if marker and marker.get("kind") != kind:
+            raise AdaptError(f"output_dir {out} holds a dlm-adapt {marker.get('kind')} run, not a {kind} run; "
+                             "choose another output_dir")
+        recorded, now = marker.get("model"), _model_settings(cfg)
+        if recorded and recorded != now:
+            changed = ", ".join(f"model.{k}={now[k]!r} (was {recorded.get(k)!r})" for k in now
+                                if now[k] != recorded.get(k))
+            raise AdaptError(f"resume: {changed} differs from the run in {out}; restore the setting, or start a new "
+                             "output_dir (or overwrite=true)")
+        return False
+    return outputs.check_target(out, kind, cfg.overwrite, _local_inputs(cfg), advice)
 
 
 def _resume_path(cfg: TrainConfig, root: Path) -> Path | None:
@@ -269,6 +324,22 @@ def _resume_path(cfg: TrainConfig, root: Path) -> Path | None:
     if not (path / "state.json").is_file():
         raise AdaptError(f"resume={cfg.resume}: not a dlm-adapt training checkpoint")
     return path
+
+
+def _finite_weights(accelerator, model) -> bool:
+    bad = any(not torch.isfinite(p).all() for p in model.parameters() if p.requires_grad)
+    return accelerator.reduce(torch.tensor(float(bad), device=accelerator.device), "sum").item() == 0
+
+
+def _diverged(cfg: TrainConfig, step: int, what: str, ckpt_root: Path) -> str:
+    """One line: what went wrong at which step, the likely fix, and what on disk is still good."""
+    if cfg.model.dtype == "float16" or cfg.train.mixed_precision == "fp16":
+        fix = "float16 overflows: use model.dtype=bfloat16 or float32 (train.mixed_precision=bf16 or no)"
+    else:
+        fix = "lower train.lr (or set train.max_grad_norm)"
+    found = checkpointing.checkpoint_dirs(ckpt_root)
+    kept = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was written"
+    return f"training diverged at step {step}: {what}; {fix}. No final model was written; {kept}"
 
 
 def _truncate_metrics(path: Path, step: int):

@@ -46,7 +46,8 @@ took
 stage "3/5 adapt: $STEPS LoRA steps, causal -> bidirectional annealing, generated instruction data"
 python examples/make_sft_data.py instructions "$OUT/data/instructions.jsonl" --samples 400 --seed 1
 dlm-adapt sft recipes/sft/smollm2-135m-lora.yaml model.path="$OUT/converted" data.train="$OUT/data/instructions.jsonl" \
-  output_dir="$OUT/adapted" max_steps="$STEPS" save_steps=0 sample_steps=0 eval_steps=50 > "$OUT/adapt.log" 2>&1 \
+  output_dir="$OUT/adapted" overwrite=true max_steps="$STEPS" save_steps=0 sample_steps=0 eval_steps=50 \
+  > "$OUT/adapt.log" 2>&1 \
   || { tail -n 20 "$OUT/adapt.log"; exit 1; }
 echo "   log: $OUT/adapt.log"
 python - "$OUT/adapted/metrics.jsonl" <<'PY'

@@ -18,7 +18,7 @@ head -n 2 "$DATA"
 
 SECONDS=0
 dlm-adapt sft recipes/sft/smollm2-135m-lora.yaml model.path="$GGUF" data.train="$DATA" \
-  output_dir="$OUT" max_steps="$STEPS" save_steps=0 sample_steps=0 eval_steps=50
+  output_dir="$OUT" overwrite=true max_steps="$STEPS" save_steps=0 sample_steps=0 eval_steps=50
 echo "SFT took ${SECONDS}s; validation ELBO (nats per answer token) by step:"
 grep val_elbo "$OUT/metrics.jsonl" | python -c "import sys, json
 for line in sys.stdin: r = json.loads(line); print(f\"  step {r['step']:4d}: {r['val_elbo']:.3f}\")"

@@ -185,16 +185,21 @@ def test_sharded_source_stays_sharded_and_dtype_cast(tmp_path):
     torch.testing.assert_close(got, ref)
 
 
-def test_overwrite_replaces_only_when_asked(tmp_path):
+def test_overwrite_replaces_only_a_previous_conversion(tmp_path):
     save_tiny_source(tmp_path / "src", "llama")
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("user data")
-    with pytest.raises(AdaptError, match="already exists"):
-        adapt.convert(tmp_path / "src", out)
+    for overwrite in (False, True):  # not ours: never replaced
+        with pytest.raises(AdaptError, match="was not written by dlm-adapt"):
+            adapt.convert(tmp_path / "src", out, overwrite=overwrite)
     assert (out / "keep.txt").read_text() == "user data"
-    adapt.convert(tmp_path / "src", out, overwrite=True)
-    assert not (out / "keep.txt").exists() and (out / "config.json").exists()
+    (out / "keep.txt").unlink()
+    adapt.convert(tmp_path / "src", out)  # an empty directory is fine
+    with pytest.raises(AdaptError, match="already exists; pass --overwrite"):
+        adapt.convert(tmp_path / "src", out, shift=False)
+    adapt.convert(tmp_path / "src", out, overwrite=True, shift=False)
+    assert json.loads((out / "config.json").read_text())["shift"] is False
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary leftovers
 
 

@@ -66,7 +66,7 @@ def test_existing_output_without_overwrite(tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "mine.json").write_text(json.dumps({"precious": True}))
     proc = _run(tmp_path / "src", tmp_path / "out")
-    assert proc.returncode == 2 and "already exists; pass --overwrite" in proc.stderr
+    assert proc.returncode == 2 and "was not written by dlm-adapt" in proc.stderr
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["mine.json"]
 
 

@@ -220,7 +220,7 @@ def _checkpoint_copy(converted, tmp_path, name="tiny-dlm") -> Path:
 
 def _expected_upload(directory: Path) -> dict:
     return {p.relative_to(directory).as_posix(): p.read_bytes() for p in directory.rglob("*")
-            if p.is_file() and p.name != "README.md"}
+            if p.is_file() and p.name != "README.md" and not p.name.startswith(".")}
 
 
 # ---------------------------------------------------------------- card
@@ -238,7 +238,7 @@ def test_dry_run_card_matches_golden(converted, tmp_path, capsys):
     assert card == GOLDEN.read_text()
     assert str(tmp_path) not in out
     # every file with its size, the card as README.md
-    sizes = {p.name: p.stat().st_size for p in ckpt.iterdir()}
+    sizes = {p.name: p.stat().st_size for p in ckpt.iterdir() if not p.name.startswith(".")}  # marker: not uploaded
     sizes["README.md"] = len(card.encode())
     rows = [ln.split() for ln in listing.splitlines()[1:] if ln.strip() and "total" not in ln]
     assert {r[1]: int(r[0].replace(",", "")) for r in rows} == sizes

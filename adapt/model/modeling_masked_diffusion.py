@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 
 from .configuration_masked_diffusion import MaskedDiffusionConfig
-from .sampling_masked_diffusion import SamplingError, diffusion_sample
+from .sampling_masked_diffusion import SamplingError, _holes, diffusion_sample
 from .transformers_compat import (attention_support_flags, cache_kwarg, decoder_class, drop_last_cached,
                                   explain_newer_transformers, output_cache, select_cache_positions, set_causal)
 
@@ -178,7 +178,8 @@ class MaskedDiffusionLM(PreTrainedModel):
 
         Left-pad batched prompts and pass `attention_mask`; mask tokens inside a prompt are holes to infill.
         When `max_new_tokens` is not given, it, `steps` and `block_length` come from `generation_config.json`;
-        otherwise `steps` defaults to `max_new_tokens` and `block_length` to `max_new_tokens` (one block).
+        otherwise `steps` defaults to `max_new_tokens` and `block_length` to `max_new_tokens` (one block). With
+        `max_new_tokens=0` (infilling only) `steps` defaults to the most holes in a row.
         `kv_cache` (Fast-dLLM's approximation, off by default): keys/values are computed once per block and reused
         by the block's later passes, which then run only the block and what follows it (`"prefix"`) or only the
         block (`"dual"`). With bidirectional attention the reused entries go stale as the block fills in.
@@ -195,7 +196,9 @@ class MaskedDiffusionLM(PreTrainedModel):
         gen = self.generation_config
         from_config = max_new_tokens is None
         n = int(getattr(gen, "max_new_tokens", None) or 128) if from_config else int(max_new_tokens)
-        steps = int(steps if steps is not None else (getattr(gen, "steps", None) or n) if from_config else n)
+        if steps is None:  # infilling alone (no new tokens): one pass per hole, as one new token takes one pass
+            holes = int(_holes(input_ids, self.config.mask_token_id, attention_mask).max()) if n == 0 else 0
+            steps = int((getattr(gen, "steps", None) or n) if from_config else n) or max(1, holes)
         if block_length is None:
             block_length = int(getattr(gen, "block_length", None) or n) if from_config else n
         out = diffusion_sample(

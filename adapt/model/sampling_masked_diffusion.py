@@ -106,10 +106,24 @@ def diffusion_sample(
     batch, prompt_len = input_ids.shape
     n = max_new_tokens
     block_length = block_length or n
+    if n < 0:
+        raise SamplingError(f"max_new_tokens must be 0 or more, got {n}")
+    if n == 0 and not _holes(input_ids, mask_token_id, attention_mask).any():
+        raise SamplingError("nothing to decode: max_new_tokens is 0 and the prompt has no mask tokens (holes); "
+                            "ask for new tokens, or mark holes to infill")
     if steps < 1:
         raise SamplingError(f"steps must be at least 1, got {steps}")
-    if n < 0 or (n > 0 and block_length < 1):
-        raise SamplingError(f"max_new_tokens ({n}) and block_length ({block_length}) must be positive")
+    if n > 0 and block_length < 1:
+        raise SamplingError(f"block_length must be at least 1, got {block_length}")
+    for name, value, ok, allowed in (
+        ("temperature", temperature, temperature >= 0, ">= 0 (0: greedy)"),
+        ("order_temperature", order_temperature, order_temperature >= 0, ">= 0 (0: ranked order)"),
+        ("top_k", top_k, top_k is None or top_k >= 1, ">= 1, or unset"),
+        ("top_p", top_p, top_p is None or 0 < top_p <= 1, "in (0, 1], or unset"),
+        ("min_new_tokens", min_new_tokens, min_new_tokens >= 0, ">= 0"),
+    ):
+        if not ok:
+            raise SamplingError(f"{name} must be {allowed}, got {value}")
     if remasking not in REMASKING:
         raise SamplingError(f"remasking must be one of {REMASKING}, got {remasking!r}")
     if schedule not in SCHEDULES:
@@ -207,6 +221,14 @@ def diffusion_sample(
                 break
     out.sequences = canvas
     return out
+
+
+def _holes(input_ids, mask_token_id, attention_mask=None):
+    """Per row, the number of mask tokens in the prompt (positions to infill), padding excluded."""
+    holes = input_ids == mask_token_id
+    if attention_mask is not None:
+        holes &= attention_mask.bool()
+    return holes.sum(1)
 
 
 def _finish_rows(canvas, prompt_len, eos_token_id, mask_token_id, done):

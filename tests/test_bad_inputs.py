@@ -1,0 +1,173 @@
+"""Bad input through the CLI, one row per case: the exit code, one `dlm-adapt: error:` line on stderr naming
+the problem, the files that must stay byte-identical and the paths that must not appear. Rows run in-process
+in a fresh workspace (the current directory is WS/work)."""
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from adapt.cli import main
+from adapt.outputs import write_marker
+from tiny_models import save_tiny_source
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, converted):
+    ws = tmp_path_factory.mktemp("ws")
+    save_tiny_source(ws / "models" / "src", "llama")
+    (ws / "models" / "sibling").mkdir()
+    (ws / "models" / "sibling" / "keep.txt").write_text("a sibling model")
+    shutil.copytree(ws / "models" / "src", ws / "models" / "badcfg")
+    config = json.loads((ws / "models" / "badcfg" / "config.json").read_text())
+    (ws / "models" / "badcfg" / "config.json").write_text(json.dumps({**config, "hidden_size": 48}))
+    (ws / "work").mkdir()
+    (ws / "work" / "keep.txt").write_text("the user's working directory")
+    (ws / "user").mkdir()
+    (ws / "user" / "mine.txt").write_text("the user's own folder")
+    (ws / "trainrun").mkdir()
+    write_marker(ws / "trainrun", "train")
+    (ws / "trainrun" / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    shutil.copytree(converted("llama")[1], ws / "dlm")
+    shutil.copytree(ws / "dlm", ws / "broken")
+    (ws / "broken" / "config.json").write_text("{not json")
+    (ws / "train.txt").write_text("\n\n".join(" ".join(f"w{(i + j) % 90}" for j in range(12)) for i in range(40)))
+    (ws / "recipe.yaml").write_text("{}\n")
+    return ws
+
+
+@pytest.fixture
+def ws(base, tmp_path, monkeypatch):
+    ws = tmp_path / "ws"
+    shutil.copytree(base, ws)
+    monkeypatch.chdir(ws / "work")
+    return ws
+
+
+SRC_FILES = ["models/src/config.json", "models/src/model.safetensors", "models/sibling/keep.txt"]
+WORK = ["work/keep.txt"]
+TRAIN = ["train", "{ws}/recipe.yaml", "model.path={ws}/dlm", "data.train={ws}/train.txt", "data.block_length=8",
+         "train.batch_size=2", "max_steps=1", "eval_steps=0", "save_steps=0"]
+
+# name: (argv, exit code, phrase in the error line, paths kept byte-identical, paths that must not exist)
+CASES = {
+    # data loss: an output related to an input, the working directory, or a directory dlm-adapt did not write
+    "convert into the source's parent": (["convert", "{ws}/models/src", "{ws}/models", "--overwrite"], 2,
+                                         "contain one another", SRC_FILES, []),
+    "convert into the source itself": (["convert", "{ws}/models/src", "{ws}/models/src", "--overwrite"], 2,
+                                       "contain one another", SRC_FILES, []),
+    "convert inside the source": (["convert", "{ws}/models/src", "{ws}/models/src/out", "--overwrite"], 2,
+                                  "contain one another", SRC_FILES, ["models/src/out"]),
+    "convert into an empty path": (["convert", "{ws}/models/src", "", "--overwrite"], 2, "output path is empty",
+                                   WORK + SRC_FILES, []),
+    "convert into the working directory": (["convert", "{ws}/models/src", ".", "--overwrite"], 2,
+                                           "current directory", WORK + SRC_FILES, []),
+    "convert into a parent of the working directory": (["convert", "{ws}/models/src", "..", "--overwrite"], 2,
+                                                       "current directory", WORK + SRC_FILES, []),
+    "convert over a user's folder": (["convert", "{ws}/models/src", "{ws}/user", "--overwrite"], 2,
+                                     "was not written by dlm-adapt", ["user/mine.txt"], []),
+    "convert over a training run": (["convert", "{ws}/models/src", "{ws}/trainrun", "--overwrite"], 2,
+                                    "holds a dlm-adapt train output", ["trainrun/metrics.jsonl"], []),
+    "convert over a conversion without --overwrite": (["convert", "{ws}/models/src", "{ws}/dlm"], 2,
+                                                      "already exists; pass --overwrite", ["dlm/config.json"], []),
+    "train into an empty output_dir": ([*TRAIN, "output_dir=''"], 2, "output_dir is empty", WORK, []),
+    "train into the working directory": ([*TRAIN, "output_dir=.", "overwrite=true"], 2, "current directory", WORK,
+                                         ["work/final", "work/metrics.jsonl"]),
+    "train over a user's folder": ([*TRAIN, "output_dir={ws}/user", "overwrite=true"], 2,
+                                   "was not written by dlm-adapt", ["user/mine.txt"], ["user/final"]),
+    "train into the model's parent": ([*TRAIN, "model.path={ws}/models/src", "output_dir={ws}/models",
+                                       "overwrite=true"], 2, "contain one another", SRC_FILES,
+                                      ["models/final", "models/converted"]),
+    "train over a run without resume or overwrite": ([*TRAIN, "output_dir={ws}/trainrun"], 2,
+                                                     "set resume=true to continue it, overwrite=true",
+                                                     ["trainrun/metrics.jsonl"], ["trainrun/final"]),
+    "train over a run with resume and overwrite": ([*TRAIN, "output_dir={ws}/trainrun", "resume=true",
+                                                    "overwrite=true"], 2, "contradict",
+                                                   ["trainrun/metrics.jsonl"], ["trainrun/final"]),
+    # finished-looking garbage: an out-of-range setting is refused before anything is written
+    "train with max_steps=-5": ([*TRAIN, "output_dir={ws}/run", "max_steps=-5"], 2,
+                                r"'max_steps' must be in \[1, inf\), got -5", [], ["run"]),
+    "train with max_eval_blocks=0": ([*TRAIN, "output_dir={ws}/run", "data.max_eval_blocks=0"], 2,
+                                     "'data.max_eval_blocks' must be in", [], ["run"]),
+    "train with objective.eps=2": ([*TRAIN, "output_dir={ws}/run", "objective.eps=2"], 2,
+                                   r"'objective.eps' must be in \(0, 1\)", [], ["run"]),
+    "train with a beta of 1.5": ([*TRAIN, "output_dir={ws}/run", "train.betas=[0.9, 1.5]"], 2,
+                                 "'train.betas' must be in", [], ["run"]),
+    "train with an override that is not YAML": ([*TRAIN, "output_dir={ws}/run", "train.lr=[1,"], 2,
+                                                "is not valid YAML", [], ["run"]),
+    "convert a source whose config disagrees with its weights": (["convert", "{ws}/models/badcfg", "{ws}/out"], 2,
+                                                                 "config.json does not match the weights",
+                                                                 ["models/badcfg/config.json"], ["out"]),
+    "generate at temperature -1": (["generate", "{ws}/dlm", "--prompt", "w1", "--temperature", "-1"], 2,
+                                   "temperature must be >= 0", [], []),
+    "generate with top-p 5": (["generate", "{ws}/dlm", "--prompt", "w1", "--top-p", "5", "--temperature", "1"], 2,
+                              r"top_p must be in \(0, 1\]", [], []),
+    "generate with top-k -3": (["generate", "{ws}/dlm", "--prompt", "w1", "--top-k", "-3"], 2,
+                               "top_k must be >= 1", [], []),
+    "generate -2 new tokens": (["generate", "{ws}/dlm", "--prompt", "w1", "--max-new-tokens", "-2"], 2,
+                               "--max-new-tokens must be 0 or more, got -2", [], []),
+    "generate 0 new tokens without holes": (["generate", "{ws}/dlm", "--prompt", "w1", "--max-new-tokens", "0"], 2,
+                                            "nothing to decode", [], []),
+    "generate from a missing model": (["generate", "{ws}/nowhere", "--prompt", "w1"], 2, "does not exist", [], []),
+    "generate from a config.json that is not JSON": (["generate", "{ws}/broken", "--prompt", "w1"], 2,
+                                                     "is not a JSON object", [], []),
+    "eval --json into a file's child": (["eval", "{ws}/dlm", "--data", "{ws}/train.txt", "--json",
+                                         "{ws}/work/keep.txt/out.json"], 2, "cannot be written", WORK, []),
+}
+
+
+def _snapshot(ws: Path, paths: list[str]) -> dict:
+    return {p: (ws / p).read_bytes() for p in paths}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_is_one_line_and_changes_nothing(ws, case, capsys):
+    argv, code, phrase, kept, absent = CASES[case]
+    before = _snapshot(ws, kept)
+    capsys.readouterr()
+    assert main([a.format(ws=ws) for a in argv]) == code
+    errors = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("dlm-adapt: error: ")]
+    assert len(errors) == 1, errors
+    assert re.search(phrase, errors[0]), errors[0]
+    assert _snapshot(ws, kept) == before
+    assert [p for p in absent if (ws / p).exists()] == []
+    assert [p.name for p in ws.rglob(".*.tmp-*")] == []  # no temporary directory left behind
+
+
+def test_readme_infill_example_fills_every_hole(ws, capsys):
+    assert main(["generate", str(ws / "dlm"), "--infill", "w1 <|mask|> <|mask|> <|mask|> w5", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["nfe"] == 3 and len(result["tokens"]) == 5  # one pass per hole, by default
+    assert result["text"].startswith("w1 ") and result["text"].endswith(" w5") and "mask" not in result["text"]
+
+
+RANGES = {  # override: the key named in the error (None: a boundary value that is valid)
+    "train.lr=0": "train.lr", "log_steps=0": "log_steps", "lora.dropout=1": "lora.dropout",
+    "anneal.anneal_steps=0": "anneal.anneal_steps", "data.validation_fraction=1": "data.validation_fraction",
+    "objective.cart_p=0": "objective.cart_p", "train.batch_size=0": "train.batch_size", "stop_after=0": "stop_after",
+    "train.max_grad_norm=-1": "train.max_grad_norm", "objective.eps=nan": "objective.eps",
+    "save_steps=0": None, "eval_steps=0": None, "data.validation_fraction=0": None, "train.betas=[0, 0.999]": None,
+}
+
+
+@pytest.mark.parametrize("override", RANGES)
+def test_numeric_config_ranges(override):
+    from adapt import AdaptError
+    from adapt.config import load_config
+
+    key = RANGES[override]
+    if key is None:
+        load_config(None, [override])
+    else:
+        with pytest.raises(AdaptError, match=rf"config key '{re.escape(key)}' must be in "):
+            load_config(None, [override])
+
+
+def test_sft_ranges_name_the_section():
+    from adapt import AdaptError
+    from adapt.config import SFTConfig, load_config
+
+    with pytest.raises(AdaptError, match=r"'data.max_length' must be in \[2, inf\), got 1"):
+        load_config(None, ["data.max_length=1"], cls=SFTConfig)
