@@ -183,7 +183,7 @@ def _load_tokenizer(src: Source, trust_remote_code: bool) -> PreTrainedTokenizer
     try:
         return AutoTokenizer.from_pretrained(src.directory, gguf_file=src.gguf_file,
                                              trust_remote_code=trust_remote_code)
-    except (ValueError, OSError, KeyError, TypeError) as e:
+    except (ValueError, OSError, KeyError, TypeError, ImportError) as e:  # older releases: ImportError (protobuf)
         raise AdaptError(f"cannot load a tokenizer from {src.directory} (the mask token must go into it): "
                          f"{_first_line(e)}") from e
 

@@ -247,7 +247,7 @@ def _check_checkpoint(directory: Path) -> _Checkpoint:
     try:
         # passing the config spares transformers a second, warning-prone read of config.json
         tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=False, config=config)
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, ImportError) as e:  # older releases: ImportError (protobuf)
         raise AdaptError(f"cannot load the tokenizer in {directory}: {_first_line(e)}") from e
     if tokenizer.mask_token_id != config.mask_token_id:
         raise AdaptError(f"the tokenizer in {directory} has mask token id {tokenizer.mask_token_id}, the config "
