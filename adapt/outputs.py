@@ -21,20 +21,17 @@ MARKER = ".dlm-adapt.json"
 STALE_SECONDS = 3600  # a temporary directory this old belongs to a killed run, not to one still writing
 
 
-def marker_kind(directory: Path) -> str | None:
-    """The kind recorded in `directory`'s marker, or None when dlm-adapt cannot prove it wrote it."""
+def read_marker(directory: Path) -> dict:
     try:
         data = json.loads((directory / MARKER).read_text())
     except (OSError, ValueError):
-        return None
-    return data.get("kind") if isinstance(data, dict) else None
-
-
-def read_marker(directory: Path) -> dict:
-    try:
-        return json.loads((directory / MARKER).read_text())
-    except (OSError, ValueError):
         return {}
+    return data if isinstance(data, dict) else {}
+
+
+def marker_kind(directory: Path) -> str | None:
+    """The kind recorded in `directory`'s marker, or None when dlm-adapt cannot prove it wrote it."""
+    return read_marker(directory).get("kind")
 
 
 def write_marker(directory: Path, kind: str, **extra):
