@@ -69,6 +69,7 @@ def convert(
     check_target(output, "convert", overwrite, {"source": local} if local.exists() else {}, ADVICE)
     src = resolve_source(source, revision, gguf_file, trust_remote_code)
     replace = check_target(output, "convert", overwrite, {"source": src.directory}, ADVICE)
+    _refuse_diffusion_source(src, source)
 
     config = _load_config(src, trust_remote_code)
     check_architecture(config)
@@ -170,6 +171,21 @@ def choose_mask_token(tokenizer: PreTrainedTokenizerBase, vocab_rows: int, spec:
     if tokenizer.mask_token_id != mask_id:
         tokenizer.add_special_tokens({"mask_token": tokenizer.convert_ids_to_tokens(mask_id)})
     return mask_id, case
+
+
+def _refuse_diffusion_source(src: Source, source):
+    """Our own checkpoints name remote code in auto_map; without this, transformers' refusal to run it ("contains
+    custom code") would be the error, and it points the wrong way."""
+    if src.gguf_file is not None:
+        return
+    try:
+        model_type = json.loads((src.directory / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return  # _load_config reports an unreadable config
+    if model_type == MaskedDiffusionConfig.model_type:
+        raise AdaptError(f"{source} is already a dlm-adapt diffusion checkpoint: nothing to convert. Run `dlm-adapt "
+                         f"upgrade {source}` to refresh its code, or `dlm-adapt train`/`sft` with model.path={source} "
+                         "to train it further")
 
 
 def _load_config(src: Source, trust_remote_code: bool):
