@@ -89,6 +89,8 @@ def convert(
             "converter": "dlm-adapt",
             "converter_version": __version__,
             "source": str(source),
+            # a relative local path can look like a Hub id; only this says where the source came from
+            "source_from_hub": src.from_hub,
             "revision": revision,
             "gguf_file": src.gguf_file,
             "base_model_type": config.model_type,
@@ -100,12 +102,28 @@ def convert(
         tokenizer.save_pretrained(tmp)
         tokenizer_config = tmp / "tokenizer_config.json"
         tokenizer_config.write_text(json.dumps(padding_policy(json.loads(tokenizer_config.read_text())), indent=2) + "\n")
-        for f in src.directory.glob("LICENSE*"):
+        for f in _license_files(src):
             shutil.copyfile(f, tmp / f.name)
         publish(tmp, output, "convert", replace, FLAG)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return output
+
+
+def _license_files(src: Source) -> list[Path]:
+    """LICENSE* files that are regular files inside the source; a link out of a local source directory could
+    copy anything readable (a token, a key) into a checkpoint that is later published. A Hub download is a tree
+    of links into the cache's blob store, which is inside the cached repo."""
+    root = src.directory.parents[1] if src.from_hub else src.directory
+    found = []
+    for f in sorted(src.directory.glob("LICENSE*")):
+        target = f.resolve()
+        if target.is_file() and target.is_relative_to(root.resolve()):
+            found.append(f)
+        elif f.is_symlink():
+            print(f"dlm-adapt: warning: not copying {f}: it links to {target}, outside the source directory",
+                  file=sys.stderr)
+    return found
 
 
 def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> str:
