@@ -1,7 +1,10 @@
 """Training checkpoints: written to a temporary directory and renamed, so a crash mid-write (kill -9) leaves
-the previous checkpoint as the newest complete one. Nothing is unpickled on load: safetensors for weights,
-`torch.load(weights_only=True)` for optimizer/scheduler/RNG states, JSON for the rest."""
+the previous checkpoint as the newest complete one. The rename alone does not prove the files are whole (a full
+disk, a copy cut short, a file damaged later), so the last file written is a manifest of every other file's size
+and sha256; a checkpoint whose files do not match it is not resumed from. Nothing is unpickled on load:
+safetensors for weights, `torch.load(weights_only=True)` for optimizer/scheduler/RNG states, JSON for the rest."""
 
+import hashlib
 import json
 import os
 import shutil
@@ -13,13 +16,62 @@ from safetensors.torch import load_file, save_file
 from .errors import AdaptError
 
 PREFIX = "step-"
+MANIFEST = "manifest.json"
+_CHUNK = 16 << 20
 
 
 def checkpoint_dirs(root: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (temporary `.tmp-*` directories are never complete)."""
+    """Renamed checkpoints, oldest first (temporary `.tmp-*` directories never are); `verify` says which are whole."""
     if not root.is_dir():
         return []
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: Path):
+    files = sorted(f for f in directory.iterdir() if f.is_file() and f.name != MANIFEST)
+    entries = {f.name: {"size": f.stat().st_size, "sha256": _sha256(f)} for f in files}
+    (directory / MANIFEST).write_text(json.dumps({"files": entries}, indent=2))
+
+
+def verify(directory: Path) -> str | None:
+    """None when every file the manifest lists is there with its size and sha256; else what is wrong."""
+    try:
+        entries = json.loads((directory / MANIFEST).read_text())["files"]
+        items = [(name, int(e["size"]), str(e["sha256"])) for name, e in entries.items()]
+    except FileNotFoundError:
+        return f"no {MANIFEST} (cut off while being written, or written by an older dlm-adapt)"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return f"unreadable {MANIFEST} ({type(e).__name__})"
+    if not {"state.json", "trainable.safetensors", "optimizer.pt", "scheduler.pt"} <= {n for n, _, _ in items}:
+        return f"{MANIFEST} lists too few files"
+    for name, size, sha in items:
+        path = directory / name
+        if not path.is_file():
+            return f"{name} missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, the manifest says {size} (truncated?)"
+        if _sha256(path) != sha:
+            return f"{name} does not match its sha256 in the manifest (damaged)"
+    return None
+
+
+def newest_complete(root: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """(the newest verified checkpoint or None, [(newer checkpoint, why it is incomplete)])."""
+    skipped = []
+    for path in reversed(checkpoint_dirs(root)):
+        problem = verify(path)
+        if problem is None:
+            return path, skipped
+        skipped.append((path, problem))
+    return None, skipped
 
 
 def trainable_state(model) -> tuple[dict, dict]:
@@ -54,6 +106,7 @@ def save(root: Path, step: int, model, optimizer, scheduler, extra_state: dict, 
     torch.save(rng, tmp / f"rng-{rank}.pt")
     barrier()
     if is_main:
+        write_manifest(tmp)  # after every rank's files, so it covers them all
         for f in tmp.iterdir():  # data on disk before the rename makes it visible
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())

@@ -69,6 +69,7 @@ def convert(
     check_target(output, "convert", overwrite, {"source": local} if local.exists() else {}, ADVICE)
     src = resolve_source(source, revision, gguf_file, trust_remote_code)
     replace = check_target(output, "convert", overwrite, {"source": src.directory}, ADVICE)
+    _refuse_diffusion_source(src, source)
 
     config = _load_config(src, trust_remote_code)
     check_architecture(config)
@@ -88,6 +89,8 @@ def convert(
             "converter": "dlm-adapt",
             "converter_version": __version__,
             "source": str(source),
+            # a relative local path can look like a Hub id; only this says where the source came from
+            "source_from_hub": src.from_hub,
             "revision": revision,
             "gguf_file": src.gguf_file,
             "base_model_type": config.model_type,
@@ -99,12 +102,28 @@ def convert(
         tokenizer.save_pretrained(tmp)
         tokenizer_config = tmp / "tokenizer_config.json"
         tokenizer_config.write_text(json.dumps(padding_policy(json.loads(tokenizer_config.read_text())), indent=2) + "\n")
-        for f in src.directory.glob("LICENSE*"):
+        for f in _license_files(src):
             shutil.copyfile(f, tmp / f.name)
         publish(tmp, output, "convert", replace, FLAG)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return output
+
+
+def _license_files(src: Source) -> list[Path]:
+    """LICENSE* files that are regular files inside the source; a link out of a local source directory could
+    copy anything readable (a token, a key) into a checkpoint that is later published. A Hub download is a tree
+    of links into the cache's blob store, which is inside the cached repo."""
+    root = src.directory.parents[1] if src.from_hub else src.directory
+    found = []
+    for f in sorted(src.directory.glob("LICENSE*")):
+        target = f.resolve()
+        if target.is_file() and target.is_relative_to(root.resolve()):
+            found.append(f)
+        elif f.is_symlink():
+            print(f"dlm-adapt: warning: not copying {f}: it links to {target}, outside the source directory",
+                  file=sys.stderr)
+    return found
 
 
 def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -170,6 +189,21 @@ def choose_mask_token(tokenizer: PreTrainedTokenizerBase, vocab_rows: int, spec:
     if tokenizer.mask_token_id != mask_id:
         tokenizer.add_special_tokens({"mask_token": tokenizer.convert_ids_to_tokens(mask_id)})
     return mask_id, case
+
+
+def _refuse_diffusion_source(src: Source, source):
+    """Our own checkpoints name remote code in auto_map; without this, transformers' refusal to run it ("contains
+    custom code") would be the error, and it points the wrong way."""
+    if src.gguf_file is not None:
+        return
+    try:
+        model_type = json.loads((src.directory / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return  # _load_config reports an unreadable config
+    if model_type == MaskedDiffusionConfig.model_type:
+        raise AdaptError(f"{source} is already a dlm-adapt diffusion checkpoint: nothing to convert. Run `dlm-adapt "
+                         f"upgrade {source}` to refresh its code, or `dlm-adapt train`/`sft` with model.path={source} "
+                         "to train it further")
 
 
 def _load_config(src: Source, trust_remote_code: bool):

@@ -1,6 +1,8 @@
 """Pretraining-style data: documents from local files or the Hub through `datasets`, tokenised and packed into
 fixed-length blocks with EOS between documents; a validation split held out at document level."""
 
+import contextlib
+import json
 from pathlib import Path
 
 import torch
@@ -9,6 +11,8 @@ from .config import DataConfig
 from .errors import AdaptError
 
 _BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+_EXPECTED = {".txt": "UTF-8 text", ".json": "a JSON array of objects, or one JSON object per line",
+             ".jsonl": "one JSON object per line", ".parquet": "a Parquet table"}
 
 
 def load_table(spec: str, cfg) -> "datasets.Dataset":
@@ -25,14 +29,85 @@ def load_table(spec: str, cfg) -> "datasets.Dataset":
                     raise AdaptError(f"data file {p} not found")
                 if p.suffix not in _BUILDERS:
                     raise AdaptError(f"data file {p}: unsupported type (use {', '.join(_BUILDERS)})")
+                if p.stat().st_size == 0:
+                    raise AdaptError(f"data file {p} is empty; expected {_EXPECTED[p.suffix]}")
             builder = _BUILDERS[local[0].suffix]
             extra = {"sample_by": getattr(cfg, "sample_by", "line")} if builder == "text" else {}
-            return datasets.load_dataset(builder, data_files=[str(p) for p in local], split="train", **extra)
+            with _datasets_errors_unlogged():
+                return datasets.load_dataset(builder, data_files=[str(p) for p in local], split="train", **extra)
         return datasets.load_dataset(spec, cfg.hub_config, split=cfg.hub_split)
     except AdaptError:
         raise
     except Exception as e:  # datasets raises many types for unreadable files and unreachable Hub names
-        raise AdaptError(f"cannot load dataset {spec}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+        # datasets wraps the cause in "An error occurred while generating the dataset": find it in the files
+        for p in local:
+            if p.is_file():
+                problem = _file_problem(p)
+                if problem:
+                    raise AdaptError(f"data file {p} {problem}; expected {_EXPECTED[p.suffix]}") from e
+        cause = e
+        while cause.__cause__ is not None or cause.__context__ is not None:
+            cause = cause.__cause__ or cause.__context__
+        raise AdaptError(f"cannot load dataset {spec}: {type(cause).__name__}: {_first_line(cause)}") from e
+
+
+@contextlib.contextmanager
+def _datasets_errors_unlogged():
+    # datasets logs a failed file at ERROR level before raising; the AdaptError below is the one line to show
+    from datasets.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def _file_problem(path: Path) -> str | None:
+    """Where and why a local data file is unreadable, found after `datasets` failed on it (datasets says only
+    that generating the dataset failed)."""
+    if path.suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+
+            pq.read_metadata(path)
+        except Exception as e:
+            return f"is not a Parquet file ({_first_line(e)})"
+        return None
+    with open(path, "rb") as f:
+        head = f.read(1 << 16).lstrip()
+        if path.suffix == ".json" and head.startswith(b"["):  # one JSON document, not JSON lines
+            f.seek(0)
+            try:
+                data = json.loads(f.read())
+            except UnicodeDecodeError:
+                return "is not UTF-8 text"
+            except ValueError as e:
+                return f"is not valid JSON at line {e.lineno} ({e.msg})"
+            return None if all(isinstance(r, dict) for r in data) else "is a JSON array holding non-objects"
+        f.seek(0)
+        records = 0
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                return f"line {number} is not UTF-8 text"
+            if path.suffix == ".txt" or not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as e:
+                return f"line {number} is not valid JSON ({e.msg.removesuffix(' at')}, column {e.colno})"
+            if not isinstance(record, dict):
+                return f"line {number} is a JSON {type(record).__name__}, not an object"
+            records += 1
+    return "holds only blank lines" if path.suffix != ".txt" and not records else None
 
 
 def load_documents(spec: str, cfg: DataConfig) -> list[str]:

@@ -16,6 +16,7 @@ _PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "LICEN
 class Source:
     directory: Path  # local directory holding config/tokenizer/weights
     gguf_file: str | None = None  # file name inside `directory` when the weights are GGUF
+    from_hub: bool = False  # downloaded: `directory` is a snapshot in the Hub cache
 
 
 def resolve_source(source: str | Path, revision: str | None = None, gguf_file: str | None = None,
@@ -35,7 +36,7 @@ def resolve_source(source: str | Path, revision: str | None = None, gguf_file: s
         return Source(path.resolve(), gguf_file)
     if not _HUB_ID.match(str(source)):
         raise AdaptError(f"source {source} does not exist (expected a local directory, a .gguf file or a Hub model id)")
-    return Source(_download(str(source), revision, gguf_file, trust_remote_code), gguf_file)
+    return Source(_download(str(source), revision, gguf_file, trust_remote_code), gguf_file, from_hub=True)
 
 
 def _download(repo_id: str, revision: str | None, gguf_file: str | None, trust_remote_code: bool) -> Path:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import AdaptError
+from .outputs import read_marker
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 # a later push finds its block by these markers (the begin marker by its prefix, so its wording may change)
@@ -158,6 +159,7 @@ def _plan(directory: Path, adapter_only: bool) -> _Plan:
         raise AdaptError(f"{directory} is not a dlm-adapt checkpoint: it has no config.json (nor adapter_config.json "
                          "of a PEFT adapter)")
     readme = directory / "README.md"
+    _refuse_outside_link(directory, readme)  # its text goes into the uploaded card
     plan = _Plan(kind="checkpoint", files=[], checkpoint=None,
                  readme=readme.read_text(encoding="utf-8", errors="replace") if readme.is_file() else None)
     if has_config and not adapter_only:
@@ -172,6 +174,8 @@ def _plan(directory: Path, adapter_only: bool) -> _Plan:
         plan.adapter, plan.adapter_parameters, plan.checkpoint = _check_adapter(directory)
     if adapter_only:
         plan.files = [(name, directory / name) for name in ADAPTER_FILES]
+        for _, path in plan.files:
+            _refuse_outside_link(directory, path)
     else:
         plan.files = _folder_files(directory)
     plan.training, plan.metrics = _training_record(directory)
@@ -313,10 +317,24 @@ def _folder_files(directory: Path) -> list[tuple[str, Path]]:
         # the top-level README.md is replaced by the merged card
         if any(part.startswith(".") or part == "__pycache__" for part in rel.parts) or path.suffix == ".pyc":
             continue
+        _refuse_outside_link(directory, path)
+        if path.is_symlink() and path.is_dir():
+            continue  # a link to a folder inside DIR: its files are listed under their own names
         if not path.is_file() or rel.as_posix() == "README.md":
             continue
         files.append((rel.as_posix(), path))
     return files
+
+
+def _refuse_outside_link(directory: Path, path: Path):
+    """A symlink is uploaded as the file it points to: one leaving DIR could publish anything readable here (a
+    token, a key), so it is refused rather than skipped (the checkpoint may need that file)."""
+    if not path.is_symlink():
+        return
+    target = path.resolve()
+    if not target.is_relative_to(directory.resolve()):
+        raise AdaptError(f"{path} is a symbolic link to {target}, outside {directory}; push uploads only files "
+                         "inside DIR: replace the link with a copy of the file, or remove it")
 
 
 def _training_record(directory: Path) -> tuple[dict | None, list[dict]]:
@@ -435,15 +453,26 @@ def _metadata(plan: _Plan, license_id: str | None) -> dict:
 def _parent_model(plan: _Plan) -> str | None:
     """The Hub model this checkpoint derives from: the training's model.path when that is a Hub id, else the
     causal source of the conversion."""
-    if plan.training:
+    if plan.training and plan.checkpoint:
         path = (plan.training.get("model") or {}).get("path")
-        if path and _hub_id(path):
+        # the run's marker records model.path made absolute when it was a local path at training time
+        recorded = (read_marker(plan.checkpoint.directory.resolve().parent).get("model") or {}).get("path")
+        if path and _hub_id(path) and (recorded == path if recorded else "/" in path):
             return path
     if plan.checkpoint:
-        source = (plan.checkpoint.config.get("provenance") or {}).get("source")
-        if source and _hub_id(source):
-            return source
+        return _hub_source(plan.checkpoint.config.get("provenance") or {})
     return None
+
+
+def _hub_source(provenance: dict) -> str | None:
+    """The conversion's source when it came from the Hub. Convert records that (`source_from_hub`); for older
+    checkpoints, which record only the source as typed, only a namespace/name that is not a path here counts."""
+    source = provenance.get("source")
+    if not source or not _hub_id(source):
+        return None
+    if "source_from_hub" in provenance:
+        return source if provenance["source_from_hub"] is True else None
+    return source if "/" in source else None
 
 
 def _license(plan: _Plan) -> str | None:
@@ -453,8 +482,8 @@ def _license(plan: _Plan) -> str | None:
     if checkpoint is None:
         return None
     provenance = checkpoint.config.get("provenance") or {}
-    source = provenance.get("source")
-    if source and _hub_id(source):
+    source = _hub_source(provenance)
+    if source:
         try:
             from huggingface_hub import try_to_load_from_cache
             from huggingface_hub.repocard import metadata_load
@@ -490,8 +519,9 @@ def _section(plan: _Plan, repo_id: str, revision: str, license_id: str | None) -
             out.append("`adapter_config.json` names its base by a local path, which does not resolve on the Hub: "
                        "publish the base checkpoint and load it explicitly, as below.")
     else:
+        source = _describe_source(provenance.get("source"), _hub_source(provenance) is not None)
         out.append("**A masked diffusion language model, not an autoregressive (causal) one.** dlm-adapt made it "
-                   f"from {_describe_source(provenance.get('source'))}: every weight of the causal decoder is kept, "
+                   f"from {source}: every weight of the causal decoder is kept, "
                    "its attention is bidirectional, and text comes from iterative unmasking with "
                    "`model.diffusion_generate`; `model.generate()` refuses. The model code ships in this repository "
                    "and imports only torch and transformers, so it loads with `trust_remote_code=True` and no "
@@ -523,7 +553,7 @@ def _conversion_table(plan: _Plan) -> list[str]:
     ck = plan.checkpoint
     config, provenance = ck.config, ck.config.get("provenance") or {}
     text = config.get("text_config") or {}
-    source = _describe_source(provenance.get("source"))
+    source = _describe_source(provenance.get("source"), _hub_source(provenance) is not None)
     if provenance.get("revision"):
         source += f", revision `{provenance['revision']}`"
     if provenance.get("gguf_file"):
@@ -681,10 +711,10 @@ def _recipe_yaml(recipe: dict) -> str:
     return yaml.safe_dump(shown, sort_keys=False, default_flow_style=False)
 
 
-def _describe_source(source) -> str:
+def _describe_source(source, hub: bool | None = None) -> str:
     if not source:
         return "an unrecorded source"
-    if _hub_id(source):
+    if _hub_id(source) if hub is None else hub:
         return f"`{source}`"
     kind = "a local GGUF file" if str(source).endswith(".gguf") else "a local directory"
     return f"`{Path(str(source)).name}` ({kind})"

@@ -6,6 +6,7 @@ import json
 import math
 import re
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -107,11 +108,14 @@ def train(cfg: TrainConfig) -> Path | None:
     ckpt_root = out / "checkpoints"
     kind = "sft" if isinstance(cfg.data, SFTDataConfig) else "train"
     replace = _check_output(cfg, out, kind)
-    resume_from = _resume_path(cfg, ckpt_root)
+    resume_from, skipped = _resume_path(cfg, ckpt_root)
 
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, project_dir=str(out),
                               log_with="tensorboard" if cfg.tensorboard else None)
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
+    if main and skipped:
+        print(f"dlm-adapt: resuming from {resume_from.name}, the newest complete checkpoint; removing "
+              + "; ".join(f"{p.name}, which is incomplete ({why})" for p, why in skipped), file=sys.stderr)
 
     source = cfg.model.path
     if not source:
@@ -173,6 +177,8 @@ def train(cfg: TrainConfig) -> Path | None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2, default=str))
         _truncate_metrics(out / "metrics.jsonl", start_step)
+        for path, _ in skipped:  # the run continues from an earlier step: these would only be pruned in its place
+            shutil.rmtree(path, ignore_errors=True)
     if cfg.tensorboard:
         accelerator.init_trackers("dlm-adapt")
 
@@ -312,18 +318,25 @@ def _check_output(cfg: TrainConfig, out: Path, kind: str) -> bool:
     return outputs.check_target(out, kind, cfg.overwrite, _local_inputs(cfg), advice)
 
 
-def _resume_path(cfg: TrainConfig, root: Path) -> Path | None:
+def _resume_path(cfg: TrainConfig, root: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The checkpoint to resume from and the newer ones skipped as incomplete (with why)."""
     if cfg.resume is False:
-        return None
+        return None, []
     if cfg.resume is True:
-        found = checkpointing.checkpoint_dirs(root)
-        if not found:
-            raise AdaptError(f"resume=true but {root} holds no complete checkpoint")
-        return found[-1]
+        found, skipped = checkpointing.newest_complete(root)
+        if found is None:
+            why = f" ({skipped[0][0].name}: {skipped[0][1]})" if skipped else ""
+            raise AdaptError(f"resume=true but {root} holds no complete checkpoint{why}; to start over, "
+                             "set overwrite=true instead of resume")
+        return found, skipped
     path = Path(cfg.resume)
     if not (path / "state.json").is_file():
         raise AdaptError(f"resume={cfg.resume}: not a dlm-adapt training checkpoint")
-    return path
+    problem = checkpointing.verify(path)
+    if problem is not None:
+        raise AdaptError(f"resume={cfg.resume}: the checkpoint is incomplete ({problem}); resume from an earlier "
+                         "checkpoint, or set resume=true to pick the newest complete one")
+    return path, []
 
 
 def _finite_weights(accelerator, model) -> bool:
@@ -343,10 +356,18 @@ def _diverged(cfg: TrainConfig, step: int, what: str, ckpt_root: Path) -> str:
 
 
 def _truncate_metrics(path: Path, step: int):
-    """On resume, drop lines logged after the checkpoint (a killed run may have got further)."""
+    """On resume, drop lines logged after the checkpoint (a killed run may have got further), and a line a kill
+    cut off mid-write."""
     if not path.exists():
         return
-    kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(line)
     path.write_text("".join(ln + "\n" for ln in kept))
 
 

@@ -35,19 +35,46 @@ def base(tmp_path_factory, converted):
     (ws / "broken" / "config.json").write_text("{not json")
     (ws / "train.txt").write_text("\n\n".join(" ".join(f"w{(i + j) % 90}" for j in range(12)) for i in range(40)))
     (ws / "recipe.yaml").write_text("{}\n")
+    # a checkpoint renamed into place without a manifest: an older dlm-adapt's, or one damaged on disk
+    step = ws / "trainrun" / "checkpoints" / "step-00000002"
+    step.mkdir(parents=True)
+    for name in ("state.json", "trainable.safetensors", "optimizer.pt", "scheduler.pt", "rng-0.pt"):
+        (step / name).write_text("{}")
+    data = ws / "data"
+    data.mkdir()
+    for name in ("empty.txt", "empty.jsonl"):
+        (data / name).write_bytes(b"")
+    (data / "blank.jsonl").write_text("\n  \n\n")
+    lines = [json.dumps({"text": f"w{i} w{i + 1} w{i + 2}"}) for i in range(6)]
+    (data / "broken.jsonl").write_text("\n".join(lines[:2] + ['{"text": "w3 w4'] + lines[3:]) + "\n")
+    (data / "listline.jsonl").write_text("\n".join([lines[0], "[1, 2]", *lines[1:]]) + "\n")
+    (data / "notext.jsonl").write_text("\n".join(json.dumps({"content": f"w{i}"}) for i in range(6)) + "\n")
+    (data / "broken.json").write_text('[\n  {"text": "w1"},\n  {"text": "w2",\n]\n')
+    (data / "latin1.txt").write_bytes("w1 w2\ncaf\u00e9 w3\n".encode("latin-1"))
+    (data / "garbage.parquet").write_bytes(b"not a parquet file at all")
+    chat = [json.dumps({"messages": [{"role": "user", "content": "w1"}, {"role": "assistant", "content": "w2"}]})] * 6
+    (data / "chat_broken.jsonl").write_text("\n".join(chat[:2] + ['{"messages": [{"role": "user"'] + chat[3:]))
+    (data / "chat_nomessages.jsonl").write_text("\n".join(json.dumps({"text": "w1"}) for _ in range(6)) + "\n")
+    # checkpoints holding a link to a file outside them (a token, the user's notes)
+    for name, link in (("linked", "hf_token"), ("readmelink", "README.md")):
+        shutil.copytree(ws / "dlm", ws / name)
+        (ws / name / link).symlink_to(Path("..") / "user" / "mine.txt")
     return ws
 
 
 @pytest.fixture
 def ws(base, tmp_path, monkeypatch):
     ws = tmp_path / "ws"
-    shutil.copytree(base, ws)
+    shutil.copytree(base, ws, symlinks=True)
     monkeypatch.chdir(ws / "work")
     return ws
 
 
 SRC_FILES = ["models/src/config.json", "models/src/model.safetensors", "models/sibling/keep.txt"]
 WORK = ["work/keep.txt"]
+STEP = "trainrun/checkpoints/step-00000002"
+SFT = ["sft", "{ws}/recipe.yaml", "model.path={ws}/dlm", "data.chat_template=default", "data.max_length=16",
+       "train.batch_size=2", "max_steps=1", "eval_steps=0", "save_steps=0", "output_dir={ws}/run"]
 TRAIN = ["train", "{ws}/recipe.yaml", "model.path={ws}/dlm", "data.train={ws}/train.txt", "data.block_length=8",
          "train.batch_size=2", "max_steps=1", "eval_steps=0", "save_steps=0"]
 
@@ -113,6 +140,65 @@ CASES = {
     "generate from a missing model": (["generate", "{ws}/nowhere", "--prompt", "w1"], 2, "does not exist", [], []),
     "generate from a config.json that is not JSON": (["generate", "{ws}/broken", "--prompt", "w1"], 2,
                                                      "is not a JSON object", [], []),
+    # a checkpoint that is not whole is never resumed from
+    "resume when the only checkpoint has no manifest": ([*TRAIN, "output_dir={ws}/trainrun", "resume=true"], 2,
+                                                        "holds no complete checkpoint \\(step-00000002: no manifest",
+                                                        ["trainrun/metrics.jsonl", f"{STEP}/optimizer.pt"],
+                                                        ["trainrun/final"]),
+    "resume from a named incomplete checkpoint": ([*TRAIN, "output_dir={ws}/trainrun", "resume={ws}/" + STEP], 2,
+                                                  "the checkpoint is incomplete", ["trainrun/metrics.jsonl",
+                                                                                   f"{STEP}/state.json"],
+                                                  ["trainrun/final"]),
+    # data files: the file, the line and what was expected, not "An error occurred while generating the dataset"
+    "train on an empty .txt": ([*TRAIN, "output_dir={ws}/run", "data.train={ws}/data/empty.txt"], 2,
+                               "data file .*empty.txt is empty; expected UTF-8 text", [], ["run/final"]),
+    "train on an empty .jsonl": ([*TRAIN, "output_dir={ws}/run", "data.train={ws}/data/empty.jsonl"], 2,
+                                 "empty.jsonl is empty; expected one JSON object per line", [], ["run/final"]),
+    "train on a .jsonl of blank lines": ([*TRAIN, "output_dir={ws}/run", "data.train={ws}/data/blank.jsonl"], 2,
+                                         "blank.jsonl holds only blank lines", [], ["run/final"]),
+    "train on a .jsonl broken at line 3": ([*TRAIN, "output_dir={ws}/run", "data.train={ws}/data/broken.jsonl"], 2,
+                                           r"broken.jsonl line 3 is not valid JSON .*; expected one JSON object per",
+                                           ["data/broken.jsonl"], ["run/final"]),
+    "train on a .jsonl with a list at line 2": ([*TRAIN, "output_dir={ws}/run",
+                                                 "data.train={ws}/data/listline.jsonl"], 2,
+                                                "listline.jsonl line 2 is a JSON list, not an object", [],
+                                                ["run/final"]),
+    "train on a .jsonl without a text column": ([*TRAIN, "output_dir={ws}/run",
+                                                 "data.train={ws}/data/notext.jsonl"], 2,
+                                                r"has no column 'text' \(columns: content\); set data.text_column",
+                                                [], ["run/final"]),
+    "train on a broken .json array": ([*TRAIN, "output_dir={ws}/run", "data.train={ws}/data/broken.json"], 2,
+                                      "broken.json is not valid JSON at line 4", [], ["run/final"]),
+    "train on a .txt that is not UTF-8": ([*TRAIN, "output_dir={ws}/run", "data.train={ws}/data/latin1.txt"], 2,
+                                          "latin1.txt line 2 is not UTF-8 text", [], ["run/final"]),
+    "train on a .parquet that is not Parquet": ([*TRAIN, "output_dir={ws}/run",
+                                                 "data.train={ws}/data/garbage.parquet"], 2,
+                                                "garbage.parquet is not a Parquet file", [], ["run/final"]),
+    "train with a broken validation file": ([*TRAIN, "output_dir={ws}/run",
+                                             "data.validation={ws}/data/broken.jsonl"], 2,
+                                            "broken.jsonl line 3 is not valid JSON", [], ["run/final"]),
+    "sft on an empty .jsonl": ([*SFT, "data.train={ws}/data/empty.jsonl"], 2, "empty.jsonl is empty", [],
+                               ["run/final"]),
+    "sft on a .jsonl broken at line 3": ([*SFT, "data.train={ws}/data/chat_broken.jsonl"], 2,
+                                         "chat_broken.jsonl line 3 is not valid JSON", [], ["run/final"]),
+    "sft on a .jsonl without messages": ([*SFT, "data.train={ws}/data/chat_nomessages.jsonl"], 2,
+                                         "SFT needs a 'messages' column", [], ["run/final"]),
+    "eval on an empty .txt": (["eval", "{ws}/dlm", "--data", "{ws}/data/empty.txt"], 2, "empty.txt is empty", [],
+                              []),
+    "eval on a .jsonl broken at line 3": (["eval", "{ws}/dlm", "--data", "{ws}/data/broken.jsonl"], 2,
+                                          "broken.jsonl line 3 is not valid JSON", [], []),
+    # converting our own output: not "contains custom code"
+    "convert a dlm-adapt checkpoint": (["convert", "{ws}/dlm", "{ws}/out"], 2,
+                                       r"already a dlm-adapt diffusion checkpoint.*dlm-adapt upgrade .*dlm-adapt "
+                                       "train`/`sft`", ["dlm/config.json"], ["out"]),
+    # push uploads what a link points to: one leaving DIR could publish a token
+    "push a checkpoint with a link to a file outside it": (["push", "{ws}/linked", "me/x", "--dry-run"], 2,
+                                                           "linked/hf_token is a symbolic link to .*mine.txt, "
+                                                           "outside", ["user/mine.txt"], []),
+    "push a checkpoint whose README.md links outside it": (["push", "{ws}/readmelink", "me/x", "--dry-run"], 2,
+                                                           "readmelink/README.md is a symbolic link", [], []),
+    "push a training checkpoint": (["push", "{ws}/" + STEP, "me/x", "--dry-run"], 2, "not a dlm-adapt checkpoint",
+                                   [], []),
     "eval --json into a file's child": (["eval", "{ws}/dlm", "--data", "{ws}/train.txt", "--json",
                                          "{ws}/work/keep.txt/out.json"], 2, "cannot be written", WORK, []),
 }

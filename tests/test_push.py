@@ -23,6 +23,7 @@ import adapt
 from adapt import AdaptError
 from adapt.cli import main
 from adapt.config import load_config
+from adapt.outputs import write_marker
 from adapt.push import BEGIN, END
 from tiny_models import save_tiny_source
 
@@ -259,6 +260,7 @@ def test_card_from_a_hub_source_names_base_model_license_and_is_rewritten_in_pla
     ckpt = _checkpoint_copy(converted, tmp_path)
     config = json.loads((ckpt / "config.json").read_text())
     config["provenance"]["source"] = "HuggingFaceTB/SmolLM2-135M"
+    config["provenance"]["source_from_hub"] = True
     (ckpt / "config.json").write_text(json.dumps(config))
     (ckpt / "LICENSE").write_text("MIT License\n\nPermission is hereby granted, free of charge, ...")
     old = f"---\nlanguage: en\nlicense: other\n---\n# My model\n\nMy words.\n\n{BEGIN}\nstale numbers\n{END}\n\nMore.\n"
@@ -271,6 +273,73 @@ def test_card_from_a_hub_source_names_base_model_license_and_is_rewritten_in_pla
     assert body.count(BEGIN) == 1 and "stale numbers" not in body
     assert "`HuggingFaceTB/SmolLM2-135M`" in body
     assert (ckpt / "README.md").read_text() == old
+
+
+@pytest.mark.parametrize("source, from_hub, base", [
+    ("src", False, None),  # a relative path, typed in another directory: not a Hub id
+    ("models/src", False, None),
+    ("someorg/tiny", True, "someorg/tiny"),
+    ("src", None, None),  # recorded by an older dlm-adapt (no source_from_hub): only namespace/name counts
+    ("someorg/tiny", None, "someorg/tiny"),
+])
+def test_base_model_is_only_a_source_resolved_from_the_hub(converted, tmp_path, source, from_hub, base):
+    ckpt = _checkpoint_copy(converted, tmp_path)
+    config = json.loads((ckpt / "config.json").read_text())
+    config["provenance"]["source"] = source
+    if from_hub is None:
+        del config["provenance"]["source_from_hub"]
+    else:
+        config["provenance"]["source_from_hub"] = from_hub
+    (ckpt / "config.json").write_text(json.dumps(config))
+    meta, body = _card_parts(adapt.push_to_hub(ckpt, "someone/x", dry_run=True).card)
+    assert meta.get("base_model") == base
+    assert (f"`{source}`" if base else f"`{Path(source).name}` (a local directory)") in body
+
+
+@pytest.mark.parametrize("path, recorded, base", [
+    ("src", "/home/me/src", None),  # a relative model.path: the run's marker holds it made absolute
+    ("someorg/tiny", "someorg/tiny", "someorg/tiny"),  # not a path at training time: loaded from the Hub
+    ("src", None, None),  # no record (an older run): a bare name may as well be a local directory
+])
+def test_training_model_path_is_base_model_only_when_it_came_from_the_hub(converted, tmp_path, path, recorded, base):
+    run = tmp_path / "run"
+    ckpt = _checkpoint_copy(converted, run, "final")
+    (run / "config.json").write_text(json.dumps({"max_steps": 2, "train": {}, "anneal": {}, "model": {"path": path}}))
+    write_marker(run, "train", **({"model": {"path": recorded}} if recorded else {}))
+    meta, _ = _card_parts(adapt.push_to_hub(ckpt, "someone/x", dry_run=True).card)
+    assert meta.get("base_model") == base
+
+
+def test_convert_records_where_the_source_came_from(tmp_path, monkeypatch):
+    save_tiny_source(tmp_path / "src", "llama")
+    (tmp_path / "outside.txt").write_text("hf_secret")
+    (tmp_path / "src" / "LICENSE").symlink_to(tmp_path / "outside.txt")  # a link out of the source: not copied
+    (tmp_path / "src" / "LICENSE-MIT").write_text("MIT License")
+    monkeypatch.chdir(tmp_path)
+    local = adapt.convert("src", tmp_path / "local")
+    assert json.loads((local / "config.json").read_text())["provenance"]["source_from_hub"] is False
+    assert not (local / "LICENSE").exists() and (local / "LICENSE-MIT").read_text() == "MIT License"
+    assert "base_model" not in _card_parts(adapt.push_to_hub(local, "someone/x", dry_run=True).card)[0]
+    # a Hub download: a snapshot whose files are links into the cache's blob store, beside it
+    snapshot = tmp_path / "cache" / "models--someorg--tiny" / "snapshots" / "abc"
+    blobs = tmp_path / "cache" / "models--someorg--tiny" / "blobs"
+    shutil.copytree(tmp_path / "src", blobs, ignore=shutil.ignore_patterns("LICENSE"))
+    snapshot.mkdir(parents=True)
+    for f in blobs.iterdir():
+        (snapshot / f.name).symlink_to(f)
+    monkeypatch.setattr("adapt.hub._download", lambda *a: snapshot)
+    hub = adapt.convert("someorg/tiny", tmp_path / "hub")
+    assert json.loads((hub / "config.json").read_text())["provenance"]["source_from_hub"] is True
+    assert (hub / "LICENSE-MIT").read_text() == "MIT License"
+    assert _card_parts(adapt.push_to_hub(hub, "someone/x", dry_run=True).card)[0]["base_model"] == "someorg/tiny"
+
+
+def test_links_inside_dir_are_pushed_as_files(converted, tmp_path):
+    ckpt = _checkpoint_copy(converted, tmp_path)
+    (ckpt / "extra").mkdir()
+    (ckpt / "extra" / "config-copy.json").symlink_to(Path("..") / "config.json")
+    files = dict(adapt.push_to_hub(ckpt, "someone/x", dry_run=True).files)
+    assert files["extra/config-copy.json"] == (ckpt / "config.json").stat().st_size
 
 
 def _train_setup(root: Path):

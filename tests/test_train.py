@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 import adapt
-from adapt import AdaptError
+from adapt import AdaptError, checkpointing
 from adapt.config import load_config
 from tiny_models import save_tiny_source
 
@@ -115,6 +115,56 @@ def test_partial_checkpoint_write_is_ignored_on_resume(setup, tmp_path):
     (partial / "trainable.safetensors").write_bytes(b"\x00" * 10)
     adapt.train(_cfg(setup, out, "max_steps=6", "resume=true", "eval_steps=0"))
     assert [json.loads(ln)["step"] for ln in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
+
+
+def test_resume_falls_back_past_a_corrupt_checkpoint_and_a_torn_metrics_line(setup, tmp_path, capsys):
+    extra = ["max_steps=8", "eval_steps=0", "save_steps=2", "save_total_limit=3"]
+    adapt.train(_cfg(setup, tmp_path / "straight", *extra))
+    out = tmp_path / "split"
+    assert adapt.train(_cfg(setup, out, *extra, "stop_after=6")) is None
+    ckpts = out / "checkpoints"
+    assert [p.name for p in sorted(ckpts.iterdir())] == ["step-00000002", "step-00000004", "step-00000006"]
+    optimizer = ckpts / "step-00000006" / "optimizer.pt"
+    optimizer.write_bytes(optimizer.read_bytes()[: optimizer.stat().st_size // 2])  # e.g. a disk that filled up
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 7, "loss": 1.')  # a kill in the middle of a write
+    capsys.readouterr()
+    adapt.train(_cfg(setup, out, *extra, "resume=true"))
+    notes = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("dlm-adapt:")]
+    assert len(notes) == 1 and "resuming from step-00000004" in notes[0], notes
+    assert "step-00000006, which is incomplete (optimizer.pt has" in notes[0]
+    assert _losses(out) == _losses(tmp_path / "straight")  # steps 5-8 rerun exactly; the torn line is gone
+    assert checkpointing.verify(ckpts / "step-00000006") is None  # rewritten whole by the resumed run
+
+
+def test_manifest_catches_missing_truncated_and_damaged_files(tmp_path):
+    step = tmp_path / "step-00000001"
+    step.mkdir()
+    for name in ("state.json", "trainable.safetensors", "optimizer.pt", "scheduler.pt", "rng-0.pt"):
+        (step / name).write_bytes(name.encode() * 50)
+    assert checkpointing.verify(step).startswith("no manifest.json")
+    checkpointing.write_manifest(step)
+    assert checkpointing.verify(step) is None
+    (step / "optimizer.pt").write_bytes(b"x" * 100)  # same file, other size
+    assert "optimizer.pt has 100 bytes" in checkpointing.verify(step)
+    (step / "optimizer.pt").write_bytes(b"optimizer.pt" * 50)
+    data = bytearray((step / "trainable.safetensors").read_bytes())
+    data[7] ^= 1  # same size, one bit flipped
+    (step / "trainable.safetensors").write_bytes(bytes(data))
+    assert "trainable.safetensors does not match its sha256" in checkpointing.verify(step)
+    (step / "trainable.safetensors").write_bytes(b"trainable.safetensors" * 50)
+    (step / "rng-0.pt").unlink()
+    assert checkpointing.verify(step) == "rng-0.pt missing"
+    (step / "manifest.json").write_text("{")
+    assert checkpointing.verify(step).startswith("unreadable manifest.json")
+    # the newest whole checkpoint wins; newer broken ones are reported
+    good = tmp_path / "step-00000000"
+    good.mkdir()
+    for name in ("state.json", "trainable.safetensors", "optimizer.pt", "scheduler.pt"):
+        (good / name).write_text("{}")
+    checkpointing.write_manifest(good)
+    found, skipped = checkpointing.newest_complete(tmp_path)
+    assert found == good and [p.name for p, _ in skipped] == ["step-00000001"]
 
 
 def test_kill_9_during_checkpointing_then_resume(setup, tmp_path):
