@@ -17,6 +17,7 @@ from .errors import AdaptError
 
 PREFIX = "step-"
 MANIFEST = "manifest.json"
+REQUIRED = ("state.json", "trainable.safetensors", "optimizer.pt", "scheduler.pt")
 _CHUNK = 16 << 20
 
 
@@ -47,10 +48,13 @@ def verify(directory: Path) -> str | None:
         entries = json.loads((directory / MANIFEST).read_text())["files"]
         items = [(name, int(e["size"]), str(e["sha256"])) for name, e in entries.items()]
     except FileNotFoundError:
-        return f"no {MANIFEST} (cut off while being written, or written by an older dlm-adapt)"
+        # a checkpoint is renamed into place only after its manifest is written, so one without a manifest comes
+        # from dlm-adapt 0.1.0, which wrote none: it can only be checked for its files (`is_unverified` says so)
+        missing = [name for name in REQUIRED if not (directory / name).is_file()]
+        return f"no {MANIFEST}, and {missing[0]} is missing" if missing else None
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         return f"unreadable {MANIFEST} ({type(e).__name__})"
-    if not {"state.json", "trainable.safetensors", "optimizer.pt", "scheduler.pt"} <= {n for n, _, _ in items}:
+    if not set(REQUIRED) <= {n for n, _, _ in items}:
         return f"{MANIFEST} lists too few files"
     for name, size, sha in items:
         path = directory / name
@@ -61,6 +65,11 @@ def verify(directory: Path) -> str | None:
         if _sha256(path) != sha:
             return f"{name} does not match its sha256 in the manifest (damaged)"
     return None
+
+
+def is_unverified(directory: Path) -> bool:
+    """A checkpoint of dlm-adapt 0.1.0: no manifest to check its files against."""
+    return not (directory / MANIFEST).is_file()
 
 
 def newest_complete(root: Path) -> tuple[Path | None, list[tuple[Path, str]]]:

@@ -116,6 +116,9 @@ def train(cfg: TrainConfig) -> Path | None:
     if main and skipped:
         print(f"dlm-adapt: resuming from {resume_from.name}, the newest complete checkpoint; removing "
               + "; ".join(f"{p.name}, which is incomplete ({why})" for p, why in skipped), file=sys.stderr)
+    if main and resume_from is not None and checkpointing.is_unverified(resume_from):
+        print(f"dlm-adapt: warning: {resume_from} was written by an older dlm-adapt without a manifest; resuming "
+              "from it without checking its files' sizes and checksums", file=sys.stderr)
 
     source = cfg.model.path
     if not source:

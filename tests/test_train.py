@@ -142,8 +142,13 @@ def test_manifest_catches_missing_truncated_and_damaged_files(tmp_path):
     step.mkdir()
     for name in ("state.json", "trainable.safetensors", "optimizer.pt", "scheduler.pt", "rng-0.pt"):
         (step / name).write_bytes(name.encode() * 50)
-    assert checkpointing.verify(step).startswith("no manifest.json")
+    # without a manifest (dlm-adapt 0.1.0 wrote none) only the required files can be checked
+    assert checkpointing.verify(step) is None and checkpointing.is_unverified(step)
+    (step / "scheduler.pt").rename(step / "scheduler.bak")
+    assert checkpointing.verify(step) == "no manifest.json, and scheduler.pt is missing"
+    (step / "scheduler.bak").rename(step / "scheduler.pt")
     checkpointing.write_manifest(step)
+    assert not checkpointing.is_unverified(step)
     assert checkpointing.verify(step) is None
     (step / "optimizer.pt").write_bytes(b"x" * 100)  # same file, other size
     assert "optimizer.pt has 100 bytes" in checkpointing.verify(step)
