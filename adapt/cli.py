@@ -44,7 +44,12 @@ def _generate(args):
 
         if not Path(args.prompts_file).is_file():
             raise AdaptError(f"prompts file {args.prompts_file} not found")
-        prompts += [ln for ln in Path(args.prompts_file).read_text().splitlines() if ln.strip()]
+        try:
+            text = Path(args.prompts_file).read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise AdaptError(f"prompts file {args.prompts_file} is not UTF-8 text (byte {e.start}); give one prompt "
+                             "per line as text") from None
+        prompts += [ln for ln in text.splitlines() if ln.strip()]
     if args.infill:
         prompts.append(args.infill)
     results = generate(args.model, prompts, chat=args.chat, infill=bool(args.infill),

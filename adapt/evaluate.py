@@ -300,6 +300,15 @@ def plot_steps_sweep(sweep: dict, path: str | Path, title: str = "") -> Path:
 
 # ---------------------------------------------------------------------------------------------- evaluate
 
+def _check_device(device: str):
+    """A device this machine has, before anything is read or computed."""
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError, ValueError) as e:
+        raise AdaptError(f"--device {device} is not available here ({str(e).splitlines()[0]}); use cpu, or a "
+                         "device this machine has") from None
+
+
 def evaluate(model, data: str, *, metrics=("elbo",), tokenizer=None, ar_parent=None, mc_samples: int = 16,
              block_length: int = 128, num_blocks: int = 64, batch_size: int = 16, seed: int = 0,
              device: str | None = None, text_column: str = "text", sample_by: str = "paragraph",
@@ -326,6 +335,8 @@ def evaluate(model, data: str, *, metrics=("elbo",), tokenizer=None, ar_parent=N
         raise AdaptError("block_length must be at least 2 (the first token of a block is context)")
     if plot is not None and "steps_sweep" not in metrics:
         raise AdaptError("--plot draws the steps sweep: add steps_sweep to --metrics")
+    if device is not None:
+        _check_device(device)
     name = str(model) if isinstance(model, (str, Path)) else type(model).__name__
     spec = _model_spec(model) if isinstance(model, (str, Path)) else None  # bad paths fail before data is read
     documents = _quietly(load_documents, data, DataConfig(text_column=text_column, sample_by=sample_by,

@@ -43,8 +43,20 @@ def _related(a: Path, b: Path) -> bool:
 
 
 def check_location(output: Path, inputs: dict[str, Path]):
-    """Refuse an OUTPUT that is, contains or lies inside the current directory's ancestors or an input."""
-    real = output.resolve()
+    """Refuse an OUTPUT that is, contains or lies inside the current directory's ancestors or an input, that is a
+    symbolic link (a loop, dangling, or pointing elsewhere: what would be replaced is not what was named), or
+    whose parent cannot hold a new directory."""
+    if output.is_symlink():
+        raise AdaptError(f"output {output} is a symbolic link; name a real directory path")
+    parent = next((p for p in output.parents if p.exists() or p.is_symlink()), None)
+    if parent is not None and not parent.is_dir():
+        raise AdaptError(f"output {output} lies under {parent}, which is not a directory; choose another path")
+    if parent is not None and not os.access(parent, os.W_OK | os.X_OK):
+        raise AdaptError(f"output {output} cannot be created: {parent} is not writable; choose another path")
+    try:
+        real = output.resolve(strict=False)
+    except (RuntimeError, OSError) as e:  # a symbolic-link loop among the parents
+        raise AdaptError(f"output {output} cannot be resolved ({e}); choose another path") from None
     cwd = Path.cwd().resolve()
     if real == cwd or real in cwd.parents:
         raise AdaptError(f"output {output} is the current directory or contains it; name a new directory")
@@ -80,10 +92,16 @@ def check_target(output: Path, kind: str, overwrite: bool, inputs: dict[str, Pat
 
 def make_temp(output: Path, kind: str) -> Path:
     """A marked temporary sibling of `output`; stale ones of killed runs are removed first."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale(output)
-    tmp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.tmp-"))
-    write_marker(tmp, kind)
+    tmp = None
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale(output)
+        tmp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.tmp-"))
+        write_marker(tmp, kind)
+    except OSError as e:  # read-only or special file systems, a full disk: nothing of ours is left behind
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise AdaptError(f"cannot write beside output {output}: {e.strerror or e}; choose another path") from None
     return tmp
 
 

@@ -35,10 +35,11 @@ def base(tmp_path_factory, converted):
     (ws / "broken" / "config.json").write_text("{not json")
     (ws / "train.txt").write_text("\n\n".join(" ".join(f"w{(i + j) % 90}" for j in range(12)) for i in range(40)))
     (ws / "recipe.yaml").write_text("{}\n")
-    # a checkpoint renamed into place without a manifest: an older dlm-adapt's, or one damaged on disk
+    # a checkpoint renamed into place without a manifest and without scheduler.pt (damaged on disk; a whole one
+    # without a manifest is dlm-adapt 0.1.0's and is resumed with a warning)
     step = ws / "trainrun" / "checkpoints" / "step-00000002"
     step.mkdir(parents=True)
-    for name in ("state.json", "trainable.safetensors", "optimizer.pt", "scheduler.pt", "rng-0.pt"):
+    for name in ("state.json", "trainable.safetensors", "optimizer.pt", "rng-0.pt"):
         (step / name).write_text("{}")
     data = ws / "data"
     data.mkdir()
@@ -52,6 +53,10 @@ def base(tmp_path_factory, converted):
     (data / "broken.json").write_text('[\n  {"text": "w1"},\n  {"text": "w2",\n]\n')
     (data / "latin1.txt").write_bytes("w1 w2\ncaf\u00e9 w3\n".encode("latin-1"))
     (data / "garbage.parquet").write_bytes(b"not a parquet file at all")
+    (data / "binary.txt").write_bytes(b"\x00\x01\xff\xfe w1\n")
+    (ws / "dangling").symlink_to(ws / "nowhere")
+    (ws / "loop1").symlink_to(ws / "loop2")
+    (ws / "loop2").symlink_to(ws / "loop1")
     chat = [json.dumps({"messages": [{"role": "user", "content": "w1"}, {"role": "assistant", "content": "w2"}]})] * 6
     (data / "chat_broken.jsonl").write_text("\n".join(chat[:2] + ['{"messages": [{"role": "user"'] + chat[3:]))
     (data / "chat_nomessages.jsonl").write_text("\n".join(json.dumps({"text": "w1"}) for _ in range(6)) + "\n")
@@ -140,6 +145,16 @@ CASES = {
     "generate from a missing model": (["generate", "{ws}/nowhere", "--prompt", "w1"], 2, "does not exist", [], []),
     "generate from a config.json that is not JSON": (["generate", "{ws}/broken", "--prompt", "w1"], 2,
                                                      "is not a JSON object", [], []),
+    "generate from a binary prompts file": (["generate", "{ws}/dlm", "--prompts-file", "{ws}/data/binary.txt"], 2,
+                                            "is not UTF-8 text", [], []),
+    "eval on a device this machine lacks": (["eval", "{ws}/dlm", "--data", "{ws}/train.txt", "--device", "nodev:0"],
+                                            2, "is not available here", [], []),
+    # output locations that cannot hold a new directory, or are not what they are named
+    "convert under a file": (["convert", "{ws}/models/src", "{ws}/work/keep.txt/out"], 2, "which is not a directory",
+                             WORK, ["work/keep.txt/out"]),
+    "convert onto a dangling link": (["convert", "{ws}/models/src", "{ws}/dangling"], 2, "is a symbolic link",
+                                     [], []),
+    "convert onto a link loop": (["convert", "{ws}/models/src", "{ws}/loop1"], 2, "is a symbolic link", [], []),
     # a checkpoint that is not whole is never resumed from
     "resume when the only checkpoint has no manifest": ([*TRAIN, "output_dir={ws}/trainrun", "resume=true"], 2,
                                                         "holds no complete checkpoint \\(step-00000002: no manifest",
