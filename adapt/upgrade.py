@@ -55,9 +55,15 @@ def plan_upgrade(directory: str | Path) -> UpgradeResult:
     """What `upgrade` would rewrite in `directory`, without writing anything."""
     from .model import AUTO_MAP, MODEL_FILES
 
+    from . import __version__
+    from .model.transformers_compat import _release
+
     directory = Path(directory).expanduser()
     config = _read_checkpoint_config(directory)
     result = UpgradeResult(directory, code_version(directory))
+    if _release(result.code_version) > _release(__version__):
+        raise AdaptError(f"{directory}'s code was written by dlm-adapt {result.code_version}, newer than this "
+                         f"{__version__}; upgrade dlm-adapt (pip install -U dlm-adapt) instead of its code")
     for src in MODEL_FILES:
         new = src.read_bytes()
         old = directory / src.name
@@ -93,9 +99,12 @@ def stale_code_warning(directory: Path) -> str | None:
 
     if not (directory / "config.json").is_file():
         return None
+    from . import __version__
+    from .model.transformers_compat import _release
+
     stale = [f.name for f in MODEL_FILES if not (directory / f.name).is_file()
              or (directory / f.name).read_bytes() != f.read_bytes()]
-    if not stale:
+    if not stale or _release(code_version(directory)) > _release(__version__):  # newer code: nothing to update
         return None
     return (f"{directory}'s remote code was written by dlm-adapt {code_version(directory)} and may not run with "
             f"transformers alone on this transformers release; update it with: dlm-adapt upgrade {directory}")

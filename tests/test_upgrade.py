@@ -129,6 +129,17 @@ def test_converting_a_source_without_pad_token_batches_prompts(tmp_path):
     torch.testing.assert_close(padded, alone, atol=1e-5, rtol=0)
 
 
+def test_upgrade_never_downgrades_newer_code(legacy, capsys):
+    adapt.upgrade(legacy)
+    compat = legacy / "transformers_compat.py"
+    compat.write_text(compat.read_text().replace(f'DLM_ADAPT_VERSION = "{adapt.__version__}"',
+                                                 'DLM_ADAPT_VERSION = "99.0.0"'))
+    before = _digests(legacy)
+    assert main(["upgrade", str(legacy)]) == 2
+    assert "newer than this" in capsys.readouterr().err
+    assert _digests(legacy) == before
+
+
 @pytest.mark.parametrize("make, phrase", [
     (lambda d: shutil.copytree(DATA / "tiny-llama", d), "'llama' checkpoint, not a dlm-adapt"),
     (lambda d: d.mkdir(), "has no config.json"),
