@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import AdaptError
+from .outputs import write_errors
 
 PREFIX = "step-"
 MANIFEST = "manifest.json"
@@ -106,19 +107,27 @@ def save(root: Path, step: int, model, optimizer, scheduler, extra_state: dict, 
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
+    try:
+        with write_errors(final):  # a full disk stops the run; the previous checkpoint stays the newest
+            if is_main:
+                tensors, aliases = trainable_state(model)
+                save_file(tensors, tmp / "trainable.safetensors")
+                torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+                torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+                (tmp / "state.json").write_text(json.dumps({"step": step, "aliases": aliases, **extra_state},
+                                                           indent=2))
+            torch.save(rng, tmp / f"rng-{rank}.pt")
+            barrier()
+            if is_main:
+                write_manifest(tmp)  # after every rank's files, so it covers them all
+                for f in tmp.iterdir():  # data on disk before the rename makes it visible
+                    with open(f, "rb") as fh:
+                        os.fsync(fh.fileno())
+    except AdaptError:
+        if is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if is_main:
-        tensors, aliases = trainable_state(model)
-        save_file(tensors, tmp / "trainable.safetensors")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": step, "aliases": aliases, **extra_state}, indent=2))
-    torch.save(rng, tmp / f"rng-{rank}.pt")
-    barrier()
-    if is_main:
-        write_manifest(tmp)  # after every rank's files, so it covers them all
-        for f in tmp.iterdir():  # data on disk before the rename makes it visible
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)

@@ -13,7 +13,7 @@ import yaml
 from .errors import AdaptError
 from .masks import AnnealConfig
 from .objective import ObjectiveConfig
-from .ranges import RangeError, check_ranges
+from .ranges import FieldError, check_ranges
 
 
 @dataclass
@@ -91,6 +91,19 @@ class SFTDataConfig:
     def __post_init__(self):
         check_ranges(self, {"validation_fraction": "[0, 1)", "max_length": "[2, inf)",
                             "max_eval_samples": "[1, inf)"})
+        if self.chat_template and self.chat_template != "default":
+            _check_jinja("chat_template", self.chat_template)
+
+
+def _check_jinja(key: str, template: str):
+    # before any model or data is loaded: transformers compiles the template only when it first renders a sample
+    import jinja2
+
+    try:
+        jinja2.Environment().parse(template)
+    except jinja2.TemplateSyntaxError as e:
+        raise FieldError(key, f"is not a valid Jinja template (line {e.lineno}: {e.message}); fix it, or use "
+                              "'default' or null (the tokenizer's own)") from None
 
 
 @dataclass
@@ -228,7 +241,7 @@ def from_dict(cls, data: dict, prefix: str = ""):
             kwargs[name] = _check(value, hint, f"{prefix}{name}")
     try:
         return cls(**kwargs)
-    except RangeError as e:  # the dataclass knows its own field, not the section it sits in
+    except FieldError as e:  # the dataclass knows its own field, not the section it sits in
         raise AdaptError(e.message(prefix)) from None
 
 

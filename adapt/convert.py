@@ -20,7 +20,7 @@ from . import __version__
 from .architectures import check_architecture
 from .errors import AdaptError
 from .hub import Source, resolve_source
-from .outputs import check_target, make_temp, publish
+from .outputs import check_target, make_temp, publish, write_errors
 from .model import AUTO_MAP, MODEL_FILES, MaskedDiffusionConfig
 from .safetensors_io import StoredTensor, dtype_code, read_shards, torch_dtype, write_safetensors
 
@@ -77,33 +77,36 @@ def convert(
 
     tmp = make_temp(output, "convert")
     try:
-        streamed = src.gguf_file is None and _has_safetensors(src.directory)
-        writer = _StreamedWeights(src.directory, config) if streamed else _LoadedWeights(src, config, trust_remote_code)
-        pad_case = ensure_pad_token(tokenizer)
-        mask_id, case = choose_mask_token(tokenizer, writer.vocab_rows, mask_token)
-        writer.write(tmp, new_rows=max(0, mask_id + 1 - writer.vocab_rows), dtype=DTYPES.get(dtype))
-        config = writer.config
-        if dtype != "auto":
-            config.dtype = dtype
-        provenance = {
-            "converter": "dlm-adapt",
-            "converter_version": __version__,
-            "source": str(source),
-            # a relative local path can look like a Hub id; only this says where the source came from
-            "source_from_hub": src.from_hub,
-            "revision": revision,
-            "gguf_file": src.gguf_file,
-            "base_model_type": config.model_type,
-            "mask_token_case": case,
-            "pad_token_case": pad_case,
-        }
-        _write_config(tmp, config, mask_id, shift, provenance)
-        _write_generation_config(tmp, tokenizer, config, mask_id)
-        tokenizer.save_pretrained(tmp)
-        tokenizer_config = tmp / "tokenizer_config.json"
-        tokenizer_config.write_text(json.dumps(padding_policy(json.loads(tokenizer_config.read_text())), indent=2) + "\n")
-        for f in _license_files(src):
-            shutil.copyfile(f, tmp / f.name)
+        with write_errors(output):
+            streamed = src.gguf_file is None and _has_safetensors(src.directory)
+            writer = (_StreamedWeights(src.directory, config) if streamed
+                      else _LoadedWeights(src, config, trust_remote_code))
+            pad_case = ensure_pad_token(tokenizer)
+            mask_id, case = choose_mask_token(tokenizer, writer.vocab_rows, mask_token)
+            writer.write(tmp, new_rows=max(0, mask_id + 1 - writer.vocab_rows), dtype=DTYPES.get(dtype))
+            config = writer.config
+            if dtype != "auto":
+                config.dtype = dtype
+            provenance = {
+                "converter": "dlm-adapt",
+                "converter_version": __version__,
+                "source": str(source),
+                # a relative local path can look like a Hub id; only this says where the source came from
+                "source_from_hub": src.from_hub,
+                "revision": revision,
+                "gguf_file": src.gguf_file,
+                "base_model_type": config.model_type,
+                "mask_token_case": case,
+                "pad_token_case": pad_case,
+            }
+            _write_config(tmp, config, mask_id, shift, provenance)
+            _write_generation_config(tmp, tokenizer, config, mask_id)
+            tokenizer.save_pretrained(tmp)
+            tokenizer_config = tmp / "tokenizer_config.json"
+            policy = padding_policy(json.loads(tokenizer_config.read_text()))
+            tokenizer_config.write_text(json.dumps(policy, indent=2) + "\n")
+            for f in _license_files(src):
+                shutil.copyfile(f, tmp / f.name)
         publish(tmp, output, "convert", replace, FLAG)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

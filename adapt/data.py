@@ -15,36 +15,60 @@ _EXPECTED = {".txt": "UTF-8 text", ".json": "a JSON array of objects, or one JSO
              ".jsonl": "one JSON object per line", ".parquet": "a Parquet table"}
 
 
+SMALL_FILES = 64 << 20  # local data up to this size is read in full before loading: its problem is named first
+
+
+def _local_files(spec: str) -> list[Path] | None:
+    """The local files `spec` names, or None for a Hub dataset name."""
+    files = [s.strip() for s in spec.split(",") if s.strip()]
+    local = [Path(f).expanduser() for f in files]
+    if any(p.exists() or p.suffix in _BUILDERS or f.startswith(("/", ".", "~")) for p, f in zip(local, files)):
+        return local
+    return None
+
+
+def check_data_files(spec: str | None):
+    """Refuse missing, empty or unreadable local data files before anything is loaded; a large file is read only
+    if `datasets` fails on it."""
+    local = _local_files(spec) if spec else None
+    for p in local or []:
+        if not p.is_file():
+            raise AdaptError(f"data file {p} not found")
+        if p.suffix not in _BUILDERS:
+            raise AdaptError(f"data file {p}: unsupported type (use {', '.join(_BUILDERS)})")
+        if p.stat().st_size == 0:
+            raise AdaptError(f"data file {p} is empty; expected {_EXPECTED[p.suffix]}")
+    if local and sum(p.stat().st_size for p in local) <= SMALL_FILES:
+        _raise_file_problem(local)
+
+
+def _raise_file_problem(local: list[Path], cause: Exception | None = None):
+    for p in local:
+        problem = _file_problem(p)
+        if problem:
+            raise AdaptError(f"data file {p} {problem}; expected {_EXPECTED[p.suffix]}") from cause
+
+
 def load_table(spec: str, cfg) -> "datasets.Dataset":
     """Rows from local files (comma-separated .txt/.json/.jsonl/.parquet) or a Hub dataset name. `cfg` needs
     `hub_split`, `hub_config` and, for .txt files, `sample_by`."""
     import datasets
 
-    files = [s.strip() for s in spec.split(",") if s.strip()]
-    local = [Path(f).expanduser() for f in files]
+    local = _local_files(spec)
     try:
-        if any(p.exists() or p.suffix in _BUILDERS or f.startswith(("/", ".", "~")) for p, f in zip(local, files)):
-            for p in local:
-                if not p.is_file():
-                    raise AdaptError(f"data file {p} not found")
-                if p.suffix not in _BUILDERS:
-                    raise AdaptError(f"data file {p}: unsupported type (use {', '.join(_BUILDERS)})")
-                if p.stat().st_size == 0:
-                    raise AdaptError(f"data file {p} is empty; expected {_EXPECTED[p.suffix]}")
+        if local is not None:
+            check_data_files(spec)
             builder = _BUILDERS[local[0].suffix]
             extra = {"sample_by": getattr(cfg, "sample_by", "line")} if builder == "text" else {}
-            with _datasets_errors_unlogged():
+            small = sum(p.stat().st_size for p in local) <= SMALL_FILES
+            with _datasets_quiet(progress=not small):  # a small file loads in a blink: no progress bar
                 return datasets.load_dataset(builder, data_files=[str(p) for p in local], split="train", **extra)
         return datasets.load_dataset(spec, cfg.hub_config, split=cfg.hub_split)
     except AdaptError:
         raise
     except Exception as e:  # datasets raises many types for unreadable files and unreachable Hub names
         # datasets wraps the cause in "An error occurred while generating the dataset": find it in the files
-        for p in local:
-            if p.is_file():
-                problem = _file_problem(p)
-                if problem:
-                    raise AdaptError(f"data file {p} {problem}; expected {_EXPECTED[p.suffix]}") from e
+        _raise_file_problem([p for p in local or [] if p.is_file()], e)
         cause = e
         while cause.__cause__ is not None or cause.__context__ is not None:
             cause = cause.__cause__ or cause.__context__
@@ -52,16 +76,21 @@ def load_table(spec: str, cfg) -> "datasets.Dataset":
 
 
 @contextlib.contextmanager
-def _datasets_errors_unlogged():
-    # datasets logs a failed file at ERROR level before raising; the AdaptError below is the one line to show
+def _datasets_quiet(progress: bool):
+    # datasets logs a failed file at ERROR level before raising; the AdaptError is the one line to show
+    import datasets
     from datasets.utils import logging
 
-    level = logging.get_verbosity()
+    level, bars = logging.get_verbosity(), not datasets.are_progress_bars_disabled()
     logging.set_verbosity(logging.CRITICAL)
+    if bars and not progress:
+        datasets.disable_progress_bars()
     try:
         yield
     finally:
         logging.set_verbosity(level)
+        if bars:
+            datasets.enable_progress_bars()
 
 
 def _first_line(e: BaseException) -> str:
@@ -147,6 +176,7 @@ def build_datasets(cfg: DataConfig, tokenizer, max_positions: int | None, seed: 
         raise AdaptError("data.train is not set")
     if max_positions is not None and cfg.block_length > max_positions:
         raise AdaptError(f"data.block_length {cfg.block_length} exceeds the model's {max_positions} positions")
+    check_data_files(cfg.validation)  # before the training data loads: a bad file is the first thing said
     docs = load_documents(cfg.train, cfg)
     if not docs:
         raise AdaptError(f"dataset {cfg.train} is empty")

@@ -9,7 +9,7 @@ from transformers import AutoTokenizer
 
 from .convert import _first_line
 from .errors import AdaptError
-from .hub import _HUB_ID
+from .hub import _HUB_ID, hub_access, unreachable_message
 from .model import MaskedDiffusionConfig, MaskedDiffusionLM
 from .upgrade import stale_code_warning
 
@@ -40,16 +40,29 @@ def load(path: str | Path, *, dtype: str | torch.dtype | None = None, device: st
     kwargs = {"revision": revision} if revision else {}
     if dtype is not None:
         kwargs["dtype"] = dtype
-    if attn_implementation is not None:
-        kwargs["attn_implementation"] = attn_implementation
-    try:
-        model = MaskedDiffusionLM.from_pretrained(str(path), **kwargs)
-    except OSError as e:  # a Hub id that is not there (or not reachable), missing weight files
-        raise AdaptError(f"cannot load model {path}: {_first_line(e)}") from e
+    model = load_model(path, attn_implementation, **kwargs)
     # explicit False: the checkpoint has auto_map, and the tokenizer needs no remote code; passing the config
     # spares AutoTokenizer a failing AutoConfig lookup of our model type (and its misleading warning)
     tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False, config=model.config,
-                                              **({"revision": revision} if revision else {}))
+                                              **({"revision": revision} if revision else {}), **hub_access(path))
     if device is not None:
         model.to(device)
     return model.eval(), tokenizer
+
+
+def load_model(path: str | Path, attn_implementation: str | None = None, **kwargs) -> MaskedDiffusionLM:
+    """`MaskedDiffusionLM.from_pretrained` with its failures as one line: a missing or unreachable checkpoint, an
+    attention implementation this machine cannot run."""
+    access = hub_access(path)
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        return MaskedDiffusionLM.from_pretrained(str(path), **kwargs, **access)
+    except OSError as e:  # a Hub id that is not there (or not reachable), missing weight files
+        raise AdaptError(unreachable_message(str(path)) if access else f"cannot load model {path}: {_first_line(e)}"
+                         ) from e
+    except (ImportError, ValueError) as e:
+        if attn_implementation in (None, "eager", "sdpa"):
+            raise
+        raise AdaptError(f"attn_implementation '{attn_implementation}' cannot be used here ({_first_line(e)}); use "
+                         "sdpa or eager") from e

@@ -7,6 +7,7 @@ are built in a temporary sibling carrying the marker and renamed into place; a r
 meanwhile is refused and only the temporary directory is removed.
 """
 
+import contextlib
 import json
 import os
 import shutil
@@ -88,6 +89,34 @@ def check_target(output: Path, kind: str, overwrite: bool, inputs: dict[str, Pat
     if not overwrite:
         raise AdaptError(f"output {output} already exists; {advice}")
     return True
+
+
+def _is_write_error(e: BaseException) -> bool:
+    # safetensors and torch.save report a full disk in their own exception types
+    if isinstance(e, OSError):
+        return True
+    text = str(e)
+    return ((type(e).__name__ == "SafetensorError" and "os error" in text)
+            or (isinstance(e, RuntimeError) and ("PytorchStreamWriter" in text or "inline_container" in text)))
+
+
+@contextlib.contextmanager
+def write_errors(output: Path):
+    """A failed write into `output` (a full disk, a quota, a file system gone read-only) as one line; removing
+    the partial files is the caller's `finally`."""
+    try:
+        yield
+    except Exception as e:
+        if not _is_write_error(e):
+            raise
+        if isinstance(e, OSError) and e.strerror:
+            reason = e.strerror + (f" ({e.filename})" if e.filename else "")
+        else:  # torch.save's message ("unexpected pos ...") does not say the disk is full: the free space does
+            existing = next(p for p in (output, *output.parents) if p.exists())
+            free = shutil.disk_usage(existing).free / 2**20
+            reason = f"{type(e).__name__} while writing, with {free:.1f} MiB free on that file system"
+        raise AdaptError(f"cannot write {output}: {reason}; nothing was published. Free some space, or choose "
+                         "another path") from e
 
 
 def make_temp(output: Path, kind: str) -> Path:

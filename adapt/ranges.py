@@ -11,15 +11,20 @@ from .errors import AdaptError
 _INTERVAL = re.compile(r"^([\[(])\s*(\S+)\s*,\s*(\S+)\s*([\])])$")
 
 
-class RangeError(AdaptError):
-    """A field out of range; `key` lets the config loader prefix the section (`train.lr`)."""
+class FieldError(AdaptError):
+    """A bad config field, raised by its dataclass; `key` lets the config loader prefix the section (`train.lr`)."""
 
-    def __init__(self, key: str, interval: str, value):
-        self.key, self.interval, self.value = key, interval, value
+    def __init__(self, key: str, problem: str):
+        self.key, self.problem = key, problem
         super().__init__(self.message())
 
     def message(self, prefix: str = "") -> str:
-        return f"config key '{prefix}{self.key}' must be in {self.interval}, got {self.value!r}"
+        return f"config key '{prefix}{self.key}' {self.problem}"
+
+
+class RangeError(FieldError):
+    def __init__(self, key: str, interval: str, value):
+        super().__init__(key, f"must be in {interval}, got {value!r}")
 
 
 def _inside(value: float, interval: str) -> bool:

@@ -15,7 +15,7 @@ import sys
 import torch
 
 from .config import SFTDataConfig
-from .data import load_table
+from .data import check_data_files, load_table
 from .errors import AdaptError
 
 DEFAULT_CHAT_TEMPLATE = (
@@ -150,6 +150,7 @@ def build_sft_datasets(cfg: SFTDataConfig, tokenizer, max_positions: int | None,
     if max_positions is not None and cfg.max_length > max_positions:
         raise AdaptError(f"data.max_length {cfg.max_length} exceeds the model's {max_positions} positions")
     template = resolve_chat_template(tokenizer, cfg)
+    check_data_files(cfg.validation)  # before the training data loads: a bad file is the first thing said
     table = load_table(cfg.train, cfg)
     fmt = detect_format(table.column_names, cfg, cfg.train)
     rows = list(table)

@@ -19,6 +19,8 @@ from .convert import convert
 from .data import BlockLoader, build_datasets, split_batch
 from .errors import AdaptError
 from .evaluate import diffusion_elbo
+from .hub import hub_access
+from .loading import load_model
 from .masks import annealed_attention_mask, check_annealing_supported, mask_ratio
 from .model import MaskedDiffusionConfig, MaskedDiffusionLM
 from .objective import diffusion_loss, noised_batch
@@ -29,7 +31,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def is_diffusion_checkpoint(path: str) -> bool:
     try:
-        config, _ = PreTrainedConfig.get_config_dict(path)
+        config, _ = PreTrainedConfig.get_config_dict(path, **hub_access(path))
     except Exception:  # not a model directory / id at all: the converter gives the precise error
         return False
     return config.get("model_type") == MaskedDiffusionConfig.model_type
@@ -47,8 +49,8 @@ def load_for_training(cfg: TrainConfig, path: str):
                              "pip install bitsandbytes, or use train.method=lora") from e
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=DTYPES[cfg.model.dtype])
-    model = MaskedDiffusionLM.from_pretrained(path, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False, config=model.config)
+    model = load_model(path, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False, config=model.config, **hub_access(path))
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.train.method in ("lora", "qlora"):
@@ -397,20 +399,25 @@ def _write_samples(dlm, tokenizer, val_blocks, path: Path, step: int, bar, promp
 def _save_final(cfg: TrainConfig, model, tokenizer, source: str, final: Path):
     tmp = final.parent / ".final-tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    if cfg.train.method == "full":
-        model.save_pretrained(tmp)
-    elif cfg.lora.save_adapter_only:
-        model.save_pretrained(tmp)  # PEFT adapter; load with PeftModel.from_pretrained(base diffusion model, dir)
-    else:
-        if cfg.train.method == "qlora":  # merge into full-precision weights, not into the 4-bit ones
-            from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+    try:
+        with outputs.write_errors(final):
+            if cfg.train.method == "full":
+                model.save_pretrained(tmp)
+            elif cfg.lora.save_adapter_only:
+                model.save_pretrained(tmp)  # a PEFT adapter: PeftModel.from_pretrained(base diffusion model, dir)
+            else:
+                if cfg.train.method == "qlora":  # merge into full-precision weights, not into the 4-bit ones
+                    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
-            base = MaskedDiffusionLM.from_pretrained(source, dtype=DTYPES[cfg.model.dtype])
-            full = get_peft_model(base, model.peft_config["default"])
-            set_peft_model_state_dict(full, get_peft_model_state_dict(model))
-            model = full
-        model.merge_and_unload().save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+                    base = MaskedDiffusionLM.from_pretrained(source, dtype=DTYPES[cfg.model.dtype])
+                    full = get_peft_model(base, model.peft_config["default"])
+                    set_peft_model_state_dict(full, get_peft_model_state_dict(model))
+                    model = full
+                model.merge_and_unload().save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+    except AdaptError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)

@@ -35,6 +35,7 @@ def base(tmp_path_factory, converted):
     (ws / "broken" / "config.json").write_text("{not json")
     (ws / "train.txt").write_text("\n\n".join(" ".join(f"w{(i + j) % 90}" for j in range(12)) for i in range(40)))
     (ws / "recipe.yaml").write_text("{}\n")
+    (ws / "jinja.yaml").write_text('data:\n  chat_template: "{% for m in messages %}{{ m.content }"\n')
     # a checkpoint renamed into place without a manifest and without scheduler.pt (damaged on disk; a whole one
     # without a manifest is dlm-adapt 0.1.0's and is resumed with a warning)
     step = ws / "trainrun" / "checkpoints" / "step-00000002"
@@ -127,6 +128,15 @@ CASES = {
                                    r"'objective.eps' must be in \(0, 1\)", [], ["run"]),
     "train with a beta of 1.5": ([*TRAIN, "output_dir={ws}/run", "train.betas=[0.9, 1.5]"], 2,
                                  "'train.betas' must be in", [], ["run"]),
+    "train with flash attention on a machine without it": ([*TRAIN, "output_dir={ws}/run",
+                                                            "model.attn_implementation=flash_attention_2"], 2,
+                                                           "attn_implementation 'flash_attention_2' cannot be used "
+                                                           "here .*; use sdpa or eager", [], ["run/final"]),
+    "sft with a chat template that is not Jinja": (["sft", "{ws}/jinja.yaml",
+                                                    *(a for a in SFT[2:] if "chat_template" not in a),
+                                                    "data.train={ws}/data/chat_broken.jsonl"],
+                                                   2, r"'data.chat_template' is not a valid Jinja template \(line 1",
+                                                   [], ["run"]),
     "train with an override that is not YAML": ([*TRAIN, "output_dir={ws}/run", "train.lr=[1,"], 2,
                                                 "is not valid YAML", [], ["run"]),
     "convert a source whose config disagrees with its weights": (["convert", "{ws}/models/badcfg", "{ws}/out"], 2,
@@ -229,8 +239,8 @@ def test_bad_input_is_one_line_and_changes_nothing(ws, case, capsys):
     before = _snapshot(ws, kept)
     capsys.readouterr()
     assert main([a.format(ws=ws) for a in argv]) == code
-    errors = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("dlm-adapt: error: ")]
-    assert len(errors) == 1, errors
+    errors = capsys.readouterr().err.strip().splitlines()  # no progress bar or library warning before it
+    assert len(errors) == 1 and errors[0].startswith("dlm-adapt: error: "), errors
     assert re.search(phrase, errors[0]), errors[0]
     assert _snapshot(ws, kept) == before
     assert [p for p in absent if (ws / p).exists()] == []

@@ -34,3 +34,30 @@ def test_hub_id_offline_is_one_clear_error(tmp_path, monkeypatch):
     with pytest.raises(AdaptError, match="not a local path, and downloading it from the Hugging Face Hub failed"):
         adapt.convert("someorg/does-not-exist", tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_unreachable_hub_is_one_line_at_once_not_a_minute_of_retries(tmp_path, monkeypatch, capsys):
+    """Online mode with no route to the Hub: one probe, then the local cache only (huggingface_hub alone retries
+    each file for ~25 s and logs every retry)."""
+    import time
+
+    from huggingface_hub import constants
+
+    from adapt.cli import main
+    from adapt.hub import hub_reachable
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # the discard port: refused at once
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    hub_reachable.cache_clear()
+    try:
+        for argv in (["generate", "someorg/nomodel", "--prompt", "w1"],
+                     ["convert", "someorg/nomodel", str(tmp_path / "out")]):
+            start = time.monotonic()
+            assert main(argv) == 2
+            assert time.monotonic() - start < 20
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and "the Hub (http://127.0.0.1:9) cannot be reached" in err[0], err
+        assert not (tmp_path / "out").exists()
+    finally:
+        hub_reachable.cache_clear()

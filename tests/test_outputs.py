@@ -156,3 +156,42 @@ def test_float16_divergence_stops_with_one_error_and_keeps_the_last_good_checkpo
     assert "\n" not in str(e.value)
     assert not (out / "final").exists() and {p.name: p.read_bytes() for p in good.iterdir()} == kept
     assert sorted(p.name for p in (out / "checkpoints").glob("step-*"))[-1] == good.name
+
+
+def test_a_full_disk_is_one_line_and_publishes_nothing(src, tmp_path, monkeypatch, capsys):
+    """ENOSPC while a conversion is written, and while a training checkpoint is: one line, no output, no temporary
+    directory, and the run's earlier checkpoint stays the newest. (Real full disks give the same errors: checked
+    on a 400 KiB tmpfs.)"""
+    import errno
+
+    from safetensors import SafetensorError
+
+    from adapt.cli import main
+
+    conversion = importlib.import_module("adapt.convert")
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "x"))
+
+    with monkeypatch.context() as m:
+        m.setattr(conversion, "_write_config", full)
+        assert main(["convert", str(src), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot write" in err[0] and os.strerror(errno.ENOSPC) in err[0], err
+    assert list(tmp_path.iterdir()) == []
+
+    checkpointing = importlib.import_module("adapt.checkpointing")
+    real, calls = checkpointing.save_file, []
+
+    def full_at_second_save(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(checkpointing, "save_file", full_at_second_save)
+    out = tmp_path / "run"
+    with pytest.raises(AdaptError, match="cannot write .*step-00000002: SafetensorError while writing"):
+        adapt.train(_train_cfg(src, out, "max_steps=3", "save_steps=1"))
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000001"]
+    assert not (out / "final").exists()
