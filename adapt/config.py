@@ -265,6 +265,8 @@ def _check(value, hint, key):
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise AdaptError(f"config key '{key}' must be a list, got {value!r}")
+        if origin is tuple and Ellipsis not in args and len(value) != len(args):  # tuple[float, float]: a pair
+            raise AdaptError(f"config key '{key}' must be a list of {len(args)} values, got {value!r}")
         return origin(_check(v, args[0], key) for v in value)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)

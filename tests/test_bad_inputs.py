@@ -26,6 +26,7 @@ def base(tmp_path_factory, converted):
     (ws / "work").mkdir()
     (ws / "work" / "keep.txt").write_text("the user's working directory")
     (ws / "user").mkdir()
+    (ws / "jsondir").mkdir()
     (ws / "user" / "mine.txt").write_text("the user's own folder")
     (ws / "trainrun").mkdir()
     write_marker(ws / "trainrun", "train")
@@ -137,6 +138,10 @@ CASES = {
                                                     "data.train={ws}/data/chat_broken.jsonl"],
                                                    2, r"'data.chat_template' is not a valid Jinja template \(line 1",
                                                    [], ["run"]),
+    "train with one beta": ([*TRAIN, "output_dir={ws}/run", "train.betas=[0.9]"], 2,
+                            r"'train.betas' must be a list of 2 values, got \[0.9\]", [], ["run"]),
+    "sft with a Jinja chat template on the command line": ([*SFT, "data.chat_template={{{{oops}}"], 2,
+                                                           "is not valid YAML .*quote a literal string", [], ["run"]),
     "train with an override that is not YAML": ([*TRAIN, "output_dir={ws}/run", "train.lr=[1,"], 2,
                                                 "is not valid YAML", [], ["run"]),
     "convert a source whose config disagrees with its weights": (["convert", "{ws}/models/badcfg", "{ws}/out"], 2,
@@ -224,6 +229,10 @@ CASES = {
                                                            "readmelink/README.md is a symbolic link", [], []),
     "push a training checkpoint": (["push", "{ws}/" + STEP, "me/x", "--dry-run"], 2, "not a dlm-adapt checkpoint",
                                    [], []),
+    "eval --json naming a directory": (["eval", "{ws}/dlm", "--data", "{ws}/train.txt", "--json", "{ws}/jsondir"], 2,
+                                       "is a directory; name a file", [], []),
+    "convert onto a file": (["convert", "{ws}/models/src", "{ws}/train.txt", "--overwrite"], 2,
+                            "exists and is not a directory", ["train.txt"], []),
     "eval --json into a file's child": (["eval", "{ws}/dlm", "--data", "{ws}/train.txt", "--json",
                                          "{ws}/work/keep.txt/out.json"], 2, "cannot be written", WORK, []),
 }
@@ -258,7 +267,8 @@ RANGES = {  # override: the key named in the error (None: a boundary value that 
     "train.lr=0": "train.lr", "log_steps=0": "log_steps", "lora.dropout=1": "lora.dropout",
     "anneal.anneal_steps=0": "anneal.anneal_steps", "data.validation_fraction=1": "data.validation_fraction",
     "objective.cart_p=0": "objective.cart_p", "train.batch_size=0": "train.batch_size", "stop_after=0": "stop_after",
-    "train.max_grad_norm=-1": "train.max_grad_norm", "objective.eps=nan": "objective.eps",
+    "train.max_grad_norm=-1": "train.max_grad_norm", "objective.eps=nan": "objective.eps", "train.lr=nan": "train.lr",
+    "train.lr=-1": "train.lr",
     "save_steps=0": None, "eval_steps=0": None, "data.validation_fraction=0": None, "train.betas=[0, 0.999]": None,
 }
 
