@@ -18,8 +18,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Genera
 
 from . import __version__
 from .architectures import check_architecture
-from .errors import AdaptError
-from .hub import Source, resolve_source
+from .errors import AdaptError, first_line
+from .sources import Source, resolve_source
 from .outputs import check_target, make_temp, publish, write_errors
 from .model import AUTO_MAP, MODEL_FILES, MaskedDiffusionConfig
 from .safetensors_io import StoredTensor, dtype_code, read_shards, torch_dtype, write_safetensors
@@ -213,7 +213,7 @@ def _load_config(src: Source, trust_remote_code: bool):
     try:
         return AutoConfig.from_pretrained(src.directory, gguf_file=src.gguf_file, trust_remote_code=trust_remote_code)
     except (ValueError, OSError, KeyError, RuntimeError) as e:
-        raise AdaptError(f"cannot read the model config in {src.directory}: {_first_line(e)}") from e
+        raise AdaptError(f"cannot read the model config in {src.directory}: {first_line(e)}") from e
 
 
 def _load_tokenizer(src: Source, trust_remote_code: bool) -> PreTrainedTokenizerBase:
@@ -222,7 +222,7 @@ def _load_tokenizer(src: Source, trust_remote_code: bool) -> PreTrainedTokenizer
                                              trust_remote_code=trust_remote_code)
     except (ValueError, OSError, KeyError, TypeError, ImportError) as e:  # older releases: ImportError (protobuf)
         raise AdaptError(f"cannot load a tokenizer from {src.directory} (the mask token must go into it): "
-                         f"{_first_line(e)}") from e
+                         f"{first_line(e)}") from e
 
 
 def _has_safetensors(directory: Path) -> bool:
@@ -345,9 +345,9 @@ class _LoadedWeights:
                 src.directory, gguf_file=src.gguf_file, trust_remote_code=trust_remote_code, dtype="auto"
             )
         except ImportError as e:
-            raise AdaptError(f"{_first_line(e)} (GGUF support: pip install 'dlm-adapt[gguf]')") from e
+            raise AdaptError(f"{first_line(e)} (GGUF support: pip install 'dlm-adapt[gguf]')") from e
         except (OSError, ValueError, RuntimeError) as e:
-            raise AdaptError(f"cannot load the weights in {src.directory}: {_first_line(e)}") from e
+            raise AdaptError(f"cannot load the weights in {src.directory}: {first_line(e)}") from e
         self.config = self.model.config
         self.vocab_rows = self.model.get_input_embeddings().weight.shape[0]
 
@@ -400,7 +400,3 @@ def _write_generation_config(out_dir: Path, tokenizer, config, mask_id: int):
     )
     gen.save_pretrained(out_dir)
 
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__

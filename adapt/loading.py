@@ -7,9 +7,8 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from .convert import _first_line
-from .errors import AdaptError
-from .hub import _HUB_ID, hub_access, unreachable_message
+from .errors import AdaptError, first_line
+from .sources import _HUB_ID, hub_access, unreachable_message
 from .model import MaskedDiffusionConfig, MaskedDiffusionLM
 from .upgrade import stale_code_warning
 
@@ -29,7 +28,7 @@ def load(path: str | Path, *, dtype: str | torch.dtype | None = None, device: st
         try:
             model_type = json.loads(config_file.read_text()).get("model_type")
         except (ValueError, AttributeError) as e:
-            raise AdaptError(f"{config_file} is not a JSON object ({_first_line(e)}); the checkpoint is damaged: "
+            raise AdaptError(f"{config_file} is not a JSON object ({first_line(e)}); the checkpoint is damaged: "
                              "convert or download it again") from e
         if model_type != MaskedDiffusionConfig.model_type:
             raise AdaptError(f"{local} is a '{model_type}' checkpoint, not a dlm-adapt diffusion checkpoint; "
@@ -59,10 +58,10 @@ def load_model(path: str | Path, attn_implementation: str | None = None, **kwarg
     try:
         return MaskedDiffusionLM.from_pretrained(str(path), **kwargs, **access)
     except OSError as e:  # a Hub id that is not there (or not reachable), missing weight files
-        raise AdaptError(unreachable_message(str(path)) if access else f"cannot load model {path}: {_first_line(e)}"
+        raise AdaptError(unreachable_message(str(path)) if access else f"cannot load model {path}: {first_line(e)}"
                          ) from e
     except (ImportError, ValueError) as e:
         if attn_implementation in (None, "eager", "sdpa"):
             raise
-        raise AdaptError(f"attn_implementation '{attn_implementation}' cannot be used here ({_first_line(e)}); use "
+        raise AdaptError(f"attn_implementation '{attn_implementation}' cannot be used here ({first_line(e)}); use "
                          "sdpa or eager") from e

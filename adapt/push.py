@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import AdaptError
+from .errors import AdaptError, first_line
 from .outputs import read_marker
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -130,7 +130,7 @@ def push_to_hub(directory: str | Path, repo_id: str, *, private: bool = False, r
     try:
         validate_repo_id(repo_id)
     except HFValidationError as e:
-        raise AdaptError(f"invalid repo id {repo_id!r}: {_first_line(e)}") from e
+        raise AdaptError(f"invalid repo id {repo_id!r}: {first_line(e)}") from e
     revision = revision or constants.DEFAULT_REVISION
     plan = _plan(Path(directory).expanduser(), adapter_only)
     card = _build_card(plan, repo_id, revision)
@@ -197,7 +197,7 @@ def _check_checkpoint(directory: Path) -> _Checkpoint:
     try:
         raw = json.loads((directory / "config.json").read_text())
     except (OSError, ValueError) as e:
-        raise AdaptError(f"{directory}/config.json is not readable JSON: {_first_line(e)}") from e
+        raise AdaptError(f"{directory}/config.json is not readable JSON: {first_line(e)}") from e
     model_type = raw.get("model_type") if isinstance(raw, dict) else None
     if model_type != MaskedDiffusionConfig.model_type:
         raise _NotDiffusion(f"{directory} is a '{model_type}' checkpoint, not a dlm-adapt diffusion checkpoint "
@@ -216,14 +216,14 @@ def _check_checkpoint(directory: Path) -> _Checkpoint:
         try:
             compile(path.read_text(), str(path), "exec")
         except (SyntaxError, ValueError, UnicodeDecodeError) as e:
-            raise AdaptError(f"remote code file {path} does not compile: {_first_line(e)}") from e
+            raise AdaptError(f"remote code file {path} does not compile: {first_line(e)}") from e
     stale = stale_code_warning(directory)
     if stale:  # publishing it would hand Hub users code that may fail on their transformers
         raise AdaptError(f"refusing to push: {stale}")
     try:
         config = MaskedDiffusionConfig.from_pretrained(directory)
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise AdaptError(f"cannot read the diffusion config in {directory}: {_first_line(e)}") from e
+        raise AdaptError(f"cannot read the diffusion config in {directory}: {first_line(e)}") from e
     if not isinstance(config.mask_token_id, int):
         raise AdaptError(f"{directory}/config.json has no mask_token_id")
 
@@ -252,7 +252,7 @@ def _check_checkpoint(directory: Path) -> _Checkpoint:
         # passing the config spares transformers a second, warning-prone read of config.json
         tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=False, config=config)
     except (OSError, ValueError, KeyError, TypeError, ImportError) as e:  # older releases: ImportError (protobuf)
-        raise AdaptError(f"cannot load the tokenizer in {directory}: {_first_line(e)}") from e
+        raise AdaptError(f"cannot load the tokenizer in {directory}: {first_line(e)}") from e
     if tokenizer.mask_token_id != config.mask_token_id:
         raise AdaptError(f"the tokenizer in {directory} has mask token id {tokenizer.mask_token_id}, the config "
                          f"{config.mask_token_id}: the checkpoint is inconsistent")
@@ -261,7 +261,7 @@ def _check_checkpoint(directory: Path) -> _Checkpoint:
     try:
         generation = GenerationConfig.from_pretrained(directory).to_dict()
     except (OSError, ValueError) as e:
-        raise AdaptError(f"cannot read {directory}/generation_config.json: {_first_line(e)}") from e
+        raise AdaptError(f"cannot read {directory}/generation_config.json: {first_line(e)}") from e
     dtype = raw.get("dtype") or raw.get("torch_dtype") or (raw.get("text_config") or {}).get("dtype")
     return _Checkpoint(directory, raw, tokenizer.mask_token, sum(math.prod(t.shape) for t in stored.values()),
                        str(dtype) if dtype else None, generation,
@@ -286,7 +286,7 @@ def _check_adapter(directory: Path) -> tuple[dict, int, _Checkpoint | None]:
     try:
         adapter = json.loads((directory / "adapter_config.json").read_text())
     except (OSError, ValueError) as e:
-        raise AdaptError(f"{directory}/adapter_config.json is not readable JSON: {_first_line(e)}") from e
+        raise AdaptError(f"{directory}/adapter_config.json is not readable JSON: {first_line(e)}") from e
     if not isinstance(adapter, dict) or "peft_type" not in adapter:
         raise AdaptError(f"{directory}/adapter_config.json is not a PEFT adapter config (no peft_type)")
     weights = directory / "adapter_model.safetensors"
@@ -842,20 +842,15 @@ def _hub_error(e: Exception, repo_id: str, revision: str, origin: str, token: st
         text = (f"{repo_id} was not found and could not be created (HTTP 404): check the repo id and that the token "
                 f"({origin}) may create repos in that namespace; {untouched}")
     elif code is not None:
-        detail = getattr(e, "server_message", None) or _first_line(e)
+        detail = getattr(e, "server_message", None) or first_line(e)
         text = f"the Hub answered HTTP {code} ({detail}); {untouched}"
     elif _is_transport_error(e):
-        text = f"cannot reach the Hugging Face Hub at {endpoint} ({type(e).__name__}: {_first_line(e)}); {untouched}"
+        text = f"cannot reach the Hugging Face Hub at {endpoint} ({type(e).__name__}: {first_line(e)}); {untouched}"
     elif isinstance(e, ValueError) and "README.md" in str(e):
-        text = f"the Hub rejected the model card metadata ({_first_line(e)}); {untouched}"
+        text = f"the Hub rejected the model card metadata ({first_line(e)}); {untouched}"
     else:
-        text = f"upload to {repo_id} failed ({type(e).__name__}: {_first_line(e)}); {untouched}"
+        text = f"upload to {repo_id} failed ({type(e).__name__}: {first_line(e)}); {untouched}"
     return AdaptError(text.replace(token, "***") if token else text)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 __all__ = ["PushResult", "push_to_hub"]

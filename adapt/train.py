@@ -19,7 +19,7 @@ from .convert import convert
 from .data import BlockLoader, build_datasets, split_batch
 from .errors import AdaptError
 from .evaluate import diffusion_elbo
-from .hub import hub_access
+from .sources import hub_access
 from .loading import load_model
 from .masks import annealed_attention_mask, check_annealing_supported, mask_ratio
 from .model import MaskedDiffusionConfig, MaskedDiffusionLM

@@ -327,7 +327,7 @@ def test_convert_records_where_the_source_came_from(tmp_path, monkeypatch):
     snapshot.mkdir(parents=True)
     for f in blobs.iterdir():
         (snapshot / f.name).symlink_to(f)
-    monkeypatch.setattr("adapt.hub._download", lambda *a: snapshot)
+    monkeypatch.setattr("adapt.sources._download", lambda *a: snapshot)
     hub = adapt.convert("someorg/tiny", tmp_path / "hub")
     assert json.loads((hub / "config.json").read_text())["provenance"]["source_from_hub"] is True
     assert (hub / "LICENSE-MIT").read_text() == "MIT License"
