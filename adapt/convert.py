@@ -21,7 +21,7 @@ from .architectures import check_architecture
 from .errors import AdaptError, first_line
 from .sources import Source, resolve_source
 from .outputs import check_target, make_temp, publish, write_errors
-from .model import AUTO_MAP, MODEL_FILES, MaskedDiffusionConfig
+from .model import MaskedDiffusionConfig, write_remote_code
 from .safetensors_io import StoredTensor, dtype_code, read_shards, torch_dtype, write_safetensors
 
 DEFAULT_MASK_TOKEN = "<|mask|>"
@@ -382,11 +382,7 @@ def _write_config(out_dir: Path, text_config, mask_id: int, shift: bool, provena
         del text_config.quantization_config
     config = MaskedDiffusionConfig(text_config=text_config, mask_token_id=mask_id, shift=shift, bidirectional=True,
                                    provenance=provenance)
-    config.architectures = ["MaskedDiffusionLM"]
-    config.auto_map = dict(AUTO_MAP)
-    config.save_pretrained(out_dir)
-    for f in MODEL_FILES:
-        shutil.copyfile(f, out_dir / f.name)
+    write_remote_code(config, out_dir, config.save_pretrained)
 
 
 def _write_generation_config(out_dir: Path, tokenizer, config, mask_id: int):

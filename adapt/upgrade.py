@@ -53,7 +53,7 @@ def code_version(directory: Path) -> str:
 
 def plan_upgrade(directory: str | Path) -> UpgradeResult:
     """What `upgrade` would rewrite in `directory`, without writing anything."""
-    from .model import AUTO_MAP, MODEL_FILES
+    from .model import MODEL_FILES, remote_code_fields
 
     from . import __version__
     from .model.transformers_compat import _release
@@ -70,7 +70,7 @@ def plan_upgrade(directory: str | Path) -> UpgradeResult:
         if not old.is_file() or old.read_bytes() != new:
             result.changes[src.name] = new
 
-    updated = dict(config, auto_map=dict(AUTO_MAP), architectures=["MaskedDiffusionLM"])
+    updated = dict(config, **remote_code_fields())
     text = dict(updated.get("text_config") or {})
     text["is_causal"] = not updated.get("bidirectional", True)
     updated["text_config"] = text
