@@ -24,7 +24,7 @@ from adapt import AdaptError
 from adapt.cli import main
 from adapt.config import load_config
 from adapt.outputs import write_marker
-from adapt.push import BEGIN, END
+from adapt.card import BEGIN, END
 from tiny_models import save_tiny_source
 
 ROOT = Path(__file__).resolve().parents[1]
