@@ -18,6 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Genera
 
 from . import __version__
 from .architectures import check_architecture
+from .checkpoint import DIFFUSION, detect
 from .errors import AdaptError, first_line
 from .sources import Source, resolve_source
 from .outputs import check_target, make_temp, publish, write_errors
@@ -199,11 +200,7 @@ def _refuse_diffusion_source(src: Source, source):
     custom code") would be the error, and it points the wrong way."""
     if src.gguf_file is not None:
         return
-    try:
-        model_type = json.loads((src.directory / "config.json").read_text()).get("model_type")
-    except (OSError, ValueError, AttributeError):
-        return  # _load_config reports an unreadable config
-    if model_type == MaskedDiffusionConfig.model_type:
+    if detect(src.directory).kind == DIFFUSION:  # an unreadable config is _load_config's to report
         raise AdaptError(f"{source} is already a dlm-adapt diffusion checkpoint: nothing to convert. Run `dlm-adapt "
                          f"upgrade {source}` to refresh its code, or `dlm-adapt train`/`sft` with model.path={source} "
                          "to train it further")
