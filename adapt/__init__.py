@@ -20,7 +20,7 @@ _EXPORTS = {
     "load_config": "config",
     "convert": "convert",
     "evaluate": "evaluate",
-    "load": "loading",
+    "load": "checkpoint",
     "push_to_hub": "push",
     "sft": "train",
     "train": "train",

@@ -205,6 +205,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), cls=T
             raise AdaptError(f"config file {path} is not valid YAML: {e}") from e
         if not isinstance(data, dict):
             raise AdaptError(f"config file {path} must hold a mapping of keys")
+        # a run's OUTPUT/config.json is a recipe too; its `kind` must be the command's
+        kind = data.pop("kind", cls.__name__)
+        if kind != cls.__name__:
+            raise AdaptError(f"config file {path} records a {kind} run, not a {cls.__name__} one (`dlm-adapt train` "
+                             "takes TrainConfig, `dlm-adapt sft` SFTConfig)")
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -280,5 +285,23 @@ def _check(value, hint, key):
     return value
 
 
+# what `kind` in a run's OUTPUT/config.json names
+RUN_KINDS = {cls.__name__: cls for cls in (TrainConfig, SFTConfig)}
+
+
 def to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
+    """The config as a run records it (OUTPUT/config.json): `kind`, its class, tells an SFT run from an adaptation
+    run to readers such as the model card; every field follows. Reads back with `run_config`, or as a recipe."""
+    return {"kind": type(cfg).__name__, **dataclasses.asdict(cfg)}
+
+
+def run_config(data: dict):
+    """A run's recorded config (`to_dict`) as its dataclass. Runs recorded before `kind` existed are told apart by
+    the field only SFT data has (`data.max_length`)."""
+    data = dict(data)
+    kind = data.pop("kind", None)
+    if kind is None:
+        kind = SFTConfig.__name__ if "max_length" in (data.get("data") or {}) else TrainConfig.__name__
+    if kind not in RUN_KINDS:
+        raise AdaptError(f"unknown run kind {kind!r} (known: {', '.join(RUN_KINDS)})")
+    return from_dict(RUN_KINDS[kind], data)

@@ -18,10 +18,11 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Genera
 
 from . import __version__
 from .architectures import check_architecture
-from .errors import AdaptError
-from .hub import Source, resolve_source
+from .checkpoint import DIFFUSION, detect
+from .errors import AdaptError, first_line
+from .sources import Source, resolve_source
 from .outputs import check_target, make_temp, publish, write_errors
-from .model import AUTO_MAP, MODEL_FILES, MaskedDiffusionConfig
+from .model import MaskedDiffusionConfig, write_remote_code
 from .safetensors_io import StoredTensor, dtype_code, read_shards, torch_dtype, write_safetensors
 
 DEFAULT_MASK_TOKEN = "<|mask|>"
@@ -199,11 +200,7 @@ def _refuse_diffusion_source(src: Source, source):
     custom code") would be the error, and it points the wrong way."""
     if src.gguf_file is not None:
         return
-    try:
-        model_type = json.loads((src.directory / "config.json").read_text()).get("model_type")
-    except (OSError, ValueError, AttributeError):
-        return  # _load_config reports an unreadable config
-    if model_type == MaskedDiffusionConfig.model_type:
+    if detect(src.directory).kind == DIFFUSION:  # an unreadable config is _load_config's to report
         raise AdaptError(f"{source} is already a dlm-adapt diffusion checkpoint: nothing to convert. Run `dlm-adapt "
                          f"upgrade {source}` to refresh its code, or `dlm-adapt train`/`sft` with model.path={source} "
                          "to train it further")
@@ -213,7 +210,7 @@ def _load_config(src: Source, trust_remote_code: bool):
     try:
         return AutoConfig.from_pretrained(src.directory, gguf_file=src.gguf_file, trust_remote_code=trust_remote_code)
     except (ValueError, OSError, KeyError, RuntimeError) as e:
-        raise AdaptError(f"cannot read the model config in {src.directory}: {_first_line(e)}") from e
+        raise AdaptError(f"cannot read the model config in {src.directory}: {first_line(e)}") from e
 
 
 def _load_tokenizer(src: Source, trust_remote_code: bool) -> PreTrainedTokenizerBase:
@@ -222,7 +219,7 @@ def _load_tokenizer(src: Source, trust_remote_code: bool) -> PreTrainedTokenizer
                                              trust_remote_code=trust_remote_code)
     except (ValueError, OSError, KeyError, TypeError, ImportError) as e:  # older releases: ImportError (protobuf)
         raise AdaptError(f"cannot load a tokenizer from {src.directory} (the mask token must go into it): "
-                         f"{_first_line(e)}") from e
+                         f"{first_line(e)}") from e
 
 
 def _has_safetensors(directory: Path) -> bool:
@@ -345,9 +342,9 @@ class _LoadedWeights:
                 src.directory, gguf_file=src.gguf_file, trust_remote_code=trust_remote_code, dtype="auto"
             )
         except ImportError as e:
-            raise AdaptError(f"{_first_line(e)} (GGUF support: pip install 'dlm-adapt[gguf]')") from e
+            raise AdaptError(f"{first_line(e)} (GGUF support: pip install 'dlm-adapt[gguf]')") from e
         except (OSError, ValueError, RuntimeError) as e:
-            raise AdaptError(f"cannot load the weights in {src.directory}: {_first_line(e)}") from e
+            raise AdaptError(f"cannot load the weights in {src.directory}: {first_line(e)}") from e
         self.config = self.model.config
         self.vocab_rows = self.model.get_input_embeddings().weight.shape[0]
 
@@ -382,11 +379,7 @@ def _write_config(out_dir: Path, text_config, mask_id: int, shift: bool, provena
         del text_config.quantization_config
     config = MaskedDiffusionConfig(text_config=text_config, mask_token_id=mask_id, shift=shift, bidirectional=True,
                                    provenance=provenance)
-    config.architectures = ["MaskedDiffusionLM"]
-    config.auto_map = dict(AUTO_MAP)
-    config.save_pretrained(out_dir)
-    for f in MODEL_FILES:
-        shutil.copyfile(f, out_dir / f.name)
+    write_remote_code(config, out_dir, config.save_pretrained)
 
 
 def _write_generation_config(out_dir: Path, tokenizer, config, mask_id: int):
@@ -400,7 +393,3 @@ def _write_generation_config(out_dir: Path, tokenizer, config, mask_id: int):
     )
     gen.save_pretrained(out_dir)
 
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__

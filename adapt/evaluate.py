@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .checkpoint import CAUSAL, NOT_A_MODEL, detect, is_diffusion_model, load
 from .config import DataConfig
 from .data import load_documents, pack
-from .errors import AdaptError
-from .model import MaskedDiffusionConfig
+from .errors import AdaptError, first_line
 from .objective import ObjectiveConfig, sequence_losses
 from .sampling import SamplingError, diffusion_sample
 
@@ -422,35 +422,22 @@ def write_json(result: dict, path: str | Path) -> Path:
 
 def _model_spec(model) -> tuple[str, str, str | None]:
     """(kind, path, gguf_file) from the files alone, before any weights are read."""
-    from transformers import PreTrainedConfig
-
+    found = detect(model)
     path = Path(model).expanduser()
-    text = str(model)
-    if path.is_file() and path.suffix == ".gguf":
-        return AUTOREGRESSIVE, str(path.parent), path.name
-    if path.is_dir():
-        config_file = path / "config.json"
-        if not config_file.is_file():
-            raise AdaptError(f"{path} is neither a dlm-adapt checkpoint nor a causal LM: it has no config.json")
-        try:
-            model_type = json.loads(config_file.read_text()).get("model_type")
-        except (json.JSONDecodeError, AttributeError) as e:
-            raise AdaptError(f"{config_file} is not a valid JSON config ({e})") from e
-        return (DIFFUSION if model_type == MaskedDiffusionConfig.model_type else AUTOREGRESSIVE), str(path), None
-    if path.exists() or text.startswith(("/", ".", "~")) or path.suffix == ".gguf":
+    if path.is_dir() and not found.has_config:
+        raise AdaptError(f"{path} is neither a dlm-adapt checkpoint nor a causal LM: it has no config.json")
+    if path.is_dir() and found.error is not None:
+        raise AdaptError(f"{path / 'config.json'} is not a valid JSON config ({found.error})") from found.error
+    if found.kind == NOT_A_MODEL and found.error is not None:  # a Hub id without a config to be had
+        raise AdaptError(f"cannot load model {model}: {first_line(found.error)}") from found.error
+    if found.kind == NOT_A_MODEL:
         raise AdaptError(f"model {model} not found (expected a checkpoint directory, a .gguf file or a Hub id)")
-    try:  # a Hub id
-        config, _ = PreTrainedConfig.get_config_dict(text)
-    except Exception as e:
-        raise AdaptError(f"cannot load model {model}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
-    return (DIFFUSION if config.get("model_type") == MaskedDiffusionConfig.model_type else AUTOREGRESSIVE), text, None
+    return (AUTOREGRESSIVE if found.kind == CAUSAL else DIFFUSION), found.path, found.gguf_file
 
 
 def _load(spec, device):
     kind, path, gguf = spec
     if kind == DIFFUSION:
-        from .loading import load
-
         return load(path, device=device)
     return _load_causal(path, gguf, device)
 
@@ -504,8 +491,7 @@ def _ar_scorer(model, kind: str, ar_parent, device):
 
 
 def _kind(model) -> str:
-    config = getattr(model, "config", None)
-    return DIFFUSION if getattr(config, "model_type", None) == MaskedDiffusionConfig.model_type else AUTOREGRESSIVE
+    return DIFFUSION if is_diffusion_model(model) else AUTOREGRESSIVE
 
 
 def _max_positions(model) -> int | None:

@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 from .errors import AdaptError
-from .loading import load
+from .checkpoint import load
 from .sampling import SamplingError
 
 

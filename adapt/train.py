@@ -11,16 +11,16 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, PreTrainedConfig, get_scheduler
+from transformers import AutoTokenizer, get_scheduler
 
 from . import checkpointing, outputs
+from .checkpoint import DIFFUSION, detect, load_model
 from .config import SFTConfig, SFTDataConfig, TrainConfig, to_dict
 from .convert import convert
 from .data import BlockLoader, build_datasets, split_batch
 from .errors import AdaptError
 from .evaluate import diffusion_elbo
-from .hub import hub_access
-from .loading import load_model
+from .sources import hub_access
 from .masks import annealed_attention_mask, check_annealing_supported, mask_ratio
 from .model import MaskedDiffusionConfig, MaskedDiffusionLM
 from .objective import diffusion_loss, noised_batch
@@ -30,11 +30,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def is_diffusion_checkpoint(path: str) -> bool:
-    try:
-        config, _ = PreTrainedConfig.get_config_dict(path, **hub_access(path))
-    except Exception:  # not a model directory / id at all: the converter gives the precise error
-        return False
-    return config.get("model_type") == MaskedDiffusionConfig.model_type
+    # anything else, even not a model at all, goes to the converter, which gives the precise error
+    return detect(path).kind == DIFFUSION
 
 
 def load_for_training(cfg: TrainConfig, path: str):

@@ -15,7 +15,6 @@ from pathlib import Path
 
 from .errors import AdaptError
 
-MODEL_TYPE = "masked_diffusion_lm"
 _VERSION_LINE = re.compile(r'^DLM_ADAPT_VERSION = "([^"]+)"', re.M)
 
 
@@ -53,7 +52,7 @@ def code_version(directory: Path) -> str:
 
 def plan_upgrade(directory: str | Path) -> UpgradeResult:
     """What `upgrade` would rewrite in `directory`, without writing anything."""
-    from .model import AUTO_MAP, MODEL_FILES
+    from .model import MODEL_FILES, remote_code_fields
 
     from . import __version__
     from .model.transformers_compat import _release
@@ -70,7 +69,7 @@ def plan_upgrade(directory: str | Path) -> UpgradeResult:
         if not old.is_file() or old.read_bytes() != new:
             result.changes[src.name] = new
 
-    updated = dict(config, auto_map=dict(AUTO_MAP), architectures=["MaskedDiffusionLM"])
+    updated = dict(config, **remote_code_fields())
     text = dict(updated.get("text_config") or {})
     text["is_causal"] = not updated.get("bidirectional", True)
     updated["text_config"] = text
@@ -111,25 +110,27 @@ def stale_code_warning(directory: Path) -> str | None:
 
 
 def _read_checkpoint_config(directory: Path) -> dict:
+    from .checkpoint import ADAPTER, DIFFUSION, detect
+
     if not directory.is_dir():
         raise AdaptError(f"{directory} is not a directory; upgrade takes a dlm-adapt checkpoint directory")
-    if (directory / "adapter_config.json").is_file() and not (directory / "config.json").is_file():
+    found = detect(directory)
+    if found.kind == ADAPTER:
         raise AdaptError(f"{directory} is a PEFT adapter, which holds no remote code; upgrade the checkpoint it "
                          "adapts (its base_model_name_or_path) instead")
-    try:
-        config = json.loads((directory / "config.json").read_text())
-    except FileNotFoundError:
-        raise AdaptError(f"{directory} has no config.json: not a dlm-adapt checkpoint, nothing to upgrade") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdaptError(f"{directory}/config.json is not valid JSON ({e}); not a checkpoint upgrade can read") from None
-    if not isinstance(config, dict) or config.get("model_type") != MODEL_TYPE:
-        kind = config.get("model_type") if isinstance(config, dict) else None
-        raise AdaptError(f"{directory} is a '{kind}' checkpoint, not a dlm-adapt diffusion checkpoint; upgrade only "
-                         "rewrites dlm-adapt checkpoints (convert a causal LM with: dlm-adapt convert SOURCE OUTPUT)")
+    if not found.has_config:
+        raise AdaptError(f"{directory} has no config.json: not a dlm-adapt checkpoint, nothing to upgrade")
+    if found.error is not None:
+        raise AdaptError(f"{directory}/config.json is not valid JSON ({found.error}); not a checkpoint upgrade can "
+                         "read")
+    if found.kind != DIFFUSION:
+        raise AdaptError(f"{directory} is a '{found.model_type}' checkpoint, not a dlm-adapt diffusion checkpoint; "
+                         "upgrade only rewrites dlm-adapt checkpoints (convert a causal LM with: dlm-adapt convert "
+                         "SOURCE OUTPUT)")
     if not any(directory.glob("*.safetensors")):
         raise AdaptError(f"{directory} has a dlm-adapt config but no *.safetensors weights; point upgrade at the "
                          "checkpoint directory itself (e.g. OUTPUT/final or OUTPUT/checkpoints/step-N)")
-    return config
+    return found.config
 
 
 def _plan_pad_token(directory: Path, result: UpgradeResult):

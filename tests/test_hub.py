@@ -44,7 +44,7 @@ def test_unreachable_hub_is_one_line_at_once_not_a_minute_of_retries(tmp_path, m
     from huggingface_hub import constants
 
     from adapt.cli import main
-    from adapt.hub import hub_reachable
+    from adapt.sources import hub_reachable
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # the discard port: refused at once

@@ -24,7 +24,7 @@ from adapt import AdaptError
 from adapt.cli import main
 from adapt.config import load_config
 from adapt.outputs import write_marker
-from adapt.push import BEGIN, END
+from adapt.card import BEGIN, END
 from tiny_models import save_tiny_source
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -327,7 +327,7 @@ def test_convert_records_where_the_source_came_from(tmp_path, monkeypatch):
     snapshot.mkdir(parents=True)
     for f in blobs.iterdir():
         (snapshot / f.name).symlink_to(f)
-    monkeypatch.setattr("adapt.hub._download", lambda *a: snapshot)
+    monkeypatch.setattr("adapt.sources._download", lambda *a: snapshot)
     hub = adapt.convert("someorg/tiny", tmp_path / "hub")
     assert json.loads((hub / "config.json").read_text())["provenance"]["source_from_hub"] is True
     assert (hub / "LICENSE-MIT").read_text() == "MIT License"

@@ -1,11 +1,13 @@
-"""The diffusion model class. Its two files are copied verbatim into every converted checkpoint (remote code),
-so they import only torch and transformers; `adapt.load` uses the very same classes without remote code."""
+"""The diffusion model class. Its files (`CODE_FILES`, written by `write_remote_code`) are copied verbatim into every
+checkpoint as remote code, so they import only torch, transformers and each other; `adapt.load` uses the very same
+classes without remote code."""
 
 from pathlib import Path
 
 from .configuration_masked_diffusion import MaskedDiffusionConfig
-from .modeling_masked_diffusion import AUTO_MAP, CODE_FILES, MaskedDiffusionLM
+from .modeling_masked_diffusion import AUTO_MAP, CODE_FILES, MaskedDiffusionLM, remote_code_fields, write_remote_code
 
 MODEL_FILES = [Path(__file__).parent / name for name in CODE_FILES]
 
-__all__ = ["AUTO_MAP", "MODEL_FILES", "MaskedDiffusionConfig", "MaskedDiffusionLM"]
+__all__ = ["AUTO_MAP", "CODE_FILES", "MODEL_FILES", "MaskedDiffusionConfig", "MaskedDiffusionLM", "remote_code_fields",
+           "write_remote_code"]

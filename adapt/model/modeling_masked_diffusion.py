@@ -28,6 +28,24 @@ CODE_FILES = (
 )
 
 
+def remote_code_fields() -> dict:
+    """The config.json fields that make transformers run the checkpoint's own code."""
+    return {"auto_map": dict(AUTO_MAP), "architectures": ["MaskedDiffusionLM"]}
+
+
+def write_remote_code(config, save_directory, save) -> None:
+    """The one writer of a checkpoint's remote code, for `convert`, `save_pretrained` (so training) alike: stamps
+    `config` with `remote_code_fields`, calls `save(save_directory)` (which writes config.json), then copies
+    `CODE_FILES` beside it from wherever this file was loaded (the package, or a remote-code module cache)."""
+    for key, value in remote_code_fields().items():
+        setattr(config, key, value)
+    save(save_directory)
+    here, there = Path(__file__).resolve().parent, Path(save_directory).resolve()
+    if here != there:
+        for name in CODE_FILES:
+            shutil.copyfile(here / name, there / name)
+
+
 class MaskedDiffusionLM(PreTrainedModel):
     """A causal decoder turned into a masked diffusion denoiser.
 
@@ -143,12 +161,8 @@ class MaskedDiffusionLM(PreTrainedModel):
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Saves a checkpoint that loads with transformers alone: weights, config with `auto_map`, this file and
         its configuration file (copied from wherever this class was loaded), and the generation config."""
-        self.config.auto_map = dict(AUTO_MAP)
-        super().save_pretrained(save_directory, *args, **kwargs)
-        here, there = Path(__file__).resolve().parent, Path(save_directory).resolve()
-        if here != there:
-            for name in CODE_FILES:
-                shutil.copyfile(here / name, there / name)
+        write_remote_code(self.config, save_directory,
+                          lambda directory: super(MaskedDiffusionLM, self).save_pretrained(directory, *args, **kwargs))
         if self.generation_config is not None:
             self.generation_config.save_pretrained(save_directory)
 

@@ -1,5 +1,7 @@
-"""Resolving a source to local files: a directory, a GGUF file, or a Hub model id (downloaded, then the
-same code path as a directory)."""
+"""Where a model comes from, as local files: a directory, a GGUF file, or a Hub model id (downloaded, then the
+same code path as a directory); and how to reach the Hub without waiting on retries when it cannot answer.
+
+Publishing to the Hub is `push`; reading a dlm-adapt checkpoint is `checkpoint`."""
 
 import functools
 import re
