@@ -122,11 +122,20 @@ def load(path: str | Path, *, dtype: str | torch.dtype | None = None, device: st
     kwargs = {"revision": revision} if revision else {}
     if dtype is not None:
         kwargs["dtype"] = dtype
-    model = load_model(path, attn_implementation, **kwargs)
-    # explicit False: the checkpoint has auto_map, and the tokenizer needs no remote code; passing the config
-    # spares AutoTokenizer a failing AutoConfig lookup of our model type (and its misleading warning)
-    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False, config=model.config,
-                                              **({"revision": revision} if revision else {}), **hub_access(path))
+    revision_kw = {"revision": revision} if revision else {}
+    # the tokenizer first: a checkpoint without one fails before its weights load. Explicit False: the checkpoint
+    # has auto_map, and the tokenizer needs no remote code; passing the config spares AutoTokenizer a failing
+    # AutoConfig lookup of our model type (and its misleading warning)
+    try:
+        config = MaskedDiffusionConfig.from_pretrained(str(path), **revision_kw, **hub_access(path))
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False, config=config, **revision_kw,
+                                                  **hub_access(path))
+    except (OSError, ValueError) as e:  # transformers explains a missing tokenizer in five lines
+        if hub_access(path):
+            raise AdaptError(unreachable_message(str(path))) from e
+        raise AdaptError(f"cannot load the tokenizer of {path} ({first_line(e)}); the checkpoint's tokenizer files "
+                         "are missing or damaged: convert or download it again") from e
+    model = load_model(path, attn_implementation, config=config, **kwargs)
     if device is not None:
         model.to(device)
     return model.eval(), tokenizer
@@ -143,8 +152,11 @@ def load_model(path: str | Path, attn_implementation: str | None = None, **kwarg
     except OSError as e:  # a Hub id that is not there (or not reachable), missing weight files
         raise AdaptError(unreachable_message(str(path)) if access else f"cannot load model {path}: {first_line(e)}"
                          ) from e
-    except (ImportError, ValueError) as e:
-        if attn_implementation in (None, "eager", "sdpa"):
+    except Exception as e:
+        if type(e).__name__ == "SafetensorError":  # a weight file cut short or overwritten
+            raise AdaptError(f"the weights of {path} are corrupt or truncated ({first_line(e)}); convert or "
+                             "download the checkpoint again") from e
+        if not isinstance(e, (ImportError, ValueError)) or attn_implementation in (None, "eager", "sdpa"):
             raise
         raise AdaptError(f"attn_implementation '{attn_implementation}' cannot be used here ({first_line(e)}); use "
                          "sdpa or eager") from e

@@ -34,6 +34,12 @@ def base(tmp_path_factory, converted):
     shutil.copytree(converted("llama")[1], ws / "dlm")
     shutil.copytree(ws / "dlm", ws / "broken")
     (ws / "broken" / "config.json").write_text("{not json")
+    shutil.copytree(ws / "dlm", ws / "truncated")
+    weights = ws / "truncated" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    shutil.copytree(ws / "dlm", ws / "notokenizer")
+    for f in (ws / "notokenizer").glob("tokenizer*"):
+        f.unlink()
     (ws / "train.txt").write_text("\n\n".join(" ".join(f"w{(i + j) % 90}" for j in range(12)) for i in range(40)))
     (ws / "recipe.yaml").write_text("{}\n")
     (ws / "jinja.yaml").write_text('data:\n  chat_template: "{% for m in messages %}{{ m.content }"\n')
@@ -160,6 +166,10 @@ CASES = {
     "generate from a missing model": (["generate", "{ws}/nowhere", "--prompt", "w1"], 2, "does not exist", [], []),
     "generate from a config.json that is not JSON": (["generate", "{ws}/broken", "--prompt", "w1"], 2,
                                                      "is not a JSON object", [], []),
+    "generate from truncated weights": (["generate", "{ws}/truncated", "--prompt", "w1"], 2,
+                                        "weights of .*truncated are corrupt or truncated", [], []),
+    "generate from a checkpoint without tokenizer files": (["generate", "{ws}/notokenizer", "--prompt", "w1"], 2,
+                                                           "cannot load the tokenizer of .*notokenizer", [], []),
     "generate from a binary prompts file": (["generate", "{ws}/dlm", "--prompts-file", "{ws}/data/binary.txt"], 2,
                                             "is not UTF-8 text", [], []),
     "eval on a device this machine lacks": (["eval", "{ws}/dlm", "--data", "{ws}/train.txt", "--device", "nodev:0"],
