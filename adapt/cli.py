@@ -181,10 +181,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts-file", help="a file with one prompt per line")
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
     p.add_argument("--infill", metavar="TEXT", help="text whose mask-token strings (e.g. <|mask|>) are holes to fill")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--steps", type=int, help="forward passes (default: max-new-tokens)")
-    p.add_argument("--block-length", type=int, help="semi-autoregressive block length (default: one block)")
-    p.add_argument("--remasking", choices=["low_confidence", "margin", "entropy", "random"], default="low_confidence")
+    p.add_argument("--max-new-tokens", type=int,
+                   help="tokens to generate (default: the checkpoint's generation_config.json, which decides --steps "
+                        "and --block-length too; 128 for a fresh conversion)")
+    p.add_argument("--steps", type=int,
+                   help="forward passes (default: max-new-tokens when it is given, else generation_config.json)")
+    p.add_argument("--block-length", type=int,
+                   help="semi-autoregressive block length (default: one block when --max-new-tokens is given, else "
+                        "generation_config.json)")
+    p.add_argument("--remasking", choices=["low_confidence", "margin", "entropy", "random"],  # the sampler's SCORES
+                   help="which masked positions to commit first (default: generation_config.json, else low_confidence)")
     p.add_argument("--threshold", type=float, help="parallel decoding: commit every position with p >= threshold")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-k", type=int)
