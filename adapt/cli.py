@@ -96,7 +96,7 @@ def _eval(args):
                       sample_by=args.sample_by, split=args.split, hub_config=args.hub_config,
                       infill_span=args.infill_span, infill_examples=args.infill_examples,
                       sweep_length=args.sweep_length, sweep_steps=steps, sweep_examples=args.sweep_examples,
-                      plot=args.plot)
+                      plot=args.plot, kv_cache=args.kv_cache)
     if args.json:
         write_json(result, args.json)
     print(json.dumps(result, indent=2))
@@ -131,6 +131,8 @@ def _add_eval_parser(sub):
     p.add_argument("--sweep-examples", type=int, default=32, help="task examples and prompts in the sweep (default: 32)")
     p.add_argument("--json", metavar="OUT.json", help="also write the result to this file")
     p.add_argument("--plot", metavar="OUT.png", help="plot the steps sweep (needs matplotlib: the eval extra)")
+    p.add_argument("--kv-cache", choices=["prefix", "dual"],
+                   help="a diffusion checkpoint's KV cache while it decodes for infill and steps_sweep (as in generate)")
     p.set_defaults(func=_eval)
 
 
