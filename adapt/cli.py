@@ -96,7 +96,7 @@ def _eval(args):
                       sample_by=args.sample_by, split=args.split, hub_config=args.hub_config,
                       infill_span=args.infill_span, infill_examples=args.infill_examples,
                       sweep_length=args.sweep_length, sweep_steps=steps, sweep_examples=args.sweep_examples,
-                      plot=args.plot)
+                      plot=args.plot, kv_cache=args.kv_cache)
     if args.json:
         write_json(result, args.json)
     print(json.dumps(result, indent=2))
@@ -131,6 +131,8 @@ def _add_eval_parser(sub):
     p.add_argument("--sweep-examples", type=int, default=32, help="task examples and prompts in the sweep (default: 32)")
     p.add_argument("--json", metavar="OUT.json", help="also write the result to this file")
     p.add_argument("--plot", metavar="OUT.png", help="plot the steps sweep (needs matplotlib: the eval extra)")
+    p.add_argument("--kv-cache", choices=["prefix", "dual"],
+                   help="a diffusion checkpoint's KV cache while it decodes for infill and steps_sweep (as in generate)")
     p.set_defaults(func=_eval)
 
 
@@ -181,10 +183,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts-file", help="a file with one prompt per line")
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
     p.add_argument("--infill", metavar="TEXT", help="text whose mask-token strings (e.g. <|mask|>) are holes to fill")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--steps", type=int, help="forward passes (default: max-new-tokens)")
-    p.add_argument("--block-length", type=int, help="semi-autoregressive block length (default: one block)")
-    p.add_argument("--remasking", choices=["low_confidence", "margin", "entropy", "random"], default="low_confidence")
+    p.add_argument("--max-new-tokens", type=int,
+                   help="tokens to generate (default: the checkpoint's generation_config.json, which decides --steps "
+                        "and --block-length too; 128 for a fresh conversion)")
+    p.add_argument("--steps", type=int,
+                   help="forward passes (default: max-new-tokens when it is given, else generation_config.json)")
+    p.add_argument("--block-length", type=int,
+                   help="semi-autoregressive block length (default: one block when --max-new-tokens is given, else "
+                        "generation_config.json)")
+    p.add_argument("--remasking", choices=["low_confidence", "margin", "entropy", "random"],  # the sampler's SCORES
+                   help="which masked positions to commit first (default: generation_config.json, else low_confidence)")
     p.add_argument("--threshold", type=float, help="parallel decoding: commit every position with p >= threshold")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-k", type=int)

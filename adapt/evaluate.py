@@ -20,7 +20,7 @@ from .config import DataConfig
 from .data import load_documents, pack
 from .errors import AdaptError, first_line
 from .objective import ObjectiveConfig, sequence_losses
-from .sampling import SamplingError, diffusion_sample
+from .sampling import SamplingError, check_sampling_options
 
 METRICS = ("elbo", "infill", "steps_sweep")
 DIFFUSION, AUTOREGRESSIVE = "diffusion", "autoregressive"
@@ -144,10 +144,11 @@ def _token_nll(model, ids: torch.Tensor, batch_size: int) -> torch.Tensor:
 
 @torch.no_grad()
 def infill(model, blocks: torch.Tensor, *, span: int | None = None, examples: int = 16, batch_size: int = 16,
-           ar_scorer=None, ar_name: str | None = None) -> dict:
-    """Hide the middle `span` tokens of each block and fill them: a diffusion model with our sampler (prefix and
-    suffix visible, one token per pass, most confident first), a causal LM greedily from the prefix alone (the
-    baseline that cannot see the suffix). `token_accuracy`: filled tokens equal to the original.
+           ar_scorer=None, ar_name: str | None = None, kv_cache: str | None = None) -> dict:
+    """Hide the middle `span` tokens of each block and fill them: a diffusion model with its `diffusion_generate`
+    (prefix and suffix visible, one token per pass, in its generation config's order: most confident first unless
+    it says otherwise; `kv_cache` as there), a causal LM greedily from the prefix alone (the baseline that cannot
+    see the suffix). `token_accuracy`: filled tokens equal to the original.
     `ar_parent_nll`: the AR scorer's NLL per token of the span and everything after it, so a fill that does not
     lead into the suffix is penalised too; `reference_ar_parent_nll` is the same on the original text."""
     x = blocks[:examples]
@@ -164,7 +165,7 @@ def infill(model, blocks: torch.Tensor, *, span: int | None = None, examples: in
         if diffusion:
             holes = rows.clone()
             holes[:, start:start + span] = model.config.mask_token_id
-            out = _sample(model, holes, max_new_tokens=0, steps=span).sequences
+            out = _sample(model, holes, max_new_tokens=0, steps=span, kv_cache=kv_cache)
         else:
             out = torch.cat([rows[:, :start], _greedy(model, rows[:, :start], span), rows[:, start + span:]], 1)
         filled.append(out.cpu())
@@ -206,9 +207,10 @@ def repeat_task(blocks: torch.Tensor, tokenizer, *, examples: int, length: int, 
 @torch.no_grad()
 def steps_sweep(model, blocks: torch.Tensor, tokenizer, *, length: int = 16, steps: list[int] | None = None,
                 examples: int = 32, prompt_tokens: int = 16, batch_size: int = 16, seed: int = 0,
-                ar_scorer=None, ar_name: str | None = None) -> dict:
-    """Quality against the number of decoding passes for `length` new tokens (one block, most confident first,
-    temperature 0). Sequence level: exact match on `repeat_task`; token level: that task's token accuracy and
+                ar_scorer=None, ar_name: str | None = None, kv_cache: str | None = None) -> dict:
+    """Quality against the number of decoding passes for `length` new tokens (one block, temperature 0, the
+    generation config's order: most confident first unless it says otherwise; `kv_cache` as in
+    `diffusion_generate`). Sequence level: exact match on `repeat_task`; token level: that task's token accuracy and
     the AR scorer's NLL of free continuations of `prompt_tokens`-token prompts from the text. Token quality
     saturates with few steps while whole-sequence correctness needs more (REFERENCE §7): the two error curves
     show that gap. `reference`: the AR scorer (or the causal model evaluated) decoding greedily, one token per
@@ -238,7 +240,8 @@ def steps_sweep(model, blocks: torch.Tensor, tokenizer, *, length: int = 16, ste
     if diffusion:
         for s in steps:
             points.append({"steps": s, "tokens_per_step": length / s,
-                           **score(lambda p, s=s: _sample(model, p, max_new_tokens=length, steps=s).sequences[:, p.shape[1]:])})
+                           **score(lambda p, s=s: _sample(model, p, max_new_tokens=length, steps=s,
+                                                          kv_cache=kv_cache)[:, p.shape[1]:])})
     reference_model = model if not diffusion else ar_scorer
     reference = None
     if reference_model is not None:
@@ -314,7 +317,7 @@ def evaluate(model, data: str, *, metrics=("elbo",), tokenizer=None, ar_parent=N
              device: str | None = None, text_column: str = "text", sample_by: str = "paragraph",
              split: str = "validation", hub_config: str | None = None, infill_span: int | None = None,
              infill_examples: int = 16, sweep_length: int = 16, sweep_steps: list[int] | None = None,
-             sweep_examples: int = 32, plot: str | Path | None = None) -> dict:
+             sweep_examples: int = 32, plot: str | Path | None = None, kv_cache: str | None = None) -> dict:
     """Evaluate a diffusion checkpoint or a causal LM on held-out text; returns the dict `dlm-adapt eval` writes
     as JSON.
 
@@ -324,7 +327,8 @@ def evaluate(model, data: str, *, metrics=("elbo",), tokenizer=None, ar_parent=N
     blocks of `block_length` tokens and the first `num_blocks` are used. `metrics`: any of `elbo`, `infill`,
     `steps_sweep` (a list or a comma-separated string). `ar_parent`: causal LM (path or loaded) that scores
     generated text; default the diffusion model's `provenance.source` when it loads from local files.
-    `plot`: PNG of the steps sweep."""
+    `plot`: PNG of the steps sweep. `kv_cache`: the diffusion model's decoding cache in `infill` and `steps_sweep`
+    (`diffusion_generate`'s option)."""
     metrics = parse_metrics(metrics)
     for name, value in {"mc_samples": mc_samples, "block_length": block_length, "num_blocks": num_blocks,
                         "batch_size": batch_size, "infill_examples": infill_examples, "sweep_length": sweep_length,
@@ -335,6 +339,10 @@ def evaluate(model, data: str, *, metrics=("elbo",), tokenizer=None, ar_parent=N
         raise AdaptError("block_length must be at least 2 (the first token of a block is context)")
     if plot is not None and "steps_sweep" not in metrics:
         raise AdaptError("--plot draws the steps sweep: add steps_sweep to --metrics")
+    try:
+        check_sampling_options(kv_cache=kv_cache)
+    except SamplingError as e:
+        raise AdaptError(str(e)) from e
     if device is not None:
         _check_device(device)
     name = str(model) if isinstance(model, (str, Path)) else type(model).__name__
@@ -350,6 +358,8 @@ def evaluate(model, data: str, *, metrics=("elbo",), tokenizer=None, ar_parent=N
     elif device is not None:
         model.to(device)
     kind = _kind(model)
+    if kv_cache is not None and kind != DIFFUSION:
+        raise AdaptError("--kv-cache is a diffusion checkpoint's decoding option; a causal LM has none to set")
     limit = _max_positions(model)
     if limit is not None and block_length > limit:
         raise AdaptError(f"block_length {block_length} exceeds the model's {limit} positions")
@@ -366,12 +376,12 @@ def evaluate(model, data: str, *, metrics=("elbo",), tokenizer=None, ar_parent=N
                               if kind == DIFFUSION else causal_nll(model, blocks, batch_size=batch_size))
         if "infill" in metrics:
             result["infill"] = infill(model, blocks, span=infill_span, examples=infill_examples,
-                                      batch_size=batch_size, ar_scorer=scorer, ar_name=scorer_name)
+                                      batch_size=batch_size, ar_scorer=scorer, ar_name=scorer_name, kv_cache=kv_cache)
         if "steps_sweep" in metrics:
             result["steps_sweep"] = steps_sweep(model, blocks, tokenizer, length=sweep_length, steps=sweep_steps,
                                                 examples=sweep_examples, batch_size=batch_size, seed=seed,
                                                 prompt_tokens=min(16, block_length // 2), ar_scorer=scorer,
-                                                ar_name=scorer_name)
+                                                ar_name=scorer_name, kv_cache=kv_cache)
     except SamplingError as e:
         raise AdaptError(str(e)) from e
     if plot is not None:
@@ -509,13 +519,11 @@ def _device(model) -> torch.device:
 
 # ------------------------------------------------------------------------------------------------ decode
 
-def _sample(model, ids, *, max_new_tokens: int, steps: int):
-    """Our sampler at temperature 0, most confident first, one block, no early stop at EOS (the checks compare
-    fixed-length outputs)."""
-    return diffusion_sample(lambda x, mask: model(input_ids=x, attention_mask=mask).logits, ids.to(_device(model)),
-                            mask_token_id=model.config.mask_token_id, shift=bool(model.config.shift),
-                            max_new_tokens=max_new_tokens, steps=steps, remasking="low_confidence",
-                            max_positions=_max_positions(model))
+def _sample(model, ids, *, max_new_tokens: int, steps: int, kv_cache: str | None):
+    """The model's own `diffusion_generate` at temperature 0, one block, no early stop at EOS (the checks compare
+    fixed-length outputs); the rest as its generation config says."""
+    return model.diffusion_generate(ids.to(_device(model)), max_new_tokens=max_new_tokens, steps=steps,
+                                    stop_at_eos=False, kv_cache=kv_cache)
 
 
 @torch.no_grad()

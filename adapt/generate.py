@@ -7,23 +7,34 @@ import torch
 
 from .errors import AdaptError
 from .checkpoint import load
-from .sampling import SamplingError
+from .sampling import SamplingError, check_sampling_options
 
 
 def generate(model, prompts: list[str], *, tokenizer=None, chat: bool = False, infill: bool = False,
-             max_new_tokens: int = 64, show_steps: bool = False, seed: int | None = None, **sampling) -> list[dict]:
+             max_new_tokens: int | None = None, show_steps: bool = False, seed: int | None = None,
+             **sampling) -> list[dict]:
     """Decode each prompt (batched, left-padded). `model` is a loaded model or a checkpoint path. With
-    `infill`, each prompt is a text whose mask-token strings are holes to fill. Returns one dict per prompt:
-    `prompt`, `text` (the generated part, or the filled text for infilling), `tokens`, and the row's own `nfe`
-    (forward passes it needed: the same as decoding it alone) and `tokens_per_forward`."""
-    if max_new_tokens < 0:  # checked before the model loads; infilling alone passes 0 new tokens on
+    `infill`, each prompt is a text whose mask-token strings are holes to fill. `max_new_tokens` and the
+    `diffusion_generate` options in `sampling` default to the checkpoint's generation_config.json. Every option is
+    checked before a model loads. Returns one dict per prompt: `prompt`, `text` (the generated part, or the filled
+    text for infilling), `tokens`, and the row's own `nfe` (forward passes it needed: the same as decoding it
+    alone) and `tokens_per_forward`."""
+    if max_new_tokens is not None and max_new_tokens < 0:
         raise AdaptError(f"--max-new-tokens must be 0 or more, got {max_new_tokens}")
+    if max_new_tokens == 0 and not infill:  # the output is the new tokens alone
+        raise AdaptError("nothing to decode: --max-new-tokens is 0; ask for new tokens, or give --infill TEXT with "
+                         "holes to fill")
+    if not prompts:
+        raise AdaptError("no prompts given")
+    n = 0 if infill else max_new_tokens
+    try:
+        check_sampling_options(max_new_tokens=n, **sampling)
+    except SamplingError as e:
+        raise AdaptError(str(e)) from e
     if isinstance(model, (str, Path)):
         model, tokenizer = load(model)
     if tokenizer is None:
         raise AdaptError("pass the tokenizer with the model")
-    if not prompts:
-        raise AdaptError("no prompts given")
     texts = prompts
     if chat:
         if not tokenizer.chat_template:
@@ -38,7 +49,6 @@ def generate(model, prompts: list[str], *, tokenizer=None, chat: bool = False, i
     batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not chat)
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    n = 0 if infill else max_new_tokens
     try:
         out = model.diffusion_generate(batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
                                        max_new_tokens=n, generator=generator, return_dict_in_generate=True,

@@ -163,6 +163,13 @@ CASES = {
                                "--max-new-tokens must be 0 or more, got -2", [], []),
     "generate 0 new tokens without holes": (["generate", "{ws}/dlm", "--prompt", "w1", "--max-new-tokens", "0"], 2,
                                             "nothing to decode", [], []),
+    "generate with 0 steps": (["generate", "{ws}/dlm", "--prompt", "w1", "--steps", "0"], 2,
+                              "steps must be at least 1, got 0", [], []),
+    "generate with threshold 2": (["generate", "{ws}/dlm", "--prompt", "w1", "--threshold", "2"], 2,
+                                  r"threshold must be in \(0, 1\], got 2", [], []),
+    "generate 10 new tokens in blocks of 4": (["generate", "{ws}/dlm", "--prompt", "w1", "--max-new-tokens", "10",
+                                               "--block-length", "4"], 2,
+                                              r"max_new_tokens \(10\) must be a multiple of block_length \(4\)", [], []),
     "generate from a missing model": (["generate", "{ws}/nowhere", "--prompt", "w1"], 2, "does not exist", [], []),
     "generate from a config.json that is not JSON": (["generate", "{ws}/broken", "--prompt", "w1"], 2,
                                                      "is not a JSON object", [], []),
@@ -264,6 +271,27 @@ def test_bad_input_is_one_line_and_changes_nothing(ws, case, capsys):
     assert _snapshot(ws, kept) == before
     assert [p for p in absent if (ws / p).exists()] == []
     assert [p.name for p in ws.rglob(".*.tmp-*")] == []  # no temporary directory left behind
+
+
+REFUSED_BEFORE_LOADING = ["generate at temperature -1", "generate with top-p 5", "generate with top-k -3",
+                          "generate -2 new tokens", "generate 0 new tokens without holes", "generate with 0 steps",
+                          "generate with threshold 2", "generate 10 new tokens in blocks of 4"]
+
+
+@pytest.mark.parametrize("case", REFUSED_BEFORE_LOADING)
+def test_bad_sampling_options_are_refused_before_the_model_loads(base, case, capsys, monkeypatch):
+    """Not a line of weight-loading progress before the error: the model is never loaded."""
+    import adapt.generate
+
+    def load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(adapt.generate, "load", load)
+    argv, code, phrase, _, _ = CASES[case]
+    capsys.readouterr()
+    assert main([a.format(ws=base) for a in argv]) == code
+    stderr = capsys.readouterr().err.splitlines()
+    assert len(stderr) == 1 and stderr[0].startswith("dlm-adapt: error: ") and re.search(phrase, stderr[0]), stderr
 
 
 def test_readme_infill_example_fills_every_hole(ws, capsys):

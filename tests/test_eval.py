@@ -9,17 +9,22 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from transformers import GenerationConfig
 
 import adapt
 from adapt.cli import main
 from adapt.evaluate import causal_nll, diffusion_elbo, repeat_task
+from adapt.model import MaskedDiffusionLM
 from tiny_models import tiny_tokenizer
 
 V = 101  # tiny tokenizer + mask token
 
 
 class Stub(torch.nn.Module):
-    """A model whose logits come from `fn(input_ids)`; `diffusion` decides what `adapt.evaluate` takes it for."""
+    """A model whose logits come from `fn(input_ids)`; `diffusion` decides what `adapt.evaluate` takes it for. It
+    decodes with the real `diffusion_generate`, as a checkpoint does."""
+
+    diffusion_generate = MaskedDiffusionLM.diffusion_generate
 
     def __init__(self, fn, diffusion=True, shift=True, mask_id=V - 1):
         super().__init__()
@@ -27,10 +32,12 @@ class Stub(torch.nn.Module):
         self.anchor = torch.nn.Parameter(torch.zeros(()))  # gives the stub a device
         self.config = SimpleNamespace(model_type="masked_diffusion_lm" if diffusion else "stub_causal",
                                       mask_token_id=mask_id if diffusion else None, shift=shift,
-                                      max_position_embeddings=64)
+                                      text_config=SimpleNamespace(max_position_embeddings=64))
+        self.generation_config = GenerationConfig()
 
-    def forward(self, input_ids, attention_mask=None, **_):
-        return SimpleNamespace(logits=self.fn(input_ids))
+    def forward(self, input_ids, attention_mask=None, logits_to_keep=None, **_):
+        logits = self.fn(input_ids)
+        return SimpleNamespace(logits=logits if logits_to_keep is None else logits[:, logits_to_keep])
 
 
 def fixed(logp, **kw):
@@ -225,6 +232,26 @@ def test_steps_sweep_counts_token_and_sequence_errors(tmp_path):
     assert 0 < sweep["points"][0]["task_exact_match"] < sweep["points"][0]["task_token_accuracy"] < 1
     assert sweep["reference"]["method"] == "ar_greedy"
     assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_infill_and_sweep_decode_with_diffusion_generate_and_its_kv_cache(converted, tmp_path):
+    """Its options apply: under causal attention the prefix cache is exact (the same numbers), the dual cache
+    needs bidirectional attention (refused), and a causal LM has no such option."""
+    from transformers import AutoTokenizer
+
+    _, dlm = converted("llama")
+    model = MaskedDiffusionLM.from_pretrained(dlm, bidirectional=False).eval()
+    tok = AutoTokenizer.from_pretrained(dlm)
+    data = words_file(tmp_path / "d.txt")
+    opts = dict(tokenizer=tok, metrics="infill,steps_sweep", block_length=16, num_blocks=4, sample_by="line",
+                infill_examples=4, sweep_length=4, sweep_examples=4)
+    plain = adapt.evaluate(model, str(data), **opts)
+    cached = adapt.evaluate(model, str(data), kv_cache="prefix", **opts)
+    assert plain["infill"] == cached["infill"] and plain["steps_sweep"] == cached["steps_sweep"]
+    with pytest.raises(adapt.AdaptError, match="needs bidirectional attention"):
+        adapt.evaluate(model, str(data), kv_cache="dual", **opts)
+    with pytest.raises(adapt.AdaptError, match="a causal LM has none"):
+        adapt.evaluate(uniform(100, diffusion=False), str(data), kv_cache="prefix", **opts)
 
 
 def test_repeat_task_is_deterministic_and_avoids_special_tokens():

@@ -275,7 +275,7 @@ def test_kv_cache_pass_matches_the_full_pass_and_reuses_what_it_should(tmp_path,
     keys and their mask, shift, cropping: all must be right). After the refresh, a token changed inside the block
     changes the cached logits; one changed after the block changes them with "prefix" (rerun) but not with "dual"
     (its keys/values are reused)."""
-    from adapt.model.modeling_masked_diffusion import _Denoiser
+    from adapt.model.modeling_masked_diffusion import DENOISERS
 
     save_tiny_source(tmp_path / "src", arch)
     adapt.convert(tmp_path / "src", tmp_path / "dlm", shift=shift)
@@ -285,16 +285,16 @@ def test_kv_cache_pass_matches_the_full_pass_and_reuses_what_it_should(tmp_path,
     mask = torch.ones_like(canvas)
     mask[0, :2] = 0
     lo, hi = 6, 9
-    full = _Denoiser(model)(canvas, mask, lo, hi, True)
-    cache = _Denoiser(model, kv_cache)
+    full = DENOISERS[None](model)(canvas, mask, lo, hi)
+    cache = DENOISERS[kv_cache](model)
     with torch.no_grad():
-        torch.testing.assert_close(cache(canvas, mask, lo, hi, True), full)
+        torch.testing.assert_close(cache(canvas, mask, lo, hi), full)
         for _ in range(2):  # the second pass checks that the first one cropped its entries away
-            torch.testing.assert_close(cache(canvas, mask, lo, hi, False), full, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(cache(canvas, mask, lo, hi), full, atol=1e-5, rtol=1e-5)
         inside, after = canvas.clone(), canvas.clone()
         inside[:, 7], after[:, 10] = 30, 30
-        assert not torch.allclose(cache(inside, mask, lo, hi, False), full, atol=1e-4)
-        assert torch.allclose(cache(after, mask, lo, hi, False), full, atol=1e-5) == (kv_cache == "dual")
+        assert not torch.allclose(cache(inside, mask, lo, hi), full, atol=1e-4)
+        assert torch.allclose(cache(after, mask, lo, hi), full, atol=1e-5) == (kv_cache == "dual")
 
 
 def test_kv_cache_bidirectional_decodes_infills_and_refuses_sliding_windows(tiny, tmp_path):

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 
 from .configuration_masked_diffusion import MaskedDiffusionConfig
-from .sampling_masked_diffusion import SamplingError, _holes, diffusion_sample
+from .sampling_masked_diffusion import Denoiser, SamplingError, _holes, check_sampling_options, diffusion_sample
 from .transformers_compat import (attention_support_flags, cache_kwarg, decoder_class, drop_last_cached,
                                   explain_newer_transformers, output_cache, select_cache_positions, set_causal)
 
@@ -193,7 +193,8 @@ class MaskedDiffusionLM(PreTrainedModel):
         Left-pad batched prompts and pass `attention_mask`; mask tokens inside a prompt are holes to infill.
         When `max_new_tokens` is not given, it, `steps` and `block_length` come from `generation_config.json`;
         otherwise `steps` defaults to `max_new_tokens` and `block_length` to `max_new_tokens` (one block). With
-        `max_new_tokens=0` (infilling only) `steps` defaults to the most holes in a row.
+        `max_new_tokens=0` (infilling only) `steps` defaults to the most holes in a row. `remasking` defaults to
+        the generation config's, else `low_confidence`.
         `kv_cache` (Fast-dLLM's approximation, off by default): keys/values are computed once per block and reused
         by the block's later passes, which then run only the block and what follows it (`"prefix"`) or only the
         block (`"dual"`). With bidirectional attention the reused entries go stale as the block fills in.
@@ -201,12 +202,8 @@ class MaskedDiffusionLM(PreTrainedModel):
         `.committed_per_step`, `.history`, per-row `.row_nfe` and `.row_committed`) with
         `return_dict_in_generate=True`.
         """
-        if kv_cache not in (None, "prefix", "dual"):
-            raise SamplingError(f"kv_cache must be None, 'prefix' or 'dual', got {kv_cache!r}")
-        if kv_cache and not self.supports_kv_cache():
-            raise SamplingError("kv_cache needs a decoder without sliding-window layers")
-        if kv_cache == "dual" and not self.config.bidirectional:
-            raise SamplingError("kv_cache='dual' needs bidirectional attention (the stored keys are reordered)")
+        check_sampling_options(kv_cache=kv_cache)  # the sampler checks the rest, once the defaults are resolved
+        denoiser = DENOISERS[kv_cache](self)
         gen = self.generation_config
         from_config = max_new_tokens is None
         n = int(getattr(gen, "max_new_tokens", None) or 128) if from_config else int(max_new_tokens)
@@ -216,7 +213,7 @@ class MaskedDiffusionLM(PreTrainedModel):
         if block_length is None:
             block_length = int(getattr(gen, "block_length", None) or n) if from_config else n
         out = diffusion_sample(
-            None,
+            denoiser,
             input_ids,
             attention_mask=attention_mask,
             mask_token_id=self.config.mask_token_id,
@@ -236,7 +233,6 @@ class MaskedDiffusionLM(PreTrainedModel):
             max_positions=getattr(self.config.text_config, "max_position_embeddings", None),
             generator=generator,
             return_history=return_history,
-            window_fn=_Denoiser(self, kv_cache),
         )
         return out if return_dict_in_generate else out.sequences
 
@@ -254,40 +250,70 @@ for _flag in attention_support_flags():
             property(lambda self, flag=_flag: bool(getattr(decoder_class(self.config.text_config), flag, False))))
 
 
-class _Denoiser:
-    """The sampler's `window_fn`: predictions for the tokens at canvas positions [lo, hi), with the vocabulary
-    projection computed only there. With `kv_cache` (Fast-dLLM's approximation) a full pass at each block start
-    computes keys/values once; later passes of the block rerun only the span and what follows it ("prefix"), or
-    only the span ("dual"), attending to the stored keys/values of the rest. Under bidirectional attention those
-    go stale as the span fills in."""
+class ModelDenoiser(Denoiser):
+    """No cache: every pass runs the whole canvas, with the vocabulary projection only where it is needed."""
 
-    def __init__(self, model, kv_cache=None):
-        self.model, self.kv_cache, self.shift = model, kv_cache, int(model.config.shift)
-        self.cache = self.window = self.stored_mask = None  # set by each block's refresh pass
+    def __init__(self, model):
+        super().__init__(model.config.shift)
+        self.model = model
 
-    def __call__(self, canvas, attention_mask, lo, hi, refresh):
-        first, last = lo - self.shift, hi - self.shift  # logits at [first, last) predict tokens [lo, hi)
+    def logits(self, canvas, attention_mask, first, last):
         keep = torch.arange(first, last, device=canvas.device)
-        if self.kv_cache is None:
-            return self.model(input_ids=canvas, attention_mask=attention_mask, logits_to_keep=keep).logits
-        length = canvas.shape[1]
+        return self.model(input_ids=canvas, attention_mask=attention_mask, logits_to_keep=keep).logits
+
+
+class PrefixCacheDenoiser(ModelDenoiser):
+    """Fast-dLLM's prefix cache. The first pass over a span runs the whole canvas and keeps the keys/values of
+    everything outside the rerun window; later passes over that span run only the window, from the first logit
+    they need to the end of the canvas, attending to the kept entries. Under causal attention those never go stale
+    (exact); under bidirectional attention they do, as the span fills in."""
+
+    def __init__(self, model):
+        if not model.supports_kv_cache():
+            raise SamplingError("kv_cache needs a decoder without sliding-window layers")
+        super().__init__(model)
+        self.span = self.window = self.cache = self.kept_mask = None  # set by the first pass over each span
+
+    def window_end(self, hi: int, length: int) -> int:
+        return length
+
+    def logits(self, canvas, attention_mask, first, last):
         mask = attention_mask if attention_mask is not None else torch.ones_like(canvas)
-        if refresh:
+        keep = torch.arange(first, last, device=canvas.device)
+        length = canvas.shape[1]
+        if self.span != (first, last):
+            self.span = first, last
             out = self.model(input_ids=canvas, attention_mask=mask, use_cache=True, logits_to_keep=keep)
-            # the rerun window starts where the first needed logit is and ends after the last token that can change
-            self.window = (first, hi if self.kv_cache == "dual" else length)
-            stored = torch.cat([torch.arange(first), torch.arange(self.window[1], length)]).to(canvas.device)
+            # the window must hold every token that can change (up to hi) and every logit asked for (from first)
+            self.window = (first, self.window_end(last + self.shift, length))
+            kept = torch.cat([torch.arange(first), torch.arange(self.window[1], length)]).to(canvas.device)
             self.cache = output_cache(out)
-            select_cache_positions(self.cache, stored)  # bidirectional attention ignores key order: window goes last
-            self.stored_mask = mask[:, stored]
+            select_cache_positions(self.cache, kept)  # bidirectional attention ignores key order: window goes last
+            self.kept_mask = mask[:, kept]
             return out.logits
         a, b = self.window
         positions = (mask.long().cumsum(-1) - 1).clamp_min(0)[:, a:b]
-        out = self.model(input_ids=canvas[:, a:b], attention_mask=torch.cat([self.stored_mask, mask[:, a:b]], 1),
+        out = self.model(input_ids=canvas[:, a:b], attention_mask=torch.cat([self.kept_mask, mask[:, a:b]], 1),
                          position_ids=positions, past_key_values=self.cache, use_cache=True,
                          logits_to_keep=keep - a)
         drop_last_cached(self.cache, b - a)
         return out.logits
+
+
+class DualCacheDenoiser(PrefixCacheDenoiser):
+    """Fast-dLLM's dual cache: later passes run only the span, the keys/values after it are kept too. They come
+    before the window in the cache, which only bidirectional attention can ignore."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        if not model.config.bidirectional:
+            raise SamplingError("kv_cache='dual' needs bidirectional attention (the stored keys are reordered)")
+
+    def window_end(self, hi, length):
+        return hi
+
+
+DENOISERS = {None: ModelDenoiser, "prefix": PrefixCacheDenoiser, "dual": DualCacheDenoiser}  # by kv_cache
 
 
 def _first(token_id):

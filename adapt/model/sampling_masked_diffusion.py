@@ -1,13 +1,24 @@
 # The diffusion sampler. Written into every converted checkpoint beside the modeling file (imports only torch),
-# and the one implementation used by `dlm-adapt generate`, `adapt.sampling` and `model.diffusion_generate`.
+# and the one implementation behind `model.diffusion_generate`, `dlm-adapt generate`, `dlm-adapt eval` and
+# `adapt.sampling`.
+"""Masked-diffusion decoding, assembled from four parts, each swappable without touching the loop:
+
+- a denoiser (`Denoiser`): the model's predictions for the canvas positions that can change; the only place that
+  knows about shift and KV caches;
+- a block iterator (`semi_autoregressive_blocks`): which spans of the canvas are decoded, in which order;
+- a scoring rule (`SCORES`, chosen by `remasking`): which masked positions are committed first;
+- a commit rule (`ScheduleCommit`, `ThresholdCommit`): how many are committed per forward pass.
+
+`check_sampling_options` validates every scalar option and needs no model, so front ends call it before loading one.
+"""
 import math
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
-REMASKING = ("low_confidence", "margin", "entropy", "random")
 SCHEDULES = ("linear", "cosine")
+KV_CACHES = ("prefix", "dual")  # implemented by the modeling file's denoisers
 
 
 class SamplingError(ValueError):
@@ -34,18 +45,146 @@ class SamplingOutput:
         """Tokens committed per pass a row needed, over the batch (a batch runs as long as its slowest row)."""
         return int(self.row_committed.sum()) / max(1, int(self.row_nfe.sum()))
 
+    def record(self, masked: torch.Tensor, committed: torch.Tensor, canvas: torch.LongTensor):
+        """Count one forward pass: `masked`, the span's masked positions before it, `committed`, those it filled."""
+        self.nfe += 1
+        self.row_nfe += masked.any(1)
+        self.committed_per_step.append(int(committed.sum()))
+        self.row_committed += committed.sum(1)
+        if self.history is not None:
+            self.history.append(canvas.clone())
 
-def commit_schedule(n: int, steps: int, kind: str = "linear") -> list[int]:
-    """How many of `n` masked tokens to commit at each of `steps` steps. `linear` spreads them evenly, earlier
-    steps taking the remainder (LLaDA); `cosine` commits few first and more later (MaskGIT)."""
-    if kind == "linear":
-        return [n // steps + (1 if s < n % steps else 0) for s in range(steps)]
-    remaining = [round(n * math.cos(math.pi / 2 * (s + 1) / steps)) for s in range(steps)]
-    done, counts = n, []
-    for r in remaining:
-        counts.append(done - r)
-        done = r
-    return counts
+
+# ------------------------------------------------------------------------------------------------ validation
+
+def check_sampling_options(*, max_new_tokens=None, steps=None, block_length=None, remasking=None, schedule="linear",
+                           threshold=None, temperature=0.0, order_temperature=0.0, top_k=None, top_p=None,
+                           min_new_tokens=0, kv_cache=None, **_not_checked):
+    """Raise `SamplingError` for the first option out of range. `None` means not chosen yet: the checkpoint's
+    generation_config decides, and the sampler checks again once it has. Takes whatever `diffusion_generate`
+    takes, so a front end hands over its options unchanged; those with no range (generator ...) are not looked at.
+    """
+    n = max_new_tokens
+    if n is not None and n < 0:
+        raise SamplingError(f"max_new_tokens must be 0 or more, got {n}")
+    if steps is not None and steps < 1:
+        raise SamplingError(f"steps must be at least 1, got {steps}")
+    if n != 0 and block_length is not None and block_length < 0:  # 0, like None, is one block
+        raise SamplingError(f"block_length must be at least 1, got {block_length}")
+    for name, value, ok, allowed in (
+        ("temperature", temperature, temperature >= 0, ">= 0 (0: greedy)"),
+        ("order_temperature", order_temperature, order_temperature >= 0, ">= 0 (0: ranked order)"),
+        ("top_k", top_k, top_k is None or top_k >= 1, ">= 1, or unset"),
+        ("top_p", top_p, top_p is None or 0 < top_p <= 1, "in (0, 1], or unset"),
+        ("min_new_tokens", min_new_tokens, min_new_tokens >= 0, ">= 0"),
+    ):
+        if not ok:
+            raise SamplingError(f"{name} must be {allowed}, got {value}")
+    if remasking is not None and remasking not in SCORES:
+        raise SamplingError(f"remasking must be one of {REMASKING}, got {remasking!r}")
+    if schedule not in SCHEDULES:
+        raise SamplingError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if threshold is not None and not 0.0 < threshold <= 1.0:
+        raise SamplingError(f"threshold must be in (0, 1], got {threshold}")
+    if kv_cache is not None and kv_cache not in KV_CACHES:
+        raise SamplingError(f"kv_cache must be None, 'prefix' or 'dual', got {kv_cache!r}")
+    if n and block_length:
+        if n % block_length:
+            raise SamplingError(f"max_new_tokens ({n}) must be a multiple of block_length ({block_length})")
+        if steps is not None and steps % (n // block_length):
+            raise SamplingError(f"steps ({steps}) must be a multiple of the number of blocks ({n // block_length} = "
+                                f"max_new_tokens / block_length)")
+
+
+def _check_prompt(input_ids, attention_mask, *, mask_token_id, shift, max_new_tokens, max_positions):
+    """What the options cannot say alone: whether this prompt, on this model, leaves something to decode."""
+    prompt_len = input_ids.shape[1]
+    if mask_token_id is None:
+        raise SamplingError("the model has no mask token (config.mask_token_id); convert it with dlm-adapt convert")
+    if max_new_tokens == 0 and not _holes(input_ids, mask_token_id, attention_mask).any():
+        raise SamplingError("nothing to decode: max_new_tokens is 0 and the prompt has no mask tokens (holes); "
+                            "ask for new tokens, or mark holes to infill")
+    if max_positions is not None and prompt_len + max_new_tokens > max_positions:
+        raise SamplingError(f"prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+                            f"{max_positions} positions")
+    if shift and prompt_len == 0:
+        raise SamplingError("this model uses shift: the prompt needs at least one token (e.g. BOS)")
+    real_first = attention_mask[:, :1].bool() if attention_mask is not None else True
+    if shift and ((input_ids[:, :1] == mask_token_id) & real_first).any():
+        raise SamplingError("with shift, the first prompt token cannot be a hole (nothing predicts it)")
+
+
+# ------------------------------------------------------------------------------------------------- denoisers
+
+class Denoiser:
+    """What the loop asks of a model: `denoiser(canvas, attention_mask, lo, hi)` returns logits (batch, hi - lo,
+    vocab) predicting the tokens at canvas positions [lo, hi), the span that can change.
+
+    Between two calls with the same span only tokens inside it have changed, so a subclass may reuse what it
+    computed for the rest (a KV cache); a new span starts a new block. One denoiser serves one decode. Subclasses
+    give `logits(canvas, attention_mask, first, last)`, the model's logits at positions [first, last); shift is
+    applied here and nowhere else."""
+
+    def __init__(self, shift: bool):
+        self.shift = int(shift)
+
+    def __call__(self, canvas, attention_mask, lo: int, hi: int) -> torch.Tensor:
+        # with shift the logit at i-1 predicts the token at i
+        return self.logits(canvas, attention_mask, lo - self.shift, hi - self.shift)
+
+    def logits(self, canvas, attention_mask, first: int, last: int) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class FunctionDenoiser(Denoiser):
+    """A plain `model_fn(canvas, attention_mask)` returning logits for every position, run whole on every pass."""
+
+    def __init__(self, model_fn: Callable[[torch.LongTensor, torch.Tensor | None], torch.Tensor], shift: bool):
+        super().__init__(shift)
+        self.model_fn = model_fn
+
+    def logits(self, canvas, attention_mask, first, last):
+        return self.model_fn(canvas, attention_mask)[:, first:last]
+
+
+# ------------------------------------------------------------------------------------------- block iterators
+
+def semi_autoregressive_blocks(prompt_len: int, max_new_tokens: int, block_length: int) -> list[tuple[int, int]]:
+    """Spans [start, end) decoded one after the other: the new tokens in blocks, left to right (LLaDA). Infilling
+    alone is one empty span; the loop widens every span leftwards over holes still masked."""
+    if max_new_tokens == 0:
+        return [(prompt_len, prompt_len)]
+    return [(start, start + block_length) for start in range(prompt_len, prompt_len + max_new_tokens, block_length)]
+
+
+# ------------------------------------------------------------------------------------------------ predictions
+
+@dataclass
+class TokenRule:
+    """Per position of the span, the token to commit (argmax at temperature 0, else Gumbel-max in float64 after
+    top-k/top-p) and the model's distribution there, never the filtered one: confidences come from it."""
+    mask_token_id: int
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    eos_token_id: int | None = None
+    no_eos: tuple[int, int] = (0, 0)
+    """Canvas positions [a, b) where EOS is forbidden (`min_new_tokens`)."""
+    generator: torch.Generator | None = None
+
+    def __call__(self, logits: torch.Tensor, positions: torch.Tensor):
+        logits = logits.double()
+        logits[..., self.mask_token_id] = -math.inf
+        if self.eos_token_id is not None and self.no_eos[0] < self.no_eos[1]:
+            logits[:, (positions >= self.no_eos[0]) & (positions < self.no_eos[1]), self.eos_token_id] = -math.inf
+        probs = logits.softmax(-1)
+        if self.temperature > 0:
+            u = torch.rand(logits.shape, dtype=torch.float64, device=logits.device, generator=self.generator)
+            gumbel = -torch.log(-torch.log(u.clamp_min(1e-300)))
+            tokens = (_filter(logits, self.top_k, self.top_p) / self.temperature + gumbel).argmax(-1)
+        else:
+            tokens = logits.argmax(-1)
+        return tokens, probs, probs.gather(-1, tokens[..., None])[..., 0]
 
 
 def _filter(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
@@ -60,8 +199,99 @@ def _filter(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> tor
     return logits
 
 
+# Scoring rules: (probs, p_token, generator) -> a score per position; the highest is committed first.
+
+def confidence_score(probs, p_token, generator):
+    """The probability of the predicted token (LLaDA's low-confidence remasking)."""
+    return p_token
+
+
+def margin_score(probs, p_token, generator):
+    """Top-1 minus top-2 probability."""
+    top2 = probs.topk(2, dim=-1).values
+    return top2[..., 0] - top2[..., 1]
+
+
+def entropy_score(probs, p_token, generator):
+    """Minus the entropy: the most peaked distributions first."""
+    return (probs * probs.clamp_min(1e-300).log()).sum(-1)
+
+
+def random_score(probs, p_token, generator):
+    """A uniformly random order."""
+    return torch.rand(p_token.shape, dtype=torch.float64, device=p_token.device, generator=generator)
+
+
+SCORES = {"low_confidence": confidence_score, "margin": margin_score, "entropy": entropy_score,
+          "random": random_score}
+REMASKING = tuple(SCORES)
+
+
+@dataclass
+class Ranking:
+    """Ranks the span's masked positions by a scoring rule (0 = commit first); `order_temperature` > 0 samples the
+    order (Gumbel-perturbed scores) instead of sorting."""
+    score: Callable
+    order_temperature: float = 0.0
+    generator: torch.Generator | None = None
+
+    def __call__(self, probs, p_token, masked):
+        score = self.score(probs, p_token, self.generator)
+        if self.order_temperature > 0:
+            g = torch.rand(score.shape, dtype=torch.float64, device=score.device, generator=self.generator)
+            score = score / self.order_temperature - torch.log(-torch.log(g.clamp_min(1e-300)))
+        return score.masked_fill(~masked, -math.inf).argsort(dim=1, descending=True).argsort(dim=1)
+
+
+# ------------------------------------------------------------------------------------------------ commit rules
+
+def commit_schedule(n: int, steps: int, kind: str = "linear") -> list[int]:
+    """How many of `n` masked tokens to commit at each of `steps` steps. `linear` spreads them evenly, earlier
+    steps taking the remainder (LLaDA); `cosine` commits few first and more later (MaskGIT)."""
+    if kind == "linear":
+        return [n // steps + (1 if s < n % steps else 0) for s in range(steps)]
+    remaining = [round(n * math.cos(math.pi / 2 * (s + 1) / steps)) for s in range(steps)]
+    done, counts = n, []
+    for r in remaining:
+        counts.append(done - r)
+        done = r
+    return counts
+
+
+class ScheduleCommit:
+    """A fixed number of passes per block; each commits the best-ranked positions, as many as `commit_schedule`
+    plans for the row's masked count at the block start."""
+
+    def __init__(self, steps_per_block: int, schedule: str):
+        self.steps, self.schedule, self.plan = steps_per_block, schedule, None
+
+    def passes(self, counts: torch.Tensor) -> int:
+        self.plan = torch.stack([torch.tensor(commit_schedule(int(c), self.steps, self.schedule))
+                                 for c in counts]).to(counts.device)
+        return self.steps
+
+    def __call__(self, step, masked, ranks, p_token):
+        return masked & (ranks < self.plan[:, step, None])
+
+
+class ThresholdCommit:
+    """Fast-dLLM's parallel decoding: each pass commits the best-ranked position plus every one whose probability
+    is at least `threshold`, so a block takes as few passes as the model's confidence allows."""
+
+    def __init__(self, threshold: float):
+        self.threshold = threshold
+
+    def passes(self, counts: torch.Tensor) -> int:
+        return int(counts.max())  # at least one per pass: never more passes than masks
+
+    def __call__(self, step, masked, ranks, p_token):
+        return masked & ((ranks == 0) | (p_token >= self.threshold))
+
+
+# ------------------------------------------------------------------------------------------------------ loop
+
 def diffusion_sample(
-    model_fn: Callable[[torch.LongTensor, torch.Tensor | None], torch.Tensor],
+    denoiser: Denoiser | Callable[[torch.LongTensor, torch.Tensor | None], torch.Tensor],
     input_ids: torch.LongTensor,
     *,
     mask_token_id: int,
@@ -82,144 +312,64 @@ def diffusion_sample(
     max_positions: int | None = None,
     generator: torch.Generator | None = None,
     return_history: bool = False,
-    window_fn: Callable | None = None,
 ) -> SamplingOutput:
     """Masked-diffusion decoding.
 
     The canvas is the prompt (left-padded rows marked by `attention_mask`; mask tokens inside it are holes to
     infill) followed by `max_new_tokens` mask tokens, decoded in blocks of `block_length` left to right, each
-    block in steps/(max_new_tokens/block_length) forward passes. Each pass predicts every masked position
-    (token: argmax at temperature 0, else Gumbel-max in float64 after top-k/top-p; confidences always use the
-    unfiltered probabilities) and commits the positions
-    ranked first by `remasking` (`low_confidence`: highest probability; `margin`: top-1 minus top-2 probability;
-    `entropy`: lowest entropy; `random`), as many as `schedule` says, or with `threshold` every position whose
+    block in steps/(max_new_tokens/block_length) forward passes. Each pass predicts every masked position of the
+    block (`TokenRule`) and commits the positions ranked first by `remasking` (`SCORES`: `low_confidence`,
+    `margin`, `entropy`, `random`), as many as `schedule` says, or with `threshold` every position whose
     probability is at least the threshold plus the best one (Fast-dLLM); then a block may take fewer passes.
     `order_temperature` > 0 samples the order instead of sorting. Holes in the prompt are eligible from the
     first block on. A row whose EOS is committed with nothing masked before it is finished: the rest becomes EOS.
 
-    `model_fn(canvas, attention_mask)` returns logits for every canvas position. `window_fn(canvas,
-    attention_mask, lo, hi, refresh)` replaces it when given and returns only the predictions for the tokens at
-    positions [lo, hi) (shift already applied), the span that can change in the current block: from the block
-    start (or the first hole in the prompt) to the block end. `refresh` is True on the first pass of each block
-    and the span is fixed until the next one, which is what a once-per-block KV cache needs.
+    `denoiser` is a `Denoiser`, or a plain `model_fn(canvas, attention_mask)` returning logits for every canvas
+    position (run as a `FunctionDenoiser`, shift applied there).
     """
+    n, block_length = max_new_tokens, block_length or max_new_tokens
+    check_sampling_options(max_new_tokens=n, steps=steps, block_length=block_length, remasking=remasking,
+                           schedule=schedule, threshold=threshold, temperature=temperature,
+                           order_temperature=order_temperature, top_k=top_k, top_p=top_p,
+                           min_new_tokens=min_new_tokens)
+    _check_prompt(input_ids, attention_mask, mask_token_id=mask_token_id, shift=shift, max_new_tokens=n,
+                  max_positions=max_positions)
+    if not isinstance(denoiser, Denoiser):
+        denoiser = FunctionDenoiser(denoiser, shift)
     batch, prompt_len = input_ids.shape
-    n = max_new_tokens
-    block_length = block_length or n
-    if n < 0:
-        raise SamplingError(f"max_new_tokens must be 0 or more, got {n}")
-    if n == 0 and not _holes(input_ids, mask_token_id, attention_mask).any():
-        raise SamplingError("nothing to decode: max_new_tokens is 0 and the prompt has no mask tokens (holes); "
-                            "ask for new tokens, or mark holes to infill")
-    if steps < 1:
-        raise SamplingError(f"steps must be at least 1, got {steps}")
-    if n > 0 and block_length < 1:
-        raise SamplingError(f"block_length must be at least 1, got {block_length}")
-    for name, value, ok, allowed in (
-        ("temperature", temperature, temperature >= 0, ">= 0 (0: greedy)"),
-        ("order_temperature", order_temperature, order_temperature >= 0, ">= 0 (0: ranked order)"),
-        ("top_k", top_k, top_k is None or top_k >= 1, ">= 1, or unset"),
-        ("top_p", top_p, top_p is None or 0 < top_p <= 1, "in (0, 1], or unset"),
-        ("min_new_tokens", min_new_tokens, min_new_tokens >= 0, ">= 0"),
-    ):
-        if not ok:
-            raise SamplingError(f"{name} must be {allowed}, got {value}")
-    if remasking not in REMASKING:
-        raise SamplingError(f"remasking must be one of {REMASKING}, got {remasking!r}")
-    if schedule not in SCHEDULES:
-        raise SamplingError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-    if threshold is not None and not 0.0 < threshold <= 1.0:
-        raise SamplingError(f"threshold must be in (0, 1], got {threshold}")
-    if mask_token_id is None:
-        raise SamplingError("the model has no mask token (config.mask_token_id); convert it with dlm-adapt convert")
-    if n > 0 and n % block_length:
-        raise SamplingError(f"max_new_tokens ({n}) must be a multiple of block_length ({block_length})")
-    blocks = max(1, n // block_length) if n else 1
-    if steps % blocks:
-        raise SamplingError(f"steps ({steps}) must be a multiple of the number of blocks ({blocks} = "
-                            f"max_new_tokens / block_length)")
-    if max_positions is not None and prompt_len + n > max_positions:
-        raise SamplingError(f"prompt ({prompt_len}) + max_new_tokens ({n}) exceeds the model's {max_positions} positions")
-    if shift and prompt_len == 0:
-        raise SamplingError("this model uses shift: the prompt needs at least one token (e.g. BOS)")
-    if shift and ((input_ids[:, :1] == mask_token_id) & (attention_mask[:, :1].bool() if attention_mask is not None
-                                                         else True)).any():
-        raise SamplingError("with shift, the first prompt token cannot be a hole (nothing predicts it)")
+    blocks = semi_autoregressive_blocks(prompt_len, n, block_length)
+    commit = ScheduleCommit(steps // len(blocks), schedule) if threshold is None else ThresholdCommit(threshold)
+    choose = TokenRule(mask_token_id, temperature, top_k, top_p, eos_token_id,
+                       (prompt_len, prompt_len + min_new_tokens), generator)
+    rank = Ranking(SCORES[remasking], order_temperature, generator)
 
-    device = input_ids.device
     canvas = torch.cat([input_ids, input_ids.new_full((batch, n), mask_token_id)], dim=1)
     if attention_mask is not None:
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones((batch, n))], dim=1)
-        real = attention_mask.bool()
-    else:
-        real = torch.ones_like(canvas, dtype=torch.bool)
-    position = torch.arange(canvas.shape[1], device=device)
-    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    real = attention_mask.bool() if attention_mask is not None else torch.ones_like(canvas, dtype=torch.bool)
+    position = torch.arange(canvas.shape[1], device=canvas.device)
+    done = torch.zeros(batch, dtype=torch.bool, device=canvas.device)
     out = SamplingOutput(sequences=canvas, nfe=0, history=[] if return_history else None,
-                         row_nfe=torch.zeros(batch, dtype=torch.long, device=device),
-                         row_committed=torch.zeros(batch, dtype=torch.long, device=device))
-    steps_per_block = steps // blocks
+                         row_nfe=torch.zeros_like(done, dtype=torch.long),
+                         row_committed=torch.zeros_like(done, dtype=torch.long))
 
-    for b in range(blocks):
-        block_end = prompt_len + (b + 1) * block_length if n else prompt_len
-        eligible_region = (position[None] < block_end) & real & ~done[:, None]
-        masked = (canvas == mask_token_id) & eligible_region
-        counts = masked.sum(1)
-        plan = torch.stack([torch.tensor(commit_schedule(int(c), steps_per_block, schedule)) for c in counts]).to(device)
-        # everything after this block's span is fixed for the block: compute and sort only inside it
-        lo = min([prompt_len + b * block_length] + masked.any(0).nonzero()[:1, 0].tolist())
-        span = slice(lo, block_end)
-        for s in range(steps_per_block if threshold is None else int(counts.max())):
-            masked = (canvas[:, span] == mask_token_id) & eligible_region[:, span] & ~done[:, None]
+    for start, end in blocks:
+        eligible = (position[None] < end) & real & ~done[:, None]
+        masked = (canvas == mask_token_id) & eligible
+        lo = min([start] + masked.any(0).nonzero()[:1, 0].tolist())  # reach back to holes still masked
+        span = slice(lo, end)  # everything outside is fixed for the block: predict and rank only inside
+        for step in range(commit.passes(masked.sum(1))):
+            masked = (canvas[:, span] == mask_token_id) & eligible[:, span]
             if not masked.any():
                 break
-            if window_fn is not None:
-                logits = window_fn(canvas, attention_mask, lo, block_end, s == 0)
-            else:  # with shift the logit at i-1 predicts the token at i
-                logits = model_fn(canvas, attention_mask)[:, lo - int(shift):block_end - int(shift)]
-            out.nfe += 1
-            out.row_nfe += masked.any(1)
-            logits = logits.double()
-            logits[..., mask_token_id] = -math.inf
-            if eos_token_id is not None and min_new_tokens > 0:
-                early = (position[span] >= prompt_len) & (position[span] < prompt_len + min_new_tokens)
-                logits[:, early, eos_token_id] = -math.inf
-            probs = logits.softmax(-1)  # confidences come from the model's distribution, not the filtered one
-            if temperature > 0:
-                filtered = _filter(logits, top_k, top_p)
-                u = torch.rand(logits.shape, dtype=torch.float64, device=device, generator=generator)
-                tokens = (filtered / temperature - torch.log(-torch.log(u.clamp_min(1e-300)))).argmax(-1)
-            else:
-                tokens = logits.argmax(-1)
-            p_token = probs.gather(-1, tokens[..., None])[..., 0]
-            if remasking == "low_confidence":
-                score = p_token
-            elif remasking == "margin":
-                top2 = probs.topk(2, dim=-1).values
-                score = top2[..., 0] - top2[..., 1]
-            elif remasking == "entropy":
-                score = (probs * probs.clamp_min(1e-300).log()).sum(-1)  # −entropy
-            else:
-                score = torch.rand(p_token.shape, dtype=torch.float64, device=device, generator=generator)
-            if order_temperature > 0:
-                g = torch.rand(score.shape, dtype=torch.float64, device=device, generator=generator)
-                score = score / order_temperature - torch.log(-torch.log(g.clamp_min(1e-300)))
-            score = score.masked_fill(~masked, -math.inf)
-            ranks = score.argsort(dim=1, descending=True).argsort(dim=1)
-            if threshold is None:
-                commit = masked & (ranks < plan[:, s, None])
-            else:
-                commit = masked & ((ranks == 0) | (p_token >= threshold))
-            canvas[:, span] = torch.where(commit, tokens, canvas[:, span])
-            out.committed_per_step.append(int(commit.sum()))
-            out.row_committed += commit.sum(1)
-            if return_history:
-                out.history.append(canvas.clone())
+            tokens, probs, p_token = choose(denoiser(canvas, attention_mask, lo, end), position[span])
+            chosen = commit(step, masked, rank(probs, p_token, masked), p_token)
+            canvas[:, span] = torch.where(chosen, tokens, canvas[:, span])
+            out.record(masked, chosen, canvas)
         if eos_token_id is not None and n:
             done = _finish_rows(canvas, prompt_len, eos_token_id, mask_token_id, done)
             if done.all():
                 break
-    out.sequences = canvas
     return out
 
 
