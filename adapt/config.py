@@ -8,12 +8,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import torch
 import yaml
 
 from .errors import AdaptError
-from .masks import AnnealConfig
+from .annealing import AnnealConfig
 from .objective import ObjectiveConfig
 from .ranges import FieldError, check_ranges
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass

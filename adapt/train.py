@@ -14,20 +14,17 @@ import torch
 from transformers import AutoTokenizer, PreTrainedConfig, get_scheduler
 
 from . import checkpointing, outputs
-from .config import SFTConfig, SFTDataConfig, TrainConfig, to_dict
+from .config import DTYPES, SFTConfig, SFTDataConfig, TrainConfig, to_dict
 from .convert import convert
 from .data import BlockLoader, build_datasets, split_batch
 from .errors import AdaptError
 from .evaluate import diffusion_elbo
 from .hub import hub_access
 from .loading import load_model
-from .masks import annealed_attention_mask, check_annealing_supported, mask_ratio
+from .annealing import annealed_attention_mask, check_annealing_supported, mask_ratio
 from .model import MaskedDiffusionConfig, MaskedDiffusionLM
 from .objective import diffusion_loss, noised_batch
 from .sft_data import build_sft_datasets
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 def is_diffusion_checkpoint(path: str) -> bool:
     try:
