@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .batch import Batch, as_batch
 from .config import DataConfig
 from .data import load_documents, pack
 from .errors import AdaptError
@@ -29,12 +30,12 @@ DIFFUSION, AUTOREGRESSIVE = "diffusion", "autoregressive"
 # --------------------------------------------------------------------------------------------- likelihood
 
 @torch.no_grad()
-def diffusion_elbo(model, blocks: torch.Tensor, *, mc_samples: int = 16, batch_size: int = 16,
+def diffusion_elbo(model, blocks: "torch.Tensor | Batch", *, mc_samples: int = 16, batch_size: int = 16,
                    seed: int = 0) -> dict:
     """Monte-Carlo ELBO (an upper bound on the NLL) in nats per scored token.
 
-    `blocks` are packed text (rows, L), scored on tokens 1..L−1 with token 0 as context, or SFT rows
-    (rows, 3, L) from `sft_data` (ids, maskable, attention), scored on their answer tokens only.
+    `blocks` are packed text, a (rows, L) tensor of token ids, scored on tokens 1..L−1 with token 0 as context;
+    or an `adapt.batch.Batch`, scored on its maskable tokens (SFT rows: the answer tokens only) from 1 on.
 
     Each draw picks a number of masked tokens l uniform on 1..N (N = the row's scored tokens), masks a uniform
     subset of that size and scores (1/l)·Σ CE over it. This is the continuous-time 1/t ELBO with t integrated out
@@ -52,13 +53,13 @@ def diffusion_elbo(model, blocks: torch.Tensor, *, mc_samples: int = 16, batch_s
     mask_id, shift = getattr(config, "mask_token_id", None), bool(getattr(config, "shift", False))
     if mask_id is None:
         raise AdaptError("the model has no mask_token_id: not a diffusion model")
-    if blocks.dim() == 3:
-        ids, scorable, attention = blocks[:, 0], blocks[:, 1].bool(), blocks[:, 2]  # .bool() copies
-        scorable[:, 0] = False  # nothing predicts position 0 under shift; it is prompt anyway
-    else:
-        ids, attention = blocks, None
-        scorable = torch.ones_like(blocks, dtype=torch.bool)
-        scorable[:, 0] = False
+    try:
+        batch = as_batch(blocks)
+    except TypeError as e:
+        raise AdaptError(f"diffusion_elbo: {e}") from None
+    ids, attention = batch.input_ids, batch.attention_mask
+    scorable = (torch.ones_like(ids, dtype=torch.bool) if batch.maskable is None else batch.maskable.clone())
+    scorable[:, 0] = False  # nothing predicts position 0 under shift (and for SFT it is prompt anyway)
     n_blocks, length = ids.shape
     if length < 2:
         raise AdaptError("blocks need at least 2 tokens (the first is context)")

@@ -16,12 +16,13 @@ from transformers import AutoTokenizer, PreTrainedConfig, get_scheduler
 from . import checkpointing, outputs
 from .config import DTYPES, SFTConfig, SFTDataConfig, TrainConfig, to_dict
 from .convert import convert
-from .data import BlockLoader, build_datasets, split_batch
+from .data import BlockLoader, build_datasets
 from .errors import AdaptError
 from .evaluate import diffusion_elbo
 from .hub import hub_access
 from .loading import load_model
 from .annealing import annealed_attention_mask, check_annealing_supported, mask_ratio
+from .batch import Batch
 from .model import MaskedDiffusionConfig, MaskedDiffusionLM
 from .objective import diffusion_loss, noised_batch
 from .sft_data import build_sft_datasets
@@ -192,7 +193,7 @@ def train(cfg: TrainConfig) -> Path | None:
         ratio = mask_ratio(step, cfg.anneal)
         started, loss_sum, seen = time.perf_counter(), 0.0, 0
         for micro in range(ga):
-            x0, maskable, padding = split_batch(loader.next().to(accelerator.device))
+            x0, maskable, padding = loader.next().to(accelerator.device).split()
             x_t, x0_, masked, maskable, t = noised_batch(x0, maskable, cfg.objective, mask_id, shift, noise, rows,
                                                          global_batch)
             padding = padding.repeat(x_t.shape[0] // padding.shape[0], 1)  # complementary masks double the batch
@@ -374,13 +375,15 @@ def _truncate_metrics(path: Path, step: int):
 
 
 @torch.no_grad()
-def _write_samples(dlm, tokenizer, val_blocks, path: Path, step: int, bar, prompt_len: int = 8, new: int = 24):
+def _write_samples(dlm, tokenizer, val_blocks: Batch, path: Path, step: int, bar, prompt_len: int = 8, new: int = 24):
     """A few decodes into samples.log: continuations of validation text, or answers to validation prompts."""
     device = next(dlm.parameters()).device
-    if val_blocks.dim() == 3:  # SFT: each sample's prompt is everything before its first answer token
-        prompts = [row[0, : int(row[1].nonzero()[0])] for row in val_blocks[:2] if row[1].any()]
+    rows = val_blocks[:2]
+    if rows.maskable is not None:  # SFT: each sample's prompt is everything before its first answer token
+        prompts = [ids[: int(trained.nonzero()[0])] for ids, trained in zip(rows.input_ids, rows.maskable)
+                   if trained.any()]
     else:
-        prompts = list(val_blocks[:2, :prompt_len])
+        prompts = list(rows.input_ids[:, :prompt_len])
     was_training = dlm.training
     dlm.eval()
     texts = []
