@@ -82,7 +82,7 @@ def test_every_trainable_parameter_changes(setup, tmp_path, method):
     torch.manual_seed(cfg.train.seed)
     from adapt.train import load_for_training
 
-    initial, _ = load_for_training(cfg, str(setup / "dlm"))
+    initial = load_for_training(cfg, str(setup / "dlm"))
     before = {n: p.detach().clone() for n, p in initial.named_parameters() if p.requires_grad}
     adapt.train(cfg)
     after = load_file(out / "checkpoints" / "step-00000003" / "trainable.safetensors")
