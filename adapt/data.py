@@ -148,8 +148,8 @@ def load_documents(spec: str, cfg: DataConfig) -> list[str]:
     return [t for t in ds[cfg.text_column] if t and t.strip()]
 
 
-def pack(documents: list[str], tokenizer, block_length: int, what: str, max_blocks: int | None = None) -> torch.Tensor:
-    """(N, block_length) LongTensor: documents tokenised, joined with EOS, cut into full blocks; with
+def pack(documents: list[str], tokenizer, seq_length: int, what: str, max_blocks: int | None = None) -> torch.Tensor:
+    """(N, seq_length) LongTensor: documents tokenised, joined with EOS, cut into full blocks; with
     `max_blocks`, the first max_blocks blocks (tokenising no more documents than they need)."""
     eos = tokenizer.eos_token_id
     if eos is None:
@@ -157,18 +157,18 @@ def pack(documents: list[str], tokenizer, block_length: int, what: str, max_bloc
     stream = []
     chunk = 1000 if max_blocks is None else 64
     for start in range(0, len(documents), chunk):
-        if max_blocks is not None and len(stream) >= max_blocks * block_length:
+        if max_blocks is not None and len(stream) >= max_blocks * seq_length:
             break
         for ids in tokenizer(documents[start:start + chunk], add_special_tokens=False)["input_ids"]:
             stream.extend(ids)
             stream.append(eos)
-    n = len(stream) // block_length
+    n = len(stream) // seq_length
     if max_blocks is not None:
         n = min(n, max_blocks)
     if n == 0:
-        raise AdaptError(f"{what} data yields no full block of {block_length} tokens ({len(stream)} tokens in "
-                         f"{len(documents)} documents); add data or lower data.block_length")
-    return torch.tensor(stream[: n * block_length], dtype=torch.long).view(n, block_length)
+        raise AdaptError(f"{what} data yields no full block of {seq_length} tokens ({len(stream)} tokens in "
+                         f"{len(documents)} documents); add data or lower data.seq_length")
+    return torch.tensor(stream[: n * seq_length], dtype=torch.long).view(n, seq_length)
 
 
 def hold_out(items: list, fraction: float, seed: int, spec: str, unit: str) -> tuple[list, list]:
@@ -182,11 +182,11 @@ def hold_out(items: list, fraction: float, seed: int, spec: str, unit: str) -> t
 
 
 def build_datasets(cfg: DataConfig, tokenizer, max_positions: int | None, seed: int) -> tuple[Batch, Batch]:
-    """(train, validation) packed sequences of `cfg.block_length` tokens."""
+    """(train, validation) packed sequences of `cfg.seq_length` tokens."""
     if not cfg.train:
         raise AdaptError("data.train is not set")
-    if max_positions is not None and cfg.block_length > max_positions:
-        raise AdaptError(f"data.block_length {cfg.block_length} exceeds the model's {max_positions} positions")
+    if max_positions is not None and cfg.seq_length > max_positions:
+        raise AdaptError(f"data.seq_length {cfg.seq_length} exceeds the model's {max_positions} positions")
     check_data_files(cfg.validation)  # before the training data loads: a bad file is the first thing said
     docs = load_documents(cfg.train, cfg)
     if not docs:
@@ -195,8 +195,8 @@ def build_datasets(cfg: DataConfig, tokenizer, max_positions: int | None, seed: 
         val_docs = load_documents(cfg.validation, cfg)
     else:
         docs, val_docs = hold_out(docs, cfg.validation_fraction, seed, cfg.train, "documents")
-    return (Batch(pack(docs, tokenizer, cfg.block_length, "training")),
-            Batch(pack(val_docs, tokenizer, cfg.block_length, "validation")))
+    return (Batch(pack(docs, tokenizer, cfg.seq_length, "training")),
+            Batch(pack(val_docs, tokenizer, cfg.seq_length, "validation")))
 
 
 class BlockLoader:

@@ -4,12 +4,13 @@ diffusion checkpoint, and the same harness for a plain causal LM (its exact NLL,
 Comparability rule: text becomes the same packed blocks (`adapt.data.pack`) for either kind of model, and the
 first token of every block is context that is never scored. With shift nothing predicts it, and a causal model
 has nothing to predict it from; so an ELBO and an AR NLL on the same data score the same
-blocks × (block_length − 1) tokens, each given the same block-local information.
+blocks × (seq_length − 1) tokens, each given the same block-local information.
 """
 
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -155,7 +156,7 @@ def infill(model, blocks: torch.Tensor, *, span: int | None = None, examples: in
     length = x.shape[1]
     span = span if span is not None else max(1, length // 4)
     if not 1 <= span <= length - 2:
-        raise AdaptError(f"infill span must be between 1 and block_length − 2 ({length - 2}), got {span}")
+        raise AdaptError(f"infill span must be between 1 and seq_length − 2 ({length - 2}), got {span}")
     start = (length - span) // 2
     device = _device(model)
     filled = []
@@ -311,29 +312,37 @@ def _check_device(device: str):
 
 
 def evaluate(model, data: str, *, metrics=("elbo",), tokenizer=None, ar_parent=None, mc_samples: int = 16,
-             block_length: int = 128, num_blocks: int = 64, batch_size: int = 16, seed: int = 0,
+             seq_length: int = 128, num_blocks: int = 64, batch_size: int = 16, seed: int = 0,
              device: str | None = None, text_column: str = "text", sample_by: str = "paragraph",
              split: str = "validation", hub_config: str | None = None, infill_span: int | None = None,
              infill_examples: int = 16, sweep_length: int = 16, sweep_steps: list[int] | None = None,
-             sweep_examples: int = 32, plot: str | Path | None = None) -> dict:
+             sweep_examples: int = 32, plot: str | Path | None = None, block_length: int | None = None) -> dict:
     """Evaluate a diffusion checkpoint or a causal LM on held-out text; returns the dict `dlm-adapt eval` writes
     as JSON.
 
     `model`: a dlm-adapt checkpoint, a Hugging Face causal LM directory, a `.gguf` file, a Hub id, or a loaded
     model (then pass `tokenizer`). `data`: a .txt file (documents as `sample_by` says), .json/.jsonl/.parquet with
     `text_column`, comma-separated files, or a Hub dataset (`split`, `hub_config`). The text is packed into
-    blocks of `block_length` tokens and the first `num_blocks` are used. `metrics`: any of `elbo`, `infill`,
+    blocks of `seq_length` tokens (`block_length`: its deprecated name) and the first `num_blocks` are used.
+    `metrics`: any of `elbo`, `infill`,
     `steps_sweep` (a list or a comma-separated string). `ar_parent`: causal LM (path or loaded) that scores
     generated text; default the diffusion model's `provenance.source` when it loads from local files.
     `plot`: PNG of the steps sweep."""
+    if block_length is not None:
+        if seq_length != 128 and seq_length != block_length:
+            raise AdaptError("evaluate got both seq_length and block_length; pass only seq_length (block_length is "
+                             "its deprecated name)")
+        warnings.warn("evaluate(block_length=) is deprecated: use seq_length= (the packing length; block_length "
+                      "names the decoding block)", FutureWarning, stacklevel=2)
+        seq_length = block_length
     metrics = parse_metrics(metrics)
-    for name, value in {"mc_samples": mc_samples, "block_length": block_length, "num_blocks": num_blocks,
+    for name, value in {"mc_samples": mc_samples, "seq_length": seq_length, "num_blocks": num_blocks,
                         "batch_size": batch_size, "infill_examples": infill_examples, "sweep_length": sweep_length,
                         "sweep_examples": sweep_examples}.items():
         if value < 1:
             raise AdaptError(f"{name} must be at least 1, got {value}")
-    if block_length < 2:
-        raise AdaptError("block_length must be at least 2 (the first token of a block is context)")
+    if seq_length < 2:
+        raise AdaptError("seq_length must be at least 2 (the first token of a block is context)")
     if plot is not None and "steps_sweep" not in metrics:
         raise AdaptError("--plot draws the steps sweep: add steps_sweep to --metrics")
     if device is not None:
@@ -352,11 +361,12 @@ def evaluate(model, data: str, *, metrics=("elbo",), tokenizer=None, ar_parent=N
         model.to(device)
     kind = _kind(model)
     limit = _max_positions(model)
-    if limit is not None and block_length > limit:
-        raise AdaptError(f"block_length {block_length} exceeds the model's {limit} positions")
-    blocks = pack(documents, tokenizer, block_length, "evaluation", max_blocks=num_blocks)
+    if limit is not None and seq_length > limit:
+        raise AdaptError(f"seq_length {seq_length} exceeds the model's {limit} positions")
+    blocks = pack(documents, tokenizer, seq_length, "evaluation", max_blocks=num_blocks)
 
-    result = {"model": name, "kind": kind, "data": str(data), "block_length": block_length,
+    # the result keeps its key "block_length": scripts read it, and it is the same packing length
+    result = {"model": name, "kind": kind, "data": str(data), "block_length": seq_length,
               "blocks": blocks.shape[0], "seed": seed, "metrics": list(metrics)}
     scorer, scorer_name = None, None
     if "infill" in metrics or "steps_sweep" in metrics:
@@ -371,7 +381,7 @@ def evaluate(model, data: str, *, metrics=("elbo",), tokenizer=None, ar_parent=N
         if "steps_sweep" in metrics:
             result["steps_sweep"] = steps_sweep(model, blocks, tokenizer, length=sweep_length, steps=sweep_steps,
                                                 examples=sweep_examples, batch_size=batch_size, seed=seed,
-                                                prompt_tokens=min(16, block_length // 2), ar_scorer=scorer,
+                                                prompt_tokens=min(16, seq_length // 2), ar_scorer=scorer,
                                                 ar_name=scorer_name)
     except SamplingError as e:
         raise AdaptError(str(e)) from e

@@ -607,7 +607,8 @@ def _training_section(plan: _Plan) -> list[str]:
     steps = max([m.get("step", 0) for m in plan.metrics] + [0]) or recipe.get("max_steps")
     sft = "max_length" in data  # `dlm-adapt sft` records a canvas length instead of a packing block length
     batch, ga = train.get("batch_size"), train.get("gradient_accumulation_steps", 1)
-    length = data.get("max_length") if sft else data.get("block_length")
+    # runs of dlm-adapt 0.2.0 and earlier recorded the packing length as block_length
+    length = data.get("max_length") if sft else data.get("seq_length", data.get("block_length"))
     method = train.get("method", "full")
     if method == "full":
         how = "full fine-tuning"
