@@ -99,11 +99,8 @@ def test_matches_the_llada_reference_on_a_tiny_model(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sampling")
-    save_tiny_source(root / "src", "llama")
-    adapt.convert(root / "src", root / "dlm")
-    return adapt.load(root / "dlm")
+def tiny(converted):
+    return adapt.load(converted("llama")[1])
 
 
 def test_forward_counts_and_determinism(tiny):

@@ -4,6 +4,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ from adapt.batch import Batch
 from adapt.sft_data import build_sft_datasets, encode, tokenize_conversation
 from adapt.evaluate import diffusion_elbo
 from conftest import require_shared
-from tiny_models import save_tiny_source, tiny_tokenizer
+from tiny_models import tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 # a template in the tiny tokenizer's vocabulary: w2 opens a user turn, w1 an assistant turn, w3 a system turn
@@ -128,10 +129,11 @@ def test_one_sample_cannot_change_another_samples_logits(converted, tok):
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, converted):
     root = tmp_path_factory.mktemp("sft")
-    save_tiny_source(root / "causal", "llama")
-    adapt.convert(root / "causal", root / "dlm")
+    source, dlm = converted("llama")  # copies: this module rewrites the tokenizer, other modules share the fixture
+    shutil.copytree(source, root / "causal")
+    shutil.copytree(dlm, root / "dlm")
     tokenizer = tiny_tokenizer()
     tokenizer.chat_template = TEMPLATE
     tokenizer.save_pretrained(root / "dlm")  # a tokenizer that has a chat template of its own

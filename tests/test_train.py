@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,14 +17,14 @@ from safetensors.torch import load_file
 import adapt
 from adapt import AdaptError, checkpointing
 from adapt.config import load_config
-from tiny_models import save_tiny_source
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, converted):
     root = tmp_path_factory.mktemp("train")
-    save_tiny_source(root / "causal", "llama")
-    adapt.convert(root / "causal", root / "dlm")
+    source, dlm = converted("llama")  # copies: no test here can change what other modules share
+    shutil.copytree(source, root / "causal")
+    shutil.copytree(dlm, root / "dlm")
     rng = random.Random(0)
     # documents with learnable structure: runs of consecutive words
     docs = []
