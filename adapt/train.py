@@ -31,8 +31,8 @@ from .hub import hub_access
 from .objective import diffusion_loss, noised_batch
 from .run_dir import check_output, diverged, model_settings, resume_path, truncate_metrics
 from .sft_data import build_sft_datasets
-from .train_model import (diffusion_model, is_diffusion_checkpoint, load_for_training, param_groups,  # noqa: F401
-                          save_final, source_tokenizer)
+from .train_model import (diffusion_model, is_diffusion_checkpoint, load_for_training, param_groups, save_final,
+                          source_tokenizer)
 
 
 def sft(cfg: SFTConfig) -> Path | None:

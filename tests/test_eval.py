@@ -320,8 +320,9 @@ def test_bad_input_is_one_clear_error(converted, tmp_path, capsys, case):
 
 
 def test_block_length_flag_and_keyword_are_deprecated_names_of_seq_length(monkeypatch, capsys):
-    import adapt.evaluate as evaluate_module
+    import importlib
 
+    evaluate_module = importlib.import_module("adapt.evaluate")  # `adapt.evaluate` itself names the function
     seen = {}
     monkeypatch.setattr(evaluate_module, "evaluate", lambda model, data, **kw: seen.update(kw) or {"ok": 1})
     assert main(["eval", "m", "--data", "d.txt", "--block-length", "32"]) == 0

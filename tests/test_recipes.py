@@ -38,10 +38,12 @@ def stand_in(model_path: str) -> str:
 
 @pytest.fixture(autouse=True)
 def fresh_accelerate_state():
-    # one process runs recipes of different mixed precision; Accelerate keeps the first one's for the process
-    yield
+    # one process runs recipes of different mixed precision (and other test files before them); Accelerate keeps
+    # the first Accelerator's for the whole process unless its state is reset
     from accelerate.state import AcceleratorState
 
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
