@@ -15,10 +15,6 @@ from .errors import AdaptError
 @dataclass(frozen=True)
 class Architecture:
     family: str
-    #: layers may use sliding-window attention (bidirectional conversion keeps the window, both sides)
-    sliding_window: bool = False
-    #: mixture-of-experts MLPs
-    moe: bool = False
     #: the decoder accepts a dict {layer type: mask} (models with `config.layer_types`); the others take one
     #: prebuilt 4-D mask for all layers, sliding if `config.sliding_window` is set
     layer_type_masks: bool = False
@@ -26,13 +22,13 @@ class Architecture:
 
 ARCHITECTURES: dict[str, Architecture] = {
     "llama": Architecture("LLaMA 2/3, SmolLM, TinyLlama"),
-    "mistral": Architecture("Mistral", sliding_window=True),
-    "qwen2": Architecture("Qwen2 / Qwen2.5", sliding_window=True, layer_type_masks=True),
-    "qwen3": Architecture("Qwen3", sliding_window=True, layer_type_masks=True),
-    "qwen3_moe": Architecture("Qwen3-MoE", sliding_window=True, moe=True),
-    "gemma2": Architecture("Gemma 2", sliding_window=True, layer_type_masks=True),
-    "gemma3_text": Architecture("Gemma 3 (text)", sliding_window=True, layer_type_masks=True),
-    "phi3": Architecture("Phi-3", sliding_window=True),
+    "mistral": Architecture("Mistral"),
+    "qwen2": Architecture("Qwen2 / Qwen2.5", layer_type_masks=True),
+    "qwen3": Architecture("Qwen3", layer_type_masks=True),
+    "qwen3_moe": Architecture("Qwen3-MoE"),
+    "gemma2": Architecture("Gemma 2", layer_type_masks=True),
+    "gemma3_text": Architecture("Gemma 3 (text)", layer_type_masks=True),
+    "phi3": Architecture("Phi-3"),
     "gpt2": Architecture("GPT-2"),
     "olmo2": Architecture("OLMo 2"),
 }

@@ -315,7 +315,7 @@ def _training_section(plan: "Plan") -> list[str]:
     steps = max([m.get("step", 0) for m in plan.metrics] + [0]) or cfg.max_steps
     sft = isinstance(cfg, SFTConfig)
     batch, ga = train.batch_size, train.gradient_accumulation_steps
-    length = data.max_length if sft else data.block_length
+    length = data.max_length if sft else data.seq_length
     if train.method == "full":
         how = "full fine-tuning"
     else:

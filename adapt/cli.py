@@ -88,10 +88,16 @@ def _eval(args):
             steps = [int(s) for s in args.sweep_steps.split(",") if s.strip()]
         except ValueError:
             raise AdaptError(f"--sweep-steps takes comma-separated integers, got {args.sweep_steps!r}") from None
+    seq_length = 128 if args.seq_length is None else args.seq_length
+    if args.block_length is not None:  # its old name, kept for one release
+        if args.seq_length is not None:
+            raise AdaptError("--block-length is the deprecated name of --seq-length; give only --seq-length")
+        print("dlm-adapt: warning: --block-length is deprecated, use --seq-length", file=sys.stderr)
+        seq_length = args.block_length
     if args.json:
         check_writable(args.json)  # before minutes of evaluation, not after
     result = evaluate(args.model, args.data, metrics=args.metrics, ar_parent=args.ar_parent,
-                      mc_samples=args.mc_samples, block_length=args.block_length, num_blocks=args.num_blocks,
+                      mc_samples=args.mc_samples, seq_length=seq_length, num_blocks=args.num_blocks,
                       batch_size=args.batch_size, seed=args.seed, device=args.device, text_column=args.text_column,
                       sample_by=args.sample_by, split=args.split, hub_config=args.hub_config,
                       infill_span=args.infill_span, infill_examples=args.infill_examples,
@@ -114,7 +120,8 @@ def _add_eval_parser(sub):
     p.add_argument("--mc-samples", type=int, default=16, help="Monte-Carlo draws per block for the ELBO (default: 16)")
     p.add_argument("--ar-parent", help="causal LM that scores generated text (default: the checkpoint's "
                                        "provenance.source, if it loads from local files)")
-    p.add_argument("--block-length", type=int, default=128, help="tokens per packed block (default: 128)")
+    p.add_argument("--seq-length", type=int, help="tokens per packed block (default: 128)")
+    p.add_argument("--block-length", type=int, help="deprecated name of --seq-length")
     p.add_argument("--num-blocks", type=int, default=64, help="blocks evaluated, from the start of the data (default: 64)")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass (default: 16)")
     p.add_argument("--seed", type=int, default=0)

@@ -2,18 +2,24 @@
 overrides. An unknown key or a value of the wrong type is an error that names the key."""
 
 import dataclasses
+import json
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import torch
 import yaml
 
 from .errors import AdaptError
-from .masks import AnnealConfig
+from .annealing import AnnealConfig
 from .objective import ObjectiveConfig
 from .ranges import FieldError, check_ranges
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -44,12 +50,13 @@ class DataConfig:
     text_column: str = "text"
     sample_by: Literal["line", "paragraph", "document"] = "paragraph"
     """How a .txt file splits into documents (blank-line-separated paragraphs by default)."""
-    block_length: int = 256
-    """Tokens per packed training block (documents joined with EOS in between)."""
+    seq_length: int = 256
+    """Tokens per packed training sequence (documents joined with EOS in between). Was `block_length`, a name
+    now kept for the decoding block; the old key still loads, with a warning, for one release."""
     max_eval_blocks: int = 64
 
     def __post_init__(self):
-        check_ranges(self, {"validation_fraction": "[0, 1)", "block_length": "[2, inf)",
+        check_ranges(self, {"validation_fraction": "[0, 1)", "seq_length": "[2, inf)",
                             "max_eval_blocks": "[1, inf)"})
 
 
@@ -210,10 +217,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), cls=T
         if kind != cls.__name__:
             raise AdaptError(f"config file {path} records a {kind} run, not a {cls.__name__} one (`dlm-adapt train` "
                              "takes TrainConfig, `dlm-adapt sft` SFTConfig)")
+        _rename_deprecated(data, cls, f"config file {path}")
+    renamed = {}
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise AdaptError(f"override {item!r} is not of the form dotted.key=value")
+        key = _renamed_override(key, cls, renamed)
         node = data
         *parents, leaf = key.split(".")
         for p in parents:
@@ -227,6 +237,55 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), cls=T
             raise AdaptError(f"override {item!r}: the value is not valid YAML ({problem}); fix it, or quote a "
                              "literal string") from e
     return from_dict(cls, data)
+
+
+# old dotted key -> new one, for keys renamed in this release; the old name loads with a warning until the next
+DEPRECATED_KEYS = {"data.block_length": "data.seq_length"}
+
+
+def _deprecated_keys(cls) -> dict[str, str]:
+    """The renames that apply to `cls` (SFT data never had a block_length, so there it stays an unknown key)."""
+    found = {}
+    for old, new in DEPRECATED_KEYS.items():
+        section, leaf = new.split(".")
+        hint = typing.get_type_hints(cls).get(section)
+        if hint is not None and dataclasses.is_dataclass(hint) and leaf in {f.name for f in dataclasses.fields(hint)}:
+            found[old] = new
+    return found
+
+
+def _warn_renamed(old: str, new: str):
+    print(f"dlm-adapt: warning: {old} is deprecated, use {new} (the old name goes in the next release)",
+          file=sys.stderr)
+
+
+def _rename_deprecated(data: dict, cls, where: str, warn: bool = True):
+    for old, new in _deprecated_keys(cls).items():
+        section, old_leaf = old.split(".")
+        new_leaf = new.split(".")[1]
+        node = data.get(section)
+        if not isinstance(node, dict) or old_leaf not in node:
+            continue
+        if new_leaf in node:
+            raise AdaptError(f"{where} sets both {old} and {new}; keep only {new} ({old} is its deprecated name)")
+        if warn:
+            _warn_renamed(old, new)
+        node[new_leaf] = node.pop(old_leaf)
+
+
+def _renamed_override(key: str, cls, seen: dict) -> str:
+    """`key` under its current name; `seen` collects which of the old and new names the overrides used."""
+    renames = _deprecated_keys(cls)
+    new = renames.get(key, key)
+    if new in renames.values():
+        seen.setdefault(new, set()).add(key)
+        if len(seen[new]) > 1:
+            old = next(o for o, n in renames.items() if n == new)
+            raise AdaptError(f"the overrides set both {old} and {new}; keep only {new} ({old} is its deprecated "
+                             "name)")
+        if key != new:
+            _warn_renamed(key, new)
+    return new
 
 
 def from_dict(cls, data: dict, prefix: str = ""):
@@ -298,10 +357,11 @@ def to_dict(cfg) -> dict:
 def run_config(data: dict):
     """A run's recorded config (`to_dict`) as its dataclass. Runs recorded before `kind` existed are told apart by
     the field only SFT data has (`data.max_length`)."""
-    data = dict(data)
+    data = json.loads(json.dumps(data))  # a deep copy: deprecated keys are renamed in place
     kind = data.pop("kind", None)
     if kind is None:
         kind = SFTConfig.__name__ if "max_length" in (data.get("data") or {}) else TrainConfig.__name__
     if kind not in RUN_KINDS:
         raise AdaptError(f"unknown run kind {kind!r} (known: {', '.join(RUN_KINDS)})")
+    _rename_deprecated(data, RUN_KINDS[kind], "the run's config.json", warn=False)  # runs of 0.2.0 and earlier
     return from_dict(RUN_KINDS[kind], data)

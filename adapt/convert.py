@@ -19,6 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Genera
 from . import __version__
 from .architectures import check_architecture
 from .checkpoint import DIFFUSION, detect
+from .config import DTYPES
 from .errors import AdaptError, first_line
 from .sources import Source, resolve_source
 from .outputs import check_target, make_temp, publish, write_errors
@@ -27,7 +28,6 @@ from .safetensors_io import StoredTensor, dtype_code, read_shards, torch_dtype, 
 
 DEFAULT_MASK_TOKEN = "<|mask|>"
 PREFIX = "decoder."  # where MaskedDiffusionLM keeps the causal LM
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FLAG = "--overwrite (overwrite=True)"
 ADVICE = f"pass {FLAG} to replace it, or choose a new directory"
 DEFAULT_DECODING = {"max_new_tokens": 128, "steps": 128, "block_length": 128, "remasking": "low_confidence"}

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from .batch import Batch
 from .config import DataConfig
 from .errors import AdaptError
 
@@ -147,8 +148,8 @@ def load_documents(spec: str, cfg: DataConfig) -> list[str]:
     return [t for t in ds[cfg.text_column] if t and t.strip()]
 
 
-def pack(documents: list[str], tokenizer, block_length: int, what: str, max_blocks: int | None = None) -> torch.Tensor:
-    """(N, block_length) LongTensor: documents tokenised, joined with EOS, cut into full blocks; with
+def pack(documents: list[str], tokenizer, seq_length: int, what: str, max_blocks: int | None = None) -> torch.Tensor:
+    """(N, seq_length) LongTensor: documents tokenised, joined with EOS, cut into full blocks; with
     `max_blocks`, the first max_blocks blocks (tokenising no more documents than they need)."""
     eos = tokenizer.eos_token_id
     if eos is None:
@@ -156,26 +157,36 @@ def pack(documents: list[str], tokenizer, block_length: int, what: str, max_bloc
     stream = []
     chunk = 1000 if max_blocks is None else 64
     for start in range(0, len(documents), chunk):
-        if max_blocks is not None and len(stream) >= max_blocks * block_length:
+        if max_blocks is not None and len(stream) >= max_blocks * seq_length:
             break
         for ids in tokenizer(documents[start:start + chunk], add_special_tokens=False)["input_ids"]:
             stream.extend(ids)
             stream.append(eos)
-    n = len(stream) // block_length
+    n = len(stream) // seq_length
     if max_blocks is not None:
         n = min(n, max_blocks)
     if n == 0:
-        raise AdaptError(f"{what} data yields no full block of {block_length} tokens ({len(stream)} tokens in "
-                         f"{len(documents)} documents); add data or lower data.block_length")
-    return torch.tensor(stream[: n * block_length], dtype=torch.long).view(n, block_length)
+        raise AdaptError(f"{what} data yields no full block of {seq_length} tokens ({len(stream)} tokens in "
+                         f"{len(documents)} documents); add data or lower data.seq_length")
+    return torch.tensor(stream[: n * seq_length], dtype=torch.long).view(n, seq_length)
 
 
-def build_datasets(cfg: DataConfig, tokenizer, max_positions: int | None, seed: int):
-    """(train_blocks, validation_blocks)."""
+def hold_out(items: list, fraction: float, seed: int, spec: str, unit: str) -> tuple[list, list]:
+    """(kept, held_out): `fraction` of `items` (at least one) held out for validation, in the permutation of
+    `seed`; the kept items stay in their original order. Pretraining documents and SFT samples share it."""
+    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val = max(1, int(len(items) * fraction))
+    if n_val >= len(items):
+        raise AdaptError(f"dataset {spec} has too few {unit} ({len(items)}) to hold out validation")
+    return [items[i] for i in sorted(order[n_val:])], [items[i] for i in order[:n_val]]
+
+
+def build_datasets(cfg: DataConfig, tokenizer, max_positions: int | None, seed: int) -> tuple[Batch, Batch]:
+    """(train, validation) packed sequences of `cfg.seq_length` tokens."""
     if not cfg.train:
         raise AdaptError("data.train is not set")
-    if max_positions is not None and cfg.block_length > max_positions:
-        raise AdaptError(f"data.block_length {cfg.block_length} exceeds the model's {max_positions} positions")
+    if max_positions is not None and cfg.seq_length > max_positions:
+        raise AdaptError(f"data.seq_length {cfg.seq_length} exceeds the model's {max_positions} positions")
     check_data_files(cfg.validation)  # before the training data loads: a bad file is the first thing said
     docs = load_documents(cfg.train, cfg)
     if not docs:
@@ -183,13 +194,9 @@ def build_datasets(cfg: DataConfig, tokenizer, max_positions: int | None, seed: 
     if cfg.validation:
         val_docs = load_documents(cfg.validation, cfg)
     else:
-        order = torch.randperm(len(docs), generator=torch.Generator().manual_seed(seed)).tolist()
-        n_val = max(1, int(len(docs) * cfg.validation_fraction))
-        if n_val >= len(docs):
-            raise AdaptError(f"dataset {cfg.train} has too few documents ({len(docs)}) to hold out validation")
-        val_docs = [docs[i] for i in order[:n_val]]
-        docs = [docs[i] for i in sorted(order[n_val:])]
-    return pack(docs, tokenizer, cfg.block_length, "training"), pack(val_docs, tokenizer, cfg.block_length, "validation")
+        docs, val_docs = hold_out(docs, cfg.validation_fraction, seed, cfg.train, "documents")
+    return (Batch(pack(docs, tokenizer, cfg.seq_length, "training")),
+            Batch(pack(val_docs, tokenizer, cfg.seq_length, "validation")))
 
 
 class BlockLoader:
@@ -197,7 +204,7 @@ class BlockLoader:
     is all a checkpoint needs to continue exactly. Every process draws the same global batch and keeps its
     slice, so data order does not depend on the number of processes."""
 
-    def __init__(self, blocks: torch.Tensor, global_batch: int, seed: int, rank: int = 0, world: int = 1):
+    def __init__(self, blocks: Batch, global_batch: int, seed: int, rank: int = 0, world: int = 1):
         if global_batch > len(blocks):
             raise AdaptError(f"the global batch ({global_batch} blocks) is larger than the training set "
                              f"({len(blocks)} blocks); lower train.batch_size or add data")
@@ -212,7 +219,7 @@ class BlockLoader:
             self._order = torch.randperm(len(self.blocks), generator=g)
         return self._order
 
-    def next(self) -> torch.Tensor:
+    def next(self) -> Batch:
         """This process's slice of the next global batch."""
         if self.index + self.global_batch > len(self.blocks):  # drop the ragged end, start the next epoch
             self.epoch, self.index, self._order = self.epoch + 1, 0, None
@@ -226,13 +233,3 @@ class BlockLoader:
 
     def load_state(self, state: dict):
         self.epoch, self.index, self._order = state["epoch"], state["index"], None
-
-
-def split_batch(batch: torch.Tensor):
-    """(x0, maskable, padding) of a batch: packed blocks (rows, L) are all maskable and real; SFT rows
-    (rows, 3, L) carry their own masks, and trailing columns that are padding in every row are dropped."""
-    if batch.dim() == 2:
-        return batch, torch.ones_like(batch, dtype=torch.bool), torch.ones_like(batch)
-    x0, maskable, padding = batch.unbind(1)
-    keep = int(padding.sum(1).max())
-    return x0[:, :keep], maskable[:, :keep].bool(), padding[:, :keep]

@@ -4,17 +4,19 @@ diffusion checkpoint, and the same harness for a plain causal LM (its exact NLL,
 Comparability rule: text becomes the same packed blocks (`adapt.data.pack`) for either kind of model, and the
 first token of every block is context that is never scored. With shift nothing predicts it, and a causal model
 has nothing to predict it from; so an ELBO and an AR NLL on the same data score the same
-blocks × (block_length − 1) tokens, each given the same block-local information.
+blocks × (seq_length − 1) tokens, each given the same block-local information.
 """
 
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from .batch import Batch, as_batch
 from .checkpoint import CAUSAL, NOT_A_MODEL, detect, is_diffusion_model, load
 from .config import DataConfig
 from .data import load_documents, pack
@@ -29,12 +31,12 @@ DIFFUSION, AUTOREGRESSIVE = "diffusion", "autoregressive"
 # --------------------------------------------------------------------------------------------- likelihood
 
 @torch.no_grad()
-def diffusion_elbo(model, blocks: torch.Tensor, *, mc_samples: int = 16, batch_size: int = 16,
+def diffusion_elbo(model, blocks: "torch.Tensor | Batch", *, mc_samples: int = 16, batch_size: int = 16,
                    seed: int = 0) -> dict:
     """Monte-Carlo ELBO (an upper bound on the NLL) in nats per scored token.
 
-    `blocks` are packed text (rows, L), scored on tokens 1..L−1 with token 0 as context, or SFT rows
-    (rows, 3, L) from `sft_data` (ids, maskable, attention), scored on their answer tokens only.
+    `blocks` are packed text, a (rows, L) tensor of token ids, scored on tokens 1..L−1 with token 0 as context;
+    or an `adapt.batch.Batch`, scored on its maskable tokens (SFT rows: the answer tokens only) from 1 on.
 
     Each draw picks a number of masked tokens l uniform on 1..N (N = the row's scored tokens), masks a uniform
     subset of that size and scores (1/l)·Σ CE over it. This is the continuous-time 1/t ELBO with t integrated out
@@ -52,13 +54,13 @@ def diffusion_elbo(model, blocks: torch.Tensor, *, mc_samples: int = 16, batch_s
     mask_id, shift = getattr(config, "mask_token_id", None), bool(getattr(config, "shift", False))
     if mask_id is None:
         raise AdaptError("the model has no mask_token_id: not a diffusion model")
-    if blocks.dim() == 3:
-        ids, scorable, attention = blocks[:, 0], blocks[:, 1].bool(), blocks[:, 2]  # .bool() copies
-        scorable[:, 0] = False  # nothing predicts position 0 under shift; it is prompt anyway
-    else:
-        ids, attention = blocks, None
-        scorable = torch.ones_like(blocks, dtype=torch.bool)
-        scorable[:, 0] = False
+    try:
+        batch = as_batch(blocks)
+    except TypeError as e:
+        raise AdaptError(f"diffusion_elbo: {e}") from None
+    ids, attention = batch.input_ids, batch.attention_mask
+    scorable = (torch.ones_like(ids, dtype=torch.bool) if batch.maskable is None else batch.maskable.clone())
+    scorable[:, 0] = False  # nothing predicts position 0 under shift (and for SFT it is prompt anyway)
     n_blocks, length = ids.shape
     if length < 2:
         raise AdaptError("blocks need at least 2 tokens (the first is context)")
@@ -155,7 +157,7 @@ def infill(model, blocks: torch.Tensor, *, span: int | None = None, examples: in
     length = x.shape[1]
     span = span if span is not None else max(1, length // 4)
     if not 1 <= span <= length - 2:
-        raise AdaptError(f"infill span must be between 1 and block_length − 2 ({length - 2}), got {span}")
+        raise AdaptError(f"infill span must be between 1 and seq_length − 2 ({length - 2}), got {span}")
     start = (length - span) // 2
     device = _device(model)
     filled = []
@@ -313,30 +315,39 @@ def _check_device(device: str):
 
 
 def evaluate(model, data: str, *, metrics=("elbo",), tokenizer=None, ar_parent=None, mc_samples: int = 16,
-             block_length: int = 128, num_blocks: int = 64, batch_size: int = 16, seed: int = 0,
+             seq_length: int = 128, num_blocks: int = 64, batch_size: int = 16, seed: int = 0,
              device: str | None = None, text_column: str = "text", sample_by: str = "paragraph",
              split: str = "validation", hub_config: str | None = None, infill_span: int | None = None,
              infill_examples: int = 16, sweep_length: int = 16, sweep_steps: list[int] | None = None,
-             sweep_examples: int = 32, plot: str | Path | None = None, kv_cache: str | None = None) -> dict:
+             sweep_examples: int = 32, plot: str | Path | None = None, kv_cache: str | None = None,
+             block_length: int | None = None) -> dict:
     """Evaluate a diffusion checkpoint or a causal LM on held-out text; returns the dict `dlm-adapt eval` writes
     as JSON.
 
     `model`: a dlm-adapt checkpoint, a Hugging Face causal LM directory, a `.gguf` file, a Hub id, or a loaded
     model (then pass `tokenizer`). `data`: a .txt file (documents as `sample_by` says), .json/.jsonl/.parquet with
     `text_column`, comma-separated files, or a Hub dataset (`split`, `hub_config`). The text is packed into
-    blocks of `block_length` tokens and the first `num_blocks` are used. `metrics`: any of `elbo`, `infill`,
+    blocks of `seq_length` tokens (`block_length`: its deprecated name) and the first `num_blocks` are used.
+    `metrics`: any of `elbo`, `infill`,
     `steps_sweep` (a list or a comma-separated string). `ar_parent`: causal LM (path or loaded) that scores
     generated text; default the diffusion model's `provenance.source` when it loads from local files.
     `plot`: PNG of the steps sweep. `kv_cache`: the diffusion model's decoding cache in `infill` and `steps_sweep`
     (`diffusion_generate`'s option)."""
+    if block_length is not None:
+        if seq_length != 128 and seq_length != block_length:
+            raise AdaptError("evaluate got both seq_length and block_length; pass only seq_length (block_length is "
+                             "its deprecated name)")
+        warnings.warn("evaluate(block_length=) is deprecated: use seq_length= (the packing length; block_length "
+                      "names the decoding block)", FutureWarning, stacklevel=2)
+        seq_length = block_length
     metrics = parse_metrics(metrics)
-    for name, value in {"mc_samples": mc_samples, "block_length": block_length, "num_blocks": num_blocks,
+    for name, value in {"mc_samples": mc_samples, "seq_length": seq_length, "num_blocks": num_blocks,
                         "batch_size": batch_size, "infill_examples": infill_examples, "sweep_length": sweep_length,
                         "sweep_examples": sweep_examples}.items():
         if value < 1:
             raise AdaptError(f"{name} must be at least 1, got {value}")
-    if block_length < 2:
-        raise AdaptError("block_length must be at least 2 (the first token of a block is context)")
+    if seq_length < 2:
+        raise AdaptError("seq_length must be at least 2 (the first token of a block is context)")
     if plot is not None and "steps_sweep" not in metrics:
         raise AdaptError("--plot draws the steps sweep: add steps_sweep to --metrics")
     try:
@@ -361,11 +372,12 @@ def evaluate(model, data: str, *, metrics=("elbo",), tokenizer=None, ar_parent=N
     if kv_cache is not None and kind != DIFFUSION:
         raise AdaptError("--kv-cache is a diffusion checkpoint's decoding option; a causal LM has none to set")
     limit = _max_positions(model)
-    if limit is not None and block_length > limit:
-        raise AdaptError(f"block_length {block_length} exceeds the model's {limit} positions")
-    blocks = pack(documents, tokenizer, block_length, "evaluation", max_blocks=num_blocks)
+    if limit is not None and seq_length > limit:
+        raise AdaptError(f"seq_length {seq_length} exceeds the model's {limit} positions")
+    blocks = pack(documents, tokenizer, seq_length, "evaluation", max_blocks=num_blocks)
 
-    result = {"model": name, "kind": kind, "data": str(data), "block_length": block_length,
+    # the result keeps its key "block_length": scripts read it, and it is the same packing length
+    result = {"model": name, "kind": kind, "data": str(data), "block_length": seq_length,
               "blocks": blocks.shape[0], "seed": seed, "metrics": list(metrics)}
     scorer, scorer_name = None, None
     if "infill" in metrics or "steps_sweep" in metrics:
@@ -380,7 +392,7 @@ def evaluate(model, data: str, *, metrics=("elbo",), tokenizer=None, ar_parent=N
         if "steps_sweep" in metrics:
             result["steps_sweep"] = steps_sweep(model, blocks, tokenizer, length=sweep_length, steps=sweep_steps,
                                                 examples=sweep_examples, batch_size=batch_size, seed=seed,
-                                                prompt_tokens=min(16, block_length // 2), ar_scorer=scorer,
+                                                prompt_tokens=min(16, seq_length // 2), ar_scorer=scorer,
                                                 ar_name=scorer_name, kv_cache=kv_cache)
     except SamplingError as e:
         raise AdaptError(str(e)) from e

@@ -1,8 +1,9 @@
 """SFT data: conversations rendered with a chat template into fixed canvases, and which tokens may be noised.
 
-Each sample becomes one row of `max_length` tokens with two masks beside it: `maskable` (the assistant tokens
-that are noised and carry loss; the prompt never is, REFERENCE §6) and `attention` (1 on real tokens). Rows are
-never packed, so a sample's tokens cannot reach another sample through bidirectional attention.
+Each sample becomes one row of `max_length` tokens with two masks beside it, an `adapt.batch.Batch`:
+`maskable` (the assistant tokens that are noised and carry loss; the prompt never is, REFERENCE §6) and
+`attention_mask` (1 on real tokens). Rows are never packed, so a sample's tokens cannot reach another sample
+through bidirectional attention.
 
 A conversation is tokenised segment by segment — prompt text, answer text, prompt text … — where each answer
 segment is what the template adds for that assistant turn (its content and end-of-turn marker). The prompt
@@ -14,8 +15,9 @@ import sys
 
 import torch
 
+from .batch import Batch
 from .config import SFTDataConfig
-from .data import check_data_files, load_table
+from .data import check_data_files, hold_out, load_table
 from .errors import AdaptError
 
 DEFAULT_CHAT_TEMPLATE = (
@@ -26,10 +28,6 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}### Assistant:\n{% endif %}"
 )
-
-# rows of the tensors build_sft_datasets returns, stacked as (samples, 3, max_length)
-INPUT_IDS, MASKABLE, ATTENTION = 0, 1, 2
-
 
 def resolve_chat_template(tokenizer, cfg: SFTDataConfig) -> str:
     if cfg.chat_template == "default":
@@ -110,8 +108,8 @@ def tokenize_conversation(messages: list[dict], tokenizer, template: str, train_
     return ids, trained
 
 
-def encode(rows, fmt: str, tokenizer, template: str, cfg: SFTDataConfig, what: str) -> torch.Tensor:
-    """(samples, 3, max_length): input ids, maskable, attention. Over-long samples: error or drop, never cut."""
+def encode(rows, fmt: str, tokenizer, template: str, cfg: SFTDataConfig, what: str) -> Batch:
+    """One row of `max_length` tokens per sample, with its masks. Over-long samples: error or drop, never cut."""
     eos = tokenizer.eos_token_id
     if eos is None:
         raise AdaptError("the tokenizer has no EOS token to pad answers with")
@@ -140,11 +138,12 @@ def encode(rows, fmt: str, tokenizer, template: str, cfg: SFTDataConfig, what: s
         print(f"dlm-adapt: dropped {message}", file=sys.stderr)
     if not samples:
         raise AdaptError(f"no {what} samples fit in data.max_length={length} tokens")
-    return torch.tensor(samples, dtype=torch.long)
+    ids, maskable, attention = torch.tensor(samples, dtype=torch.long).unbind(1)
+    return Batch(ids, maskable.bool(), attention)
 
 
 def build_sft_datasets(cfg: SFTDataConfig, tokenizer, max_positions: int | None, seed: int):
-    """(train, validation) tensors of shape (samples, 3, max_length), and the chat template used."""
+    """(train, validation) batches of `max_length`-token rows, and the chat template used."""
     if not cfg.train:
         raise AdaptError("data.train is not set")
     if max_positions is not None and cfg.max_length > max_positions:
@@ -158,12 +157,8 @@ def build_sft_datasets(cfg: SFTDataConfig, tokenizer, max_positions: int | None,
         val_table = load_table(cfg.validation, cfg)
         val_rows, val_fmt = list(val_table), detect_format(val_table.column_names, cfg, cfg.validation)
     else:
-        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
-        n_val = max(1, int(len(rows) * cfg.validation_fraction))
-        if n_val >= len(rows):
-            raise AdaptError(f"dataset {cfg.train} has too few samples ({len(rows)}) to hold out validation")
-        val_rows, val_fmt = [rows[i] for i in order[:n_val]], fmt
-        rows = [rows[i] for i in sorted(order[n_val:])]
+        rows, val_rows = hold_out(rows, cfg.validation_fraction, seed, cfg.train, "samples")
+        val_fmt = fmt
     train = encode(rows, fmt, tokenizer, template, cfg, "training")
     val = encode(val_rows, val_fmt, tokenizer, template, cfg, "validation")
     return train, val[: cfg.max_eval_samples], template

@@ -81,14 +81,14 @@ def one_run(name: str, spec: dict, out: Path, args) -> dict:
     cfg = load_config(RECIPE, [f"output_dir={out}", f"model.path={source}", f"model.shift={spec['shift']}",
                                f"max_steps={args.steps}", f"eval_steps={args.eval_steps}", "save_steps=0",
                                "sample_steps=0", f"data.train={TRAIN}", f"data.validation={VALID}",
-                               f"data.block_length={BLOCK}", f"data.max_eval_blocks={BLOCKS}", *args.override,
+                               f"data.seq_length={BLOCK}", f"data.max_eval_blocks={BLOCKS}", *args.override,
                                *spec["overrides"]])
     wall, cpu = time.perf_counter(), time.process_time()
     final = adapt.train(cfg)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     curve = {0: step0, **{r["step"]: r["val_elbo"] for r in records if "val_elbo" in r}}
-    final_eval = evaluate(str(final), str(VALID), block_length=BLOCK, num_blocks=BLOCKS,
+    final_eval = evaluate(str(final), str(VALID), seq_length=BLOCK, num_blocks=BLOCKS,
                           mc_samples=args.mc_samples)["elbo"]
     print(f"[{name}] {wall:.0f} s wall, {cpu / 60:.1f} CPU-min, final ELBO {final_eval['elbo_nats_per_token']:.3f} "
           f"± {final_eval['stderr']:.3f}", file=sys.stderr)
@@ -116,7 +116,7 @@ def main():
     import adapt
 
     started = time.perf_counter()
-    ar = adapt.evaluate(str(SOURCE), str(VALID), block_length=BLOCK, num_blocks=BLOCKS)["elbo"]
+    ar = adapt.evaluate(str(SOURCE), str(VALID), seq_length=BLOCK, num_blocks=BLOCKS)["elbo"]
     results = {}
     selected = runs(args.steps)
     if args.only:

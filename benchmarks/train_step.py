@@ -35,7 +35,7 @@ def build(device, dtype):
 
 
 def make_step(model, mode, batch, length, device):
-    from adapt.masks import annealed_attention_mask
+    from adapt.annealing import annealed_attention_mask
     from adapt.objective import ObjectiveConfig, diffusion_loss, noised_batch
 
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)

@@ -88,7 +88,7 @@ WORK = ["work/keep.txt"]
 STEP = "trainrun/checkpoints/step-00000002"
 SFT = ["sft", "{ws}/recipe.yaml", "model.path={ws}/dlm", "data.chat_template=default", "data.max_length=16",
        "train.batch_size=2", "max_steps=1", "eval_steps=0", "save_steps=0", "output_dir={ws}/run"]
-TRAIN = ["train", "{ws}/recipe.yaml", "model.path={ws}/dlm", "data.train={ws}/train.txt", "data.block_length=8",
+TRAIN = ["train", "{ws}/recipe.yaml", "model.path={ws}/dlm", "data.train={ws}/train.txt", "data.seq_length=8",
          "train.batch_size=2", "max_steps=1", "eval_steps=0", "save_steps=0"]
 
 # name: (argv, exit code, phrase in the error line, paths kept byte-identical, paths that must not exist)

@@ -12,6 +12,7 @@ import torch
 from transformers import GenerationConfig
 
 import adapt
+from adapt import AdaptError
 from adapt.cli import main
 from adapt.evaluate import causal_nll, diffusion_elbo, repeat_task
 from adapt.model import MaskedDiffusionLM
@@ -67,12 +68,12 @@ def test_uniform_logits_give_log_v_per_token_exactly(tmp_path):
     data = words_file(tmp_path / "d.txt")
     tok = tiny_tokenizer(mask_token=True)
     for k in (1, 4):
-        r = adapt.evaluate(uniform(), str(data), tokenizer=tok, mc_samples=k, block_length=16, num_blocks=8,
+        r = adapt.evaluate(uniform(), str(data), tokenizer=tok, mc_samples=k, seq_length=16, num_blocks=8,
                            sample_by="line", batch_size=5)["elbo"]
         # every draw scores (1/l)·Σ over l masked tokens of log V: exactly log V whatever l and the subset
         assert r["elbo_nats_per_token"] == pytest.approx(math.log(V), abs=1e-6)
         assert r["tokens"] == 8 * 15 and (k == 1 and r["stderr"] is None or r["stderr"] < 1e-6)
-    ar = adapt.evaluate(uniform(vocab=100, diffusion=False), str(data), tokenizer=tiny_tokenizer(), block_length=16,
+    ar = adapt.evaluate(uniform(vocab=100, diffusion=False), str(data), tokenizer=tiny_tokenizer(), seq_length=16,
                         num_blocks=8, sample_by="line")["elbo"]
     assert ar["nll_nats_per_token"] == pytest.approx(math.log(100), abs=1e-6)
     assert ar["tokens"] == 8 * 15 and ar["stderr"] == 0.0 and ar["ppl"] == pytest.approx(100, rel=1e-5)
@@ -170,7 +171,7 @@ def test_infill_accuracy_on_hand_made_cases(tmp_path, diffusion):
     model = constant(W9, vocab=V if diffusion else 100, diffusion=diffusion)
     scorer = constant(W9, vocab=100, diffusion=False)
     r = adapt.evaluate(model, str(data), tokenizer=tiny_tokenizer(mask_token=diffusion), metrics="infill",
-                       block_length=8, sample_by="line", infill_span=4, ar_parent=scorer)["infill"]
+                       seq_length=8, sample_by="line", infill_span=4, ar_parent=scorer)["infill"]
     assert (r["span"], r["span_start"], r["examples"]) == (4, 2, 4)
     assert r["method"] == ("diffusion" if diffusion else "left_context_greedy")
     assert r["token_accuracy"] == pytest.approx(9 / 16) and r["span_exact_match"] == pytest.approx(1 / 4)
@@ -195,7 +196,7 @@ def test_infill_keeps_prefix_and_suffix_and_sees_the_suffix(tmp_path):
         return logp
 
     r = adapt.evaluate(Stub(from_right), str(data), tokenizer=tiny_tokenizer(mask_token=True), metrics="infill",
-                       block_length=8, sample_by="line", infill_span=2)["infill"]
+                       seq_length=8, sample_by="line", infill_span=2)["infill"]
     # holes at positions 3, 4 (tokens w8 w7); their right neighbours at 5, 6 are w8 w7: copied exactly
     assert r["span_start"] == 3 and r["token_accuracy"] == 1.0 and r["ar_parent"] is None
 
@@ -214,7 +215,7 @@ def test_steps_sweep_counts_token_and_sequence_errors(tmp_path):
         logp.scatter_(-1, src[..., None], 0.0)
         return logp
 
-    r = adapt.evaluate(Stub(copier), str(data), tokenizer=tok, metrics="steps_sweep", block_length=16,
+    r = adapt.evaluate(Stub(copier), str(data), tokenizer=tok, metrics="steps_sweep", seq_length=16,
                        sample_by="line", sweep_length=length, sweep_examples=24, seed=7,
                        ar_parent=uniform(100, diffusion=False), plot=tmp_path / "sweep.png")
     sweep = r["steps_sweep"]
@@ -273,7 +274,7 @@ def test_ar_nll_and_converted_elbo_count_the_same_tokens(converted, tmp_path, sh
         dlm = tmp_path / "noshift"
         adapt.convert(src, dlm, shift=False)
     data = words_file(tmp_path / "d.txt")
-    opts = dict(block_length=16, num_blocks=6, sample_by="line", mc_samples=2)
+    opts = dict(seq_length=16, num_blocks=6, sample_by="line", mc_samples=2)
     ar = adapt.evaluate(str(src), str(data), **opts)
     dm = adapt.evaluate(str(dlm), str(data), **opts)
     assert ar["kind"] == "autoregressive" and dm["kind"] == "diffusion"
@@ -290,8 +291,8 @@ def test_jsonl_and_txt_give_the_same_blocks(converted, tmp_path):
     txt = words_file(tmp_path / "d.txt")
     jsonl = tmp_path / "d.jsonl"
     jsonl.write_text("".join(json.dumps({"text": line}) + "\n" for line in txt.read_text().splitlines()))
-    a = adapt.evaluate(str(src), str(txt), block_length=16, num_blocks=4, sample_by="line")
-    b = adapt.evaluate(str(src), str(jsonl), block_length=16, num_blocks=4)
+    a = adapt.evaluate(str(src), str(txt), seq_length=16, num_blocks=4, sample_by="line")
+    b = adapt.evaluate(str(src), str(jsonl), seq_length=16, num_blocks=4)
     assert a["elbo"] == b["elbo"]
 
 
@@ -300,7 +301,7 @@ def test_cli_writes_json_and_plot(converted, tmp_path, capsys):
     data = words_file(tmp_path / "d.txt")
     out, png = tmp_path / "r" / "eval.json", tmp_path / "r" / "sweep.png"
     code = main(["eval", str(dlm), "--data", str(data), "--metrics", "elbo,infill,steps_sweep", "--mc-samples", "2",
-                 "--block-length", "16", "--num-blocks", "4", "--sample-by", "line", "--infill-examples", "4",
+                 "--seq-length", "16", "--num-blocks", "4", "--sample-by", "line", "--infill-examples", "4",
                  "--sweep-length", "4", "--sweep-steps", "1,4", "--sweep-examples", "4", "--json", str(out),
                  "--plot", str(png)])
     assert code == 0, capsys.readouterr().err
@@ -343,3 +344,29 @@ def test_bad_input_is_one_clear_error(converted, tmp_path, capsys, case):
     err = [line for line in stderr.splitlines() if "error" in line.lower()]
     assert code == 2 and len(err) == 1 and err[0].startswith("dlm-adapt: error: "), stderr
     assert "Traceback" not in stderr and re.search(message, err[0]), err[0]
+
+
+def test_block_length_flag_and_keyword_are_deprecated_names_of_seq_length(monkeypatch, capsys):
+    import importlib
+
+    evaluate_module = importlib.import_module("adapt.evaluate")  # `adapt.evaluate` itself names the function
+    seen = {}
+    monkeypatch.setattr(evaluate_module, "evaluate", lambda model, data, **kw: seen.update(kw) or {"ok": 1})
+    assert main(["eval", "m", "--data", "d.txt", "--block-length", "32"]) == 0
+    assert seen["seq_length"] == 32
+    assert capsys.readouterr().err == "dlm-adapt: warning: --block-length is deprecated, use --seq-length\n"
+    assert main(["eval", "m", "--data", "d.txt"]) == 0 and seen["seq_length"] == 128
+    assert main(["eval", "m", "--data", "d.txt", "--block-length", "32", "--seq-length", "32"]) == 2
+    assert "give only --seq-length" in capsys.readouterr().err
+
+
+def test_evaluate_block_length_keyword_still_works_with_a_warning(tmp_path):
+    data = words_file(tmp_path / "d.txt")
+    with pytest.warns(FutureWarning, match="use seq_length="):
+        old = adapt.evaluate(uniform(), str(data), tokenizer=tiny_tokenizer(mask_token=True), block_length=16, num_blocks=4,
+                             sample_by="line", mc_samples=2)
+    new = adapt.evaluate(uniform(), str(data), tokenizer=tiny_tokenizer(mask_token=True), seq_length=16, num_blocks=4,
+                         sample_by="line", mc_samples=2)
+    assert old == new
+    with pytest.raises(AdaptError, match="both seq_length and block_length"):
+        adapt.evaluate(uniform(), str(data), tokenizer=tiny_tokenizer(mask_token=True), seq_length=32, block_length=16)

@@ -108,7 +108,7 @@ def test_ctrl_c_during_convert_is_one_line_exit_130_and_no_output(src, tmp_path)
 def _train_cfg(src, out, *overrides):
     data = out.parent / "train.txt"
     data.write_text("\n\n".join(" ".join(f"w{(i + j) % 90}" for j in range(12)) for i in range(40)))
-    return load_config(None, [f"output_dir={out}", f"model.path={src}", f"data.train={data}", "data.block_length=8",
+    return load_config(None, [f"output_dir={out}", f"model.path={src}", f"data.train={data}", "data.seq_length=8",
                               "train.batch_size=2", "max_steps=1", "eval_steps=0", "save_steps=0",
                               "model.attn_implementation=eager", *overrides])
 
@@ -141,7 +141,7 @@ def test_float16_divergence_stops_with_one_error_and_keeps_the_last_good_checkpo
 
     def cfg(*overrides):
         return load_config(None, [f"output_dir={out}", f"model.path={stories}", f"data.train={data}",
-                                  "data.block_length=64", "train.batch_size=4", "train.lr=3e-3", "max_steps=6",
+                                  "data.seq_length=64", "train.batch_size=4", "train.lr=3e-3", "max_steps=6",
                                   "save_steps=1", "eval_steps=0", "model.attn_implementation=eager", *overrides])
 
     diverged = r"diverged at step \d+: .*use model.dtype=bfloat16 or float32.*No final model was written"

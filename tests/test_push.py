@@ -351,7 +351,7 @@ def _train_setup(root: Path):
     (root / "recipe.yaml").write_text(yaml.safe_dump({
         "max_steps": 4, "eval_steps": 2, "save_steps": 0,
         "model": {"path": str(root / "causal"), "attn_implementation": "eager"},
-        "data": {"train": str(root / "train.txt"), "block_length": 16, "max_eval_blocks": 4},
+        "data": {"train": str(root / "train.txt"), "seq_length": 16, "max_eval_blocks": 4},
         "anneal": {"anneal_steps": 2}, "train": {"batch_size": 4, "gradient_accumulation_steps": 2, "lr": 3e-3}}))
 
 

@@ -99,11 +99,8 @@ def test_matches_the_llada_reference_on_a_tiny_model(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sampling")
-    save_tiny_source(root / "src", "llama")
-    adapt.convert(root / "src", root / "dlm")
-    return adapt.load(root / "dlm")
+def tiny(converted):
+    return adapt.load(converted("llama")[1])
 
 
 def test_forward_counts_and_determinism(tiny):
@@ -234,7 +231,7 @@ def test_threshold_below_one_needs_fewer_forwards_on_a_trained_model(tmp_path):
             (rng.randrange(4, 80) for _ in range(300))]
     (tmp_path / "train.txt").write_text("\n\n".join(docs))
     final = adapt.train(load_config(None, [f"output_dir={tmp_path / 'run'}", f"model.path={tmp_path / 'causal'}",
-                                           f"data.train={tmp_path / 'train.txt'}", "data.block_length=16",
+                                           f"data.train={tmp_path / 'train.txt'}", "data.seq_length=16",
                                            "train.batch_size=16", "train.lr=1e-2", "max_steps=600", "eval_steps=0",
                                            "save_steps=0", "anneal.mode=none"]))
     model, tok = adapt.load(final)

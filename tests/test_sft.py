@@ -4,6 +4,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,11 +16,11 @@ import adapt
 from adapt import AdaptError, SFTConfig, load_config
 from adapt.config import SFTDataConfig
 from adapt.objective import ObjectiveConfig, noised_batch
-from adapt.sft_data import ATTENTION, INPUT_IDS, MASKABLE, build_sft_datasets, encode, tokenize_conversation
-from adapt.data import split_batch
+from adapt.batch import Batch
+from adapt.sft_data import build_sft_datasets, encode, tokenize_conversation
 from adapt.evaluate import diffusion_elbo
 from conftest import require_shared
-from tiny_models import save_tiny_source, tiny_tokenizer
+from tiny_models import tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 # a template in the tiny tokenizer's vocabulary: w2 opens a user turn, w1 an assistant turn, w3 a system turn
@@ -69,9 +70,9 @@ def test_the_three_formats_give_the_same_sample(tok, tmp_path):
     tensors = {}
     for fmt, row in rows.items():
         tensors[fmt] = encode([row], fmt, tok, TEMPLATE, cfg, "training")
-    torch.testing.assert_close(tensors["messages"], tensors["prompt_completion"])
+    torch.testing.assert_close(vars(tensors["messages"]), vars(tensors["prompt_completion"]))
     # instruction + input are joined by a blank line, which the whitespace tokenizer drops
-    torch.testing.assert_close(tensors["messages"], tensors["instruction"])
+    torch.testing.assert_close(vars(tensors["messages"]), vars(tensors["instruction"]))
 
 
 @pytest.mark.parametrize("mode", ["trained", "clean", "none"])
@@ -79,21 +80,21 @@ def test_eos_padding_obeys_the_switch(tok, mode):
     cfg = SFTDataConfig(chat_template=TEMPLATE, max_length=20, eos_padding=mode)
     sample = encode([{"messages": CONVERSATION[1:3]}], "messages", tok, TEMPLATE, cfg, "training")[0]
     real = len(ids_of(tok, "w2 w10 w11 w1 w20 w21 w22 </s>"))
-    pad = sample[:, real:]
-    assert sample[MASKABLE, :real].tolist() == [0] * 4 + [1] * 4
+    ids, maskable, attention = sample.input_ids[0], sample.maskable[0], sample.attention_mask[0]
+    assert maskable[:real].tolist() == [0] * 4 + [1] * 4
     if mode == "none":
-        assert pad[ATTENTION].sum() == 0 and pad[MASKABLE].sum() == 0
+        assert attention[real:].sum() == 0 and maskable[real:].sum() == 0
     else:
-        assert (pad[INPUT_IDS] == tok.eos_token_id).all() and (pad[ATTENTION] == 1).all()
-        assert (pad[MASKABLE] == (mode == "trained")).all()
+        assert (ids[real:] == tok.eos_token_id).all() and (attention[real:] == 1).all()
+        assert (maskable[real:] == (mode == "trained")).all()
 
 
 def test_prompt_positions_are_never_masked_over_many_draws(tok):
     cfg = SFTDataConfig(chat_template=TEMPLATE, max_length=24)
     rows = [{"messages": CONVERSATION}, {"messages": CONVERSATION[1:3]}, {"prompt": "w5", "completion": "w6"}]
     formats = ["messages", "messages", "prompt_completion"]
-    x0, maskable, _ = split_batch(torch.cat([encode([r], f, tok, TEMPLATE, cfg, "training")
-                                             for r, f in zip(rows, formats)]))
+    x0, maskable, _ = Batch.cat([encode([r], f, tok, TEMPLATE, cfg, "training")
+                                 for r, f in zip(rows, formats)]).split()
     g = torch.Generator().manual_seed(0)
     ever_masked = torch.zeros_like(maskable)
     for _ in range(300):
@@ -111,7 +112,7 @@ def test_one_sample_cannot_change_another_samples_logits(converted, tok):
     cfg = SFTDataConfig(chat_template=TEMPLATE, max_length=16, eos_padding="none")
     batch = encode([{"prompt": "w10 w11", "completion": "w20 w21"}, {"prompt": "w12", "completion": "w22 w23 w24"}],
                    "prompt_completion", tok, TEMPLATE, cfg, "training")
-    x0, _, padding = split_batch(batch)
+    x0, _, padding = batch.split()
     other = x0.clone()
     other[1, :3] = torch.tensor(ids_of(tok, "w40 w41 w42"))
     with torch.no_grad():
@@ -128,10 +129,11 @@ def test_one_sample_cannot_change_another_samples_logits(converted, tok):
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, converted):
     root = tmp_path_factory.mktemp("sft")
-    save_tiny_source(root / "causal", "llama")
-    adapt.convert(root / "causal", root / "dlm")
+    source, dlm = converted("llama")  # copies: this module rewrites the tokenizer, other modules share the fixture
+    shutil.copytree(source, root / "causal")
+    shutil.copytree(dlm, root / "dlm")
     tokenizer = tiny_tokenizer()
     tokenizer.chat_template = TEMPLATE
     tokenizer.save_pretrained(root / "dlm")  # a tokenizer that has a chat template of its own
@@ -221,7 +223,7 @@ def test_drop_reports_the_count_and_keeps_the_rest(tok, capsys):
     cfg = SFTDataConfig(chat_template=TEMPLATE, max_length=8, truncation="drop")
     rows = [{"prompt": "w5", "completion": "w6"}, {"prompt": " ".join(["w5"] * 10), "completion": "w6"}] * 3
     out = encode(rows, "prompt_completion", tok, TEMPLATE, cfg, "training")
-    assert out.shape == (3, 3, 8)
+    assert out.shape == (3, 8)  # three samples kept, of max_length tokens
     assert "dropped 3 training samples are longer than data.max_length=8" in capsys.readouterr().err
 
 
@@ -292,7 +294,7 @@ def test_sft_elbo_scores_only_answer_tokens(tok):
             return SimpleNamespace(logits=torch.zeros(*input_ids.shape, vocab))
 
     cfg = SFTDataConfig(chat_template=TEMPLATE, max_length=16, eos_padding="none")
-    rows = torch.cat(
+    rows = Batch.cat(
         [encode([{"messages": CONVERSATION}], "messages", tok, TEMPLATE, cfg, "training"),
          encode([{"prompt": "w5", "completion": "w6 w7"}], "prompt_completion", tok, TEMPLATE, cfg, "training")])
     result = diffusion_elbo(Uniform(), rows, mc_samples=5, seed=0)

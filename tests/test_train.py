@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,14 +17,14 @@ from safetensors.torch import load_file
 import adapt
 from adapt import AdaptError, checkpointing
 from adapt.config import load_config
-from tiny_models import save_tiny_source
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, converted):
     root = tmp_path_factory.mktemp("train")
-    save_tiny_source(root / "causal", "llama")
-    adapt.convert(root / "causal", root / "dlm")
+    source, dlm = converted("llama")  # copies: no test here can change what other modules share
+    shutil.copytree(source, root / "causal")
+    shutil.copytree(dlm, root / "dlm")
     rng = random.Random(0)
     # documents with learnable structure: runs of consecutive words
     docs = []
@@ -36,7 +37,7 @@ def setup(tmp_path_factory):
 
 def _cfg(setup, out, *overrides, model="dlm"):
     base = [f"output_dir={out}", f"model.path={setup / model}", f"data.train={setup / 'train.txt'}",
-            "data.block_length=16", "data.max_eval_blocks=8", "train.batch_size=4", "train.lr=3e-3",
+            "data.seq_length=16", "data.max_eval_blocks=8", "train.batch_size=4", "train.lr=3e-3",
             "max_steps=6", "eval_steps=3", "save_steps=0", "anneal.anneal_steps=4", "model.attn_implementation=eager"]
     return load_config(None, base + list(overrides))
 
@@ -82,7 +83,7 @@ def test_every_trainable_parameter_changes(setup, tmp_path, method):
     torch.manual_seed(cfg.train.seed)
     from adapt.train import load_for_training
 
-    initial, _ = load_for_training(cfg, str(setup / "dlm"))
+    initial = load_for_training(cfg, str(setup / "dlm"))
     before = {n: p.detach().clone() for n, p in initial.named_parameters() if p.requires_grad}
     adapt.train(cfg)
     after = load_file(out / "checkpoints" / "step-00000003" / "trainable.safetensors")
@@ -175,7 +176,7 @@ def test_manifest_catches_missing_truncated_and_damaged_files(tmp_path):
 def test_kill_9_during_checkpointing_then_resume(setup, tmp_path):
     out = tmp_path / "run"
     overrides = [f"output_dir={out}", f"model.path={setup / 'dlm'}", f"data.train={setup / 'train.txt'}",
-                 "data.block_length=16", "train.batch_size=4", "max_steps=400", "save_steps=1",
+                 "data.seq_length=16", "train.batch_size=4", "max_steps=400", "save_steps=1",
                  "eval_steps=0", "save_total_limit=3"]
     recipe = tmp_path / "r.yaml"
     recipe.write_text("{}\n")
@@ -217,7 +218,7 @@ def test_every_shipped_recipe_validates():
 BAD = {
     "missing data file": (["data.train=/nonexistent/train.txt"], "data file .* not found"),
     "empty dataset": (["data.train={empty}"], "is empty"),
-    "block length beyond positions": (["data.block_length=100"], "exceeds the model's 64 positions"),
+    "sequence length beyond positions": (["data.seq_length=100"], "exceeds the model's 64 positions"),
     "lora targets match nothing": (["train.method=lora", "lora.target_modules=[nope]"], "LoRA target modules"),
     "unknown key": (["train.lrr=1"], "unknown config key 'train.lrr'"),
 }
@@ -241,7 +242,7 @@ def test_ddp_two_processes_match_one_process_with_the_same_global_batch(setup, t
     # real multi-CPU data parallelism (gloo), which Accelerate detects from the environment.
     recipe = tmp_path / "r.yaml"
     recipe.write_text("{}\n")
-    common = [f"model.path={setup / 'dlm'}", f"data.train={setup / 'train.txt'}", "data.block_length=16",
+    common = [f"model.path={setup / 'dlm'}", f"data.train={setup / 'train.txt'}", "data.seq_length=16",
               "max_steps=4", "eval_steps=0", "anneal.anneal_steps=3", "objective.normalization=all"]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "adapt",
@@ -293,3 +294,26 @@ def test_hub_dataset_name_goes_through_datasets(setup, tmp_path, monkeypatch):
     adapt.train(_cfg(setup, tmp_path / "run", "data.train=someorg/stories", "data.hub_config=small",
                      "max_steps=1", "eval_steps=0"))
     assert ("someorg/stories", "small", "train") in calls
+
+
+def test_old_block_length_key_loads_with_one_warning(tmp_path, capsys):
+    warning = ("dlm-adapt: warning: data.block_length is deprecated, use data.seq_length (the old name goes in "
+               "the next release)\n")
+    old = tmp_path / "old.yaml"
+    old.write_text("data:\n  block_length: 32\n")
+    assert load_config(old).data.seq_length == 32
+    assert capsys.readouterr().err == warning
+    assert load_config(None, ["data.block_length=24"]).data.seq_length == 24
+    assert capsys.readouterr().err == warning
+    assert load_config(old, ["data.seq_length=48"]).data.seq_length == 48  # an override replaces the file's value
+    capsys.readouterr()
+    assert load_config(None, ["data.seq_length=40"]).data.seq_length == 40
+    assert capsys.readouterr().err == ""
+    both = tmp_path / "both.yaml"
+    both.write_text("data:\n  block_length: 32\n  seq_length: 32\n")
+    with pytest.raises(AdaptError, match="sets both data.block_length and data.seq_length"):
+        load_config(both)
+    with pytest.raises(AdaptError, match="set both data.block_length and data.seq_length"):
+        load_config(None, ["data.seq_length=32", "data.block_length=32"])
+    with pytest.raises(AdaptError, match="unknown config key 'data.block_length'"):  # SFT data never had one
+        load_config(None, ["data.block_length=32"], cls=adapt.SFTConfig)

@@ -126,7 +126,7 @@ class MaskedDiffusionLM(PreTrainedModel):
         if position_ids is None and attention_mask is not None and attention_mask.dim() == 2:
             # padding must not move real tokens' positions, or padded and unpadded inputs would differ
             length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -length:]
+            position_ids = position_ids_from_padding(attention_mask)[:, -length:]
         if kwargs.get("labels") is not None:
             # the decoder would compute a causal next-token loss, which is not the diffusion objective
             raise TypeError("MaskedDiffusionLM.forward takes no labels: compute the masked-diffusion loss from logits")
@@ -292,7 +292,7 @@ class PrefixCacheDenoiser(ModelDenoiser):
             self.kept_mask = mask[:, kept]
             return out.logits
         a, b = self.window
-        positions = (mask.long().cumsum(-1) - 1).clamp_min(0)[:, a:b]
+        positions = position_ids_from_padding(mask)[:, a:b]
         out = self.model(input_ids=canvas[:, a:b], attention_mask=torch.cat([self.kept_mask, mask[:, a:b]], 1),
                          position_ids=positions, past_key_values=self.cache, use_cache=True,
                          logits_to_keep=keep - a)
@@ -314,6 +314,11 @@ class DualCacheDenoiser(PrefixCacheDenoiser):
 
 
 DENOISERS = {None: ModelDenoiser, "prefix": PrefixCacheDenoiser, "dual": DualCacheDenoiser}  # by kv_cache
+
+
+def position_ids_from_padding(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counting real tokens only (padding repeats its neighbour's), so left padding moves no token."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
 def _first(token_id):

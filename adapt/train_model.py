@@ -1,0 +1,121 @@
+"""The model side of training: loading the model to train (full, LoRA or QLoRA), the tokenizer read before any
+conversion, learning-rate groups, and writing OUTPUT/final (merged or adapter-only)."""
+
+import re
+import shutil
+from pathlib import Path
+
+from transformers import AutoTokenizer
+
+from . import outputs
+from .config import DTYPES, TrainConfig
+from .errors import AdaptError
+from .checkpoint import DIFFUSION, detect, load_model
+from .model import MaskedDiffusionConfig, MaskedDiffusionLM
+
+
+def is_diffusion_checkpoint(path: str) -> bool:
+    # anything else, even not a model at all, goes to the converter, which gives the precise error
+    return detect(path).kind == DIFFUSION
+
+
+def load_for_training(cfg: TrainConfig, path: str):
+    """The diffusion model at `path`, LoRA/QLoRA-wrapped if asked."""
+    kwargs = {"dtype": DTYPES[cfg.model.dtype], "attn_implementation": cfg.model.attn_implementation}
+    if cfg.train.method == "qlora":
+        try:
+            import bitsandbytes  # noqa: F401
+            from transformers import BitsAndBytesConfig
+        except Exception as e:
+            raise AdaptError(f"QLoRA needs a working bitsandbytes ({type(e).__name__}: {e}); "
+                             "pip install bitsandbytes, or use train.method=lora") from e
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=DTYPES[cfg.model.dtype])
+    model = load_model(path, **kwargs)
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.train.method in ("lora", "qlora"):
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+        if cfg.train.method == "qlora":
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.model.gradient_checkpointing)
+        lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                          target_modules=cfg.lora.target_modules,
+                          trainable_token_indices=[model.config.mask_token_id] if cfg.lora.train_mask_token else None)
+        try:
+            model = get_peft_model(model, lora)
+        except ValueError as e:
+            raise AdaptError(f"LoRA target modules {cfg.lora.target_modules!r} do not fit this model: "
+                             f"{str(e).splitlines()[0]}. Set lora.target_modules") from e
+    return model
+
+
+def diffusion_model(model) -> MaskedDiffusionLM:
+    """The MaskedDiffusionLM inside Accelerate/PEFT wrappers."""
+    while not isinstance(model, MaskedDiffusionLM):
+        model = model.get_base_model() if hasattr(model, "get_base_model") else model.module
+    return model
+
+
+def param_groups(model, opt):
+    """Attention and MLP parameters may get their own learning rates (RND1)."""
+    groups = {"attention": [], "mlp": [], "other": []}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if re.search(r"\.(self_attn|attn|attention)\.", name):
+            groups["attention"].append(p)
+        elif re.search(r"\.(mlp|experts|feed_forward|block_sparse_moe)\.", name):
+            groups["mlp"].append(p)
+        else:
+            groups["other"].append(p)
+    lrs = {"attention": opt.attention_lr or opt.lr, "mlp": opt.mlp_lr or opt.lr, "other": opt.lr}
+    return [{"params": ps, "lr": lrs[k], "name": k} for k, ps in groups.items() if ps]
+
+
+def source_tokenizer(cfg: TrainConfig, source: str, diffusion_source: bool):
+    """The tokenizer and position limit of the model to train, read before any conversion. For a diffusion
+    checkpoint this is the tokenizer training keeps; a causal source's is replaced by its converted one."""
+    from transformers import AutoConfig
+
+    extra = {"gguf_file": cfg.model.gguf_file} if cfg.model.gguf_file else {}
+    src = Path(source)
+    if src.suffix == ".gguf" and src.is_file():
+        source, extra = str(src.parent), {"gguf_file": src.name}
+    try:
+        if diffusion_source:  # our config passed on: AutoConfig would need remote code for our model type
+            extra["config"] = MaskedDiffusionConfig.from_pretrained(source)
+            config = extra["config"].text_config
+        else:
+            config = AutoConfig.from_pretrained(source, trust_remote_code=False, **extra)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False, **extra)
+    except (OSError, ValueError, KeyError) as e:
+        raise AdaptError(f"cannot load model.path={cfg.model.path}: {str(e).splitlines()[0]}") from e
+    return tokenizer, getattr(config, "max_position_embeddings", None)
+
+
+def save_final(cfg: TrainConfig, model, tokenizer, source: str, final: Path):
+    tmp = final.parent / ".final-tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        with outputs.write_errors(final):
+            if cfg.train.method == "full":
+                model.save_pretrained(tmp)
+            elif cfg.lora.save_adapter_only:
+                model.save_pretrained(tmp)  # a PEFT adapter: PeftModel.from_pretrained(base diffusion model, dir)
+            else:
+                if cfg.train.method == "qlora":  # merge into full-precision weights, not into the 4-bit ones
+                    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+                    base = MaskedDiffusionLM.from_pretrained(source, dtype=DTYPES[cfg.model.dtype])
+                    full = get_peft_model(base, model.peft_config["default"])
+                    set_peft_model_state_dict(full, get_peft_model_state_dict(model))
+                    model = full
+                model.merge_and_unload().save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+    except AdaptError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)

@@ -1,0 +1,78 @@
+"""The typed training batch, the shared held-out split, and the loader's order over both kinds of data."""
+
+import pytest
+import torch
+
+from adapt.batch import Batch, as_batch
+from adapt.data import BlockLoader, hold_out
+from adapt.errors import AdaptError
+
+
+def sft_batch():
+    ids = torch.arange(12).view(3, 4)
+    maskable = torch.tensor([[0, 1, 1, 0], [0, 0, 1, 0], [0, 1, 0, 0]], dtype=torch.bool)
+    attention = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 0, 0]])
+    return Batch(ids, maskable, attention)
+
+
+def test_packed_rows_are_all_maskable_and_real():
+    x0, maskable, padding = Batch(torch.arange(8).view(2, 4)).split()
+    assert x0.shape == (2, 4) and maskable.all() and maskable.dtype == torch.bool and (padding == 1).all()
+
+
+def test_sft_rows_drop_columns_that_are_padding_everywhere():
+    x0, maskable, padding = sft_batch().split()
+    assert x0.shape == maskable.shape == padding.shape == (3, 3)
+    assert torch.equal(x0, torch.arange(12).view(3, 4)[:, :3])
+
+
+def test_rows_select_every_field_and_move_together():
+    batch = sft_batch()
+    picked = batch[torch.tensor([2, 0])]
+    assert len(picked) == 2 and torch.equal(picked.input_ids, batch.input_ids[[2, 0]])
+    assert torch.equal(picked.maskable, batch.maskable[[2, 0]])
+    assert torch.equal(picked.attention_mask, batch.attention_mask[[2, 0]])
+    assert len(batch[:2]) == 2 and len(batch[-1]) == 1 and batch[1].shape == (1, 4)
+    assert batch.to("cpu").input_ids.device.type == "cpu"
+    assert Batch(torch.zeros(2, 3)).to("cpu").maskable is None
+
+
+def test_cat_fills_in_masks_only_where_needed():
+    both = Batch.cat([sft_batch(), Batch(torch.zeros(1, 4, dtype=torch.long))])
+    assert len(both) == 4 and both.maskable[3].all() and (both.attention_mask[3] == 1).all()
+    assert Batch.cat([Batch(torch.zeros(1, 4)), Batch(torch.ones(2, 4))]).maskable is None
+
+
+def test_as_batch_takes_token_ids_or_a_batch_and_nothing_else():
+    ids = torch.zeros(2, 5, dtype=torch.long)
+    assert as_batch(ids).input_ids is ids and as_batch(sft_batch()).maskable is not None
+    with pytest.raises(TypeError, match="shape \\(2, 3, 5\\)"):
+        as_batch(torch.zeros(2, 3, 5, dtype=torch.long))
+
+
+def _old_split(items, fraction, seed):
+    # the split build_datasets and build_sft_datasets each made inline before they shared `hold_out`
+    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val = max(1, int(len(items) * fraction))
+    return [items[i] for i in sorted(order[n_val:])], [items[i] for i in order[:n_val]]
+
+
+@pytest.mark.parametrize("n,fraction,seed", [(10, 0.05, 0), (300, 0.05, 0), (57, 0.2, 7), (1000, 0.01, 123)])
+def test_hold_out_is_the_split_both_datasets_made_before(n, fraction, seed):
+    items = [f"doc {i}" for i in range(n)]
+    assert hold_out(items, fraction, seed, "d", "documents") == _old_split(items, fraction, seed)
+
+
+def test_hold_out_refuses_to_hold_out_everything():
+    with pytest.raises(AdaptError, match="too few samples \\(1\\)"):
+        hold_out(["only"], 0.5, 0, "d.jsonl", "samples")
+
+
+def test_loader_order_is_the_same_over_a_batch_and_its_ids():
+    ids = torch.arange(40).view(10, 4)
+    loader = BlockLoader(Batch(ids), 3, seed=5)
+    for epoch in range(2):
+        order = torch.randperm(10, generator=torch.Generator().manual_seed(5 + epoch))
+        for start in range(0, 9, 3):
+            assert torch.equal(loader.next().input_ids, ids[order[start:start + 3]])
+    assert loader.state() == {"epoch": 1, "index": 9}
