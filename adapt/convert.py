@@ -9,7 +9,6 @@ complete. Only a previous conversion output is ever replaced (see `outputs`).
 import json
 import shutil
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
