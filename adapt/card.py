@@ -2,8 +2,8 @@
 it was converted and trained, how to load it with transformers alone, and its license; Hub metadata (base model,
 tags, datasets) that fills gaps in DIR's own README.md and never overrides the user's values.
 
-The training section reads the run's recorded OUTPUT/config.json through the config dataclasses
-(`adapt.config.run_config`), so its defaults and the SFT/adaptation distinction are the trainer's own.
+The training section reads the run's recorded OUTPUT/config.json (`run_dir.training_record`) through the config
+dataclasses (`adapt.config.run_config`), so its defaults and the SFT/adaptation distinction are the trainer's own.
 """
 
 import json
@@ -11,8 +11,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .config import SFTConfig, TrainConfig, run_config, to_dict
-from .errors import AdaptError
+from .config import SFTConfig, TrainConfig, to_dict
 from .outputs import read_marker
 
 if TYPE_CHECKING:
@@ -42,33 +41,6 @@ _LICENSES = [
     ("PERMISSION IS HEREBY GRANTED, FREE OF CHARGE", "mit"),
 ]
 _PATH_SUFFIXES = (".gguf", ".txt", ".json", ".jsonl", ".parquet", ".safetensors", ".yaml", ".yml")
-
-
-def training_record(directory: Path) -> tuple[TrainConfig | None, list[dict]]:
-    """The run that wrote `directory`: its config (an `SFTConfig` for `dlm-adapt sft`) and metrics. `dlm-adapt
-    train` writes OUTPUT/final beside OUTPUT/config.json (the resolved recipe) and OUTPUT/metrics.jsonl; anywhere
-    else, or for a config this release cannot read, there is no record."""
-    if directory.resolve().name != "final":
-        return None, []
-    parent = directory.resolve().parent
-    try:
-        recipe = json.loads((parent / "config.json").read_text())
-    except (OSError, ValueError):
-        return None, []
-    if not isinstance(recipe, dict) or not {"max_steps", "train", "model", "anneal"} <= recipe.keys():
-        return None, []
-    try:
-        cfg = run_config(recipe)
-    except AdaptError:
-        return None, []
-    metrics = []
-    try:
-        for line in (parent / "metrics.jsonl").read_text().splitlines():
-            if line.strip():
-                metrics.append(json.loads(line))
-    except (OSError, ValueError):
-        metrics = []
-    return cfg, metrics
 
 
 def build_card(plan: "Plan", repo_id: str, revision: str = "main") -> str:

@@ -18,7 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Genera
 from . import __version__
 from .architectures import check_architecture
 from .checkpoint import DIFFUSION, detect
-from .config import DTYPES
+from .config import DTYPES, ConvertOptions
 from .errors import AdaptError, first_line
 from .sources import Source, resolve_source
 from .outputs import check_target, make_temp, publish, write_errors
@@ -32,74 +32,54 @@ ADVICE = f"pass {FLAG} to replace it, or choose a new directory"
 DEFAULT_DECODING = {"max_new_tokens": 128, "steps": 128, "block_length": 128, "remasking": "low_confidence"}
 
 
-def convert(
-    source: str | Path,
-    output: str | Path,
-    *,
-    mask_token: str | int = "auto",
-    shift: bool = True,
-    dtype: str = "auto",
-    revision: str | None = None,
-    gguf_file: str | None = None,
-    trust_remote_code: bool = False,
-    overwrite: bool = False,
-) -> Path:
+def convert(source: str | Path, output: str | Path, **options) -> Path:
     """Convert a causal LM into a masked diffusion checkpoint at `output`; returns the output path.
 
-    Args:
-        source: a local Hugging Face model directory, a `.gguf` file, or a Hub model id.
-        output: directory to create; an existing non-empty one is refused unless it is a previous conversion
-            output and `overwrite` is set.
-        mask_token: `"auto"` (reuse the tokenizer's mask token, else a spare embedding row, else add
-            `<|mask|>` and resize), a token string already in the vocabulary, or a token id.
-        shift: keep the AR alignment (logit at i-1 predicts token i). Stored in the config.
-        dtype: `"auto"` keeps the source dtype; else `float32`, `bfloat16` or `float16`.
-        revision: Hub revision (branch, tag or commit) when `source` is a Hub id.
-        gguf_file: GGUF file name inside `source` (a directory or Hub repo).
-        trust_remote_code: allow the source's own code for its config/tokenizer (off unless you ask).
-        overwrite: replace a previous conversion output at `output`.
+    `source` is a local Hugging Face model directory, a `.gguf` file, or a Hub model id. `output` is the directory
+    to create; an existing non-empty one is refused unless it is a previous conversion output and `overwrite` is
+    set. `options` are the fields of `adapt.config.ConvertOptions` (mask_token, shift, dtype, revision, gguf_file,
+    trust_remote_code, overwrite), documented there.
     """
+    o = ConvertOptions(**options)
     if not str(output).strip():
         raise AdaptError("output path is empty; name the directory to create")
     output = Path(output).expanduser().absolute()
-    if dtype != "auto" and dtype not in DTYPES:
-        raise AdaptError(f"unknown dtype '{dtype}': use auto, {', '.join(DTYPES)}")
     local = Path(source).expanduser()
     # checked before a Hub source is downloaded, and again once the source is a local directory
-    check_target(output, "convert", overwrite, {"source": local} if local.exists() else {}, ADVICE)
-    src = resolve_source(source, revision, gguf_file, trust_remote_code)
-    replace = check_target(output, "convert", overwrite, {"source": src.directory}, ADVICE)
+    check_target(output, "convert", o.overwrite, {"source": local} if local.exists() else {}, ADVICE)
+    src = resolve_source(source, o.revision, o.gguf_file, o.trust_remote_code)
+    replace = check_target(output, "convert", o.overwrite, {"source": src.directory}, ADVICE)
     _refuse_diffusion_source(src, source)
 
-    config = _load_config(src, trust_remote_code)
+    config = _load_config(src, o.trust_remote_code)
     check_architecture(config)
-    tokenizer = _load_tokenizer(src, trust_remote_code)
+    tokenizer = _load_tokenizer(src, o.trust_remote_code)
 
     tmp = make_temp(output, "convert")
     try:
         with write_errors(output):
             streamed = src.gguf_file is None and _has_safetensors(src.directory)
             writer = (_StreamedWeights(src.directory, config) if streamed
-                      else _LoadedWeights(src, config, trust_remote_code))
+                      else _LoadedWeights(src, config, o.trust_remote_code))
             pad_case = ensure_pad_token(tokenizer)
-            mask_id, case = choose_mask_token(tokenizer, writer.vocab_rows, mask_token)
-            writer.write(tmp, new_rows=max(0, mask_id + 1 - writer.vocab_rows), dtype=DTYPES.get(dtype))
+            mask_id, case = choose_mask_token(tokenizer, writer.vocab_rows, o.mask_token)
+            writer.write(tmp, new_rows=max(0, mask_id + 1 - writer.vocab_rows), dtype=DTYPES.get(o.dtype))
             config = writer.config
-            if dtype != "auto":
-                config.dtype = dtype
+            if o.dtype != "auto":
+                config.dtype = o.dtype
             provenance = {
                 "converter": "dlm-adapt",
                 "converter_version": __version__,
                 "source": str(source),
                 # a relative local path can look like a Hub id; only this says where the source came from
                 "source_from_hub": src.from_hub,
-                "revision": revision,
+                "revision": o.revision,
                 "gguf_file": src.gguf_file,
                 "base_model_type": config.model_type,
                 "mask_token_case": case,
                 "pad_token_case": pad_case,
             }
-            _write_config(tmp, config, mask_id, shift, provenance)
+            _write_config(tmp, config, mask_id, o.shift, provenance)
             _write_generation_config(tmp, tokenizer, config, mask_id)
             tokenizer.save_pretrained(tmp)
             tokenizer_config = tmp / "tokenizer_config.json"

@@ -10,136 +10,18 @@ blocks × (seq_length − 1) tokens, each given the same block-local information
 import json
 import math
 import os
-import warnings
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from .batch import Batch, as_batch
 from .checkpoint import CAUSAL, NOT_A_MODEL, detect, is_diffusion_model, load
-from .config import DataConfig
+from .config import METRICS, DataConfig, EvalOptions  # noqa: F401 (METRICS: its old home)
 from .data import load_documents, pack
 from .errors import AdaptError, first_line
-from .objective import ObjectiveConfig, sequence_losses
-from .sampling import SamplingError, check_sampling_options
+from .likelihood import causal_nll, diffusion_elbo, model_device, nll_after  # noqa: F401 (their old home)
+from .sampling import SamplingError
 
-METRICS = ("elbo", "infill", "steps_sweep")
 DIFFUSION, AUTOREGRESSIVE = "diffusion", "autoregressive"
-
-
-# --------------------------------------------------------------------------------------------- likelihood
-
-@torch.no_grad()
-def diffusion_elbo(model, blocks: "torch.Tensor | Batch", *, mc_samples: int = 16, batch_size: int = 16,
-                   seed: int = 0) -> dict:
-    """Monte-Carlo ELBO (an upper bound on the NLL) in nats per scored token.
-
-    `blocks` are packed text, a (rows, L) tensor of token ids, scored on tokens 1..L−1 with token 0 as context;
-    or an `adapt.batch.Batch`, scored on its maskable tokens (SFT rows: the answer tokens only) from 1 on.
-
-    Each draw picks a number of masked tokens l uniform on 1..N (N = the row's scored tokens), masks a uniform
-    subset of that size and scores (1/l)·Σ CE over it. This is the continuous-time 1/t ELBO with t integrated out
-    (∫ Binomial(N, t)(l)/t dt = 1/l; LLaDA's estimator), with lower variance, and exact per draw for a model
-    whose predictions ignore the context. The l's are low-discrepancy: draw k of block b uses
-    u = (k + (o_k + b/B) mod 1)/K, stratified over the K draws of a block and a shifted lattice across blocks
-    (the antithetic t of MDLM); with K = 1 that is the one-draw-per-block estimate used during training.
-    Rows are weighted by their scored tokens, so the result is per token, not per row.
-
-    `stderr` is the Monte-Carlo standard error for this fixed text, from the within-block spread of the K draws
-    taken as independent. Stratification makes the real error smaller when the score depends on the mask count
-    (3x smaller for the context-dependent model in tests/test_eval.py); for a context-free model it is exact.
-    """
-    config = model.config
-    mask_id, shift = getattr(config, "mask_token_id", None), bool(getattr(config, "shift", False))
-    if mask_id is None:
-        raise AdaptError("the model has no mask_token_id: not a diffusion model")
-    try:
-        batch = as_batch(blocks)
-    except TypeError as e:
-        raise AdaptError(f"diffusion_elbo: {e}") from None
-    ids, attention = batch.input_ids, batch.attention_mask
-    scorable = (torch.ones_like(ids, dtype=torch.bool) if batch.maskable is None else batch.maskable.clone())
-    scorable[:, 0] = False  # nothing predicts position 0 under shift (and for SFT it is prompt anyway)
-    n_blocks, length = ids.shape
-    if length < 2:
-        raise AdaptError("blocks need at least 2 tokens (the first is context)")
-    if mc_samples < 1 or batch_size < 1:
-        raise AdaptError("mc_samples and batch_size must be at least 1")
-    scored = scorable.sum(1)
-    if (scored == 0).any():
-        raise AdaptError("a row has no tokens to score")
-    k_draws = mc_samples
-    g = torch.Generator().manual_seed(seed)
-    offsets = torch.rand(k_draws, generator=g, dtype=torch.float64)
-    lattice = (offsets[None, :] + torch.arange(n_blocks, dtype=torch.float64)[:, None] / n_blocks) % 1.0
-    u = (torch.arange(k_draws, dtype=torch.float64)[None, :] + lattice) / k_draws
-    counts = torch.minimum((u * scored[:, None]).long(), scored[:, None] - 1) + 1  # (B, K), uniform on 1..N_b
-    device = _device(model)
-    cfg = ObjectiveConfig(weighting="inverse_t")
-    values = torch.empty(n_blocks, k_draws, dtype=torch.float64)
-    noise, drawn = {}, 0  # subset draws made block by block: results do not depend on batch_size
-
-    was_training = model.training
-    model.eval()
-    try:
-        for start in range(0, n_blocks * k_draws, batch_size):
-            rows = torch.arange(start, min(start + batch_size, n_blocks * k_draws))
-            b, k = rows // k_draws, rows % k_draws
-            while drawn <= int(b[-1]):
-                noise[drawn] = torch.rand((k_draws, length), generator=g)
-                drawn += 1
-            for old in [key for key in noise if key < int(b[0])]:
-                del noise[old]
-            draws = torch.stack([noise[int(bi)][int(ki)] for bi, ki in zip(b, k)])
-            draws = draws.masked_fill(~scorable[b], 2.0)  # unscorable positions rank last, never chosen
-            n = counts[b, k]
-            masked = (draws.argsort(1).argsort(1) < n[:, None]).to(device)  # the n smallest: a uniform n-subset
-            x0 = ids[b].to(device)
-            mask = attention[b].to(device) if attention is not None else None
-            logits = model(input_ids=x0.masked_fill(masked, mask_id), attention_mask=mask).logits
-            t = (n.double() / scored[b]).float().to(device)
-            values[b, k] = sequence_losses(logits, x0, masked, scorable[b].to(device), t, cfg,
-                                           shift).double().cpu()
-    finally:
-        model.train(was_training)
-    weight = scored.double() / scored.sum()
-    elbo = (values.mean(1) * weight).sum().item()
-    stderr = (values.var(1) * weight ** 2).sum().div(k_draws).sqrt().item() if k_draws > 1 else None
-    return {"elbo_nats_per_token": elbo, "ppl_bound": _exp(elbo), "stderr": stderr, "tokens": int(scored.sum()),
-            "blocks": n_blocks, "mc_samples": k_draws, "seed": seed}
-
-
-@torch.no_grad()
-def causal_nll(model, blocks: torch.Tensor, *, batch_size: int = 16) -> dict:
-    """Exact NLL of a causal LM in nats per token over tokens 1..L−1 of each block (the ELBO's tokens)."""
-    nll = _token_nll(model, blocks, batch_size)
-    value = nll.double().mean().item()
-    return {"nll_nats_per_token": value, "ppl": _exp(value), "stderr": 0.0, "tokens": nll.numel(),
-            "blocks": blocks.shape[0]}
-
-
-def _nll_from(model, ids: torch.Tensor, start: int, batch_size: int) -> float:
-    """Mean NLL per token of tokens start..L−1 of each row under a causal LM (each given everything before it)."""
-    return _token_nll(model, ids, batch_size)[:, start - 1:].double().mean().item()
-
-
-@torch.no_grad()
-def _token_nll(model, ids: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """(rows, L−1) NLL of token j+1 given tokens 0..j under a causal LM."""
-    device = _device(model)
-    was_training = model.training
-    model.eval()
-    out = []
-    try:
-        for start in range(0, ids.shape[0], batch_size):
-            x = ids[start:start + batch_size].to(device)
-            logits = model(input_ids=x).logits[:, :-1].float()
-            out.append(F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten(), reduction="none")
-                       .view(x.shape[0], -1).cpu())
-    finally:
-        model.train(was_training)
-    return torch.cat(out)
 
 
 # ------------------------------------------------------------------------------------------------ infill
@@ -159,7 +41,7 @@ def infill(model, blocks: torch.Tensor, *, span: int | None = None, examples: in
     if not 1 <= span <= length - 2:
         raise AdaptError(f"infill span must be between 1 and seq_length − 2 ({length - 2}), got {span}")
     start = (length - span) // 2
-    device = _device(model)
+    device = model_device(model)
     filled = []
     diffusion = _kind(model) == DIFFUSION
     for lo in range(0, x.shape[0], batch_size):
@@ -178,8 +60,8 @@ def infill(model, blocks: torch.Tensor, *, span: int | None = None, examples: in
               "span_exact_match": hit.all(1).double().mean().item(), "ar_parent": ar_name,
               "ar_parent_nll": None, "reference_ar_parent_nll": None}
     if ar_scorer is not None:
-        result["ar_parent_nll"] = _nll_from(ar_scorer, filled, start, batch_size)
-        result["reference_ar_parent_nll"] = _nll_from(ar_scorer, x, start, batch_size)
+        result["ar_parent_nll"] = nll_after(ar_scorer, filled, start, batch_size)
+        result["reference_ar_parent_nll"] = nll_after(ar_scorer, x, start, batch_size)
     return result
 
 
@@ -235,7 +117,7 @@ def steps_sweep(model, blocks: torch.Tensor, tokenizer, *, length: int = 16, ste
                "ar_parent_nll": None, "distinct_tokens": _distinct(free)}
         if ar_scorer is not None:
             text = torch.cat([free_prompts, free], 1)
-            row["ar_parent_nll"] = _nll_from(ar_scorer, text, prompt_tokens, batch_size)
+            row["ar_parent_nll"] = nll_after(ar_scorer, text, prompt_tokens, batch_size)
         return row
 
     points = []
@@ -314,90 +196,63 @@ def _check_device(device: str):
                          "device this machine has") from None
 
 
-def evaluate(model, data: str, *, metrics=("elbo",), tokenizer=None, ar_parent=None, mc_samples: int = 16,
-             seq_length: int = 128, num_blocks: int = 64, batch_size: int = 16, seed: int = 0,
-             device: str | None = None, text_column: str = "text", sample_by: str = "paragraph",
-             split: str = "validation", hub_config: str | None = None, infill_span: int | None = None,
-             infill_examples: int = 16, sweep_length: int = 16, sweep_steps: list[int] | None = None,
-             sweep_examples: int = 32, plot: str | Path | None = None, kv_cache: str | None = None,
-             block_length: int | None = None) -> dict:
-    """Evaluate a diffusion checkpoint or a causal LM on held-out text; returns the dict `dlm-adapt eval` writes
-    as JSON.
+def evaluate(model, data: str, *, tokenizer=None, **options) -> dict:
+    """Evaluate a diffusion checkpoint or a causal LM on held-out text; returns the dict `dlm-adapt eval` prints
+    (and writes to `json`, when given).
 
     `model`: a dlm-adapt checkpoint, a Hugging Face causal LM directory, a `.gguf` file, a Hub id, or a loaded
-    model (then pass `tokenizer`). `data`: a .txt file (documents as `sample_by` says), .json/.jsonl/.parquet with
-    `text_column`, comma-separated files, or a Hub dataset (`split`, `hub_config`). The text is packed into
-    blocks of `seq_length` tokens (`block_length`: its deprecated name) and the first `num_blocks` are used.
-    `metrics`: any of `elbo`, `infill`,
-    `steps_sweep` (a list or a comma-separated string). `ar_parent`: causal LM (path or loaded) that scores
-    generated text; default the diffusion model's `provenance.source` when it loads from local files.
-    `plot`: PNG of the steps sweep. `kv_cache`: the diffusion model's decoding cache in `infill` and `steps_sweep`
-    (`diffusion_generate`'s option)."""
-    if block_length is not None:
-        if seq_length != 128 and seq_length != block_length:
-            raise AdaptError("evaluate got both seq_length and block_length; pass only seq_length (block_length is "
-                             "its deprecated name)")
-        warnings.warn("evaluate(block_length=) is deprecated: use seq_length= (the packing length; block_length "
-                      "names the decoding block)", FutureWarning, stacklevel=2)
-        seq_length = block_length
-    metrics = parse_metrics(metrics)
-    for name, value in {"mc_samples": mc_samples, "seq_length": seq_length, "num_blocks": num_blocks,
-                        "batch_size": batch_size, "infill_examples": infill_examples, "sweep_length": sweep_length,
-                        "sweep_examples": sweep_examples}.items():
-        if value < 1:
-            raise AdaptError(f"{name} must be at least 1, got {value}")
-    if seq_length < 2:
-        raise AdaptError("seq_length must be at least 2 (the first token of a block is context)")
-    if plot is not None and "steps_sweep" not in metrics:
-        raise AdaptError("--plot draws the steps sweep: add steps_sweep to --metrics")
-    try:
-        check_sampling_options(kv_cache=kv_cache)
-    except SamplingError as e:
-        raise AdaptError(str(e)) from e
-    if device is not None:
-        _check_device(device)
+    model (then pass `tokenizer`). `data` and `options` are the fields of `adapt.config.EvalOptions`, documented
+    there: the text is packed into blocks of `seq_length` tokens and the first `num_blocks` are scored with
+    `metrics` (a list or a comma-separated string of elbo, infill, steps_sweep)."""
+    o = EvalOptions(data=data, **options)
+    if o.json:
+        check_writable(o.json)  # before minutes of evaluation, not after
+    if o.device is not None:
+        _check_device(o.device)
     name = str(model) if isinstance(model, (str, Path)) else type(model).__name__
     spec = _model_spec(model) if isinstance(model, (str, Path)) else None  # bad paths fail before data is read
-    documents = _quietly(load_documents, data, DataConfig(text_column=text_column, sample_by=sample_by,
-                                                          hub_split=split, hub_config=hub_config))
+    documents = _quietly(load_documents, o.data, DataConfig(text_column=o.text_column, sample_by=o.sample_by,
+                                                          hub_split=o.split, hub_config=o.hub_config))
     if not documents:
-        raise AdaptError(f"dataset {data} holds no text")
+        raise AdaptError(f"dataset {o.data} holds no text")
     if spec is not None:
-        model, tokenizer = _load(spec, device)
+        model, tokenizer = _load(spec, o.device)
     elif tokenizer is None:
         raise AdaptError("pass the tokenizer with a loaded model")
-    elif device is not None:
-        model.to(device)
+    elif o.device is not None:
+        model.to(o.device)
     kind = _kind(model)
-    if kv_cache is not None and kind != DIFFUSION:
+    if o.kv_cache is not None and kind != DIFFUSION:
         raise AdaptError("--kv-cache is a diffusion checkpoint's decoding option; a causal LM has none to set")
     limit = _max_positions(model)
-    if limit is not None and seq_length > limit:
-        raise AdaptError(f"seq_length {seq_length} exceeds the model's {limit} positions")
-    blocks = pack(documents, tokenizer, seq_length, "evaluation", max_blocks=num_blocks)
+    if limit is not None and o.seq_length > limit:
+        raise AdaptError(f"seq_length {o.seq_length} exceeds the model's {limit} positions")
+    blocks = pack(documents, tokenizer, o.seq_length, "evaluation", max_blocks=o.num_blocks)
 
     # the result keeps its key "block_length": scripts read it, and it is the same packing length
-    result = {"model": name, "kind": kind, "data": str(data), "block_length": seq_length,
-              "blocks": blocks.shape[0], "seed": seed, "metrics": list(metrics)}
+    result = {"model": name, "kind": kind, "data": str(o.data), "block_length": o.seq_length,
+              "blocks": blocks.shape[0], "seed": o.seed, "metrics": list(o.metrics)}
     scorer, scorer_name = None, None
-    if "infill" in metrics or "steps_sweep" in metrics:
-        scorer, scorer_name = _ar_scorer(model, kind, ar_parent, device)
+    if "infill" in o.metrics or "steps_sweep" in o.metrics:
+        scorer, scorer_name = _ar_scorer(model, kind, o.ar_parent, o.device)
     try:
-        if "elbo" in metrics:
-            result["elbo"] = (diffusion_elbo(model, blocks, mc_samples=mc_samples, batch_size=batch_size, seed=seed)
-                              if kind == DIFFUSION else causal_nll(model, blocks, batch_size=batch_size))
-        if "infill" in metrics:
-            result["infill"] = infill(model, blocks, span=infill_span, examples=infill_examples,
-                                      batch_size=batch_size, ar_scorer=scorer, ar_name=scorer_name, kv_cache=kv_cache)
-        if "steps_sweep" in metrics:
-            result["steps_sweep"] = steps_sweep(model, blocks, tokenizer, length=sweep_length, steps=sweep_steps,
-                                                examples=sweep_examples, batch_size=batch_size, seed=seed,
-                                                prompt_tokens=min(16, seq_length // 2), ar_scorer=scorer,
-                                                ar_name=scorer_name, kv_cache=kv_cache)
+        if "elbo" in o.metrics:
+            result["elbo"] = (diffusion_elbo(model, blocks, mc_samples=o.mc_samples, batch_size=o.batch_size, seed=o.seed)
+                              if kind == DIFFUSION else causal_nll(model, blocks, batch_size=o.batch_size))
+        if "infill" in o.metrics:
+            result["infill"] = infill(model, blocks, span=o.infill_span, examples=o.infill_examples,
+                                      batch_size=o.batch_size, ar_scorer=scorer, ar_name=scorer_name, kv_cache=o.kv_cache)
+        if "steps_sweep" in o.metrics:
+            result["steps_sweep"] = steps_sweep(model, blocks, tokenizer, length=o.sweep_length, steps=o.sweep_steps,
+                                                examples=o.sweep_examples, batch_size=o.batch_size, seed=o.seed,
+                                                prompt_tokens=min(16, o.seq_length // 2), ar_scorer=scorer,
+                                                ar_name=scorer_name, kv_cache=o.kv_cache)
     except SamplingError as e:
         raise AdaptError(str(e)) from e
-    if plot is not None:
-        result["plot"] = str(plot_steps_sweep(result["steps_sweep"], plot, title=f"{name} ({kind})"))
+    if o.plot is not None:
+        result["plot"] = str(plot_steps_sweep(result["steps_sweep"], o.plot, title=f"{name} ({kind})"))
+    if o.json:
+        write_json(result, o.json)
     return result
 
 
@@ -412,14 +267,6 @@ def _quietly(fn, *args):
     finally:
         if enabled:
             datasets.enable_progress_bars()
-
-
-def parse_metrics(metrics) -> tuple[str, ...]:
-    names = [m.strip() for m in (metrics.split(",") if isinstance(metrics, str) else metrics) if m.strip()]
-    unknown = [m for m in names if m not in METRICS]
-    if unknown or not names:
-        raise AdaptError(f"unknown metric {', '.join(unknown) or '(none given)'}; choose from {', '.join(METRICS)}")
-    return tuple(dict.fromkeys(names))
 
 
 def check_writable(path: str | Path):
@@ -522,26 +369,19 @@ def _max_positions(model) -> int | None:
     return getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
 
 
-def _device(model) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
-
-
 # ------------------------------------------------------------------------------------------------ decode
 
 def _sample(model, ids, *, max_new_tokens: int, steps: int, kv_cache: str | None):
     """The model's own `diffusion_generate` at temperature 0, one block, no early stop at EOS (the checks compare
     fixed-length outputs); the rest as its generation config says."""
-    return model.diffusion_generate(ids.to(_device(model)), max_new_tokens=max_new_tokens, steps=steps,
+    return model.diffusion_generate(ids.to(model_device(model)), max_new_tokens=max_new_tokens, steps=steps,
                                     stop_at_eos=False, kv_cache=kv_cache)
 
 
 @torch.no_grad()
 def _greedy(model, prompt: torch.Tensor, n: int) -> torch.Tensor:
     """n greedy tokens from a causal LM, EOS included as an ordinary token (spans of packed text contain EOS)."""
-    ids = prompt.to(_device(model))
+    ids = prompt.to(model_device(model))
     for _ in range(n):
         ids = torch.cat([ids, model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)], 1)
     return ids[:, prompt.shape[1]:].to(prompt.device)
@@ -553,7 +393,3 @@ def _batched(decode, prompts: torch.Tensor, batch_size: int) -> torch.Tensor:
 
 def _distinct(tokens: torch.Tensor) -> float:
     return sum(len(set(row.tolist())) / len(row) for row in tokens) / len(tokens)
-
-
-def _exp(x: float) -> float:
-    return math.exp(x) if x < 700 else math.inf

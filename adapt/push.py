@@ -15,10 +15,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .card import build_card, training_record
+from .card import build_card
 from .checkpoint import ADAPTER_FILES, NotDiffusionError, Validated, detect, validate, validate_adapter
-from .config import TrainConfig
+from .config import PushOptions, TrainConfig
 from .errors import AdaptError, first_line
+from .run_dir import training_record
 
 # a failed commit POST is not retried by huggingface_hub; these are the waits before our further attempts
 COMMIT_RETRY_DELAYS = (1.0, 4.0)
@@ -68,24 +69,19 @@ class Plan:
     readme: str | None = None
 
 
-def push_to_hub(directory: str | Path, repo_id: str, *, private: bool = False, revision: str | None = None,
-                commit_message: str | None = None, adapter_only: bool = False, dry_run: bool = False,
-                token: str | None = None) -> PushResult:
+def push_to_hub(directory: str | Path, repo_id: str, *, token: str | None = None, **options) -> PushResult:
     """Upload a dlm-adapt checkpoint (or a PEFT adapter of one) in `directory` to the Hub repo `repo_id`.
 
     Args:
         directory: a checkpoint written by `dlm-adapt convert` / `dlm-adapt train` (OUTPUT/final), or a PEFT
             adapter directory (adapter_config.json) whose base is one. Validated first; never modified.
         repo_id: `namespace/name` (or `name` in your own namespace); created if missing.
-        private: create the repo private (an existing repo keeps its visibility).
-        revision: branch to commit to (created from the default branch if missing); default `main`.
-        commit_message: default says what is uploaded.
-        adapter_only: `directory` must hold a PEFT adapter; upload only adapter_config.json and
-            adapter_model.safetensors (plus the card), whatever else `directory` holds.
-        dry_run: validate and build the card, contact nothing; the result lists the files and the card.
         token: a Hub token; default HF_TOKEN, else the token saved by `hf auth login`. Never printed.
+        options: the fields of `adapt.config.PushOptions` (private, revision, commit_message, adapter_only,
+            dry_run), documented there.
 
     Returns a `PushResult`; `.report()` is what the CLI prints."""
+    o = PushOptions(**options)
     from huggingface_hub import constants
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
@@ -93,15 +89,15 @@ def push_to_hub(directory: str | Path, repo_id: str, *, private: bool = False, r
         validate_repo_id(repo_id)
     except HFValidationError as e:
         raise AdaptError(f"invalid repo id {repo_id!r}: {first_line(e)}") from e
-    revision = revision or constants.DEFAULT_REVISION
-    plan = _plan(Path(directory).expanduser(), adapter_only)
+    revision = o.revision or constants.DEFAULT_REVISION
+    plan = _plan(Path(directory).expanduser(), o.adapter_only)
     card = build_card(plan, repo_id, revision)
     files = [(path, local.stat().st_size) for path, local in plan.files] + [("README.md", len(card.encode()))]
     files.sort()
-    result = PushResult(repo_id, revision, plan.kind, files, card, f"{constants.ENDPOINT}/{repo_id}", dry_run)
-    if dry_run:
+    result = PushResult(repo_id, revision, plan.kind, files, card, f"{constants.ENDPOINT}/{repo_id}", o.dry_run)
+    if o.dry_run:
         return result
-    result.commit_url = _upload(plan, card, repo_id, revision, private, commit_message, token)
+    result.commit_url = _upload(plan, card, repo_id, revision, o.private, o.commit_message, token)
     return result
 
 

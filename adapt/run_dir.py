@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 from . import checkpointing, outputs
-from .config import TrainConfig
+from .config import TrainConfig, run_config
 from .errors import AdaptError
 
 
@@ -97,3 +97,30 @@ def truncate_metrics(path: Path, step: int):
         if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
             kept.append(line)
     path.write_text("".join(ln + "\n" for ln in kept))
+
+
+def training_record(directory: Path) -> tuple[TrainConfig | None, list[dict]]:
+    """The run that wrote `directory`: its config (an `SFTConfig` for `dlm-adapt sft`) and metrics. `dlm-adapt
+    train` writes OUTPUT/final beside OUTPUT/config.json (the resolved recipe) and OUTPUT/metrics.jsonl; anywhere
+    else, or for a config this release cannot read, there is no record."""
+    if directory.resolve().name != "final":
+        return None, []
+    parent = directory.resolve().parent
+    try:
+        recipe = json.loads((parent / "config.json").read_text())
+    except (OSError, ValueError):
+        return None, []
+    if not isinstance(recipe, dict) or not {"max_steps", "train", "model", "anneal"} <= recipe.keys():
+        return None, []
+    try:
+        cfg = run_config(recipe)
+    except AdaptError:
+        return None, []
+    metrics = []
+    try:
+        for line in (parent / "metrics.jsonl").read_text().splitlines():
+            if line.strip():
+                metrics.append(json.loads(line))
+    except (OSError, ValueError):
+        metrics = []
+    return cfg, metrics

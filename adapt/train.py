@@ -26,7 +26,7 @@ from .config import SFTConfig, SFTDataConfig, TrainConfig, to_dict
 from .convert import convert
 from .data import BlockLoader, build_datasets
 from .errors import AdaptError
-from .evaluate import diffusion_elbo
+from .likelihood import diffusion_elbo
 from .objective import diffusion_loss, noised_batch
 from .run_dir import check_output, diverged, model_settings, resume_path, truncate_metrics
 from .sft_data import build_sft_datasets

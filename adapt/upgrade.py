@@ -13,6 +13,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .config import UpgradeOptions
 from .errors import AdaptError
 
 _VERSION_LINE = re.compile(r'^DLM_ADAPT_VERSION = "([^"]+)"', re.M)
@@ -80,11 +81,13 @@ def plan_upgrade(directory: str | Path) -> UpgradeResult:
     return result
 
 
-def upgrade(directory: str | Path, *, check: bool = False) -> UpgradeResult:
+def upgrade(directory: str | Path, **options) -> UpgradeResult:
     """Rewrite `directory`'s remote code and outdated config fields to this release's format, in place (each file
-    replaced atomically; weights untouched). With `check`, only report what would change."""
+    replaced atomically; weights untouched). `options`: the fields of `adapt.config.UpgradeOptions` (with
+    `check`, only report what would change)."""
+    o = UpgradeOptions(**options)
     result = plan_upgrade(directory)
-    if check or not result.needed:
+    if o.check or not result.needed:
         return result
     for name, content in result.changes.items():
         _replace(result.directory / name, content)

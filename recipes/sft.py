@@ -4,7 +4,7 @@
     accelerate launch --config_file recipes/accelerate/fsdp.yaml recipes/sft.py recipes/sft/llama-3.1-8b-lora-fsdp.yaml
     dlm-adapt sft RECIPE.yaml [key=value ...]                      # the same function
 
-What it does (LLaDA's SFT guideline, REFERENCE §6), all configured in the YAML (fields: adapt/config.py):
+What it does (LLaDA's SFT guideline, REFERENCE §6), all configured in the YAML (fields: adapt/config/recipes.py):
 - data: conversations (`messages`, multi-turn), prompt/completion pairs or instruction/input/output records, from
   local json/jsonl/parquet or a Hub dataset, rendered with the tokenizer's chat template (or
   `data.chat_template: default`); `data.train_on` trains every assistant turn or only the last;

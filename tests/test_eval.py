@@ -244,7 +244,7 @@ def test_infill_and_sweep_decode_with_diffusion_generate_and_its_kv_cache(conver
     model = MaskedDiffusionLM.from_pretrained(dlm, bidirectional=False).eval()
     tok = AutoTokenizer.from_pretrained(dlm)
     data = words_file(tmp_path / "d.txt")
-    opts = dict(tokenizer=tok, metrics="infill,steps_sweep", block_length=16, num_blocks=4, sample_by="line",
+    opts = dict(tokenizer=tok, metrics="infill,steps_sweep", seq_length=16, num_blocks=4, sample_by="line",
                 infill_examples=4, sweep_length=4, sweep_examples=4)
     plain = adapt.evaluate(model, str(data), **opts)
     cached = adapt.evaluate(model, str(data), kv_cache="prefix", **opts)

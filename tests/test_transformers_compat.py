@@ -103,9 +103,10 @@ def test_newer_transformers_errors_name_upgrade(monkeypatch):
         raise ValueError("a bad argument is not an API change")
 
 
-def test_cli_parses_arguments_without_torch_or_transformers():
+def test_cli_parses_arguments_without_torch():
+    # the flags come from transformers' HfArgumentParser, which is light; torch takes seconds to import
     code = ("import sys, adapt.cli; adapt.cli.build_parser().parse_args(['convert', 'a', 'b']); "
-            "print(sorted({'torch', 'transformers', 'bitsandbytes'} & set(sys.modules)))")
+            "print(sorted({'torch', 'bitsandbytes'} & set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

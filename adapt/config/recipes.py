@@ -13,13 +13,14 @@ from typing import Literal
 import torch
 import yaml
 
-from .errors import AdaptError
-from .annealing import AnnealConfig
-from .objective import ObjectiveConfig
-from .ranges import FieldError, check_ranges
+from ..errors import AdaptError
+from ..annealing import AnnealConfig
+from ..objective import ObjectiveConfig
+from ..ranges import FieldError, check_ranges
+from .commands import DTYPE_NAMES
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 @dataclass

@@ -1,0 +1,224 @@
+"""Options of the one-shot commands (convert, generate, eval, push, upgrade): one documented dataclass each.
+
+`dlm-adapt` builds its flags and `--help` from these fields with `transformers.HfArgumentParser`, and the Python
+functions take the same names as keywords. A field's `help` is its documentation. `None` means "not chosen": the
+function decides (for sampling: the checkpoint's generation_config.json, then `diffusion_generate`'s default).
+Positional arguments (model, source, output, directory) are the functions' own and are not here."""
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ..errors import AdaptError
+
+METRICS = ("elbo", "infill", "steps_sweep")
+DTYPE_NAMES = ("float32", "bfloat16", "float16")  # torch dtypes by name (`recipes.DTYPES`)
+
+
+class SamplerChoices(Sequence):
+    """Choices that are a table of the sampler (`REMASKING`, `KV_CACHES`), read when argparse first looks at them:
+    the sampler imports torch, which parsing `dlm-adapt convert ...` or `--help` should not wait for."""
+
+    def __init__(self, table: str):
+        self.table = table
+
+    def _values(self) -> tuple:
+        from .. import sampling
+
+        return getattr(sampling, self.table)
+
+    def __getitem__(self, i):
+        return self._values()[i]
+
+    def __len__(self):
+        return len(self._values())
+
+
+def _help(text: str, **more) -> dict:
+    return {"metadata": {"help": text, **more}}
+
+
+class Names(tuple):
+    """Comma-separated on the command line ("elbo,infill"), a tuple in Python (a list or a string is accepted)."""
+
+    def __new__(cls, value=()):
+        if isinstance(value, str):
+            value = value.split(",")
+        return super().__new__(cls, (cls.item(v.strip() if isinstance(v, str) else v) for v in value
+                                     if not (isinstance(v, str) and not v.strip())))
+
+    item = staticmethod(str)
+
+
+class Texts(tuple):
+    """A repeatable text flag (`--prompt a --prompt b`): each flag adds one text, commas and all."""
+
+    def __new__(cls, value=()):
+        return super().__new__(cls, [value] if isinstance(value, str) else value)
+
+
+class Ints(Names):
+    """Comma-separated integers on the command line ("1,2,4")."""
+
+    item = staticmethod(int)
+
+
+@dataclass
+class ConvertOptions:
+    """`dlm-adapt convert SOURCE OUTPUT` = `adapt.convert(source, output, **options)`."""
+
+    mask_token: str = field(default="auto", **_help(
+        "'auto' (an existing mask token, else a spare embedding row, else a new <|mask|>), a token in the "
+        "vocabulary, or a token id"))
+    shift: bool = field(default=True, **_help("keep the AR alignment: logit i-1 predicts token i"))
+    dtype: Literal[("auto", *DTYPE_NAMES)] = field(default="auto", **_help(
+        "weight dtype of the output ('auto': the source's)"))
+    revision: str | None = field(default=None, **_help("Hub revision (branch, tag or commit) of SOURCE"))
+    gguf_file: str | None = field(default=None, **_help("GGUF file name inside SOURCE (a directory or Hub repo)"))
+    trust_remote_code: bool = field(default=False, **_help(
+        "allow the source's own Python code for its config and tokenizer"))
+    overwrite: bool = field(default=False, **_help("replace OUTPUT if dlm-adapt wrote it"))
+
+    def __post_init__(self):
+        if self.dtype != "auto" and self.dtype not in DTYPE_NAMES:  # the Python API does not check the Literal
+            raise AdaptError(f"unknown dtype '{self.dtype}': use auto, {', '.join(DTYPE_NAMES)}")
+
+
+@dataclass
+class GenerateOptions:
+    """`dlm-adapt generate MODEL`: prompts, then `diffusion_generate`'s options (unset: the checkpoint's
+    generation_config.json, else the sampler's default). `adapt.generate.generate` takes the sampling fields as
+    keywords."""
+
+    prompt: Texts | None = field(default=None, **_help(
+        "prompt text (repeatable; all prompts decode as one left-padded batch)", action="append"))
+    prompts_file: str | None = field(default=None, **_help("a UTF-8 file with one prompt per line"))
+    chat: bool = field(default=False, **_help("wrap each prompt in the tokenizer's chat template"))
+    infill: str | None = field(default=None, **_help(
+        "text whose mask-token strings (e.g. <|mask|>) are holes to fill", metavar="TEXT"))
+    max_new_tokens: int | None = field(default=None, **_help(
+        "tokens to generate (default: generation_config.json, which then decides --steps and --block-length too; "
+        "128 for a fresh conversion)"))
+    steps: int | None = field(default=None, **_help(
+        "forward passes (default: --max-new-tokens when it is given, else generation_config.json)"))
+    block_length: int | None = field(default=None, **_help(
+        "semi-autoregressive decoding block (default: one block when --max-new-tokens is given, else "
+        "generation_config.json)"))
+    remasking: str | None = field(default=None, **_help(
+        "which masked positions to commit first: %(choices)s (default: generation_config.json, else "
+        "low_confidence)", choices=SamplerChoices("REMASKING"), metavar="ORDER"))
+    threshold: float | None = field(default=None, **_help(
+        "parallel decoding: commit every position whose probability is at least this"))
+    temperature: float | None = field(default=None, **_help("sampling temperature (default: 0, greedy)"))
+    top_k: int | None = field(default=None, **_help("keep the k most likely tokens"))
+    top_p: float | None = field(default=None, **_help("keep the smallest set of tokens with this probability"))
+    min_new_tokens: int | None = field(default=None, **_help("forbid EOS before this many new tokens (default: 0)"))
+    seed: int | None = field(default=None, **_help("seed of the sampling generator"))
+    kv_cache: str | None = field(default=None, **_help(
+        "Fast-dLLM's approximate KV cache, refreshed once per block: later passes rerun the block and what "
+        "follows it (prefix) or only the block (dual)", choices=SamplerChoices("KV_CACHES"), metavar="CACHE"))
+    show_steps: bool = field(default=False, **_help("print the canvas after every step (stderr)"))
+    json: bool = field(default=False, **_help("one JSON object per prompt: text, tokens, nfe, ..."))
+
+    SAMPLING = ("steps", "block_length", "remasking", "threshold", "temperature", "top_k", "top_p",
+                "min_new_tokens", "kv_cache")
+
+    def __post_init__(self):  # `--prompt a --prompt b` arrives as [Texts(a), Texts(b)]
+        self.prompt = Texts(p for group in self.prompt or () for p in Texts(group))
+
+    def sampling(self) -> dict:
+        """The options handed to `diffusion_generate`; unset ones are left to the checkpoint."""
+        return {k: getattr(self, k) for k in self.SAMPLING if getattr(self, k) is not None}
+
+
+@dataclass
+class EvalOptions:
+    """`dlm-adapt eval MODEL --data DATA` = `adapt.evaluate(model, data, **options)`."""
+
+    data: str = field(**_help(
+        "a .txt/.json/.jsonl/.parquet file (comma-separated for several) or a Hub dataset name"))
+    metrics: Names = field(default=Names("elbo"), **_help(
+        f"comma-separated, any of {', '.join(METRICS)}", metavar="M1,M2"))
+    mc_samples: int = field(default=16, **_help("Monte-Carlo draws per block for the ELBO"))
+    ar_parent: str | None = field(default=None, **_help(
+        "causal LM that scores generated text (default: the checkpoint's provenance.source, if it loads from "
+        "local files)"))
+    seq_length: int | None = field(default=None, **_help("tokens per packed block (default: 128)"))
+    block_length: int | None = field(default=None, **_help("deprecated name of --seq-length"))
+    num_blocks: int = field(default=64, **_help("blocks evaluated, from the start of the data"))
+    batch_size: int = field(default=16, **_help("sequences per forward pass"))
+    seed: int = field(default=0, **_help("seed of the Monte-Carlo draws and of the sweep's tasks"))
+    device: str | None = field(default=None, **_help("e.g. cpu, cuda, cuda:1 (default: where the model loads)"))
+    text_column: str = field(default="text", **_help("text field of json/jsonl/parquet/Hub data"))
+    sample_by: Literal["line", "paragraph", "document"] = field(default="paragraph", **_help(
+        "how a .txt file splits into documents (paragraph: blank-line-separated)"))
+    split: str = field(default="validation", **_help("Hub dataset split"))
+    hub_config: str | None = field(default=None, **_help("Hub dataset configuration name"))
+    infill_span: int | None = field(default=None, **_help(
+        "tokens hidden in the middle of each block (default: a quarter of the block)"))
+    infill_examples: int = field(default=16, **_help("blocks used for infilling"))
+    sweep_length: int = field(default=16, **_help("tokens generated in the steps sweep"))
+    sweep_steps: Ints | None = field(default=None, **_help(
+        "comma-separated step counts (default: 1, 2, 4, ... up to --sweep-length)", metavar="N1,N2"))
+    sweep_examples: int = field(default=32, **_help("task examples and prompts in the sweep"))
+    json: str | None = field(default=None, **_help("also write the result to this file", metavar="OUT.json"))
+    plot: str | None = field(default=None, **_help(
+        "plot the steps sweep (needs matplotlib: the eval extra)", metavar="OUT.png"))
+    kv_cache: str | None = field(default=None, **_help(
+        "a diffusion checkpoint's KV cache while it decodes for infill and steps_sweep: %(choices)s (as in "
+        "generate)", choices=SamplerChoices("KV_CACHES"), metavar="CACHE"))
+
+    def __post_init__(self):
+        if self.block_length is not None:
+            if self.seq_length not in (None, self.block_length):
+                raise AdaptError("evaluate got both seq_length and block_length; pass only seq_length "
+                                 "(block_length is its deprecated name)")
+            warnings.warn("evaluate(block_length=) is deprecated: use seq_length= (the packing length; "
+                          "block_length names the decoding block)", FutureWarning, stacklevel=4)
+            self.seq_length, self.block_length = self.block_length, None
+        if self.seq_length is None:
+            self.seq_length = 128
+        self.metrics = Names(self.metrics)
+        unknown = [m for m in self.metrics if m not in METRICS]
+        if unknown or not self.metrics:
+            raise AdaptError(f"unknown metric {', '.join(unknown) or '(none given)'}; choose from "
+                             f"{', '.join(METRICS)}")
+        self.metrics = Names(dict.fromkeys(self.metrics))
+        if self.sweep_steps is not None:
+            self.sweep_steps = Ints(self.sweep_steps)
+        for name in ("mc_samples", "seq_length", "num_blocks", "batch_size", "infill_examples", "sweep_length",
+                     "sweep_examples"):
+            if getattr(self, name) < 1:
+                raise AdaptError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.seq_length < 2:
+            raise AdaptError("seq_length must be at least 2 (the first token of a block is context)")
+        if self.plot is not None and "steps_sweep" not in self.metrics:
+            raise AdaptError("--plot draws the steps sweep: add steps_sweep to --metrics")
+        from ..sampling import SamplingError, check_sampling_options
+
+        try:
+            check_sampling_options(kv_cache=self.kv_cache)
+        except SamplingError as e:
+            raise AdaptError(str(e)) from e
+
+
+@dataclass
+class PushOptions:
+    """`dlm-adapt push DIR REPO_ID` = `adapt.push_to_hub(directory, repo_id, **options)`."""
+
+    private: bool = field(default=False, **_help("create the repo private (an existing repo keeps its visibility)"))
+    revision: str | None = field(default=None, **_help(
+        "branch to commit to, created if missing (default: main)", metavar="BRANCH"))
+    commit_message: str | None = field(default=None, **_help("commit message", metavar="M"))
+    adapter_only: bool = field(default=False, **_help(
+        "DIR must be a PEFT adapter: upload only adapter_config.json and adapter_model.safetensors (and the card)"))
+    dry_run: bool = field(default=False, **_help("print the files and the card; contact nothing"))
+
+
+@dataclass
+class UpgradeOptions:
+    """`dlm-adapt upgrade DIR` = `adapt.upgrade(directory, **options)`."""
+
+    check: bool = field(default=False, **_help(
+        "only report whether an upgrade is needed (exit 1 if so); write nothing"))

@@ -1,0 +1,135 @@
+"""Likelihood of text under a diffusion checkpoint (the Monte-Carlo ELBO, an upper bound on its NLL) and under a
+causal LM (the exact NLL). Both score the same tokens of a packed block: all but the first, which is context
+(see `adapt.evaluate`). Training's validation loss, `dlm-adapt eval` and the benchmarks call these."""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .batch import Batch, as_batch
+from .errors import AdaptError
+from .objective import ObjectiveConfig, sequence_losses
+
+
+@torch.no_grad()
+def diffusion_elbo(model, blocks: "torch.Tensor | Batch", *, mc_samples: int = 16, batch_size: int = 16,
+                   seed: int = 0) -> dict:
+    """Monte-Carlo ELBO (an upper bound on the NLL) in nats per scored token.
+
+    `blocks` are packed text, a (rows, L) tensor of token ids, scored on tokens 1..L−1 with token 0 as context;
+    or an `adapt.batch.Batch`, scored on its maskable tokens (SFT rows: the answer tokens only) from 1 on.
+
+    Each draw picks a number of masked tokens l uniform on 1..N (N = the row's scored tokens), masks a uniform
+    subset of that size and scores (1/l)·Σ CE over it. This is the continuous-time 1/t ELBO with t integrated out
+    (∫ Binomial(N, t)(l)/t dt = 1/l; LLaDA's estimator), with lower variance, and exact per draw for a model
+    whose predictions ignore the context. The l's are low-discrepancy: draw k of block b uses
+    u = (k + (o_k + b/B) mod 1)/K, stratified over the K draws of a block and a shifted lattice across blocks
+    (the antithetic t of MDLM); with K = 1 that is the one-draw-per-block estimate used during training.
+    Rows are weighted by their scored tokens, so the result is per token, not per row.
+
+    `stderr` is the Monte-Carlo standard error for this fixed text, from the within-block spread of the K draws
+    taken as independent. Stratification makes the real error smaller when the score depends on the mask count
+    (3x smaller for the context-dependent model in tests/test_eval.py); for a context-free model it is exact.
+    """
+    config = model.config
+    mask_id, shift = getattr(config, "mask_token_id", None), bool(getattr(config, "shift", False))
+    if mask_id is None:
+        raise AdaptError("the model has no mask_token_id: not a diffusion model")
+    try:
+        batch = as_batch(blocks)
+    except TypeError as e:
+        raise AdaptError(f"diffusion_elbo: {e}") from None
+    ids, attention = batch.input_ids, batch.attention_mask
+    scorable = (torch.ones_like(ids, dtype=torch.bool) if batch.maskable is None else batch.maskable.clone())
+    scorable[:, 0] = False  # nothing predicts position 0 under shift (and for SFT it is prompt anyway)
+    n_blocks, length = ids.shape
+    if length < 2:
+        raise AdaptError("blocks need at least 2 tokens (the first is context)")
+    if mc_samples < 1 or batch_size < 1:
+        raise AdaptError("mc_samples and batch_size must be at least 1")
+    scored = scorable.sum(1)
+    if (scored == 0).any():
+        raise AdaptError("a row has no tokens to score")
+    k_draws = mc_samples
+    g = torch.Generator().manual_seed(seed)
+    offsets = torch.rand(k_draws, generator=g, dtype=torch.float64)
+    lattice = (offsets[None, :] + torch.arange(n_blocks, dtype=torch.float64)[:, None] / n_blocks) % 1.0
+    u = (torch.arange(k_draws, dtype=torch.float64)[None, :] + lattice) / k_draws
+    counts = torch.minimum((u * scored[:, None]).long(), scored[:, None] - 1) + 1  # (B, K), uniform on 1..N_b
+    device = model_device(model)
+    cfg = ObjectiveConfig(weighting="inverse_t")
+    values = torch.empty(n_blocks, k_draws, dtype=torch.float64)
+    noise, drawn = {}, 0  # subset draws made block by block: results do not depend on batch_size
+
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, n_blocks * k_draws, batch_size):
+            rows = torch.arange(start, min(start + batch_size, n_blocks * k_draws))
+            b, k = rows // k_draws, rows % k_draws
+            while drawn <= int(b[-1]):
+                noise[drawn] = torch.rand((k_draws, length), generator=g)
+                drawn += 1
+            for old in [key for key in noise if key < int(b[0])]:
+                del noise[old]
+            draws = torch.stack([noise[int(bi)][int(ki)] for bi, ki in zip(b, k)])
+            draws = draws.masked_fill(~scorable[b], 2.0)  # unscorable positions rank last, never chosen
+            n = counts[b, k]
+            masked = (draws.argsort(1).argsort(1) < n[:, None]).to(device)  # the n smallest: a uniform n-subset
+            x0 = ids[b].to(device)
+            mask = attention[b].to(device) if attention is not None else None
+            logits = model(input_ids=x0.masked_fill(masked, mask_id), attention_mask=mask).logits
+            t = (n.double() / scored[b]).float().to(device)
+            values[b, k] = sequence_losses(logits, x0, masked, scorable[b].to(device), t, cfg,
+                                           shift).double().cpu()
+    finally:
+        model.train(was_training)
+    weight = scored.double() / scored.sum()
+    elbo = (values.mean(1) * weight).sum().item()
+    stderr = (values.var(1) * weight ** 2).sum().div(k_draws).sqrt().item() if k_draws > 1 else None
+    return {"elbo_nats_per_token": elbo, "ppl_bound": exp_or_inf(elbo), "stderr": stderr, "tokens": int(scored.sum()),
+            "blocks": n_blocks, "mc_samples": k_draws, "seed": seed}
+
+
+@torch.no_grad()
+def causal_nll(model, blocks: torch.Tensor, *, batch_size: int = 16) -> dict:
+    """Exact NLL of a causal LM in nats per token over tokens 1..L−1 of each block (the ELBO's tokens)."""
+    nll = _token_nll(model, blocks, batch_size)
+    value = nll.double().mean().item()
+    return {"nll_nats_per_token": value, "ppl": exp_or_inf(value), "stderr": 0.0, "tokens": nll.numel(),
+            "blocks": blocks.shape[0]}
+
+
+def nll_after(model, ids: torch.Tensor, start: int, batch_size: int) -> float:
+    """Mean NLL per token of tokens start..L−1 of each row under a causal LM (each given everything before it)."""
+    return _token_nll(model, ids, batch_size)[:, start - 1:].double().mean().item()
+
+
+@torch.no_grad()
+def _token_nll(model, ids: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """(rows, L−1) NLL of token j+1 given tokens 0..j under a causal LM."""
+    device = model_device(model)
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        for start in range(0, ids.shape[0], batch_size):
+            x = ids[start:start + batch_size].to(device)
+            logits = model(input_ids=x).logits[:, :-1].float()
+            out.append(F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten(), reduction="none")
+                       .view(x.shape[0], -1).cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(out)
+
+
+def model_device(model) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def exp_or_inf(x: float) -> float:
+    return math.exp(x) if x < 700 else math.inf
