@@ -14,7 +14,7 @@ from .objective import ObjectiveConfig, sequence_losses
 
 @torch.no_grad()
 def diffusion_elbo(model, blocks: "torch.Tensor | Batch", *, mc_samples: int = 16, batch_size: int = 16,
-                   seed: int = 0) -> dict:
+                   seed: int = 0, block_size: int | None = None) -> dict:
     """Monte-Carlo ELBO (an upper bound on the NLL) in nats per scored token.
 
     `blocks` are packed text, a (rows, L) tensor of token ids, scored on tokens 1..L−1 with token 0 as context;
@@ -27,6 +27,12 @@ def diffusion_elbo(model, blocks: "torch.Tensor | Batch", *, mc_samples: int = 1
     u = (k + (o_k + b/B) mod 1)/K, stratified over the K draws of a block and a shifted lattice across blocks
     (the antithetic t of MDLM); with K = 1 that is the one-draw-per-block estimate used during training.
     Rows are weighted by their scored tokens, so the result is per token, not per row.
+
+    Block diffusion (`block_size`, default the checkpoint's `config.block_size`): the bound is a sum over
+    diffusion blocks, each one's masked-diffusion bound given the clean blocks before it, all blocks of a row in
+    one 2L forward (`adapt.blocks`). Each block draws its own mask count l uniform on 1..N_block, stratified as
+    above across (row, block) pairs. At block size 1 every token is masked with its clean prefix visible: the
+    exact AR NLL.
 
     `stderr` is the Monte-Carlo standard error for this fixed text, from the within-block spread of the K draws
     taken as independent. Stratification makes the real error smaller when the score depends on the mask count
@@ -51,12 +57,21 @@ def diffusion_elbo(model, blocks: "torch.Tensor | Batch", *, mc_samples: int = 1
     scored = scorable.sum(1)
     if (scored == 0).any():
         raise AdaptError("a row has no tokens to score")
+    if block_size is None:
+        block_size = getattr(config, "block_size", None)
+    # a "segment" is what draws one mask count: the whole row, or one diffusion block of it
+    segment = torch.zeros(length, dtype=torch.long) if block_size is None else torch.arange(length) // block_size
+    n_seg = int(segment[-1]) + 1
+    per_segment = torch.zeros(n_blocks, n_seg, dtype=torch.long).index_add_(1, segment, scorable.long())
     k_draws = mc_samples
     g = torch.Generator().manual_seed(seed)
     offsets = torch.rand(k_draws, generator=g, dtype=torch.float64)
-    lattice = (offsets[None, :] + torch.arange(n_blocks, dtype=torch.float64)[:, None] / n_blocks) % 1.0
-    u = (torch.arange(k_draws, dtype=torch.float64)[None, :] + lattice) / k_draws
-    counts = torch.minimum((u * scored[:, None]).long(), scored[:, None] - 1) + 1  # (B, K), uniform on 1..N_b
+    cells = n_blocks * n_seg
+    lattice = (offsets[None, :] + torch.arange(cells, dtype=torch.float64)[:, None] / cells) % 1.0
+    u = ((torch.arange(k_draws, dtype=torch.float64)[None, :] + lattice) / k_draws).view(n_blocks, n_seg, k_draws)
+    size = per_segment[:, :, None]
+    counts = torch.minimum((u * size).long(), (size - 1).clamp_min(0)) + 1  # (rows, segments, K): 1..N_segment
+    counts = counts.masked_fill(size == 0, 0)  # a segment with nothing to score (block 0 at B = 1) masks nothing
     device = model_device(model)
     cfg = ObjectiveConfig(weighting="inverse_t")
     values = torch.empty(n_blocks, k_draws, dtype=torch.float64)
@@ -75,12 +90,12 @@ def diffusion_elbo(model, blocks: "torch.Tensor | Batch", *, mc_samples: int = 1
                 del noise[old]
             draws = torch.stack([noise[int(bi)][int(ki)] for bi, ki in zip(b, k)])
             draws = draws.masked_fill(~scorable[b], 2.0)  # unscorable positions rank last, never chosen
-            n = counts[b, k]
-            masked = (draws.argsort(1).argsort(1) < n[:, None]).to(device)  # the n smallest: a uniform n-subset
+            n = counts[b, :, k][:, segment]  # each position's segment's mask count
+            masked = (_segment_ranks(draws, segment, n_seg) < n).to(device)  # the n smallest: a uniform n-subset
             x0 = ids[b].to(device)
             mask = attention[b].to(device) if attention is not None else None
-            logits = model(input_ids=x0.masked_fill(masked, mask_id), attention_mask=mask).logits
-            t = (n.double() / scored[b]).float().to(device)
+            t = (n.double() / per_segment[b][:, segment].clamp_min(1)).float().to(device)
+            logits = _denoise(model, x0.masked_fill(masked, mask_id), x0, mask, block_size, shift)
             values[b, k] = sequence_losses(logits, x0, masked, scorable[b].to(device), t, cfg,
                                            shift).double().cpu()
     finally:
@@ -90,6 +105,28 @@ def diffusion_elbo(model, blocks: "torch.Tensor | Batch", *, mc_samples: int = 1
     stderr = (values.var(1) * weight ** 2).sum().div(k_draws).sqrt().item() if k_draws > 1 else None
     return {"elbo_nats_per_token": elbo, "ppl_bound": exp_or_inf(elbo), "stderr": stderr, "tokens": int(scored.sum()),
             "blocks": n_blocks, "mc_samples": k_draws, "seed": seed}
+
+
+def _segment_ranks(draws: torch.Tensor, segment: torch.Tensor, n_seg: int) -> torch.Tensor:
+    """Rank of each draw within its segment (0 = smallest), for rows of draws in [0, 1] (2.0: never chosen)."""
+    keyed = draws.double() + 4.0 * segment.double()  # segments sort apart, in order
+    ranks = keyed.argsort(1).argsort(1)
+    starts = torch.zeros(n_seg, dtype=torch.long).index_add_(0, segment, torch.ones_like(segment)).cumsum(0)
+    return ranks - (starts - torch.bincount(segment, minlength=n_seg))[segment]
+
+
+def _denoise(model, x_t, x0, padding, block_size, shift):
+    """Logits at every position of x_t as inference computes them: one forward over the canvas, or for block
+    diffusion one 2L forward whose earlier blocks are clean (`adapt.blocks`)."""
+    if block_size is None:
+        return model(input_ids=x_t, attention_mask=padding).logits
+    from .blocks import canvas_logits, two_l_attention_mask, two_l_inputs
+
+    padding = torch.ones_like(x0) if padding is None else padding
+    ids, positions, pad = two_l_inputs(x_t, x0, padding)
+    logits = model(input_ids=ids, attention_mask=two_l_attention_mask(model, pad, block_size),
+                   position_ids=positions).logits
+    return canvas_logits(logits, x0.shape[1], block_size, shift)
 
 
 @torch.no_grad()

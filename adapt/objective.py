@@ -44,9 +44,14 @@ def sample_t(batch: int, cfg: ObjectiveConfig, generator: torch.Generator | None
     return (1 - cfg.eps) * u + cfg.eps
 
 
+def per_position(t: torch.Tensor) -> torch.Tensor:
+    """t as (rows, 1) or (rows, L): one t per row, or per position (block diffusion draws one per block)."""
+    return t[:, None] if t.dim() == 1 else t
+
+
 def corrupt(x0, maskable, t, mask_id: int, u: torch.Tensor):
     """x_t: each maskable token replaced by `mask_id` where its uniform draw u < t. Returns (x_t, masked)."""
-    masked = (u < t[:, None]) & maskable
+    masked = (u < per_position(t)) & maskable
     return x0.masked_fill(masked, mask_id), masked
 
 
@@ -61,14 +66,16 @@ def cart_weights(masked: torch.Tensor, maskable: torch.Tensor, p: float) -> torc
 
 def _weighted_ce(logits, x0, masked, maskable, t, cfg: ObjectiveConfig, shift: bool):
     """(weighted CE per position, masked, maskable), aligned so position i is the prediction of token i."""
+    t = per_position(t)
     if shift:  # logit i−1 predicts token i
         logits, x0, masked, maskable = logits[:, :-1], x0[:, 1:], masked[:, 1:], maskable[:, 1:]
+        t = t[:, 1:] if t.shape[1] > 1 else t
     # flattened (N, V) layout: the (B, V, L) transpose makes cross_entropy about 2x slower on CPU
     ce = F.cross_entropy(logits.float().flatten(0, 1), x0.flatten(), reduction="none").view_as(x0)
     if cfg.weighting == "cart":
         weight = cart_weights(masked, maskable, cfg.cart_p)
     else:
-        weight = (1.0 / t)[:, None].expand_as(ce)
+        weight = (1.0 / t).expand_as(ce)
     return ce * weight * masked, masked, maskable
 
 
@@ -90,8 +97,9 @@ def sequence_losses(logits, x0, masked, maskable, t, cfg: ObjectiveConfig, shift
 
 
 def noised_batch(x0, maskable, cfg: ObjectiveConfig, mask_id: int, shift: bool, generator=None,
-                 rows: slice | None = None, total_rows: int | None = None):
+                 rows: slice | None = None, total_rows: int | None = None, block_size: int | None = None):
     """Everything one training step needs: (x_t, x0, masked, maskable, t), doubled with complements if asked.
+    With `block_size`, t is (rows, L): one t per block (`blocks.block_t`); else (rows,).
 
     In data parallel training each process passes `total_rows` (the global batch) and its `rows`: the noise is
     drawn for the whole global batch and sliced, so it does not depend on the number of processes."""
@@ -99,7 +107,13 @@ def noised_batch(x0, maskable, cfg: ObjectiveConfig, mask_id: int, shift: bool, 
         maskable = maskable.clone()
         maskable[:, 0] = False
     total = total_rows or x0.shape[0]
-    t = sample_t(total, cfg, generator, generator.device if generator is not None else x0.device)
+    device = generator.device if generator is not None else x0.device
+    if block_size is None:
+        t = sample_t(total, cfg, generator, device)
+    else:
+        from .blocks import block_t
+
+        t = block_t(total, x0.shape[1], block_size, cfg.eps, generator, device)
     u = torch.rand((total, x0.shape[1]), generator=generator, device=t.device)
     if rows is not None:
         t, u = t[rows], u[rows]

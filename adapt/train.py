@@ -21,6 +21,7 @@ from transformers import AutoTokenizer, get_scheduler
 
 from . import checkpointing, outputs
 from .annealing import annealed_attention_mask, check_annealing_supported, mask_ratio
+from .blocks import canvas_logits, documents, two_l_attention_mask, two_l_inputs
 from .batch import Batch
 from .config import SFTConfig, SFTDataConfig, TrainConfig, to_dict
 from .convert import convert
@@ -127,6 +128,14 @@ class Recipe:
         if self.sft:  # saved with OUTPUT/final, so `generate --chat` renders prompts exactly as training did
             self.tokenizer.chat_template = self.chat_template
         self.dlm = diffusion_model(self.model)
+        self.checkpoint_block = getattr(self.dlm.config, "block_size", None)
+        final_block = cfg.block.final_size(self.checkpoint_block)
+        if final_block is not None:
+            if cfg.anneal.mode != "none":
+                raise AdaptError(f"{self.source} is a block-diffusion checkpoint (block size "
+                                 f"{self.checkpoint_block}): set anneal.mode=none; blocks replace annealing")
+            self.dlm.config.block_size = final_block  # what OUTPUT/final decodes with
+        self.block = None  # the block size of the latest step (the schedule moves it)
         check_annealing_supported(self.dlm, cfg.anneal)
         self.global_batch = cfg.train.batch_size * self.world
         self.loader = BlockLoader(self.train_data, self.global_batch, cfg.train.seed, self.rank, self.world)
@@ -189,6 +198,7 @@ class Recipe:
         on a non-finite loss or gradient norm, before the update reaches the weights."""
         cfg, acc, model = self.cfg, self.accelerator, self.model
         ratio = mask_ratio(step, cfg.anneal)
+        self.block = cfg.block.size_at(step, cfg.max_steps, self.checkpoint_block)
         ga = cfg.train.gradient_accumulation_steps
         started, loss_sum, seen = time.perf_counter(), 0.0, 0
         for micro in range(ga):
@@ -209,30 +219,44 @@ class Recipe:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         seconds = time.perf_counter() - started
-        return {"step": done, "loss": loss_value, "lr": self.scheduler.get_last_lr()[0], "mask_ratio": ratio,
-                "tokens_per_s": seen * self.world / seconds}
+        record = {"step": done, "loss": loss_value, "lr": self.scheduler.get_last_lr()[0], "mask_ratio": ratio,
+                  "tokens_per_s": seen * self.world / seconds}
+        return record if self.block is None else {**record, "block_size": self.block}
 
     def _micro_step(self, batch: Batch, ratio: float, sync) -> tuple[float, int]:
         """Forward and backward of this process's rows of one global batch: (loss, real tokens seen)."""
         cfg, dlm = self.cfg, self.dlm
         rows = slice(self.rank * cfg.train.batch_size, (self.rank + 1) * cfg.train.batch_size)
         x0, maskable, padding = batch.split()
+        per_block = self.block if cfg.block.noise == "block" else None
         x_t, x0_, masked, maskable, t = noised_batch(x0, maskable, cfg.objective, dlm.config.mask_token_id,
-                                                     dlm.config.shift, self.noise, rows, self.global_batch)
+                                                     dlm.config.shift, self.noise, rows, self.global_batch, per_block)
         padding = padding.repeat(x_t.shape[0] // padding.shape[0], 1)  # complementary masks double the batch
-        attention = annealed_attention_mask(dlm, padding, ratio, self.noise)
-        positions = torch.arange(x_t.shape[1], device=x_t.device).expand_as(x_t)  # rows are right-padded
         with sync, self.accelerator.autocast():
-            logits = self.model(input_ids=x_t, attention_mask=attention, position_ids=positions).logits
+            if self.block is None:
+                attention = annealed_attention_mask(dlm, padding, ratio, self.noise)
+                positions = torch.arange(x_t.shape[1], device=x_t.device).expand_as(x_t)  # rows are right-padded
+                logits = self.model(input_ids=x_t, attention_mask=attention, position_ids=positions).logits
+            else:
+                logits = self._two_l_logits(x_t, x0_, padding)
             loss = diffusion_loss(logits, x0_, masked, maskable, t, cfg.objective, dlm.config.shift)
             self.accelerator.backward(loss / cfg.train.gradient_accumulation_steps)
         return loss.detach().float().item(), int(padding.sum())
+
+    def _two_l_logits(self, x_t, x0, padding):
+        """Block diffusion: one forward over the noised and the clean sequence (`adapt.blocks`); packed
+        documents do not attend to each other (SFT rows hold one sample each, padding aside)."""
+        ids, positions, pad = two_l_inputs(x_t, x0, padding)
+        docs = None if self.sft else documents(x0, self.tokenizer.eos_token_id)
+        mask = two_l_attention_mask(self.dlm, pad, self.block, docs)
+        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        return canvas_logits(logits, x0.shape[1], self.block, self.dlm.config.shift)
 
     def evaluate(self) -> float:
         """Validation ELBO in nats per token: one low-discrepancy draw per row with a fixed seed, so every
         evaluation scores the same rows under the same noise and the curve moves only with the model."""
         return diffusion_elbo(self.dlm, self.val_data, mc_samples=1, batch_size=self.cfg.train.batch_size,
-                              seed=1234)["elbo_nats_per_token"]
+                              seed=1234, block_size=self.block)["elbo_nats_per_token"]
 
     def log(self, record: dict, bar):
         cfg = self.cfg
@@ -240,7 +264,9 @@ class Recipe:
             return
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
-        bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}", ratio=f"{record['mask_ratio']:.2f}",
+        shape = ({"block": record["block_size"]} if "block_size" in record  # blocks replace annealing
+                 else {"ratio": f"{record['mask_ratio']:.2f}"})
+        bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}", **shape,
                         tok_s=f"{record['tokens_per_s']:.0f}")
         if cfg.tensorboard:
             self.accelerator.log(record, step=record["step"])

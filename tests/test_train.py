@@ -1,6 +1,7 @@
 """Training: metrics and final checkpoint, exact resume, crash safety, LoRA/QLoRA, bad inputs."""
 
 import json
+import math
 import os
 import random
 import shutil
@@ -317,3 +318,23 @@ def test_old_block_length_key_loads_with_one_warning(tmp_path, capsys):
         load_config(None, ["data.seq_length=32", "data.block_length=32"])
     with pytest.raises(AdaptError, match="unknown config key 'data.block_length'"):  # SFT data never had one
         load_config(None, ["data.block_length=32"], cls=adapt.SFTConfig)
+
+
+def test_block_diffusion_run_follows_its_schedule_and_resumes_bit_exactly(setup, tmp_path):
+    extra = ["anneal.mode=none", "block.size=4", "block.schedule=[1,2,4]", "block.stage_steps=2", "max_steps=8",
+             "eval_steps=4", "objective.complementary=true"]
+    final = adapt.train(_cfg(setup, tmp_path / "straight", *extra))
+    records = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert [r["block_size"] for r in steps] == [1, 1, 2, 2, 4, 4, 4, 4]
+    assert all(math.isfinite(r["loss"]) for r in steps)
+    assert [math.isfinite(r["val_elbo"]) for r in records if "val_elbo" in r] == [True, True]
+    assert json.loads((final / "config.json").read_text())["block_size"] == 4
+    assert adapt.train(_cfg(setup, tmp_path / "split", *extra, "stop_after=3")) is None
+    adapt.train(_cfg(setup, tmp_path / "split", *extra, "resume=true"))
+    assert _losses(tmp_path / "split") == _losses(tmp_path / "straight")  # bit-identical across the stage change
+
+
+def test_block_diffusion_refuses_annealing():
+    with pytest.raises(adapt.AdaptError, match="anneal.mode.*must be none with block diffusion"):
+        load_config(None, ["block.size=4"])

@@ -15,6 +15,7 @@ import yaml
 
 from ..errors import AdaptError
 from ..annealing import AnnealConfig
+from ..blocks import BlockConfig
 from ..objective import ObjectiveConfig
 from ..ranges import FieldError, check_ranges
 from .commands import DTYPE_NAMES
@@ -179,10 +180,16 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     anneal: AnnealConfig = field(default_factory=AnnealConfig)
+    block: BlockConfig = field(default_factory=BlockConfig)
+    """Block diffusion: block size, and the schedule from AR to blocks. Off (full-sequence) unless the checkpoint
+    or `block.size` has a block size."""
     train: TrainOptions = field(default_factory=TrainOptions)
     lora: LoraOptions = field(default_factory=LoraOptions)
 
     def __post_init__(self):
+        if self.block.size is not None and self.anneal.mode != "none":
+            raise FieldError("anneal.mode", "must be none with block diffusion (block.size is set): the block "
+                                            "schedule replaces annealing, starting from the AR model at block size 1")
         # 0 turns saving, evaluation and sampling off
         check_ranges(self, {"max_steps": "[1, inf)", "save_steps": "[0, inf)", "eval_steps": "[0, inf)",
                             "log_steps": "[1, inf)", "sample_steps": "[0, inf)", "save_total_limit": "[0, inf)",
