@@ -224,6 +224,14 @@ def evaluate(model, data: str, *, tokenizer=None, **options) -> dict:
     kind = _kind(model)
     if o.kv_cache is not None and kind != DIFFUSION:
         raise AdaptError("--kv-cache is a diffusion checkpoint's decoding option; a causal LM has none to set")
+    result_note = None
+    if o.block_size is not None:
+        if kind != DIFFUSION:
+            raise AdaptError("--block-size scores a diffusion checkpoint block-wise; a causal LM has no blocks")
+        trained = getattr(model.config, "block_size", None)
+        if trained != o.block_size:  # labelled: the number is not the bound the checkpoint was trained for
+            result_note = (f"scored with block size {o.block_size}; the checkpoint was trained "
+                           + ("full-sequence" if trained is None else f"with block size {trained}"))
     limit = _max_positions(model)
     if limit is not None and o.seq_length > limit:
         raise AdaptError(f"seq_length {o.seq_length} exceeds the model's {limit} positions")
@@ -232,12 +240,15 @@ def evaluate(model, data: str, *, tokenizer=None, **options) -> dict:
     # the result keeps its key "block_length": scripts read it, and it is the same packing length
     result = {"model": name, "kind": kind, "data": str(o.data), "block_length": o.seq_length,
               "blocks": blocks.shape[0], "seed": o.seed, "metrics": list(o.metrics)}
+    if result_note:
+        result["block_size_note"] = result_note
     scorer, scorer_name = None, None
     if "infill" in o.metrics or "steps_sweep" in o.metrics:
         scorer, scorer_name = _ar_scorer(model, kind, o.ar_parent, o.device)
     try:
         if "elbo" in o.metrics:
-            result["elbo"] = (diffusion_elbo(model, blocks, mc_samples=o.mc_samples, batch_size=o.batch_size, seed=o.seed)
+            result["elbo"] = (diffusion_elbo(model, blocks, mc_samples=o.mc_samples, batch_size=o.batch_size,
+                                             seed=o.seed, block_size=o.block_size)
                               if kind == DIFFUSION else causal_nll(model, blocks, batch_size=o.batch_size))
         if "infill" in o.metrics:
             result["infill"] = infill(model, blocks, span=o.infill_span, examples=o.infill_examples,

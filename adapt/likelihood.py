@@ -96,15 +96,15 @@ def diffusion_elbo(model, blocks: "torch.Tensor | Batch", *, mc_samples: int = 1
             mask = attention[b].to(device) if attention is not None else None
             t = (n.double() / per_segment[b][:, segment].clamp_min(1)).float().to(device)
             logits = _denoise(model, x0.masked_fill(masked, mask_id), x0, mask, block_size, shift)
-            values[b, k] = sequence_losses(logits, x0, masked, scorable[b].to(device), t, cfg,
-                                           shift).double().cpu()
+            values[b, k] = sequence_losses(logits, x0, masked, scorable[b].to(device), t, cfg, shift,
+                                           mask_id).double().cpu()
     finally:
         model.train(was_training)
     weight = scored.double() / scored.sum()
     elbo = (values.mean(1) * weight).sum().item()
     stderr = (values.var(1) * weight ** 2).sum().div(k_draws).sqrt().item() if k_draws > 1 else None
     return {"elbo_nats_per_token": elbo, "ppl_bound": exp_or_inf(elbo), "stderr": stderr, "tokens": int(scored.sum()),
-            "blocks": n_blocks, "mc_samples": k_draws, "seed": seed}
+            "blocks": n_blocks, "mc_samples": k_draws, "seed": seed, "block_size": block_size}
 
 
 def _segment_ranks(draws: torch.Tensor, segment: torch.Tensor, n_seg: int) -> torch.Tensor:

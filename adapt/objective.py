@@ -64,14 +64,22 @@ def cart_weights(masked: torch.Tensor, maskable: torch.Tensor, p: float) -> torc
     return 0.5 * F.conv1d(clean, kernel.flip(0)[None, None], padding=length - 1)[:, 0]
 
 
-def _weighted_ce(logits, x0, masked, maskable, t, cfg: ObjectiveConfig, shift: bool):
+def _weighted_ce(logits, x0, masked, maskable, t, cfg: ObjectiveConfig, shift: bool, mask_token_id=None):
     """(weighted CE per position, masked, maskable), aligned so position i is the prediction of token i."""
     t = per_position(t)
     if shift:  # logit i−1 predicts token i
         logits, x0, masked, maskable = logits[:, :-1], x0[:, 1:], masked[:, 1:], maskable[:, 1:]
         t = t[:, 1:] if t.shape[1] > 1 else t
     # flattened (N, V) layout: the (B, V, L) transpose makes cross_entropy about 2x slower on CPU
-    ce = F.cross_entropy(logits.float().flatten(0, 1), x0.flatten(), reduction="none").view_as(x0)
+    flat, target = logits.float().flatten(0, 1), x0.flatten()
+    ce = F.cross_entropy(flat, target, reduction="none")
+    if mask_token_id is not None:
+        # a clean token is never [MASK]: its probability is renormalised away (MDLM's SUBS parameterisation), as
+        # the sampler forbids it. CE over the other tokens is CE + log(1 − p_mask), with no copy of the logits.
+        log_normaliser = ce + flat.gather(1, target[:, None])[:, 0]
+        p_mask = (flat[:, mask_token_id] - log_normaliser).exp().clamp(max=1 - 1e-6)
+        ce = ce + torch.log1p(-p_mask)
+    ce = ce.view_as(x0)
     if cfg.weighting == "cart":
         weight = cart_weights(masked, maskable, cfg.cart_p)
     else:
@@ -79,20 +87,23 @@ def _weighted_ce(logits, x0, masked, maskable, t, cfg: ObjectiveConfig, shift: b
     return ce * weight * masked, masked, maskable
 
 
-def diffusion_loss(logits, x0, masked, maskable, t, cfg: ObjectiveConfig, shift: bool) -> torch.Tensor:
-    """Weighted cross-entropy on masked positions, normalised as `cfg.normalization` says."""
+def diffusion_loss(logits, x0, masked, maskable, t, cfg: ObjectiveConfig, shift: bool,
+                   mask_token_id: int | None = None) -> torch.Tensor:
+    """Weighted cross-entropy on masked positions, normalised as `cfg.normalization` says. With `mask_token_id`,
+    the [MASK] token is excluded from the predicted distribution (training and the likelihood pass it)."""
     if cfg.normalization == "sequence":
-        return sequence_losses(logits, x0, masked, maskable, t, cfg, shift).mean()
-    per_token, masked, maskable = _weighted_ce(logits, x0, masked, maskable, t, cfg, shift)
+        return sequence_losses(logits, x0, masked, maskable, t, cfg, shift, mask_token_id).mean()
+    per_token, masked, maskable = _weighted_ce(logits, x0, masked, maskable, t, cfg, shift, mask_token_id)
     if cfg.normalization == "masked":
         return per_token.sum() / masked.sum().clamp_min(1)
     return per_token.sum() / maskable.sum().clamp_min(1)
 
 
-def sequence_losses(logits, x0, masked, maskable, t, cfg: ObjectiveConfig, shift: bool) -> torch.Tensor:
+def sequence_losses(logits, x0, masked, maskable, t, cfg: ObjectiveConfig, shift: bool,
+                    mask_token_id: int | None = None) -> torch.Tensor:
     """(batch,) weighted CE of each sequence divided by its maskable tokens: with `inverse_t`, one Monte-Carlo
     draw of each sequence's ELBO in nats per token (what `adapt.evaluate` averages)."""
-    per_token, _, maskable = _weighted_ce(logits, x0, masked, maskable, t, cfg, shift)
+    per_token, _, maskable = _weighted_ce(logits, x0, masked, maskable, t, cfg, shift, mask_token_id)
     return per_token.sum(1) / maskable.sum(1).clamp_min(1)
 
 

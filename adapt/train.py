@@ -131,9 +131,11 @@ class Recipe:
         self.checkpoint_block = getattr(self.dlm.config, "block_size", None)
         final_block = cfg.block.final_size(self.checkpoint_block)
         if final_block is not None:
-            if cfg.anneal.mode != "none":
-                raise AdaptError(f"{self.source} is a block-diffusion checkpoint (block size "
-                                 f"{self.checkpoint_block}): set anneal.mode=none; blocks replace annealing")
+            for problem, fix in ((cfg.anneal.mode != "none", "anneal.mode=none; blocks replace annealing"),
+                                 (cfg.sample_steps, "sample_steps=0 until block decoding lands")):
+                if problem:
+                    raise AdaptError(f"{self.source} is a block-diffusion checkpoint (block size "
+                                     f"{self.checkpoint_block}): set {fix}")
             self.dlm.config.block_size = final_block  # what OUTPUT/final decodes with
         self.block = None  # the block size of the latest step (the schedule moves it)
         check_annealing_supported(self.dlm, cfg.anneal)
@@ -239,7 +241,8 @@ class Recipe:
                 logits = self.model(input_ids=x_t, attention_mask=attention, position_ids=positions).logits
             else:
                 logits = self._two_l_logits(x_t, x0_, padding)
-            loss = diffusion_loss(logits, x0_, masked, maskable, t, cfg.objective, dlm.config.shift)
+            loss = diffusion_loss(logits, x0_, masked, maskable, t, cfg.objective, dlm.config.shift,
+                                  dlm.config.mask_token_id)
             self.accelerator.backward(loss / cfg.train.gradient_accumulation_steps)
         return loss.detach().float().item(), int(padding.sum())
 

@@ -8,13 +8,16 @@ as context, so every number scores the same 8128 tokens):
   (d) adapted without annealing (bidirectional from step 0);
   (e) adapted without shift (annealed as in (c));
   (f) the same architecture from a random init trained as a diffusion model, same recipe, steps and data
-      (no annealing: there is no causal skill to keep).
+      (no annealing: there is no causal skill to keep);
+  (g), (h), (i) block diffusion (adapt/blocks.py; recipes/adaptation/stories260k-block.yaml): block size 4 after
+      a schedule 1 → 2 → 4, block size 16 after 1 → 4 → 16 (each stage a tenth of the steps), and block size 4
+      from step 1. Their ELBO is the block-wise bound (each block given the clean blocks before it).
 Every run is `adapt.train` with YAML overrides of the stories260k recipe. The curve is training's own `val_elbo`
 (one draw per block, fixed seed) plus the same estimate before step 1; the final row is `dlm-adapt eval`'s ELBO
 with --mc-samples draws per block and its standard error. Appends (or, on a rerun with the same steps and
 runs, replaces) a section of benchmarks/RESULTS.md and writes benchmarks/adapt_vs_scratch-STEPS.png.
 
-    nice -n 10 python benchmarks/adapt_vs_scratch.py [--steps 2500] [--eval-steps 250] [--threads 1] [--only cdef]
+    nice -n 10 python benchmarks/adapt_vs_scratch.py [--steps 2500] [--eval-steps 250] [--threads 1] [--only cdefghi]
 One thread: on a loaded 2-core machine a second torch thread mostly spin-waits (measured: 25x the CPU time
 per step).
 Needs ../shared beside the checkout.
@@ -43,6 +46,7 @@ BLOCK, BLOCKS = 128, 64
 
 def runs(steps: int) -> dict:
     anneal = max(1, steps // 3)
+    stage = max(1, steps // 10)
     return {
         "(c) adapted, annealing": dict(source=SOURCE, shift=True, overrides=["anneal.mode=diffullama",
                                                                          f"anneal.anneal_steps={anneal}"]),
@@ -50,6 +54,13 @@ def runs(steps: int) -> dict:
         "(e) adapted, no shift": dict(source=SOURCE, shift=False, overrides=["anneal.mode=diffullama",
                                                                          f"anneal.anneal_steps={anneal}"]),
         "(f) scratch (random init)": dict(source=None, shift=True, overrides=["anneal.mode=none"]),
+        # block diffusion (recipes/adaptation/stories260k-block.yaml's settings): 2L layout, blocks replace annealing
+        "(g) block 4, schedule 1→2→4": dict(source=SOURCE, shift=True, block=4, overrides=[
+            "anneal.mode=none", "block.size=4", "block.schedule=[1,2,4]", f"block.stage_steps={stage}"]),
+        "(h) block 16, schedule 1→4→16": dict(source=SOURCE, shift=True, block=16, overrides=[
+            "anneal.mode=none", "block.size=16", "block.schedule=[1,4,16]", f"block.stage_steps={stage}"]),
+        "(i) block 4, no schedule": dict(source=SOURCE, shift=True, block=4, overrides=[
+            "anneal.mode=none", "block.size=4"]),
     }
 
 
@@ -72,12 +83,14 @@ def one_run(name: str, spec: dict, out: Path, args) -> dict:
     from adapt.config import DataConfig
 
     source = spec["source"] or random_init_source(out.parent / "random-init")
-    converted = out / "converted"
-    adapt.convert(source, converted, shift=spec["shift"])  # train() reuses OUTPUT/converted
+    converted = out.with_name(out.name + "-start")  # the untrained conversion; train() makes its own OUTPUT/converted
+    adapt.convert(source, converted, shift=spec["shift"], overwrite=True)
     model, tok = adapt.load(converted)
     blocks = pack(load_documents(str(VALID), DataConfig()), tok, BLOCK, "validation", max_blocks=BLOCKS)
-    step0 = diffusion_elbo(model, blocks, mc_samples=1, batch_size=16, seed=1234)["elbo_nats_per_token"]
-    start = diffusion_elbo(model, blocks, mc_samples=args.mc_samples, batch_size=16, seed=0)
+    block = spec.get("block")  # the converted model scored as the block model it is about to become
+    step0 = diffusion_elbo(model, blocks, mc_samples=1, batch_size=16, seed=1234,
+                           block_size=block)["elbo_nats_per_token"]
+    start = diffusion_elbo(model, blocks, mc_samples=args.mc_samples, batch_size=16, seed=0, block_size=block)
     cfg = load_config(RECIPE, [f"output_dir={out}", f"model.path={source}", f"model.shift={spec['shift']}",
                                f"max_steps={args.steps}", f"eval_steps={args.eval_steps}", "save_steps=0",
                                "sample_steps=0", f"data.train={TRAIN}", f"data.validation={VALID}",
@@ -104,7 +117,7 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                     help="recipe override applied to every run (repeatable), e.g. train.lr=1e-2")
-    ap.add_argument("--only", help="run letters to do, e.g. cd (default: cdef)")
+    ap.add_argument("--only", help="run letters to do, e.g. cd (default: all)")
     ap.add_argument("--out-dir", type=Path, default=ROOT / "runs" / "adapt_vs_scratch")
     ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
     ap.add_argument("--plot", type=Path, help="default: benchmarks/adapt_vs_scratch-STEPS.png")

@@ -5,7 +5,9 @@ prints tokens/s of the diffusion step ÷ the causal step (a) while annealing (ma
 built every step) and (b) after annealing (ratio 1, no mask). Memory: each mode in a fresh subprocess, peak
 RSS (CPU) or peak CUDA memory, ÷ the causal step's. Targets: >= 0.90 while annealing, >= 0.97 after, memory
 <= 1.05x. A `bidirectional` plain-CE step is timed too: causal kernels skip the masked half of attention, so
-part of the gap after annealing is the cost of full attention itself, not of the objective.
+part of the gap after annealing is the cost of full attention itself, not of the objective. A `block` step
+(block diffusion, B = 32, the 2L layout: noised and clean text in one forward) is reported ÷ the causal step and
+÷ the full-sequence diffusion step; it processes 2L positions per L text tokens, so about 0.5 is expected.
 
     python benchmarks/train_step.py [--device cpu|cuda] [--length 512] [--batch 4] [--repeats 7]
 """
@@ -19,6 +21,9 @@ import time
 
 import torch
 import torch.nn.functional as F
+
+
+BLOCK = 32  # Fast-dLLM v2's block size
 
 
 def build(device, dtype):
@@ -36,6 +41,7 @@ def build(device, dtype):
 
 def make_step(model, mode, batch, length, device):
     from adapt.annealing import annealed_attention_mask
+    from adapt.blocks import canvas_logits, two_l_attention_mask, two_l_inputs
     from adapt.objective import ObjectiveConfig, diffusion_loss, noised_batch
 
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
@@ -47,11 +53,18 @@ def make_step(model, mode, batch, length, device):
         if mode in ("causal", "bidirectional"):  # plain next-token CE; `bidirectional` isolates attention cost
             logits = model(x0, is_causal=mode == "causal").logits
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), x0[:, 1:].flatten())
+        elif mode == "block":  # block diffusion: noised + clean text in one 2L forward (adapt/blocks.py)
+            x_t, x, masked, maskable, t = noised_batch(x0, torch.ones_like(x0, dtype=torch.bool), cfg, 8191, True, gen,
+                                                       block_size=BLOCK)
+            ids, positions, pad = two_l_inputs(x_t, x, torch.ones_like(x))
+            logits = model(ids, attention_mask=two_l_attention_mask(model, pad, BLOCK), position_ids=positions).logits
+            logits = canvas_logits(logits, length, BLOCK, shift=True)
+            loss = diffusion_loss(logits, x, masked, maskable, t, cfg, shift=True, mask_token_id=8191)
         else:
             x_t, x, masked, maskable, t = noised_batch(x0, torch.ones_like(x0, dtype=torch.bool), cfg, 8191, True, gen)
             attention = annealed_attention_mask(model, torch.ones_like(x_t), ratio, gen)
             logits = model(x_t, attention_mask=attention, position_ids=torch.arange(length, device=device)[None]).logits
-            loss = diffusion_loss(logits, x, masked, maskable, t, cfg, shift=True)
+            loss = diffusion_loss(logits, x, masked, maskable, t, cfg, shift=True, mask_token_id=8191)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -86,7 +99,7 @@ def main():
         print(json.dumps({"peak": peak_memory(args.device)}))
         return
     steps = {m: make_step(model, m, args.batch, args.length, args.device)
-             for m in ("causal", "bidirectional", "annealing", "after")}
+             for m in ("causal", "bidirectional", "annealing", "after", "block")}
     for s in steps.values():
         s()  # warm up
     times = {m: [] for m in steps}
@@ -104,14 +117,18 @@ def main():
     print(f"throughput ratio after annealing: {med['causal'] / med['after']:.3f} (target >= 0.97)")
     print(f"objective overhead after annealing (vs plain CE, same bidirectional attention): "
           f"{med['bidirectional'] / med['after']:.3f}")
+    print(f"block diffusion (B={BLOCK}, 2L layout) tokens/s ÷ causal: {med['causal'] / med['block']:.3f}, "
+          f"÷ full-sequence diffusion: {med['after'] / med['block']:.3f}")
     peaks = {}
-    for mode in ("causal", "annealing", "after"):
+    for mode in ("causal", "annealing", "after", "block"):
         out = subprocess.run([sys.executable, __file__, "--device", args.device, "--length", str(args.length),
                               "--batch", str(args.batch), "--memory-child", mode], capture_output=True, text=True,
                              check=True)
         peaks[mode] = json.loads(out.stdout.strip().splitlines()[-1])["peak"]
     for mode in ("annealing", "after"):
         print(f"peak memory ratio {mode}: {peaks[mode] / peaks['causal']:.3f} (target <= 1.05)")
+    print(f"peak memory ratio block: {peaks['block'] / peaks['causal']:.3f} ÷ causal, "
+          f"{peaks['block'] / peaks['after']:.3f} ÷ full-sequence diffusion")
 
 
 if __name__ == "__main__":

@@ -204,6 +204,7 @@ def test_block_size_1_elbo_is_the_parents_exact_nll(arch):
     x0 = _rows(length=10)
     with torch.no_grad():
         parent = model(x0, attention_mask=torch.ones_like(x0), is_causal=True).logits
+    parent[..., 5] = -torch.inf  # the mask token (id 5 here) is never a clean token
     nll = F.cross_entropy(parent[:, :-1].flatten(0, 1), x0[:, 1:].flatten()).item()
     for k in (1, 3):
         elbo = diffusion_elbo(model, x0, mc_samples=k, batch_size=2, block_size=1)
@@ -220,3 +221,18 @@ def test_block_elbo_masks_within_blocks_and_is_batch_size_invariant():
     assert a == b and a["elbo_nats_per_token"] > 0
     full = diffusion_elbo(model, x0, mc_samples=4, batch_size=8, seed=3)
     assert full["elbo_nats_per_token"] != a["elbo_nats_per_token"]
+
+
+def test_eval_at_block_size_1_is_the_parents_exact_nll_and_says_so(converted, tmp_path):
+    import adapt
+
+    source, dlm = converted("llama")
+    data = tmp_path / "d.txt"
+    data.write_text("\n".join(" ".join(f"w{(i * 7 + j) % 90}" for j in range(12)) for i in range(40)))
+    opts = dict(seq_length=16, num_blocks=6, sample_by="line")
+    parent = adapt.evaluate(str(source), str(data), **opts)["elbo"]["nll_nats_per_token"]
+    result = adapt.evaluate(str(dlm), str(data), mc_samples=2, block_size=1, **opts)
+    assert result["elbo"]["elbo_nats_per_token"] == pytest.approx(parent, abs=1e-4)
+    assert result["elbo"]["block_size"] == 1 and "trained full-sequence" in result["block_size_note"]
+    with pytest.raises(AdaptError, match="a causal LM has no blocks"):
+        adapt.evaluate(str(source), str(data), block_size=1, **opts)

@@ -70,8 +70,9 @@ def test_uniform_logits_give_log_v_per_token_exactly(tmp_path):
     for k in (1, 4):
         r = adapt.evaluate(uniform(), str(data), tokenizer=tok, mc_samples=k, seq_length=16, num_blocks=8,
                            sample_by="line", batch_size=5)["elbo"]
-        # every draw scores (1/l)·Σ over l masked tokens of log V: exactly log V whatever l and the subset
-        assert r["elbo_nats_per_token"] == pytest.approx(math.log(V), abs=1e-6)
+        # every draw scores (1/l)·Σ over l masked tokens of log(V − 1) (a clean token is never [MASK], which is
+        # excluded from the distribution): exactly log(V − 1) whatever l and the subset
+        assert r["elbo_nats_per_token"] == pytest.approx(math.log(V - 1), abs=1e-6)
         assert r["tokens"] == 8 * 15 and (k == 1 and r["stderr"] is None or r["stderr"] < 1e-6)
     ar = adapt.evaluate(uniform(vocab=100, diffusion=False), str(data), tokenizer=tiny_tokenizer(), seq_length=16,
                         num_blocks=8, sample_by="line")["elbo"]
@@ -84,11 +85,12 @@ def _chain_stub(q, vocab, shift):
     uniform: a context-dependent model whose ELBO has a closed form."""
     mask_id = vocab - 1
 
-    def fn(ids):
-        logp = torch.full((*ids.shape, vocab), math.log((1 - q) / (vocab - 1)))
+    def fn(ids):  # a distribution over the vocab - 1 tokens that are not [MASK]
+        logp = torch.full((*ids.shape, vocab), math.log((1 - q) / (vocab - 2)))
         rows, cols = torch.nonzero(ids != mask_id, as_tuple=True)
         logp[rows, cols, (ids[rows, cols] + 1) % vocab] = math.log(q)
-        logp[ids == mask_id] = -math.log(vocab)
+        logp[ids == mask_id] = -math.log(vocab - 1)
+        logp[..., mask_id] = -math.inf
         if not shift:  # the logit at i predicts token i from token i−1
             logp = torch.cat([torch.zeros_like(logp[:, :1]), logp[:, :-1]], 1)
         return logp
@@ -104,7 +106,7 @@ def test_context_dependent_elbo_matches_its_closed_form(shift):
     n, a = length - 1, -math.log(q)
     # token 1's left neighbour is the context token, always visible; for i ≥ 2, given i masked among l, the
     # neighbour is masked with probability (l−1)/(N−1), which averages 1/2 over l uniform on 1..N
-    expected = a / n + (n - 1) / n * (a + math.log(vocab)) / 2
+    expected = a / n + (n - 1) / n * (a + math.log(vocab - 1)) / 2
     assert r["tokens"] == 96 * n
     assert abs(r["elbo_nats_per_token"] - expected) < 3 * r["stderr"], (r, expected)
     assert r["elbo_nats_per_token"] > a + 0.5  # looser than the left-to-right NLL a: this model is inconsistent

@@ -106,3 +106,19 @@ def test_cart_weight_closed_form():
     # position 1: clean neighbours at 0 (distance 1) and 2 (distance 1); position 3: clean at 2 (1) and 0 (3)
     assert w[0, 1].item() == pytest.approx(0.5 * (geo(0) + geo(0)))
     assert w[0, 3].item() == pytest.approx(0.5 * (geo(0) + geo(2)))
+
+
+def test_the_mask_token_is_excluded_from_the_predicted_distribution():
+    """CE with mask_token_id equals CE over the logits with the [MASK] column removed, and its gradient too."""
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 7, requires_grad=True)
+    x0 = torch.randint(0, 6, (2, 5))  # never the mask token 6
+    masked = torch.rand(2, 5) < 0.6
+    maskable, t = torch.ones_like(masked), torch.tensor([0.6, 0.3])
+    cfg = ObjectiveConfig()
+    got = diffusion_loss(logits, x0, masked, maskable, t, cfg, shift=False, mask_token_id=6)
+    reference = diffusion_loss(logits[..., :6], x0, masked, maskable, t, cfg, shift=False)
+    assert got.item() == pytest.approx(reference.item(), rel=1e-6)
+    g1, = torch.autograd.grad(got, logits)
+    g2, = torch.autograd.grad(reference, logits)
+    torch.testing.assert_close(g1, g2, atol=1e-6, rtol=0)

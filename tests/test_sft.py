@@ -277,7 +277,8 @@ def test_sft_script_under_two_process_ddp_matches_one_process(setup, tmp_path):
 
 
 def test_sft_elbo_scores_only_answer_tokens(tok):
-    # uniform logits: every scored token costs exactly log V, whatever is masked; and only answer tokens count
+    # uniform logits: every scored token costs exactly log(V − 1) ([MASK] is never a clean token), whatever is
+    # masked; and only answer tokens count
     from types import SimpleNamespace
 
     vocab = 101
@@ -298,4 +299,4 @@ def test_sft_elbo_scores_only_answer_tokens(tok):
          encode([{"prompt": "w5", "completion": "w6 w7"}], "prompt_completion", tok, TEMPLATE, cfg, "training")])
     result = diffusion_elbo(Uniform(), rows, mc_samples=5, seed=0)
     assert result["tokens"] == 6 + 3  # w20 w21 w22 </s> w23 </s>, and w6 w7 </s>
-    assert result["elbo_nats_per_token"] == pytest.approx(math.log(vocab), rel=1e-6)
+    assert result["elbo_nats_per_token"] == pytest.approx(math.log(vocab - 1), rel=1e-6)

@@ -165,6 +165,9 @@ class EvalOptions:
     json: str | None = field(default=None, **_help("also write the result to this file", metavar="OUT.json"))
     plot: str | None = field(default=None, **_help(
         "plot the steps sweep (needs matplotlib: the eval extra)", metavar="OUT.png"))
+    block_size: int | None = field(default=None, **_help(
+        "score the ELBO block-wise with this block size (default: the checkpoint's; a full-sequence checkpoint "
+        "is then scored semi-autoregressively, and the result says so)"))
     kv_cache: str | None = field(default=None, **_help(
         "a diffusion checkpoint's KV cache while it decodes for infill and steps_sweep: %(choices)s (as in "
         "generate)", choices=SamplerChoices("KV_CACHES"), metavar="CACHE"))
@@ -188,8 +191,8 @@ class EvalOptions:
         if self.sweep_steps is not None:
             self.sweep_steps = Ints(self.sweep_steps)
         for name in ("mc_samples", "seq_length", "num_blocks", "batch_size", "infill_examples", "sweep_length",
-                     "sweep_examples"):
-            if getattr(self, name) < 1:
+                     "sweep_examples", "block_size"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise AdaptError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.seq_length < 2:
             raise AdaptError("seq_length must be at least 2 (the first token of a block is context)")
