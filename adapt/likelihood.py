@@ -94,7 +94,8 @@ def diffusion_elbo(model, blocks: "torch.Tensor | Batch", *, mc_samples: int = 1
             masked = (_segment_ranks(draws, segment, n_seg) < n).to(device)  # the n smallest: a uniform n-subset
             x0 = ids[b].to(device)
             mask = attention[b].to(device) if attention is not None else None
-            t = (n.double() / per_segment[b][:, segment].clamp_min(1)).float().to(device)
+            # a segment with nothing to score masks nothing; t = 1 keeps its zero weight finite (0 · 1/t)
+            t = (n.double() / per_segment[b][:, segment].clamp_min(1)).masked_fill(n == 0, 1.0).float().to(device)
             logits = _denoise(model, x0.masked_fill(masked, mask_id), x0, mask, block_size, shift)
             values[b, k] = sequence_losses(logits, x0, masked, scorable[b].to(device), t, cfg, shift,
                                            mask_id).double().cpu()
