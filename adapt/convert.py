@@ -43,6 +43,7 @@ def convert(
     gguf_file: str | None = None,
     trust_remote_code: bool = False,
     overwrite: bool = False,
+    block_size: int | None = None,
 ) -> Path:
     """Convert a causal LM into a masked diffusion checkpoint at `output`; returns the output path.
 
@@ -58,10 +59,14 @@ def convert(
         gguf_file: GGUF file name inside `source` (a directory or Hub repo).
         trust_remote_code: allow the source's own code for its config/tokenizer (off unless you ask).
         overwrite: replace a previous conversion output at `output`.
+        block_size: write a block-diffusion checkpoint: attention bidirectional inside blocks of this many tokens,
+            causal between them (BD3-LM); also the generation config's `block_length`. `None`: full sequence.
     """
     if not str(output).strip():
         raise AdaptError("output path is empty; name the directory to create")
     output = Path(output).expanduser().absolute()
+    if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1):
+        raise AdaptError(f"block size must be a positive integer, got {block_size!r}")
     if dtype != "auto" and dtype not in DTYPES:
         raise AdaptError(f"unknown dtype '{dtype}': use auto, {', '.join(DTYPES)}")
     local = Path(source).expanduser()
@@ -99,8 +104,8 @@ def convert(
                 "mask_token_case": case,
                 "pad_token_case": pad_case,
             }
-            _write_config(tmp, config, mask_id, shift, provenance)
-            _write_generation_config(tmp, tokenizer, config, mask_id)
+            _write_config(tmp, config, mask_id, shift, provenance, block_size)
+            _write_generation_config(tmp, tokenizer, config, mask_id, block_size)
             tokenizer.save_pretrained(tmp)
             tokenizer_config = tmp / "tokenizer_config.json"
             policy = padding_policy(json.loads(tokenizer_config.read_text()))
@@ -368,7 +373,7 @@ class _LoadedWeights:
         write_safetensors(out_dir / "model.safetensors", entries, shapes)
 
 
-def _write_config(out_dir: Path, text_config, mask_id: int, shift: bool, provenance: dict):
+def _write_config(out_dir: Path, text_config, mask_id: int, shift: bool, provenance: dict, block_size=None):
     text_config.is_causal = False
     text_config._name_or_path = ""  # a local path would leak into a published checkpoint
     # GGUF weights are dequantized on load, so the output is plain; a kept GGUF quantization_config would make
@@ -377,18 +382,19 @@ def _write_config(out_dir: Path, text_config, mask_id: int, shift: bool, provena
             dict(text_config.quantization_config).get("quant_method") == "gguf":
         del text_config.quantization_config
     config = MaskedDiffusionConfig(text_config=text_config, mask_token_id=mask_id, shift=shift, bidirectional=True,
-                                   provenance=provenance)
+                                   provenance=provenance, block_size=block_size)
     write_remote_code(config, out_dir, config.save_pretrained)
 
 
-def _write_generation_config(out_dir: Path, tokenizer, config, mask_id: int):
+def _write_generation_config(out_dir: Path, tokenizer, config, mask_id: int, block_size=None):
+    decoding = dict(DEFAULT_DECODING, **({"block_length": block_size} if block_size is not None else {}))
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else getattr(config, "eos_token_id", None)
     gen = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=eos,
         pad_token_id=tokenizer.pad_token_id,
         mask_token_id=mask_id,
-        **DEFAULT_DECODING,
+        **decoding,
     )
     gen.save_pretrained(out_dir)
 

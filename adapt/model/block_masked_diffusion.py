@@ -1,0 +1,122 @@
+# Written into every converted checkpoint as remote code: imports only torch and transformers.
+"""Block diffusion (BD3-LM, Fast-dLLM v2, SDAR): the sequence is cut into blocks of `block_size` tokens; attention
+is bidirectional inside a block and causal between blocks. B = 1 (with shift) is the AR parent, B >= L is
+full-sequence masked diffusion.
+
+Blocks are counted by position id, not by canvas index: a token's block is `position_id // block_size`. With the
+positions `forward` derives from a left-padded mask (real tokens count from 0), a left-padded row therefore has
+exactly the blocks, and the outputs, of the same row alone; block boundaries never depend on the padding.
+
+Sliding-window layers keep their window, measured both ways: in those layers key j is visible to query i iff j's
+block is not after i's and |pos_i - pos_j| < window (for B = 1 that is the source's causal window).
+
+The masks are built by transformers' own `create_bidirectional_mask` with an `and_mask_function`, so sdpa gets a
+boolean and eager an additive mask, with padding combined the standard way. flex/flash attention cannot take it.
+"""
+
+import torch
+
+from .transformers_compat import bidirectional_mask
+
+# Implementations whose mask interface honours an arbitrary mask function; flash kernels take padding only and
+# would silently attend to later blocks.
+BLOCK_IMPLEMENTATIONS = ("eager", "sdpa")
+LAYER_KINDS = ("full_attention", "sliding_attention")
+
+
+def check_block_size(block_size):
+    """`None` (full-sequence diffusion) or a positive int; anything else raises ValueError."""
+    if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1):
+        raise ValueError(f"block_size must be a positive integer or None (full-sequence diffusion), got {block_size!r}")
+
+
+def check_block_implementation(text_config):
+    impl = text_config._attn_implementation
+    if impl not in BLOCK_IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation '{impl}' cannot take the block-diffusion mask (block-causal "
+                         f"attention); load the model with attn_implementation in {BLOCK_IMPLEMENTATIONS}")
+
+
+def _layer_masks(text_config, padding_mask, embeds, rule):
+    """`rule(batch, q, kv, window)` -> visible, built once per layer kind the decoder has: one 4-D mask for
+    decoders without `layer_types` (sliding if `sliding_window` is set), else a dict {layer kind: mask}, the
+    form those decoders take."""
+    check_block_implementation(text_config)
+    window = getattr(text_config, "sliding_window", None)
+
+    def build(kind):
+        if kind not in LAYER_KINDS:
+            raise ValueError(f"block diffusion supports layer types {LAYER_KINDS}, not '{kind}'")
+        w = window if kind == "sliding_attention" else None
+
+        def visible(batch_idx, head_idx, q_idx, kv_idx):
+            return rule(batch_idx, q_idx, kv_idx, w)
+
+        return bidirectional_mask(config=text_config, inputs_embeds=embeds, attention_mask=padding_mask,
+                                  and_mask_function=visible)
+
+    layer_types = getattr(text_config, "layer_types", None)
+    if layer_types:
+        return {kind: build(kind) for kind in set(layer_types)}
+    return build("sliding_attention" if window is not None else "full_attention")
+
+
+def _embeds(padding_mask, dtype):
+    # the builders read batch size, length, dtype (eager's additive mask) and device from it; no memory needed
+    return torch.empty(*padding_mask.shape, 0, dtype=dtype, device=padding_mask.device)
+
+
+def block_attention_mask(text_config, padding_mask, position_ids, block_size: int, dtype):
+    """The `attention_mask` for the decoder on a canvas: block-causal by position id, padding keys hidden."""
+    blocks = position_ids.expand(padding_mask.shape[0], -1) // block_size
+    positions = position_ids.expand(padding_mask.shape[0], -1)
+
+    def rule(b, q, kv, window):
+        seen = blocks[b, kv] <= blocks[b, q]
+        if window is not None:
+            seen = seen & ((positions[b, q] - positions[b, kv]).abs() < window)
+        return seen
+
+    return _layer_masks(text_config, padding_mask, _embeds(padding_mask, dtype), rule)
+
+
+def two_l_attention_mask(text_config, padding_mask, position_ids, block_size: int, dtype):
+    """The BD3-LM training mask over [x_t, x_0] (length 2L, positions repeated): a noised token sees its own noised
+    block and the clean blocks before it; a clean token sees clean blocks up to its own, never a noised one."""
+    length = padding_mask.shape[1]
+    padding = torch.cat([padding_mask, padding_mask], 1)
+    positions = position_ids.expand(padding_mask.shape[0], -1)
+    positions = torch.cat([positions, positions], 1)
+    blocks = positions // block_size
+
+    def rule(b, q, kv, window):
+        bq, bk = blocks[b, q], blocks[b, kv]
+        q_clean, kv_clean = q >= length, kv >= length
+        seen = torch.where(q_clean, kv_clean & (bk <= bq), torch.where(kv_clean, bk < bq, bk == bq))
+        if window is not None:
+            seen = seen & ((positions[b, q] - positions[b, kv]).abs() < window)
+        return seen
+
+    return padding, positions, _layer_masks(text_config, padding, _embeds(padding, dtype), rule)
+
+
+def forward_2l(model, noisy_ids, clean_ids, attention_mask=None, **kwargs):
+    """One forward of the 2L training layout: `noisy_ids` (x_t) and `clean_ids` (x_0), both (batch, L), run as one
+    sequence of 2L with the BD3-LM mask. Returns the decoder's output with logits for the noised half only
+    (positions 0..L-1, so shift applies to them exactly as on a canvas). `attention_mask` is the 2-D padding
+    mask of the L tokens; positions count real tokens, as in `MaskedDiffusionLM.forward`."""
+    block_size = model.config.block_size
+    if block_size is None:
+        raise ValueError("the 2L layout needs a block-diffusion checkpoint (config.block_size is None)")
+    if noisy_ids.shape != clean_ids.shape:
+        raise ValueError(f"noisy and clean ids differ in shape: {tuple(noisy_ids.shape)} vs {tuple(clean_ids.shape)}")
+    batch, length = noisy_ids.shape
+    padding = attention_mask if attention_mask is not None else torch.ones_like(noisy_ids)
+    positions = (padding.long().cumsum(-1) - 1).clamp_min(0)
+    _, positions2, mask = two_l_attention_mask(model.config.text_config, padding, positions, block_size, model.dtype)
+    keep = torch.arange(length, device=noisy_ids.device)
+    return model.decoder(input_ids=torch.cat([noisy_ids, clean_ids], 1), attention_mask=mask,
+                         position_ids=positions2, logits_to_keep=keep, **kwargs)
+
+
+__all__ = ["BLOCK_IMPLEMENTATIONS", "block_attention_mask", "check_block_size", "forward_2l", "two_l_attention_mask"]
