@@ -16,18 +16,14 @@ boolean and eager an additive mask, with padding combined the standard way. flex
 
 import torch
 
+# modeling_masked_diffusion imports transformers_compat directly too, so transformers 5.5 copies it into the
+# remote-code cache (it follows only direct relative imports of the loaded module)
 from .transformers_compat import bidirectional_mask
 
 # Implementations whose mask interface honours an arbitrary mask function; flash kernels take padding only and
 # would silently attend to later blocks.
 BLOCK_IMPLEMENTATIONS = ("eager", "sdpa")
 LAYER_KINDS = ("full_attention", "sliding_attention")
-
-
-def check_block_size(block_size):
-    """`None` (full-sequence diffusion) or a positive int; anything else raises ValueError."""
-    if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1):
-        raise ValueError(f"block_size must be a positive integer or None (full-sequence diffusion), got {block_size!r}")
 
 
 def check_block_implementation(text_config):
@@ -119,4 +115,4 @@ def forward_2l(model, noisy_ids, clean_ids, attention_mask=None, **kwargs):
                          position_ids=positions2, logits_to_keep=keep, **kwargs)
 
 
-__all__ = ["BLOCK_IMPLEMENTATIONS", "block_attention_mask", "check_block_size", "forward_2l", "two_l_attention_mask"]
+__all__ = ["BLOCK_IMPLEMENTATIONS", "block_attention_mask", "check_block_implementation", "forward_2l", "two_l_attention_mask"]

@@ -1,7 +1,6 @@
 # Written into every converted checkpoint as remote code: imports only torch and transformers.
+# Imports nothing from beside it: transformers 5.5 copies only a remote config's direct relative imports.
 from transformers import AutoConfig, PreTrainedConfig
-
-from .block_masked_diffusion import check_block_size
 
 
 class MaskedDiffusionConfig(PreTrainedConfig):
@@ -35,7 +34,10 @@ class MaskedDiffusionConfig(PreTrainedConfig):
 
     def __init__(self, text_config=None, mask_token_id=None, shift=True, bidirectional=True, provenance=None,
                  block_size=None, **kwargs):
-        check_block_size(block_size)
+        if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int)
+                                       or block_size < 1):
+            raise ValueError(f"block_size must be a positive integer or None (full-sequence diffusion), got "
+                             f"{block_size!r}")
         if text_config is None or isinstance(text_config, dict):
             fields = dict(text_config or {})
             text_config = AutoConfig.for_model(fields.pop("model_type", "llama"), **fields)
