@@ -121,5 +121,5 @@ def bidirectional_mask(**kwargs):
 
 
 __all__ = ["DLM_ADAPT_VERSION", "TESTED_TRANSFORMERS", "attention_support_flags", "bidirectional_mask", "cache_kwarg",
-           "causal_mask", "decoder_class",
-           "drop_last_cached", "explain_newer_transformers", "output_cache", "select_cache_positions", "set_causal"]
+           "causal_mask", "decoder_class", "drop_last_cached", "explain_newer_transformers", "output_cache",
+           "select_cache_positions", "set_causal"]
