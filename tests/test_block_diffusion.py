@@ -102,6 +102,19 @@ def test_blocks_are_causal_between_and_bidirectional_inside_in_every_layer_type(
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+def test_one_block_over_the_whole_canvas_is_full_sequence_diffusion(arch):
+    config = tiny_config(arch, 100)  # sliding windows (8) cut this canvas (12): the windows must agree too
+    x = torch.cat([_ids(), _ids(seed=1)])
+    pad = torch.ones_like(x)
+    pad[1, :3] = 0
+    with torch.no_grad():
+        block = _model(config, block_size=SEQ + 4)(x, attention_mask=pad).logits
+        full = _model(config, block_size=None)(x, attention_mask=pad).logits
+    torch.testing.assert_close(block[0], full[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(block[1, 3:], full[1, 3:], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 def test_left_padding_changes_no_real_position(arch):
     """Blocks count from each row's first real token, so a left-padded row is the same row alone."""
     model = _model(tiny_config(arch, 100), _impls(arch)[-1])

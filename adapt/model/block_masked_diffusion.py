@@ -7,8 +7,10 @@ Blocks are counted by position id, not by canvas index: a token's block is `posi
 positions `forward` derives from a left-padded mask (real tokens count from 0), a left-padded row therefore has
 exactly the blocks, and the outputs, of the same row alone; block boundaries never depend on the padding.
 
-Sliding-window layers keep their window, measured both ways: in those layers key j is visible to query i iff j's
-block is not after i's and |pos_i - pos_j| < window (for B = 1 that is the source's causal window).
+Sliding-window layers keep their window: a key in an earlier block is visible iff pos_i - pos_j < window (the
+causal model's window), a key in the query's own block iff |pos_i - pos_j| <= window (transformers' bidirectional
+window, which full-sequence mode uses). So B = 1 is exactly the AR parent and B >= L exactly full-sequence mode,
+in every layer type.
 
 The masks are built by transformers' own `create_bidirectional_mask` with an `and_mask_function`, so sdpa gets a
 boolean and eager an additive mask, with padding combined the standard way. flex/flash attention cannot take it.
@@ -57,6 +59,12 @@ def _layer_masks(text_config, padding_mask, embeds, rule):
     return build("sliding_attention" if window is not None else "full_attention")
 
 
+def _in_window(distance, same_block, window):
+    if window is None:
+        return torch.ones_like(same_block)
+    return torch.where(same_block, distance.abs() <= window, distance < window)
+
+
 def _embeds(padding_mask, dtype):
     # the builders read batch size, length, dtype (eager's additive mask) and device from it; no memory needed
     return torch.empty(*padding_mask.shape, 0, dtype=dtype, device=padding_mask.device)
@@ -68,10 +76,8 @@ def block_attention_mask(text_config, padding_mask, position_ids, block_size: in
     positions = position_ids.expand(padding_mask.shape[0], -1)
 
     def rule(b, q, kv, window):
-        seen = blocks[b, kv] <= blocks[b, q]
-        if window is not None:
-            seen = seen & ((positions[b, q] - positions[b, kv]).abs() < window)
-        return seen
+        bq, bk = blocks[b, q], blocks[b, kv]
+        return (bk <= bq) & _in_window(positions[b, q] - positions[b, kv], bk == bq, window)
 
     return _layer_masks(text_config, padding_mask, _embeds(padding_mask, dtype), rule)
 
@@ -89,9 +95,7 @@ def two_l_attention_mask(text_config, padding_mask, position_ids, block_size: in
         bq, bk = blocks[b, q], blocks[b, kv]
         q_clean, kv_clean = q >= length, kv >= length
         seen = torch.where(q_clean, kv_clean & (bk <= bq), torch.where(kv_clean, bk < bq, bk == bq))
-        if window is not None:
-            seen = seen & ((positions[b, q] - positions[b, kv]).abs() < window)
-        return seen
+        return seen & _in_window(positions[b, q] - positions[b, kv], bk == bq, window)
 
     return padding, positions, _layer_masks(text_config, padding, _embeds(padding, dtype), rule)
 
@@ -115,4 +119,5 @@ def forward_2l(model, noisy_ids, clean_ids, attention_mask=None, **kwargs):
                          position_ids=positions2, logits_to_keep=keep, **kwargs)
 
 
-__all__ = ["BLOCK_IMPLEMENTATIONS", "block_attention_mask", "check_block_implementation", "forward_2l", "two_l_attention_mask"]
+__all__ = ["BLOCK_IMPLEMENTATIONS", "block_attention_mask", "check_block_implementation", "forward_2l",
+           "two_l_attention_mask"]

@@ -119,10 +119,11 @@ class MaskedDiffusionLM(PreTrainedModel):
         """Logits for every position. `attention_mask` is the 2-D padding mask (1 = real token).
 
         `is_causal=True` runs the decoder with its original causal mask (annealing ratio 0): the converted model
-        then reproduces the source causal LM exactly. A block-diffusion checkpoint (`config.block_size`) attends
-        block-causally otherwise (see `block_masked_diffusion`); a prebuilt 4-D mask is used as given. The output is the decoder's own (transformers' causal-LM
-        output class of the installed release), with its KV cache only when `use_cache=True`. The cache goes in as
-        `cache=` or `past_key_values=`, whichever the caller's transformers uses.
+        then reproduces the source causal LM exactly. Otherwise a block-diffusion checkpoint (`config.block_size`)
+        attends block-causally (see `block_masked_diffusion`); a prebuilt 4-D mask is used as given. The output is
+        the decoder's own (transformers' causal-LM output class of the installed release), with its KV cache only
+        when `use_cache=True`. The cache goes in as `cache=` or `past_key_values=`, whichever the caller's
+        transformers uses.
         """
         cache = kwargs.pop("cache", None)
         cache = cache if cache is not None else past_key_values
