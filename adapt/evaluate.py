@@ -371,6 +371,10 @@ def evaluate(model, data: str, *, metrics=("elbo",), tokenizer=None, ar_parent=N
     kind = _kind(model)
     if kv_cache is not None and kind != DIFFUSION:
         raise AdaptError("--kv-cache is a diffusion checkpoint's decoding option; a causal LM has none to set")
+    block_size = getattr(model.config, "block_size", None) if kind == DIFFUSION else None
+    if block_size is not None:  # the full-sequence ELBO would let each block see the blocks after it
+        raise AdaptError(f"{name} is a block-diffusion checkpoint (block_size={block_size}): its likelihood "
+                         f"(the block-diffusion ELBO) arrives with issue 15")
     limit = _max_positions(model)
     if limit is not None and seq_length > limit:
         raise AdaptError(f"seq_length {seq_length} exceeds the model's {limit} positions")

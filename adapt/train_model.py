@@ -32,6 +32,9 @@ def load_for_training(cfg: TrainConfig, path: str):
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=DTYPES[cfg.model.dtype])
     model = load_model(path, **kwargs)
+    if getattr(model.config, "block_size", None) is not None:  # the full-sequence objective ignores the blocks
+        raise AdaptError(f"{path} is a block-diffusion checkpoint (block_size={model.config.block_size}): "
+                         f"block-diffusion training (the 2L objective) arrives with issue 15")
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.train.method in ("lora", "qlora"):

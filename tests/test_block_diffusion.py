@@ -13,6 +13,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 import adapt
 from adapt import AdaptError
+from adapt.config import load_config
 from adapt.model import MaskedDiffusionConfig, MaskedDiffusionLM
 from adapt.model.block_masked_diffusion import forward_2l
 from adapt.sampling import SamplingError
@@ -229,3 +230,11 @@ def test_block_checkpoint_loads_with_transformers_alone(tmp_path):
         with torch.no_grad():
             here = model(torch.arange(6, 18).unsqueeze(0)).logits
         torch.testing.assert_close(torch.tensor(got["logits"]), here, atol=1e-5, rtol=0)
+    # training and likelihood would silently use the full-sequence objective: refused until issue 15 builds them
+    (tmp_path / "train.txt").write_text("\n\n".join(" ".join(f"w{i + j}" for j in range(12)) for i in range(40)))
+    with pytest.raises(AdaptError, match="block-diffusion ELBO"):
+        adapt.evaluate(paths[0], str(tmp_path / "train.txt"), seq_length=12, num_blocks=2)
+    cfg = load_config(None, [f"output_dir={tmp_path / 'run'}", f"model.path={paths[0]}",
+                             f"data.train={tmp_path / 'train.txt'}", "data.seq_length=12", "max_steps=1"])
+    with pytest.raises(AdaptError, match="block-diffusion training"):
+        adapt.train(cfg)
