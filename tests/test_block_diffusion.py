@@ -85,6 +85,9 @@ def test_block_size_1_with_shift_is_the_causal_source(block_1, arch):
             ref = causal(x).logits
             got = model(x, attention_mask=torch.ones_like(x)).logits
         torch.testing.assert_close(got[..., : ref.shape[-1]], ref, atol=1e-5, rtol=0)
+        with torch.no_grad():  # the 2L training layout too: every logit is the clean stream's, the parent's on x_0
+            two_l = forward_2l(model, torch.full_like(x, model.config.mask_token_id), x).logits
+        torch.testing.assert_close(two_l[..., : ref.shape[-1]], ref, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -152,26 +155,33 @@ def test_implementations_without_the_mask_are_refused(impl):
         model(_ids())
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_2l_layout_noised_half_is_the_inference_view(arch):
-    """Block b's logits in the 2L layout equal a canvas forward of clean blocks < b followed by noised block b."""
-    config = tiny_config(arch, 100)
-    model = _model(config, "eager")
-    model.config.text_config._attn_implementation = "eager"
+@pytest.mark.parametrize("arch,shift", [(arch, True) for arch in ARCHS] + [("llama", False)])
+def test_2l_layout_logits_are_the_inference_view(arch, shift):
+    """The logits that predict block b's tokens (with shift: positions bB-1 .. bB+B-2) equal those of a canvas
+    forward of clean blocks < b followed by noised blocks >= b, the view the denoiser has at inference."""
+    model = _model(tiny_config(arch, 100), "eager")
+    model.config.shift = shift
     clean = _ids(batch=2)
     noisy = torch.where(torch.rand(clean.shape, generator=torch.Generator().manual_seed(2)) < 0.5, MASK, clean)
+    pad = torch.ones_like(clean)
+    pad[1, :2] = 0  # row 1 left-padded: its blocks count from its first real token
     with torch.no_grad():
-        two_l = forward_2l(model, noisy, clean).logits
-        assert two_l.shape[1] == SEQ
-        for b in range(SEQ // B):
-            view = torch.cat([clean[:, : b * B], noisy[:, b * B:]], 1)
-            canvas = model(view).logits
-            torch.testing.assert_close(two_l[:, b * B:(b + 1) * B], canvas[:, b * B:(b + 1) * B], atol=1e-5, rtol=0)
-        # the noised half must not leak into the clean stream: changing noised block 1 moves only blocks >= 1
+        two_l = forward_2l(model, noisy, clean, attention_mask=pad).logits
+        assert two_l.shape[:2] == clean.shape
+        for row, start in ((0, 0), (1, 2)):
+            for b in range((SEQ - start + B - 1) // B):
+                lo = start + b * B
+                view = torch.cat([clean[row:row + 1, :lo], noisy[row:row + 1, lo:]], 1)
+                canvas = model(view, attention_mask=pad[row:row + 1]).logits[0]
+                span = slice(max(start, lo - shift), min(SEQ, lo + B) - shift)
+                torch.testing.assert_close(two_l[row, span], canvas[span], atol=1e-5, rtol=0)
+        # the noised half must not leak into the clean stream: changing noised block 1 moves only its own logits
         other = noisy.clone()
         other[:, B + 1] = MASK if noisy[0, B + 1] != MASK else 6
-        moved = (forward_2l(model, other, clean).logits - two_l).abs().amax(-1)
-    assert moved[:, :B].max() < 1e-6 and moved[:, 2 * B:].max() < 1e-6 and moved[:, B:2 * B].max() > 1e-4
+        moved = (forward_2l(model, other, clean, attention_mask=pad).logits - two_l)[0].abs().amax(-1)
+    own = torch.zeros(SEQ, dtype=torch.bool)
+    own[B:2 * B - shift] = True  # with shift, the block's last logit is the clean stream's
+    assert moved[~own].max() < 1e-6 and moved[own].min() > 1e-4
 
 
 def test_2l_layout_needs_a_block_checkpoint():

@@ -102,21 +102,29 @@ def two_l_attention_mask(text_config, padding_mask, position_ids, block_size: in
 
 def forward_2l(model, noisy_ids, clean_ids, attention_mask=None, **kwargs):
     """One forward of the 2L training layout: `noisy_ids` (x_t) and `clean_ids` (x_0), both (batch, L), run as one
-    sequence of 2L with the BD3-LM mask. Returns the decoder's output with logits for the noised half only
-    (positions 0..L-1, so shift applies to them exactly as on a canvas). `attention_mask` is the 2-D padding
-    mask of the L tokens; positions count real tokens, as in `MaskedDiffusionLM.forward`."""
+    sequence of 2L with the BD3-LM mask. Returns the decoder's output with L logits, each the one the denoiser
+    reads at inference, where the blocks before the one being denoised are clean: the noised half's, except with
+    shift at the last position of each block, which predicts the next block's first token and so comes from the
+    clean half (Fast-dLLM v2's token shift; with B = 1 every logit is the causal parent's on x_0). The objective
+    then aligns them exactly as on a canvas. `attention_mask` is the 2-D padding mask of the L tokens; positions
+    count real tokens, as in `MaskedDiffusionLM.forward`."""
     block_size = model.config.block_size
     if block_size is None:
         raise ValueError("the 2L layout needs a block-diffusion checkpoint (config.block_size is None)")
     if noisy_ids.shape != clean_ids.shape:
         raise ValueError(f"noisy and clean ids differ in shape: {tuple(noisy_ids.shape)} vs {tuple(clean_ids.shape)}")
-    batch, length = noisy_ids.shape
+    length = noisy_ids.shape[1]
     padding = attention_mask if attention_mask is not None else torch.ones_like(noisy_ids)
     positions = (padding.long().cumsum(-1) - 1).clamp_min(0)
     _, positions2, mask = two_l_attention_mask(model.config.text_config, padding, positions, block_size, model.dtype)
-    keep = torch.arange(length, device=noisy_ids.device)
-    return model.decoder(input_ids=torch.cat([noisy_ids, clean_ids], 1), attention_mask=mask,
-                         position_ids=positions2, logits_to_keep=keep, **kwargs)
+    shift = model.config.shift
+    keep = torch.arange(2 * length if shift else length, device=noisy_ids.device)
+    out = model.decoder(input_ids=torch.cat([noisy_ids, clean_ids], 1), attention_mask=mask,
+                        position_ids=positions2, logits_to_keep=keep, **kwargs)
+    if shift:  # block ends by position id, so per row under left padding
+        block_end = (positions % block_size == block_size - 1).unsqueeze(-1)
+        out.logits = torch.where(block_end, out.logits[:, length:], out.logits[:, :length])
+    return out
 
 
 __all__ = ["BLOCK_IMPLEMENTATIONS", "block_attention_mask", "check_block_implementation", "forward_2l",

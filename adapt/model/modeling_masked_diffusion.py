@@ -134,7 +134,7 @@ class MaskedDiffusionLM(PreTrainedModel):
         if kwargs.get("labels") is not None:
             # the decoder would compute a causal next-token loss, which is not the diffusion objective
             raise TypeError("MaskedDiffusionLM.forward takes no labels: compute the masked-diffusion loss from logits")
-        block_size = self.config.block_size
+        block_size = getattr(self.config, "block_size", None)
         if block_size is not None and not is_causal and (attention_mask is None or attention_mask.dim() == 2):
             if cache is not None:
                 raise ValueError("a block-diffusion forward with a KV cache arrives with issue 16 (block decoding)")
@@ -218,8 +218,9 @@ class MaskedDiffusionLM(PreTrainedModel):
         `.committed_per_step`, `.history`, per-row `.row_nfe` and `.row_committed`) with
         `return_dict_in_generate=True`.
         """
-        if self.config.block_size is not None:  # the full-sequence loop would let a block see blocks after it
-            raise SamplingError(f"this is a block-diffusion checkpoint (block_size={self.config.block_size}): "
+        block_size = getattr(self.config, "block_size", None)
+        if block_size is not None:  # the full-sequence loop would let a block see the blocks after it
+            raise SamplingError(f"this is a block-diffusion checkpoint (block_size={block_size}): "
                                 f"block-diffusion decoding arrives with issue 16")
         check_sampling_options(kv_cache=kv_cache)  # the sampler checks the rest, once the defaults are resolved
         denoiser = DENOISERS[kv_cache](self)
