@@ -38,7 +38,7 @@ def convert(source: str | Path, output: str | Path, **options) -> Path:
     `source` is a local Hugging Face model directory, a `.gguf` file, or a Hub model id. `output` is the directory
     to create; an existing non-empty one is refused unless it is a previous conversion output and `overwrite` is
     set. `options` are the fields of `adapt.config.ConvertOptions` (mask_token, shift, dtype, revision, gguf_file,
-    trust_remote_code, overwrite), documented there.
+    trust_remote_code, overwrite, block_size), documented there.
     """
     o = ConvertOptions(**options)
     if not str(output).strip():
@@ -79,8 +79,8 @@ def convert(source: str | Path, output: str | Path, **options) -> Path:
                 "mask_token_case": case,
                 "pad_token_case": pad_case,
             }
-            _write_config(tmp, config, mask_id, o.shift, provenance)
-            _write_generation_config(tmp, tokenizer, config, mask_id)
+            _write_config(tmp, config, mask_id, o.shift, provenance, o.block_size)
+            _write_generation_config(tmp, tokenizer, config, mask_id, o.block_size)
             tokenizer.save_pretrained(tmp)
             tokenizer_config = tmp / "tokenizer_config.json"
             policy = padding_policy(json.loads(tokenizer_config.read_text()))
@@ -348,7 +348,7 @@ class _LoadedWeights:
         write_safetensors(out_dir / "model.safetensors", entries, shapes)
 
 
-def _write_config(out_dir: Path, text_config, mask_id: int, shift: bool, provenance: dict):
+def _write_config(out_dir: Path, text_config, mask_id: int, shift: bool, provenance: dict, block_size=None):
     text_config.is_causal = False
     text_config._name_or_path = ""  # a local path would leak into a published checkpoint
     # GGUF weights are dequantized on load, so the output is plain; a kept GGUF quantization_config would make
@@ -357,18 +357,19 @@ def _write_config(out_dir: Path, text_config, mask_id: int, shift: bool, provena
             dict(text_config.quantization_config).get("quant_method") == "gguf":
         del text_config.quantization_config
     config = MaskedDiffusionConfig(text_config=text_config, mask_token_id=mask_id, shift=shift, bidirectional=True,
-                                   provenance=provenance)
+                                   provenance=provenance, block_size=block_size)
     write_remote_code(config, out_dir, config.save_pretrained)
 
 
-def _write_generation_config(out_dir: Path, tokenizer, config, mask_id: int):
+def _write_generation_config(out_dir: Path, tokenizer, config, mask_id: int, block_size=None):
+    decoding = dict(DEFAULT_DECODING, **({"block_length": block_size} if block_size is not None else {}))
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else getattr(config, "eos_token_id", None)
     gen = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=eos,
         pad_token_id=tokenizer.pad_token_id,
         mask_token_id=mask_id,
-        **DEFAULT_DECODING,
+        **decoding,
     )
     gen.save_pretrained(out_dir)
 

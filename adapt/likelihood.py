@@ -121,13 +121,12 @@ def _denoise(model, x_t, x0, padding, block_size, shift):
     diffusion one 2L forward whose earlier blocks are clean (`adapt.blocks`)."""
     if block_size is None:
         return model(input_ids=x_t, attention_mask=padding).logits
-    from .blocks import canvas_logits, two_l_attention_mask, two_l_inputs
+    from .blocks import check_block_attention
+    from .model.block_masked_diffusion import canvas_logits, two_l_layout
 
-    padding = torch.ones_like(x0) if padding is None else padding
-    ids, positions, pad = two_l_inputs(x_t, x0, padding)
-    logits = model(input_ids=ids, attention_mask=two_l_attention_mask(model, pad, block_size),
-                   position_ids=positions).logits
-    return canvas_logits(logits, x0.shape[1], block_size, shift)
+    check_block_attention(model)
+    inputs, index = two_l_layout(model, x_t, x0, padding, block_size)
+    return canvas_logits(model(**inputs).logits, index)
 
 
 @torch.no_grad()

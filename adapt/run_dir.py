@@ -13,7 +13,8 @@ def model_settings(cfg: TrainConfig) -> dict:
     """What OUTPUT/converted was made from: a rerun may reuse it only with the same settings."""
     path = Path(cfg.model.path).expanduser()
     return {"path": str(path.absolute()) if path.exists() else cfg.model.path, "mask_token": cfg.model.mask_token,
-            "shift": cfg.model.shift, "gguf_file": cfg.model.gguf_file}
+            "shift": cfg.model.shift, "gguf_file": cfg.model.gguf_file,
+            **({"block_size": cfg.block.size} if cfg.block.size is not None else {})}  # absent: runs before blocks
 
 
 def local_inputs(cfg: TrainConfig) -> dict[str, Path]:

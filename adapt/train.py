@@ -21,13 +21,14 @@ from transformers import AutoTokenizer, get_scheduler
 
 from . import checkpointing, outputs
 from .annealing import annealed_attention_mask, check_annealing_supported, mask_ratio
-from .blocks import canvas_logits, documents, two_l_attention_mask, two_l_inputs
+from .blocks import check_block_attention, documents
 from .batch import Batch
 from .config import SFTConfig, SFTDataConfig, TrainConfig, to_dict
 from .convert import convert
 from .data import BlockLoader, build_datasets
 from .errors import AdaptError
 from .likelihood import diffusion_elbo
+from .model.block_masked_diffusion import canvas_logits, two_l_layout
 from .objective import diffusion_loss, noised_batch
 from .run_dir import check_output, diverged, model_settings, resume_path, truncate_metrics
 from .sft_data import build_sft_datasets
@@ -114,7 +115,7 @@ class Recipe:
             if self.main and not (converted / "config.json").exists():
                 model = self.cfg.model
                 convert(self.source, converted, mask_token=model.mask_token, shift=model.shift,
-                        gguf_file=model.gguf_file)
+                        gguf_file=model.gguf_file, block_size=self.cfg.block.final_size(None))
             self.accelerator.wait_for_everyone()
             self.source = str(converted)
 
@@ -137,6 +138,7 @@ class Recipe:
                     raise AdaptError(f"{self.source} is a block-diffusion checkpoint (block size "
                                      f"{self.checkpoint_block}): set {fix}")
             self.dlm.config.block_size = final_block  # what OUTPUT/final decodes with
+            check_block_attention(self.dlm)
         self.block = None  # the block size of the latest step (the schedule moves it)
         check_annealing_supported(self.dlm, cfg.anneal)
         self.global_batch = cfg.train.batch_size * self.world
@@ -249,11 +251,9 @@ class Recipe:
     def _two_l_logits(self, x_t, x0, padding):
         """Block diffusion: one forward over the noised and the clean sequence (`adapt.blocks`); packed
         documents do not attend to each other (SFT rows hold one sample each, padding aside)."""
-        ids, positions, pad = two_l_inputs(x_t, x0, padding)
         docs = None if self.sft else documents(x0, self.tokenizer.eos_token_id)
-        mask = two_l_attention_mask(self.dlm, pad, self.block, docs)
-        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
-        return canvas_logits(logits, x0.shape[1], self.block, self.dlm.config.shift)
+        inputs, index = two_l_layout(self.dlm, x_t, x0, padding, self.block, docs)
+        return canvas_logits(self.model(**inputs).logits, index)  # through the wrapper (DDP, PEFT), not around it
 
     def evaluate(self) -> float:
         """Validation ELBO in nats per token: one low-discrepancy draw per row with a fixed seed, so every

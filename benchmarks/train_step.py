@@ -41,7 +41,7 @@ def build(device, dtype):
 
 def make_step(model, mode, batch, length, device):
     from adapt.annealing import annealed_attention_mask
-    from adapt.blocks import canvas_logits, two_l_attention_mask, two_l_inputs
+    from adapt.model.block_masked_diffusion import canvas_logits, two_l_layout
     from adapt.objective import ObjectiveConfig, diffusion_loss, noised_batch
 
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
@@ -56,9 +56,8 @@ def make_step(model, mode, batch, length, device):
         elif mode == "block":  # block diffusion: noised + clean text in one 2L forward (adapt/blocks.py)
             x_t, x, masked, maskable, t = noised_batch(x0, torch.ones_like(x0, dtype=torch.bool), cfg, 8191, True, gen,
                                                        block_size=BLOCK)
-            ids, positions, pad = two_l_inputs(x_t, x, torch.ones_like(x))
-            logits = model(ids, attention_mask=two_l_attention_mask(model, pad, BLOCK), position_ids=positions).logits
-            logits = canvas_logits(logits, length, BLOCK, shift=True)
+            inputs, index = two_l_layout(model, x_t, x, block_size=BLOCK)
+            logits = canvas_logits(model(**inputs).logits, index)
             loss = diffusion_loss(logits, x, masked, maskable, t, cfg, shift=True, mask_token_id=8191)
         else:
             x_t, x, masked, maskable, t = noised_batch(x0, torch.ones_like(x0, dtype=torch.bool), cfg, 8191, True, gen)

@@ -3,14 +3,10 @@
 import pytest
 import torch
 
-from adapt.blocks import BlockConfig, block_t, canvas_logits, documents, two_l_inputs, two_l_visible
+from adapt.blocks import BlockConfig, block_t, documents
+from adapt.model.block_masked_diffusion import canvas_index, forward_2l
 from adapt.errors import AdaptError
 from adapt.objective import ObjectiveConfig, diffusion_loss, noised_batch
-
-
-def _visible(length, block):
-    idx = torch.arange(2 * length)
-    return two_l_visible(length, block)(0, 0, idx[:, None], idx[None, :])
 
 
 def test_block_t_is_one_t_per_block_stratified_across_blocks():
@@ -23,36 +19,12 @@ def test_block_t_is_one_t_per_block_stratified_across_blocks():
     assert abs(blocks.mean().item() - 0.5) < 0.02
 
 
-def test_two_l_mask_clean_never_sees_noised_and_blocks_see_only_earlier_clean_blocks():
-    L, B = 8, 4
-    v = _visible(L, B)
-    noised, clean = slice(0, L), slice(L, 2 * L)
-    assert not v[clean, noised].any()  # clean tokens never see noised ones
-    # a noised block sees itself both ways, no other noised block
-    assert v[0:4, 0:4].all() and v[4:8, 4:8].all() and not v[0:4, 4:8].any() and not v[4:8, 0:4].any()
-    assert not v[0:4, clean].any()  # block 0 has no earlier clean block
-    assert v[4:8, L:L + 4].all() and not v[4:8, L + 4:].any()  # block 1 sees clean block 0 only
-    assert v[L + 4:, L:].all() and not v[L:L + 4, L + 4:].any()  # clean: block-causal
-
-
-def test_two_l_mask_at_block_size_1_is_causal_on_the_clean_half():
-    L = 6
-    v = _visible(L, 1)
-    assert torch.equal(v[L:, L:], torch.ones(L, L, dtype=torch.bool).tril())
-    assert torch.equal(v[:L, L:], torch.ones(L, L, dtype=torch.bool).tril(-1))  # noised j sees clean < j
-
-
-def test_two_l_inputs_repeat_positions():
-    x_t, x0 = torch.tensor([[9, 9, 3]]), torch.tensor([[1, 2, 3]])
-    ids, pos, pad = two_l_inputs(x_t, x0, torch.ones_like(x0))
-    assert ids.tolist() == [[9, 9, 3, 1, 2, 3]] and pos.tolist() == [[0, 1, 2, 0, 1, 2]] and pad.shape == (1, 6)
-
-
-def test_canvas_logits_take_the_clean_half_at_block_ends_under_shift():
-    L, B = 6, 3
-    logits = torch.arange(2 * L, dtype=torch.float)[None, :, None]  # the logit is its 2L position
-    assert canvas_logits(logits, L, B, shift=True)[0, :, 0].tolist() == [0, 1, 2 + L, 3, 4, 5 + L]
-    assert canvas_logits(logits, L, B, shift=False)[0, :, 0].tolist() == [0, 1, 2, 3, 4, 5]
+def test_canvas_index_takes_the_clean_half_at_block_ends_under_shift():
+    positions = torch.arange(6)[None]
+    assert canvas_index(positions, 3, shift=True).tolist() == [[0, 1, 2 + 6, 3, 4, 5 + 6]]
+    assert canvas_index(positions, 3, shift=False).tolist() == [[0, 1, 2, 3, 4, 5]]
+    left_padded = torch.tensor([[0, 0, 0, 1, 2, 3]])  # block ends follow each row's own positions
+    assert canvas_index(left_padded, 2, shift=True).tolist() == [[0, 1, 2, 3 + 6, 4, 5 + 6]]
 
 
 def test_complementary_masks_partition_every_block_and_t_is_per_block():
@@ -96,75 +68,34 @@ def test_bad_block_settings_are_one_clear_error(kwargs, message):
         BlockConfig(**kwargs)
 
 
-# ---------------------------------------------------------------------------------- the 2L forward, per architecture
+# ---------------------------------------------------------------------------------- the 2L forward in training
 
-from adapt.blocks import two_l_attention_mask  # noqa: E402
 from adapt.model import MaskedDiffusionConfig, MaskedDiffusionLM  # noqa: E402
-from tiny_models import ARCHS, tiny_config  # noqa: E402
-
-IMPLS = ["eager", "sdpa"]
+from tiny_models import tiny_config  # noqa: E402
 
 
 def _model(arch, impl):
-    if arch == "gemma2" and impl == "sdpa":
-        pytest.skip("transformers' Gemma2 has no sdpa path")
     torch.manual_seed(0)
     model = MaskedDiffusionLM(MaskedDiffusionConfig(text_config=tiny_config(arch, 100).to_dict(), mask_token_id=5))
     model.set_attn_implementation(impl)
     return model.eval()
 
 
-def _two_l(model, x_t, x0, padding, block_size, document_ids=None):
-    ids, positions, pad = two_l_inputs(x_t, x0, padding)
-    mask = two_l_attention_mask(model, pad, block_size, document_ids)
-    with torch.no_grad():
-        logits = model(ids, attention_mask=mask, position_ids=positions).logits
-    return canvas_logits(logits, x0.shape[1], block_size, shift=True)
-
-
 def _rows(length=12, seed=0):
     return torch.randint(6, 100, (2, length), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("arch", ARCHS)
-def test_block_size_1_training_layout_is_exactly_the_causal_parent(arch, impl):
-    model = _model(arch, impl)
-    x0 = _rows()
-    x_t = x0.masked_fill(torch.rand(x0.shape, generator=torch.Generator().manual_seed(1)) < 0.5, 5)
+def _two_l(model, x_t, x0, padding, block_size, document_ids=None):
     with torch.no_grad():
-        parent = model(x0, attention_mask=torch.ones_like(x0), is_causal=True).logits
-    torch.testing.assert_close(_two_l(model, x_t, x0, torch.ones_like(x0), 1), parent, atol=1e-5, rtol=0)
-
-
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("arch", ARCHS)
-def test_block_mask_later_blocks_never_reach_earlier_ones_and_blocks_are_bidirectional(arch, impl):
-    model, B = _model(arch, impl), 4
-    x0 = _rows()
-    x_t = x0.clone()
-    x_t[:, 4:8] = 5  # block 1 fully masked
-    base = _two_l(model, x_t, x0, torch.ones_like(x0), B)
-    later = x0.clone()
-    later[:, 9] = (later[:, 9] + 1 - 6) % 94 + 6  # a token of block 2 changes, clean and noised alike
-    later_t = x_t.clone()
-    later_t[:, 9] = later[:, 9]
-    changed = _two_l(model, later_t, later, torch.ones_like(x0), B)
-    torch.testing.assert_close(changed[:, :8], base[:, :8], atol=1e-6, rtol=0)
-    assert (changed[:, 8:] - base[:, 8:]).abs().max() > 1e-4
-    inside = x_t.clone()
-    inside[:, 6] = 7  # a later noised token of block 1 changes the block's earlier positions
-    moved = _two_l(model, inside, x0, torch.ones_like(x0), B)
-    assert (moved[:, 4] - base[:, 4]).abs().max() > 1e-4
-    torch.testing.assert_close(moved[:, :3], base[:, :3], atol=1e-6, rtol=0)
+        return forward_2l(model, x_t, x0, padding, block_size=block_size, document_ids=document_ids).logits
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2"])
-def test_2l_padding_and_documents(arch):
+def test_2l_right_padding_and_packed_documents(arch):
     model, B = _model(arch, "eager"), 4
     x0 = _rows()
     padding = torch.ones_like(x0)
-    padding[1, 9:] = 0
+    padding[1, 9:] = 0  # training rows are right-padded
     a = _two_l(model, x0, x0, padding, B)
     other = x0.clone()
     other[1, 9:] = 50  # what sits under padding never matters
@@ -178,20 +109,16 @@ def test_2l_padding_and_documents(arch):
     changed[:, 1] = 60
     second = _two_l(model, changed, changed, torch.ones_like(x0), B, docs)
     torch.testing.assert_close(first[:, 6:], second[:, 6:], atol=1e-6, rtol=0)
+    assert (first[:, 1:5] - second[:, 1:5]).abs().max() > 1e-4  # inside the first document it does matter
 
 
-def test_eager_and_sdpa_agree_on_the_2l_mask():
-    x0 = _rows()
-    x_t = x0.masked_fill(torch.rand(x0.shape, generator=torch.Generator().manual_seed(2)) < 0.5, 5)
-    eager, sdpa = (_two_l(_model("qwen2", impl), x_t, x0, torch.ones_like(x0), 4) for impl in IMPLS)
-    torch.testing.assert_close(eager, sdpa, atol=1e-5, rtol=0)
+def test_an_implementation_that_drops_the_block_mask_is_one_clear_error():
+    from adapt.blocks import check_block_attention
 
-
-def test_an_implementation_that_drops_the_mask_is_refused():
     model = _model("llama", "sdpa")
     model.config.text_config._attn_implementation = "flash_attention_2"
     with pytest.raises(AdaptError, match="cannot take the block-diffusion mask"):
-        two_l_attention_mask(model, torch.ones(1, 8, dtype=torch.long), 2)
+        check_block_attention(model)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma2", "qwen3_moe"])

@@ -23,6 +23,7 @@ import adapt
 from adapt import AdaptError
 from adapt.cli import main
 from adapt.config import load_config
+from adapt.model import CODE_FILES
 from adapt.outputs import write_marker
 from adapt.card import BEGIN, END
 from tiny_models import save_tiny_source
@@ -457,7 +458,7 @@ def test_push_uploads_dir_byte_for_byte_with_the_card(converted, tmp_path, hub):
 
     proc = _push(tmp_path, hub.url, ckpt, "me/tiny", *options)
     assert proc.returncode == 0, proc.stderr
-    assert "pushed 11 files" in proc.stdout
+    assert f"pushed {7 + len(CODE_FILES)} files" in proc.stdout  # the remote code, and 7 more
     assert hub.repos["me/tiny"]["visibility"] == "private"
     assert hub.commits == [("me/tiny", "exp", {"summary": "first", "description": ""})]
     uploaded = hub.files("me/tiny", "exp")

@@ -92,6 +92,20 @@ def test_decoder_class_and_mask_builder(llama):
                        & (torch.arange(5) == 1))
 
 
+def test_bidirectional_mask_builder_honours_the_and_function_and_padding(llama):
+    padding = torch.tensor([[0, 1, 1, 1, 1]])
+    same_half = lambda batch, head, q, kv: (q < 3) == (kv < 3)  # noqa: E731
+    for impl in ("eager", "sdpa"):
+        config = llama.config.__class__.from_dict(llama.config.to_dict())
+        config._attn_implementation = impl
+        mask = compat.bidirectional_mask(config=config, inputs_embeds=torch.empty(1, 5, 0), attention_mask=padding,
+                                         and_mask_function=same_half)
+        visible = mask[0, 0] if mask.dtype == torch.bool else mask[0, 0] == 0
+        half = torch.arange(5) < 3
+        expected = (half[:, None] == half[None, :]) & padding.bool()
+        assert torch.equal(visible, expected), impl
+
+
 def test_newer_transformers_errors_name_upgrade(monkeypatch):
     with pytest.raises(TypeError, match="plain"), compat.explain_newer_transformers():
         raise TypeError("plain")  # on a tested release errors pass through unchanged

@@ -79,8 +79,14 @@ class ConvertOptions:
     trust_remote_code: bool = field(default=False, **_help(
         "allow the source's own Python code for its config and tokenizer"))
     overwrite: bool = field(default=False, **_help("replace OUTPUT if dlm-adapt wrote it"))
+    block_size: int | None = field(default=None, **_help(
+        "write a block-diffusion checkpoint: attention bidirectional inside blocks of this many tokens, causal "
+        "between them (BD3-LM); also generation_config.json's block_length (default: full-sequence diffusion)"))
 
     def __post_init__(self):
+        b = self.block_size
+        if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 1):
+            raise AdaptError(f"block size must be a positive integer, got {b!r}")
         if self.dtype != "auto" and self.dtype not in DTYPE_NAMES:  # the Python API does not check the Literal
             raise AdaptError(f"unknown dtype '{self.dtype}': use auto, {', '.join(DTYPE_NAMES)}")
 

@@ -1,4 +1,5 @@
 # Written into every converted checkpoint as remote code: imports only torch and transformers.
+# Imports nothing from beside it: transformers 5.5 copies only a remote config's direct relative imports.
 from transformers import AutoConfig, PreTrainedConfig
 
 
@@ -19,6 +20,9 @@ class MaskedDiffusionConfig(PreTrainedConfig):
             Loss, sampler and likelihood all read this one flag.
         bidirectional (`bool`, defaults to `True`):
             Attend without the causal mask (the denoiser sees the whole canvas).
+        block_size (`int`, *optional*):
+            Block diffusion: attention is bidirectional inside blocks of this many tokens (counted by position id)
+            and causal between blocks. `None` (the default) is full-sequence diffusion.
         provenance (`dict`, *optional*):
             Where the weights came from: source, revision, converter version, how the mask token was chosen.
     """
@@ -29,7 +33,11 @@ class MaskedDiffusionConfig(PreTrainedConfig):
     sub_configs = {"text_config": AutoConfig}
 
     def __init__(self, text_config=None, mask_token_id=None, shift=True, bidirectional=True, provenance=None,
-                 **kwargs):
+                 block_size=None, **kwargs):
+        if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int)
+                                       or block_size < 1):
+            raise ValueError(f"block_size must be a positive integer or None (full-sequence diffusion), got "
+                             f"{block_size!r}")
         if text_config is None or isinstance(text_config, dict):
             fields = dict(text_config or {})
             text_config = AutoConfig.for_model(fields.pop("model_type", "llama"), **fields)
@@ -40,6 +48,7 @@ class MaskedDiffusionConfig(PreTrainedConfig):
         self.shift = shift
         self.bidirectional = bidirectional
         self.provenance = provenance
+        self.block_size = block_size
         kwargs["tie_word_embeddings"] = bool(getattr(text_config, "tie_word_embeddings", False))
         super().__init__(**kwargs)
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 
+from .block_masked_diffusion import block_attention_mask
 from .configuration_masked_diffusion import MaskedDiffusionConfig
 from .sampling_masked_diffusion import Denoiser, SamplingError, _holes, check_sampling_options, diffusion_sample
 from .transformers_compat import (attention_support_flags, cache_kwarg, decoder_class, drop_last_cached,
@@ -21,6 +22,7 @@ AUTO_MAP = {
     "AutoModelForMaskedLM": "modeling_masked_diffusion.MaskedDiffusionLM",
 }
 CODE_FILES = (
+    "block_masked_diffusion.py",
     "configuration_masked_diffusion.py",
     "modeling_masked_diffusion.py",
     "sampling_masked_diffusion.py",
@@ -117,9 +119,11 @@ class MaskedDiffusionLM(PreTrainedModel):
         """Logits for every position. `attention_mask` is the 2-D padding mask (1 = real token).
 
         `is_causal=True` runs the decoder with its original causal mask (annealing ratio 0): the converted model
-        then reproduces the source causal LM exactly. The output is the decoder's own (transformers' causal-LM
-        output class of the installed release), with its KV cache only when `use_cache=True`. The cache goes in as
-        `cache=` or `past_key_values=`, whichever the caller's transformers uses.
+        then reproduces the source causal LM exactly. Otherwise a block-diffusion checkpoint (`config.block_size`)
+        attends block-causally (see `block_masked_diffusion`); a prebuilt 4-D mask is used as given. The output is
+        the decoder's own (transformers' causal-LM output class of the installed release), with its KV cache only
+        when `use_cache=True`. The cache goes in as `cache=` or `past_key_values=`, whichever the caller's
+        transformers uses.
         """
         cache = kwargs.pop("cache", None)
         cache = cache if cache is not None else past_key_values
@@ -130,6 +134,19 @@ class MaskedDiffusionLM(PreTrainedModel):
         if kwargs.get("labels") is not None:
             # the decoder would compute a causal next-token loss, which is not the diffusion objective
             raise TypeError("MaskedDiffusionLM.forward takes no labels: compute the masked-diffusion loss from logits")
+        block_size = getattr(self.config, "block_size", None)
+        if block_size is not None and not is_causal and (attention_mask is None or (
+                isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2)):  # else prebuilt: used as given
+            if cache is not None:
+                raise ValueError("a block-diffusion forward with a KV cache arrives with issue 16 (block decoding)")
+            embeds = input_ids if input_ids is not None else inputs_embeds
+            padding = attention_mask if attention_mask is not None else torch.ones(embeds.shape[:2], dtype=torch.long,
+                                                                                 device=embeds.device)
+            if position_ids is None:
+                position_ids = torch.arange(embeds.shape[1], device=embeds.device).unsqueeze(0)
+            with explain_newer_transformers():
+                attention_mask = block_attention_mask(self.config.text_config, padding, position_ids, block_size,
+                                                      self.dtype)
         with explain_newer_transformers(), self._attention(is_causal or not self.config.bidirectional):
             out = self.decoder(
                 input_ids=input_ids,
@@ -202,6 +219,10 @@ class MaskedDiffusionLM(PreTrainedModel):
         `.committed_per_step`, `.history`, per-row `.row_nfe` and `.row_committed`) with
         `return_dict_in_generate=True`.
         """
+        block_size = getattr(self.config, "block_size", None)
+        if block_size is not None:  # the full-sequence loop would let a block see the blocks after it
+            raise SamplingError(f"this is a block-diffusion checkpoint (block_size={block_size}): "
+                                f"block-diffusion decoding arrives with issue 16")
         check_sampling_options(kv_cache=kv_cache)  # the sampler checks the rest, once the defaults are resolved
         denoiser = DENOISERS[kv_cache](self)
         gen = self.generation_config

@@ -110,5 +110,16 @@ def causal_mask(builder, **kwargs):
     return builder(**kwargs)
 
 
-__all__ = ["DLM_ADAPT_VERSION", "TESTED_TRANSFORMERS", "attention_support_flags", "cache_kwarg", "causal_mask", "decoder_class",
-           "drop_last_cached", "explain_newer_transformers", "output_cache", "select_cache_positions", "set_causal"]
+def bidirectional_mask(**kwargs):
+    """Call `transformers.masking_utils.create_bidirectional_mask` with no cache, under this release's argument
+    name. Only ever called with an `and_mask_function`, which makes every 5.x release build the mask (no skip)."""
+    from transformers.masking_utils import create_bidirectional_mask
+
+    assert kwargs.get("and_mask_function") is not None
+    kwargs[cache_kwarg(create_bidirectional_mask)] = None
+    return create_bidirectional_mask(**kwargs)
+
+
+__all__ = ["DLM_ADAPT_VERSION", "TESTED_TRANSFORMERS", "attention_support_flags", "bidirectional_mask", "cache_kwarg",
+           "causal_mask", "decoder_class", "drop_last_cached", "explain_newer_transformers", "output_cache",
+           "select_cache_positions", "set_causal"]
