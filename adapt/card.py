@@ -252,12 +252,22 @@ def _conversion_table(plan: "Plan") -> list[str]:
         ("causal source", f"`{text.get('model_type', provenance.get('base_model_type'))}` from {source}"),
         ("mask token", mask),
         ("shift", shift),
-        ("attention", "bidirectional" if config.get("bidirectional", True) else "causal"),
+        ("attention", _attention(config)),
         ("weights" if plan.kind == "checkpoint" else "base weights", weights),
         ("decoding defaults", f"{decoding} (`generation_config.json`)" if decoding else "none recorded"),
         ("converter", f"{provenance.get('converter', 'dlm-adapt')} {provenance.get('converter_version', '?')}"),
     ]
     return ["## Conversion", "", "| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
+
+
+def _attention(config: dict) -> str:
+    if not config.get("bidirectional", True):
+        return "causal"
+    block = config.get("block_size")
+    if block is None:
+        return "bidirectional"
+    return (f"block diffusion, block size {block}: bidirectional inside a block, causal between blocks (blocks are "
+            "generated left to right)")
 
 
 def _adapter_table(plan: "Plan") -> list[str]:

@@ -1,4 +1,4 @@
-"""Block-diffusion checkpoints (issue 15, part 1) and the 2L training layout's forward: block-causal attention in
+"""Block-diffusion checkpoints and the 2L training layout's forward: block-causal attention in
 every architecture and layer type, B = 1 is the causal source, padding, eager = sdpa, transformers alone."""
 
 import json
@@ -232,10 +232,10 @@ def test_block_checkpoint_loads_with_transformers_alone(tmp_path):
     for path in paths:
         got = remote[str(path)]
         assert got["block_size"] == B and got["block_length"] == B
-        assert "issue 16" in got["refused"]
+        assert "block-diffusion decoding is not in this dlm-adapt release" in got["refused"]
         assert json.loads((path / "config.json").read_text())["block_size"] == B
         model, _ = adapt.load(path)
-        with pytest.raises(SamplingError, match="block-diffusion decoding arrives with issue 16"):
+        with pytest.raises(SamplingError, match="block-diffusion decoding is not in this dlm-adapt release"):
             model.diffusion_generate(torch.arange(6, 10).unsqueeze(0), max_new_tokens=4, steps=4)
         with torch.no_grad():
             here = model(torch.arange(6, 18).unsqueeze(0)).logits
@@ -248,3 +248,10 @@ def test_block_checkpoint_loads_with_transformers_alone(tmp_path):
                              f"data.train={tmp_path / 'train.txt'}", "data.seq_length=12", "max_steps=1"])
     with pytest.raises(AdaptError, match="block-diffusion checkpoint .*set anneal.mode=none"):
         adapt.train(cfg)
+
+
+def test_model_card_says_block_diffusion(tmp_path):
+    save_tiny_source(tmp_path / "src", "llama")
+    dlm = adapt.convert(tmp_path / "src", tmp_path / "dlm", block_size=2)
+    card = adapt.push_to_hub(dlm, "me/block", dry_run=True).card
+    assert "| attention | block diffusion, block size 2: bidirectional inside a block, causal between blocks" in card

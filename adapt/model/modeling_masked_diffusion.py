@@ -138,7 +138,8 @@ class MaskedDiffusionLM(PreTrainedModel):
         if block_size is not None and not is_causal and (attention_mask is None or (
                 isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2)):  # else prebuilt: used as given
             if cache is not None:
-                raise ValueError("a block-diffusion forward with a KV cache arrives with issue 16 (block decoding)")
+                raise ValueError("a block-diffusion forward with a KV cache is not in this dlm-adapt release (block decoding "
+                                 "with an exact KV cache comes next)")
             embeds = input_ids if input_ids is not None else inputs_embeds
             padding = attention_mask if attention_mask is not None else torch.ones(embeds.shape[:2], dtype=torch.long,
                                                                                  device=embeds.device)
@@ -222,7 +223,8 @@ class MaskedDiffusionLM(PreTrainedModel):
         block_size = getattr(self.config, "block_size", None)
         if block_size is not None:  # the full-sequence loop would let a block see the blocks after it
             raise SamplingError(f"this is a block-diffusion checkpoint (block_size={block_size}): "
-                                f"block-diffusion decoding arrives with issue 16")
+                                f"block-diffusion decoding is not in this dlm-adapt release yet (it decodes block by "
+                                f"block with an exact KV cache); score it with `dlm-adapt eval`")
         check_sampling_options(kv_cache=kv_cache)  # the sampler checks the rest, once the defaults are resolved
         denoiser = DENOISERS[kv_cache](self)
         gen = self.generation_config

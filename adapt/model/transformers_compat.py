@@ -18,7 +18,7 @@ from transformers import PreTrainedModel
 
 # The dlm-adapt release that wrote this code, and the transformers releases it was tested on. A checkpoint whose
 # code fails on a newer transformers is fixed by `pip install -U dlm-adapt; dlm-adapt upgrade DIR`.
-DLM_ADAPT_VERSION = "0.3.0"
+DLM_ADAPT_VERSION = "0.4.0"
 TESTED_TRANSFORMERS = ("5.5.0", "5.24.0")  # oldest = pyproject's minimum
 CACHE_NAMES = ("cache", "past_key_values")  # newest first
 
