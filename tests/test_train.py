@@ -238,13 +238,16 @@ def test_bad_training_input_is_one_clear_error(setup, tmp_path, case):
     assert not (out / "metrics.jsonl").exists()
 
 
-def test_ddp_two_processes_match_one_process_with_the_same_global_batch(setup, tmp_path):
+@pytest.mark.parametrize("mode", ["full-sequence", "block"])
+def test_ddp_two_processes_match_one_process_with_the_same_global_batch(setup, tmp_path, mode):
     # `accelerate launch --cpu --num_processes 2` starts a single process unless MPI is set up; torchrun gives
     # real multi-CPU data parallelism (gloo), which Accelerate detects from the environment.
     recipe = tmp_path / "r.yaml"
     recipe.write_text("{}\n")
     common = [f"model.path={setup / 'dlm'}", f"data.train={setup / 'train.txt'}", "data.seq_length=16",
               "max_steps=4", "eval_steps=0", "anneal.anneal_steps=3", "objective.normalization=all"]
+    if mode == "block":  # the 2L forward goes through DDP's wrapper; per-block t is drawn for the global batch
+        common += ["anneal.mode=none", "block.size=4", "block.schedule=[2,4]", "block.stage_steps=2"]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "adapt",
                           "train", str(recipe), f"output_dir={tmp_path / 'two'}", "train.batch_size=2", *common],
