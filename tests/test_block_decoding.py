@@ -4,7 +4,6 @@ stops at its EOS."""
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 import adapt
 from adapt.model import MaskedDiffusionConfig, MaskedDiffusionLM
