@@ -118,7 +118,8 @@ def test_a_row_stops_at_its_eos():
     model.generation_config.eos_token_id = eos
     got = model.diffusion_generate(ids, attention_mask=mask, max_new_tokens=12, return_dict_in_generate=True)
     first = got.sequences[0, width:].tolist().index(eos)
-    assert first <= 2 and got.sequences[0, :width + first + 1].tolist() == free.sequences[0, :width + first + 1].tolist()
+    upto = width + first + 1
+    assert first <= 2 and got.sequences[0, :upto].tolist() == free.sequences[0, :upto].tolist()
     assert (got.sequences[0, width + first:] == eos).all()  # nothing but EOS after it
     assert int(got.row_nfe[0]) <= B < 12 and int(got.row_nfe[0]) == int(got.row_committed[0])
     assert torch.equal(got.sequences[1], free.sequences[1]) and int(got.row_nfe[1]) == 12
@@ -129,9 +130,9 @@ def test_a_row_stops_at_its_eos():
 def test_bad_block_options_are_refused():
     model = _model("llama")
     x = torch.tensor([PROMPTS[0]])
-    with pytest.raises(SamplingError, match="leave kv_cache and block_length unset"):
+    with pytest.raises(SamplingError, match="leave block_length and kv_cache"):
         model.diffusion_generate(x, max_new_tokens=8, block_length=8)
-    with pytest.raises(SamplingError, match="leave kv_cache and block_length unset"):
+    with pytest.raises(SamplingError, match="leave block_length and kv_cache"):
         model.diffusion_generate(x, max_new_tokens=8, kv_cache="prefix")
     with pytest.raises(SamplingError, match="infilling is not in block mode"):
         model.diffusion_generate(torch.tensor([[11, MASK, 13]]), max_new_tokens=4)

@@ -103,14 +103,16 @@ def cached_block_mask(text_config, padding_mask, query_positions, block_size: in
     key_positions = (padding_mask.long().cumsum(-1) - 1).clamp_min(0)[:, None, :]
     query_positions = query_positions.expand(padding_mask.shape[0], -1)[:, :, None]
     bq, bk = query_positions // block_size, key_positions // block_size
-    itself = torch.arange(kv, device=padding_mask.device) == torch.arange(kv - q, kv, device=padding_mask.device)[:, None]
+    keys = torch.arange(kv, device=padding_mask.device)
+    itself = keys == keys[kv - q:, None]
     real = padding_mask.bool()[:, None, :]
 
     def build(window):
         seen = (bk <= bq) & _in_window(query_positions - key_positions, bk == bq, window) & real | itself
         if text_config._attn_implementation == "sdpa":
             return seen[:, None]
-        return torch.zeros(seen.shape, dtype=dtype, device=seen.device).masked_fill(~seen, torch.finfo(dtype).min)[:, None]
+        additive = torch.zeros(seen.shape, dtype=dtype, device=seen.device)  # eager adds the mask to its scores
+        return additive.masked_fill(~seen, torch.finfo(dtype).min)[:, None]
 
     return _per_layer_kind(text_config, build)
 
@@ -200,7 +202,7 @@ class BlockCacheDenoiser(Denoiser):
     as the 2L layout's clean half does (`canvas_index`). With B = 1 and shift that logit is all a block needs, so
     each token costs the one pass an AR model's does."""
 
-    def __init__(self, model, padding, block_size: int):
+    def __init__(self, model, padding):
         super().__init__(model.config.shift)
         self.model, self.padding = model, padding
         self.positions = (padding.long().cumsum(-1) - 1).clamp_min(0)

@@ -224,7 +224,7 @@ class MaskedDiffusionLM(PreTrainedModel):
         check_sampling_options(kv_cache=kv_cache)  # the sampler checks the rest, once the defaults are resolved
         if block_size is not None and (kv_cache is not None or block_length not in (None, block_size)):
             raise SamplingError(f"a block-diffusion checkpoint decodes its own blocks of {block_size} with an exact KV "
-                                f"cache: leave kv_cache and block_length unset")
+                                f"cache: leave block_length and kv_cache (--block-length, --kv-cache) unset")
         gen = self.generation_config
         from_config = max_new_tokens is None
         n = int(getattr(gen, "max_new_tokens", None) or 128) if from_config else int(max_new_tokens)
@@ -234,7 +234,7 @@ class MaskedDiffusionLM(PreTrainedModel):
         if block_length is None:
             block_length = int(getattr(gen, "block_length", None) or n) if from_config else n
         if block_size is not None:  # block by block: the full-sequence loop would let a block see later ones
-            sample = functools.partial(block_diffusion_sample, lambda padding: BlockCacheDenoiser(self, padding, block_size),
+            sample = functools.partial(block_diffusion_sample, functools.partial(BlockCacheDenoiser, self),
                                        block_size=block_size)
         else:
             sample = functools.partial(diffusion_sample, DENOISERS[kv_cache](self), block_length=block_length)

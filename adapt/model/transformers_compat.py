@@ -129,5 +129,5 @@ def bidirectional_mask(**kwargs):
 
 
 __all__ = ["DLM_ADAPT_VERSION", "TESTED_TRANSFORMERS", "attention_support_flags", "bidirectional_mask", "cache_kwarg",
-           "causal_mask", "decoder_class", "drop_last_cached", "explain_newer_transformers", "full_cache", "output_cache",
-           "select_cache_positions", "set_causal"]
+           "causal_mask", "decoder_class", "drop_last_cached", "explain_newer_transformers", "full_cache",
+           "output_cache", "select_cache_positions", "set_causal"]
