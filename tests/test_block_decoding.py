@@ -90,6 +90,16 @@ def test_cached_equals_uncached_and_batch_equals_alone(arch):
         assert got.cache_passes == 3  # the prompt's whole block, then the first two of three blocks
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+def test_cached_equals_uncached_under_sdpa(arch):
+    model = _model(arch)
+    model.set_attn_implementation("sdpa")
+    ids, mask = _batch(PROMPTS)
+    for options in (dict(steps=N), dict(steps=N, threshold=0.03)):
+        got = model.diffusion_generate(ids, attention_mask=mask, max_new_tokens=N, **options)
+        assert torch.equal(got, _uncached(model, ids, mask, max_new_tokens=N, **options).sequences)
+
+
 def test_cached_equals_a_plain_greedy_loop():
     """An independent reference: one row, one token per pass, the most confident masked position of the block."""
     model = _model("llama")
@@ -125,6 +135,8 @@ def test_a_row_stops_at_its_eos():
     assert torch.equal(got.sequences[1], free.sequences[1]) and int(got.row_nfe[1]) == 12
     alone = model.diffusion_generate(torch.tensor([PROMPTS[0]]), max_new_tokens=12, return_dict_in_generate=True)
     assert alone.nfe == int(got.row_nfe[0]) and alone.cache_passes == 1  # stopped: no later block stored
+    late = model.diffusion_generate(ids, attention_mask=mask, max_new_tokens=12, min_new_tokens=6)
+    assert eos not in late[0, width:width + 6].tolist()  # min_new_tokens counts each row's own new tokens
 
 
 def test_bad_block_options_are_refused():
