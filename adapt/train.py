@@ -132,11 +132,9 @@ class Recipe:
         self.checkpoint_block = getattr(self.dlm.config, "block_size", None)
         final_block = cfg.block.final_size(self.checkpoint_block)
         if final_block is not None:
-            for problem, fix in ((cfg.anneal.mode != "none", "anneal.mode=none; blocks replace annealing"),
-                                 (cfg.sample_steps, "sample_steps=0 until block decoding lands")):
-                if problem:
-                    raise AdaptError(f"{self.source} is a block-diffusion checkpoint (block size "
-                                     f"{self.checkpoint_block}): set {fix}")
+            if cfg.anneal.mode != "none":
+                raise AdaptError(f"{self.source} is a block-diffusion checkpoint (block size "
+                                 f"{self.checkpoint_block}): set anneal.mode=none; blocks replace annealing")
             self.dlm.config.block_size = final_block  # what OUTPUT/final decodes with
             check_block_attention(self.dlm)
         self.block = None  # the block size of the latest step (the schedule moves it)

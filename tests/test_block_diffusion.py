@@ -16,7 +16,6 @@ from adapt import AdaptError
 from adapt.config import load_config
 from adapt.model import MaskedDiffusionConfig, MaskedDiffusionLM
 from adapt.model.block_masked_diffusion import forward_2l
-from adapt.sampling import SamplingError
 from tiny_models import ARCHS, layer_type_variants, save_tiny_source, tiny_config
 
 B, SEQ, MASK = 4, 12, 5
@@ -210,13 +209,9 @@ _REMOTE = textwrap.dedent("""
         ids = torch.arange(6, 18).unsqueeze(0)
         with torch.no_grad():
             logits = model(ids).logits
-        try:
-            model.diffusion_generate(ids[:, :4], max_new_tokens=4, steps=4)
-            refused = ""
-        except Exception as e:
-            refused = str(e)
-        results[path] = {"block_size": model.config.block_size, "logits": logits.tolist(), "refused": refused,
-                         "block_length": model.generation_config.block_length}
+        generated = model.diffusion_generate(ids[:, :5], max_new_tokens=6, steps=6)  # block decoding, exact cache
+        results[path] = {"block_size": model.config.block_size, "logits": logits.tolist(),
+                         "generated": generated.tolist(), "block_length": model.generation_config.block_length}
     json.dump(results, open(sys.argv[1], "w"))
 """)
 
@@ -232,11 +227,10 @@ def test_block_checkpoint_loads_with_transformers_alone(tmp_path):
     for path in paths:
         got = remote[str(path)]
         assert got["block_size"] == B and got["block_length"] == B
-        assert "block-diffusion decoding is not in this dlm-adapt release" in got["refused"]
         assert json.loads((path / "config.json").read_text())["block_size"] == B
         model, _ = adapt.load(path)
-        with pytest.raises(SamplingError, match="block-diffusion decoding is not in this dlm-adapt release"):
-            model.diffusion_generate(torch.arange(6, 10).unsqueeze(0), max_new_tokens=4, steps=4)
+        here = model.diffusion_generate(torch.arange(6, 11).unsqueeze(0), max_new_tokens=6, steps=6)
+        assert got["generated"] == here.tolist() and len(here[0]) == 11 and model.config.mask_token_id not in here
         with torch.no_grad():
             here = model(torch.arange(6, 18).unsqueeze(0)).logits
         torch.testing.assert_close(torch.tensor(got["logits"]), here, atol=1e-5, rtol=0)

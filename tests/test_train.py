@@ -325,8 +325,9 @@ def test_old_block_length_key_loads_with_one_warning(tmp_path, capsys):
 
 def test_block_diffusion_run_follows_its_schedule_and_resumes_bit_exactly(setup, tmp_path):
     extra = ["anneal.mode=none", "block.size=4", "block.schedule=[1,2,4]", "block.stage_steps=2", "max_steps=8",
-             "eval_steps=4", "objective.complementary=true"]
+             "eval_steps=4", "objective.complementary=true", "sample_steps=4"]
     final = adapt.train(_cfg(setup, tmp_path / "straight", *extra))
+    assert (tmp_path / "straight" / "samples.log").read_text().count("--- step") == 2  # block decoding
     records = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
     assert [r["block_size"] for r in steps] == [1, 1, 2, 2, 4, 4, 4, 4]

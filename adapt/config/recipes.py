@@ -190,9 +190,6 @@ class TrainConfig:
         if self.block.size is not None and self.anneal.mode != "none":
             raise FieldError("anneal.mode", "must be none with block diffusion (block.size is set): the block "
                                             "schedule replaces annealing, starting from the AR model at block size 1")
-        if self.block.size is not None and self.sample_steps:
-            raise FieldError("sample_steps", "must be 0 with block diffusion until block decoding lands (the "
-                                             "full-sequence sampler would ignore the blocks)")
         # 0 turns saving, evaluation and sampling off
         check_ranges(self, {"max_steps": "[1, inf)", "save_steps": "[0, inf)", "eval_steps": "[0, inf)",
                             "log_steps": "[1, inf)", "sample_steps": "[0, inf)", "save_total_limit": "[0, inf)",

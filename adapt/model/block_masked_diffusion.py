@@ -16,11 +16,16 @@ The masks are built by transformers' own `create_bidirectional_mask` with an `an
 boolean and eager an additive mask, with padding combined the standard way. flex/flash attention cannot take it.
 """
 
+import math
+
 import torch
 
-# modeling_masked_diffusion imports transformers_compat directly too, so transformers 5.5 copies it into the
-# remote-code cache (it follows only direct relative imports of the loaded module)
-from .transformers_compat import bidirectional_mask
+# modeling_masked_diffusion imports transformers_compat and the sampler directly too, so transformers 5.5 copies
+# them into the remote-code cache (it follows only direct relative imports of the loaded module)
+from .sampling_masked_diffusion import (SCORES, Denoiser, Ranking, SamplingError, SamplingOutput, ScheduleCommit,
+                                        ThresholdCommit, TokenRule, _check_prompt, _finish_rows, _holes,
+                                        check_sampling_options, denoise_span)
+from .transformers_compat import bidirectional_mask, drop_last_cached, full_cache
 
 # Implementations whose mask interface honours an arbitrary mask function; flash kernels take padding only and
 # would silently attend to later blocks.
@@ -35,28 +40,35 @@ def check_block_implementation(text_config):
                          f"attention); load the model with attn_implementation in {BLOCK_IMPLEMENTATIONS}")
 
 
-def _layer_masks(text_config, padding_mask, embeds, rule):
-    """`rule(batch, q, kv, window)` -> visible, built once per layer kind the decoder has: one 4-D mask for
-    decoders without `layer_types` (sliding if `sliding_window` is set), else a dict {layer kind: mask}, the
-    form those decoders take."""
+def _per_layer_kind(text_config, build):
+    """`build(window)` (None: full attention) once per layer kind the decoder has: one 4-D mask for decoders
+    without `layer_types` (sliding if `sliding_window` is set), else a dict {layer kind: mask}, the form those
+    decoders take."""
     check_block_implementation(text_config)
     window = getattr(text_config, "sliding_window", None)
 
-    def build(kind):
+    def of_kind(kind):
         if kind not in LAYER_KINDS:
             raise ValueError(f"block diffusion supports layer types {LAYER_KINDS}, not '{kind}'")
-        w = window if kind == "sliding_attention" else None
+        return build(window if kind == "sliding_attention" else None)
 
+    layer_types = getattr(text_config, "layer_types", None)
+    if layer_types:
+        return {kind: of_kind(kind) for kind in set(layer_types)}
+    return of_kind("sliding_attention" if window is not None else "full_attention")
+
+
+def _layer_masks(text_config, padding_mask, embeds, rule):
+    """`rule(batch, q, kv, window)` -> visible, built by transformers' mask builder per layer kind."""
+
+    def build(w):
         def visible(batch_idx, head_idx, q_idx, kv_idx):
             return rule(batch_idx, q_idx, kv_idx, w)
 
         return bidirectional_mask(config=text_config, inputs_embeds=embeds, attention_mask=padding_mask,
                                   and_mask_function=visible)
 
-    layer_types = getattr(text_config, "layer_types", None)
-    if layer_types:
-        return {kind: build(kind) for kind in set(layer_types)}
-    return build("sliding_attention" if window is not None else "full_attention")
+    return _per_layer_kind(text_config, build)
 
 
 def _in_window(distance, same_block, window):
@@ -80,6 +92,29 @@ def block_attention_mask(text_config, padding_mask, position_ids, block_size: in
         return (bk <= bq) & _in_window(positions[b, q] - positions[b, kv], bk == bq, window)
 
     return _layer_masks(text_config, padding_mask, _embeds(padding_mask, dtype), rule)
+
+
+def cached_block_mask(text_config, padding_mask, query_positions, block_size: int, dtype):
+    """The mask of a block-causal forward over a KV cache: `padding_mask` (batch, kv) covers the cached keys and
+    then the q queries, whose position ids are `query_positions` (batch, q). Same rule as `block_attention_mask`;
+    built here because transformers' builders size a mask by the cache's layer type, while block decoding keeps
+    every position in every layer (`full_cache`). A padding query sees itself, so no row is fully masked."""
+    kv, q = padding_mask.shape[1], query_positions.shape[1]
+    key_positions = (padding_mask.long().cumsum(-1) - 1).clamp_min(0)[:, None, :]
+    query_positions = query_positions.expand(padding_mask.shape[0], -1)[:, :, None]
+    bq, bk = query_positions // block_size, key_positions // block_size
+    keys = torch.arange(kv, device=padding_mask.device)
+    itself = keys == keys[kv - q:, None]
+    real = padding_mask.bool()[:, None, :]
+
+    def build(window):
+        seen = (bk <= bq) & _in_window(query_positions - key_positions, bk == bq, window) & real | itself
+        if text_config._attn_implementation == "sdpa":
+            return seen[:, None]
+        additive = torch.zeros(seen.shape, dtype=dtype, device=seen.device)  # eager adds the mask to its scores
+        return additive.masked_fill(~seen, torch.finfo(dtype).min)[:, None]
+
+    return _per_layer_kind(text_config, build)
 
 
 def two_l_attention_mask(text_config, padding_mask, position_ids, block_size: int, dtype, document_ids=None):
@@ -156,5 +191,129 @@ def forward_2l(model, noisy_ids, clean_ids, attention_mask=None, block_size=None
     return out
 
 
-__all__ = ["BLOCK_IMPLEMENTATIONS", "block_attention_mask", "canvas_index", "canvas_logits",
+# ------------------------------------------------------------------------------------------------ decoding
+
+class BlockCacheDenoiser(Denoiser):
+    """Block decoding with an exact KV cache. Under block-causal attention a finished block never sees the blocks
+    after it, so its keys/values are final: they are computed once and kept. A pass runs only the current block's
+    tokens (bidirectional among themselves) against the cache, which it leaves as it found it. When the loop moves
+    on to a new block, one more pass over the block just finished (at first: the prompt's whole blocks) stores its
+    keys/values; its logit at the last position is the one that, with shift, predicts the new block's first token,
+    as the 2L layout's clean half does (`canvas_index`). With B = 1 and shift that logit is all a block needs, so
+    each token costs the one pass an AR model's does."""
+
+    def __init__(self, model, padding):
+        super().__init__(model.config.shift)
+        self.model, self.padding = model, padding
+        self.positions = (padding.long().cumsum(-1) - 1).clamp_min(0)
+        self.cache, self.cached, self.last = full_cache(), 0, None  # keys/values of canvas [0, cached)
+        self.cache_passes = 0
+
+    def _forward(self, canvas, a, b, keep):
+        return self.model(input_ids=canvas[:, a:b], attention_mask=self.padding[:, :b],
+                          position_ids=self.positions[:, a:b], past_key_values=self.cache, use_cache=True,
+                          logits_to_keep=keep)
+
+    def _store(self, canvas, upto):
+        if upto > self.cached:
+            self.last = self._forward(canvas, self.cached, upto, 1).logits[:, -1]
+            self.cached = upto
+            self.cache_passes += 1
+
+    def logits(self, canvas, attention_mask, first, last):
+        start, end = first + self.shift, last + self.shift  # the block
+        self._store(canvas, start)
+        parts = []
+        if first < start:  # before the canvas start nothing is predicted that is masked (a prompt token): zeros
+            vocab = self.model.get_output_embeddings().weight.shape[0]
+            parts.append(self.last[:, None] if self.last is not None else canvas.new_zeros((len(canvas), 1, vocab),
+                                                                                          dtype=torch.float))
+        if last > start:
+            keep = torch.arange(start, last, device=canvas.device) - start
+            parts.append(self._forward(canvas, start, end, keep).logits)
+            drop_last_cached(self.cache, end - start)
+        return torch.cat([p.to(parts[-1].dtype) for p in parts], 1)
+
+
+def block_diffusion_sample(make_denoiser, input_ids, *, block_size: int, mask_token_id: int, shift: bool,
+                           max_new_tokens: int, steps: int, attention_mask=None, remasking="low_confidence",
+                           schedule="linear", threshold=None, temperature=0.0, order_temperature=0.0, top_k=None,
+                           top_p=None, eos_token_id=None, min_new_tokens=0, max_positions=None, generator=None,
+                           return_history=False) -> SamplingOutput:
+    """Block-by-block decoding of a block-diffusion checkpoint, with the full-sequence sampler's rules inside each
+    block (`TokenRule`, `SCORES`, `ScheduleCommit` / `ThresholdCommit`, `denoise_span`).
+
+    Blocks go by position id (block = position // B, real tokens counting from 0), as in training. A prompt of
+    length L leaves its last L % B tokens in a partial block; the first decoded block is that one, its prompt
+    tokens fixed (and recomputed each pass: they attend to the block's masks) and the rest new. Internally every
+    row is re-padded on the left so that all rows' blocks share canvas indices: block k of the loop is the same
+    position-id block of each row as when decoded alone. Each block gets ceil(steps * B / max_new_tokens) passes
+    under the schedule (with `threshold`, as many as it needs). max_new_tokens need not be a multiple of B: in the
+    last block the positions past it stay masked (the block sees them as masks) and are not returned. A row stops
+    when its EOS is committed with nothing masked before it (the rest of its tokens become EOS) or when its
+    tokens are all decoded; passes after that are not counted in its `row_nfe`. `make_denoiser(padding)` builds
+    the denoiser for the internal canvas (`BlockCacheDenoiser`, or an uncached one as a reference).
+    Returns a `SamplingOutput` in the usual layout: (batch, prompt_len + max_new_tokens)."""
+    n, b = max_new_tokens, block_size
+    check_sampling_options(max_new_tokens=n, steps=steps, remasking=remasking, schedule=schedule,
+                           threshold=threshold, temperature=temperature, order_temperature=order_temperature,
+                           top_k=top_k, top_p=top_p, min_new_tokens=min_new_tokens)
+    _check_prompt(input_ids, attention_mask, mask_token_id=mask_token_id, shift=shift, max_new_tokens=n,
+                  max_positions=None)
+    if n == 0 or _holes(input_ids, mask_token_id, attention_mask).any():
+        raise SamplingError("block decoding writes new tokens after the prompt: max_new_tokens must be at least 1, "
+                            "and a prompt cannot hold mask tokens (infilling is not in block mode yet)")
+    batch, prompt_len = input_ids.shape
+    real = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+    lengths = real.sum(1)
+    whole, tail = lengths // b, lengths % b
+    needed = (tail + n + b - 1) // b  # blocks each row decodes
+    first, blocks = int(whole.max()), int(needed.max())
+    if max_positions is not None and int(whole.min() + blocks) * b > max_positions:
+        raise SamplingError(f"prompt + max_new_tokens, rounded up to whole blocks of {b} over the batch, exceeds "
+                            f"the model's {max_positions} positions")
+    offset = (first - whole) * b  # left padding that aligns every row's blocks
+    index = torch.arange((first + blocks) * b, device=input_ids.device)
+    padding = (index[None] >= offset[:, None]).long()
+    canvas = torch.full(padding.shape, mask_token_id, dtype=input_ids.dtype, device=input_ids.device)
+    for row in range(batch):
+        canvas[row, offset[row]:offset[row] + lengths[row]] = input_ids[row, real[row]]
+    new = index[None] - (offset + lengths)[:, None]  # per row, the index among its new tokens (< 0: prompt)
+    wanted = (new >= 0) & (new < n)
+    gather = (offset + lengths)[:, None] + torch.arange(n, device=canvas.device)
+
+    commit = (ScheduleCommit(max(1, math.ceil(steps * b / n)), schedule) if threshold is None
+              else ThresholdCommit(threshold))
+    choose = TokenRule(mask_token_id, temperature, top_k, top_p, eos_token_id, (0, min_new_tokens), generator)
+    rank = Ranking(SCORES[remasking], order_temperature, generator)
+    denoiser = make_denoiser(padding)
+    done = torch.zeros(batch, dtype=torch.bool, device=canvas.device)
+    out = SamplingOutput(sequences=canvas, nfe=0, history=[] if return_history else None,
+                         row_nfe=torch.zeros_like(done, dtype=torch.long),
+                         row_committed=torch.zeros_like(done, dtype=torch.long))
+    for k in range(blocks):
+        start = (first + k) * b
+        eligible = wanted & (index[None] < start + b) & ~done[:, None]
+        counts = ((canvas == mask_token_id) & eligible).sum(1)
+        denoise_span(denoiser, canvas, padding, start, start + b, eligible, counts, new, mask_token_id=mask_token_id,
+                     commit=commit, choose=choose, rank=rank, out=out)
+        if eos_token_id is not None:
+            tokens = canvas.gather(1, gather)
+            done = _finish_rows(tokens, 0, eos_token_id, mask_token_id, done)
+            canvas.scatter_(1, gather, tokens)
+        done |= needed <= k + 1
+        if done.all():
+            break
+
+    def returned(c):
+        return torch.cat([input_ids, c.gather(1, gather)], 1)
+
+    out.sequences = returned(canvas)
+    out.history = None if out.history is None else [returned(c) for c in out.history]
+    out.cache_passes = getattr(denoiser, "cache_passes", 0)
+    return out
+
+
+__all__ = ["BLOCK_IMPLEMENTATIONS", "BlockCacheDenoiser", "block_attention_mask", "block_diffusion_sample",
+           "cached_block_mask", "canvas_index", "canvas_logits",
            "check_block_implementation", "forward_2l", "two_l_attention_mask", "two_l_layout"]

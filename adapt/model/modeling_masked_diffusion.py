@@ -1,13 +1,14 @@
 # Written into every converted checkpoint as remote code: imports only torch and transformers, so
 # `AutoModel.from_pretrained(path, trust_remote_code=True)` works without dlm-adapt installed.
 import contextlib
+import functools
 import shutil
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 
-from .block_masked_diffusion import block_attention_mask
+from .block_masked_diffusion import BlockCacheDenoiser, block_attention_mask, block_diffusion_sample, cached_block_mask
 from .configuration_masked_diffusion import MaskedDiffusionConfig
 from .sampling_masked_diffusion import Denoiser, SamplingError, _holes, check_sampling_options, diffusion_sample
 from .transformers_compat import (attention_support_flags, cache_kwarg, decoder_class, drop_last_cached,
@@ -137,17 +138,16 @@ class MaskedDiffusionLM(PreTrainedModel):
         block_size = getattr(self.config, "block_size", None)
         if block_size is not None and not is_causal and (attention_mask is None or (
                 isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2)):  # else prebuilt: used as given
-            if cache is not None:
-                raise ValueError("a block-diffusion forward with a KV cache is not in this dlm-adapt release (block decoding "
-                                 "with an exact KV cache comes next)")
             embeds = input_ids if input_ids is not None else inputs_embeds
-            padding = attention_mask if attention_mask is not None else torch.ones(embeds.shape[:2], dtype=torch.long,
-                                                                                 device=embeds.device)
+            past = cache.get_seq_length() if cache is not None else 0
+            padding = attention_mask if attention_mask is not None else torch.ones(
+                (embeds.shape[0], past + embeds.shape[1]), dtype=torch.long, device=embeds.device)
             if position_ids is None:
-                position_ids = torch.arange(embeds.shape[1], device=embeds.device).unsqueeze(0)
+                position_ids = torch.arange(past, past + embeds.shape[1], device=embeds.device).unsqueeze(0)
             with explain_newer_transformers():
-                attention_mask = block_attention_mask(self.config.text_config, padding, position_ids, block_size,
-                                                      self.dtype)
+                # with a cache (block decoding) the mask spans cached keys + queries (`padding` covers both)
+                attention_mask = (cached_block_mask if cache is not None else block_attention_mask)(
+                    self.config.text_config, padding, position_ids, block_size, self.dtype)
         with explain_newer_transformers(), self._attention(is_causal or not self.config.bidirectional):
             out = self.decoder(
                 input_ids=input_ids,
@@ -221,12 +221,10 @@ class MaskedDiffusionLM(PreTrainedModel):
         `return_dict_in_generate=True`.
         """
         block_size = getattr(self.config, "block_size", None)
-        if block_size is not None:  # the full-sequence loop would let a block see the blocks after it
-            raise SamplingError(f"this is a block-diffusion checkpoint (block_size={block_size}): "
-                                f"block-diffusion decoding is not in this dlm-adapt release yet (it decodes block by "
-                                f"block with an exact KV cache); score it with `dlm-adapt eval`")
         check_sampling_options(kv_cache=kv_cache)  # the sampler checks the rest, once the defaults are resolved
-        denoiser = DENOISERS[kv_cache](self)
+        if block_size is not None and (kv_cache is not None or block_length not in (None, block_size)):
+            raise SamplingError(f"a block-diffusion checkpoint decodes its own blocks of {block_size} with an exact KV "
+                                f"cache: leave block_length and kv_cache (--block-length, --kv-cache) unset")
         gen = self.generation_config
         from_config = max_new_tokens is None
         n = int(getattr(gen, "max_new_tokens", None) or 128) if from_config else int(max_new_tokens)
@@ -235,15 +233,18 @@ class MaskedDiffusionLM(PreTrainedModel):
             steps = int((getattr(gen, "steps", None) or n) if from_config else n) or max(1, holes)
         if block_length is None:
             block_length = int(getattr(gen, "block_length", None) or n) if from_config else n
-        out = diffusion_sample(
-            denoiser,
+        if block_size is not None:  # block by block: the full-sequence loop would let a block see later ones
+            sample = functools.partial(block_diffusion_sample, functools.partial(BlockCacheDenoiser, self),
+                                       block_size=block_size)
+        else:
+            sample = functools.partial(diffusion_sample, DENOISERS[kv_cache](self), block_length=block_length)
+        out = sample(
             input_ids,
             attention_mask=attention_mask,
             mask_token_id=self.config.mask_token_id,
             shift=self.config.shift,
             max_new_tokens=n,
             steps=steps,
-            block_length=block_length,
             remasking=remasking or getattr(gen, "remasking", None) or "low_confidence",
             schedule=schedule,
             threshold=threshold,

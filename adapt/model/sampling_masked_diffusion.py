@@ -39,6 +39,9 @@ class SamplingOutput:
     """Per row, the passes in which it still had masks: its `nfe` had it been decoded alone."""
     row_committed: torch.LongTensor | None = None
     """Per row, the tokens committed."""
+    cache_passes: int = 0
+    """Block decoding: forward passes that only stored keys/values (the prompt's prefill, then one per finished
+    block); not in `nfe`."""
 
     @property
     def tokens_per_forward(self) -> float:
@@ -176,7 +179,9 @@ class TokenRule:
         logits = logits.double()
         logits[..., self.mask_token_id] = -math.inf
         if self.eos_token_id is not None and self.no_eos[0] < self.no_eos[1]:
-            logits[:, (positions >= self.no_eos[0]) & (positions < self.no_eos[1]), self.eos_token_id] = -math.inf
+            # positions: (span,) canvas indices, or (batch, span) where rows' new tokens start apart (block mode)
+            forbid = (positions >= self.no_eos[0]) & (positions < self.no_eos[1])
+            logits[..., self.eos_token_id] = logits[..., self.eos_token_id].masked_fill(forbid, -math.inf)
         probs = logits.softmax(-1)
         if self.temperature > 0:
             u = torch.rand(logits.shape, dtype=torch.float64, device=logits.device, generator=self.generator)
@@ -357,20 +362,29 @@ def diffusion_sample(
         eligible = (position[None] < end) & real & ~done[:, None]
         masked = (canvas == mask_token_id) & eligible
         lo = min([start] + masked.any(0).nonzero()[:1, 0].tolist())  # reach back to holes still masked
-        span = slice(lo, end)  # everything outside is fixed for the block: predict and rank only inside
-        for step in range(commit.passes(masked.sum(1))):
-            masked = (canvas[:, span] == mask_token_id) & eligible[:, span]
-            if not masked.any():
-                break
-            tokens, probs, p_token = choose(denoiser(canvas, attention_mask, lo, end), position[span])
-            chosen = commit(step, masked, rank(probs, p_token, masked), p_token)
-            canvas[:, span] = torch.where(chosen, tokens, canvas[:, span])
-            out.record(masked, chosen, canvas)
+        denoise_span(denoiser, canvas, attention_mask, lo, end, eligible, masked.sum(1), position,
+                     mask_token_id=mask_token_id, commit=commit, choose=choose, rank=rank, out=out)
         if eos_token_id is not None and n:
             done = _finish_rows(canvas, prompt_len, eos_token_id, mask_token_id, done)
             if done.all():
                 break
     return out
+
+
+def denoise_span(denoiser, canvas, attention_mask, lo, end, eligible, counts, position, *, mask_token_id, commit,
+                 choose, rank, out):
+    """Denoise canvas positions [lo, end) in place until none of the `eligible` ones is masked (or the commit
+    rule's passes, planned from the rows' masked `counts`, run out). `position` is what `choose` reads for each
+    canvas index (min_new_tokens)."""
+    span = slice(lo, end)  # everything outside is fixed for the block: predict and rank only inside
+    for step in range(commit.passes(counts)):
+        masked = (canvas[:, span] == mask_token_id) & eligible[:, span]
+        if not masked.any():
+            break
+        tokens, probs, p_token = choose(denoiser(canvas, attention_mask, lo, end), position[..., span])
+        chosen = commit(step, masked, rank(probs, p_token, masked), p_token)
+        canvas[:, span] = torch.where(chosen, tokens, canvas[:, span])
+        out.record(masked, chosen, canvas)
 
 
 def _holes(input_ids, mask_token_id, attention_mask=None):

@@ -100,6 +100,14 @@ def drop_last_cached(cache, n: int):
     cache.crop(-n)
 
 
+def full_cache():
+    """An empty KV cache whose every layer keeps every position, sliding-window layers included (the attention
+    mask, not the cache, then applies the window; `DynamicCache(config=...)` would trim sliding layers)."""
+    from transformers import DynamicCache
+
+    return DynamicCache()
+
+
 def causal_mask(builder, **kwargs):
     """Call one of `transformers.masking_utils`' mask builders with no cache, under this release's argument name.
     `allow_is_causal_skip=False` goes only to builders that take it: older ones already never skip building the
@@ -121,5 +129,5 @@ def bidirectional_mask(**kwargs):
 
 
 __all__ = ["DLM_ADAPT_VERSION", "TESTED_TRANSFORMERS", "attention_support_flags", "bidirectional_mask", "cache_kwarg",
-           "causal_mask", "decoder_class", "drop_last_cached", "explain_newer_transformers", "output_cache",
-           "select_cache_positions", "set_causal"]
+           "causal_mask", "decoder_class", "drop_last_cached", "explain_newer_transformers", "full_cache",
+           "output_cache", "select_cache_positions", "set_causal"]
