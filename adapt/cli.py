@@ -102,7 +102,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows a field's default unless it is unset (None, False, empty) or the help already says it."""
 
     def _get_help_string(self, action):
-        if action.default is None or action.default is False or action.default == [] or action.default is argparse.SUPPRESS or "default" in (action.help or ""):
+        unset = action.default is None or action.default is False or action.default is argparse.SUPPRESS
+        if unset or "default" in (action.help or ""):
             return action.help
         if isinstance(action.default, tuple):  # Names/Ints: shown as typed, comma-separated
             return f"{action.help} (default: {','.join(map(str, action.default))})"

@@ -59,6 +59,10 @@ def diffusion_elbo(model, blocks: "torch.Tensor | Batch", *, mc_samples: int = 1
         raise AdaptError("a row has no tokens to score")
     if block_size is None:
         block_size = getattr(config, "block_size", None)
+    if block_size is not None:
+        from .blocks import check_block_attention
+
+        check_block_attention(model)  # once, before any forward: one clear error for flash/flex attention
     # a "segment" is what draws one mask count: the whole row, or one diffusion block of it
     segment = torch.zeros(length, dtype=torch.long) if block_size is None else torch.arange(length) // block_size
     n_seg = int(segment[-1]) + 1
@@ -96,7 +100,7 @@ def diffusion_elbo(model, blocks: "torch.Tensor | Batch", *, mc_samples: int = 1
             mask = attention[b].to(device) if attention is not None else None
             # a segment with nothing to score masks nothing; t = 1 keeps its zero weight finite (0 · 1/t)
             t = (n.double() / per_segment[b][:, segment].clamp_min(1)).masked_fill(n == 0, 1.0).float().to(device)
-            logits = _denoise(model, x0.masked_fill(masked, mask_id), x0, mask, block_size, shift)
+            logits = _denoise(model, x0.masked_fill(masked, mask_id), x0, mask, block_size)
             values[b, k] = sequence_losses(logits, x0, masked, scorable[b].to(device), t, cfg, shift,
                                            mask_id).double().cpu()
     finally:
@@ -116,15 +120,13 @@ def _segment_ranks(draws: torch.Tensor, segment: torch.Tensor, n_seg: int) -> to
     return ranks - (starts - torch.bincount(segment, minlength=n_seg))[segment]
 
 
-def _denoise(model, x_t, x0, padding, block_size, shift):
+def _denoise(model, x_t, x0, padding, block_size):
     """Logits at every position of x_t as inference computes them: one forward over the canvas, or for block
     diffusion one 2L forward whose earlier blocks are clean (`adapt.blocks`)."""
     if block_size is None:
         return model(input_ids=x_t, attention_mask=padding).logits
-    from .blocks import check_block_attention
     from .model.block_masked_diffusion import canvas_logits, two_l_layout
 
-    check_block_attention(model)
     inputs, index = two_l_layout(model, x_t, x0, padding, block_size)
     return canvas_logits(model(**inputs).logits, index)
 
