@@ -8,7 +8,7 @@ import logging
 import sys
 import types
 
-__version__ = "0.4.0"  # also DLM_ADAPT_VERSION in model/transformers_compat.py, stamped into remote code
+__version__ = "0.5.0"  # also DLM_ADAPT_VERSION in model/transformers_compat.py, stamped into remote code
 
 # name -> submodule that defines it
 _EXPORTS = {

@@ -46,8 +46,22 @@ def _generate(args):
         prompts += [ln for ln in text.splitlines() if ln.strip()]
     if o.infill:
         prompts.append(o.infill)
-    results = generate(args.model, prompts, chat=o.chat, infill=bool(o.infill), max_new_tokens=o.max_new_tokens,
-                       seed=o.seed, show_steps=o.show_steps, **o.sampling())
+    options = dict(chat=o.chat, infill=bool(o.infill), max_new_tokens=o.max_new_tokens, seed=o.seed,
+                   show_steps=o.show_steps, **o.sampling())
+    if o.stream:
+        if o.json or o.infill:
+            raise AdaptError(f"--stream prints text as it is decoded: it cannot be combined with "
+                             f"{'--json' if o.json else '--infill'}")
+        from transformers import TextStreamer
+
+        from .checkpoint import load
+
+        model, tokenizer = load(args.model)
+        for prompt in prompts:  # one at a time: a streamer takes one row
+            generate(model, [prompt], tokenizer=tokenizer, streamer=TextStreamer(
+                tokenizer, skip_prompt=True, skip_special_tokens=True), **options)
+        return
+    results = generate(args.model, prompts, **options)
     for r in results:
         print(json.dumps(r) if o.json else r["text"])
 

@@ -1,6 +1,7 @@
 """`dlm-adapt generate` / `adapt.generate.generate`: prompts in, decoded text and decoding statistics out."""
 
 import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -11,14 +12,16 @@ from .sampling import SamplingError, check_sampling_options
 
 
 def generate(model, prompts: list[str], *, tokenizer=None, chat: bool = False, infill: bool = False,
-             max_new_tokens: int | None = None, show_steps: bool = False, seed: int | None = None,
+             max_new_tokens: int | None = None, show_steps: bool = False, seed: int | None = None, streamer=None,
              **sampling) -> list[dict]:
     """Decode each prompt (batched, left-padded). `model` is a loaded model or a checkpoint path. With
     `infill`, each prompt is a text whose mask-token strings are holes to fill. `max_new_tokens` and the
     `diffusion_generate` options in `sampling` default to the checkpoint's generation_config.json. Every option is
-    checked before a model loads. Returns one dict per prompt: `prompt`, `text` (the generated part, or the filled
-    text for infilling), `tokens`, and the row's own `nfe` (forward passes it needed: the same as decoding it
-    alone) and `tokens_per_forward`."""
+    checked before a model loads. `streamer` (e.g. transformers' `TextStreamer`; one prompt) gets each block's
+    tokens as soon as they are final. Returns one dict per prompt: `prompt`, `text` (the generated part, or the
+    filled text for infilling), `tokens`, the row's own `nfe` (forward passes it needed: the same as decoding it
+    alone) and `tokens_per_forward`; block-diffusion checkpoints add the batch's `cache_hits` and
+    `positions_computed` (see `SamplingOutput`)."""
     if max_new_tokens is not None and max_new_tokens < 0:
         raise AdaptError(f"--max-new-tokens must be 0 or more, got {max_new_tokens}")
     if max_new_tokens == 0 and not infill:  # the output is the new tokens alone
@@ -26,6 +29,8 @@ def generate(model, prompts: list[str], *, tokenizer=None, chat: bool = False, i
                          "holes to fill")
     if not prompts:
         raise AdaptError("no prompts given")
+    if streamer is not None and (len(prompts) > 1 or infill):
+        raise AdaptError("streaming decodes one prompt, with new tokens (no --infill): give one prompt per call")
     n = 0 if infill else max_new_tokens
     try:
         check_sampling_options(max_new_tokens=n, **sampling)
@@ -52,7 +57,7 @@ def generate(model, prompts: list[str], *, tokenizer=None, chat: bool = False, i
     try:
         out = model.diffusion_generate(batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
                                        max_new_tokens=n, generator=generator, return_dict_in_generate=True,
-                                       return_history=show_steps, **sampling)
+                                       return_history=show_steps, streamer=streamer, **sampling)
     except SamplingError as e:
         raise AdaptError(str(e)) from e
     if show_steps:
@@ -72,4 +77,33 @@ def generate(model, prompts: list[str], *, tokenizer=None, chat: bool = False, i
         results.append({"prompt": prompt, "text": tokenizer.decode(ids, skip_special_tokens=True), "tokens": ids,
                         "nfe": int(out.row_nfe[row]),
                         "tokens_per_forward": int(out.row_committed[row]) / max(1, int(out.row_nfe[row]))})
+        if out.cache_hits is not None:
+            results[-1].update(cache_hits=out.cache_hits, positions_computed=out.positions_computed)
     return results
+
+
+def stream(model, prompt: str, *, tokenizer=None, **options):
+    """Decode one prompt, yielding its text piece by piece as blocks become final (transformers'
+    `TextIteratorStreamer`, decoding in a background thread). `options` are `generate`'s."""
+    from transformers import TextIteratorStreamer
+
+    if isinstance(model, (str, Path)):
+        model, tokenizer = load(model)
+    if tokenizer is None:
+        raise AdaptError("pass the tokenizer with the model")
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    failure = []
+
+    def run():
+        try:
+            generate(model, [prompt], tokenizer=tokenizer, streamer=streamer, **options)
+        except BaseException as e:  # handed to the caller below; end() so that its loop stops waiting
+            failure.append(e)
+            streamer.end()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    yield from streamer
+    thread.join()
+    if failure:
+        raise failure[0]

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import adapt
+from adapt.model.sampling_masked_diffusion import EntropyBoundCommit
 from adapt.sampling import SamplingError, commit_schedule, diffusion_sample
 from tiny_models import save_tiny_source
 
@@ -35,14 +36,47 @@ def oracle(target: torch.Tensor, shift: bool, sharpness: float = 20.0):
 @pytest.mark.parametrize("remasking", ["low_confidence", "margin", "entropy", "random"])
 @pytest.mark.parametrize("setting", [dict(block_length=8, steps=8), dict(block_length=4, steps=8),
                                      dict(block_length=8, steps=4, threshold=0.9), dict(block_length=8, steps=8,
-                                                                                        schedule="cosine")],
-                         ids=["one-block", "blocks", "threshold", "cosine"])
+                                                                                        schedule="cosine"),
+                                     dict(block_length=8, steps=8, entropy_bound=0.5)],
+                         ids=["one-block", "blocks", "threshold", "cosine", "entropy-bound"])
 def test_decodes_the_oracle_target_exactly(shift, remasking, setting):
     target = torch.randint(4, 90, (2, 12), generator=torch.Generator().manual_seed(0))
     out = diffusion_sample(oracle(target, shift), target[:, :4], mask_token_id=MASK, shift=shift, max_new_tokens=8,
                            remasking=remasking, generator=torch.Generator().manual_seed(1), **setting)
     assert torch.equal(out.sequences, target)
     assert sum(out.committed_per_step) == 16
+
+
+def test_entropy_bound_commits_the_longest_ranked_prefix_within_gamma():
+    """EB-sampler: sorted by rank, entropies 0.1, 0.3, 0.5, 0.4 (nats): sum - max is 0, 0.1, 0.4, 0.8, so gamma 0.5
+    commits the first three ranked and gamma 0.05 the best one only; unmasked positions never count."""
+    def dist(h):  # a distribution over 2 tokens with entropy h
+        p = torch.tensor(0.5)
+        lo, hi = torch.tensor(1e-9), torch.tensor(0.5)
+        for _ in range(100):
+            p = (lo + hi) / 2
+            if -(p * p.log() + (1 - p) * (1 - p).log()) < h:
+                lo = p
+            else:
+                hi = p
+        return torch.tensor([1 - p, p], dtype=torch.float64)
+
+    probs = torch.stack([dist(h) for h in (0.5, 0.1, 0.6, 0.3, 0.4)])[None]  # position 2 is not masked
+    masked = torch.tensor([[True, True, False, True, True]])
+    ranks = torch.tensor([[2, 0, 4, 1, 3]])  # ranked: positions 1, 3, 0, 4 (then the unmasked 2)
+    for gamma, committed in ((0.5, [1, 1, 0, 1, 0]), (0.05, [0, 1, 0, 0, 0]), (0.85, [1, 1, 0, 1, 1])):
+        got = EntropyBoundCommit(gamma)(0, masked, ranks, probs, probs.max(-1).values)
+        assert got[0].long().tolist() == committed, gamma
+
+
+def test_entropy_bound_trades_passes_for_parallel_commits(tiny):
+    model, _ = tiny
+    x = torch.tensor([[1, 7]])
+    one = model.diffusion_generate(x, max_new_tokens=8, steps=8, return_dict_in_generate=True)
+    tight = model.diffusion_generate(x, max_new_tokens=8, entropy_bound=1e-9, return_dict_in_generate=True)
+    loose = model.diffusion_generate(x, max_new_tokens=8, entropy_bound=1e9, return_dict_in_generate=True)
+    assert torch.equal(tight.sequences, one.sequences) and tight.nfe == 8  # one per pass: the ranked order
+    assert loose.nfe == 1 and loose.committed_per_step == [8]
 
 
 def llada_generate(model_fn, prompt, steps, gen_length, block_length, mask_id):
@@ -182,6 +216,8 @@ BAD = {
     "N not divisible by B": (dict(max_new_tokens=10, block_length=4), "multiple of block_length"),
     "steps not divisible by blocks": (dict(max_new_tokens=12, block_length=4, steps=4), "multiple of the number of blocks"),
     "prompt beyond positions": (dict(max_new_tokens=70), "exceeds the model's 64 positions"),
+    "entropy bound <= 0": (dict(max_new_tokens=8, entropy_bound=-1.0), r"entropy_bound .* must be > 0"),
+    "threshold and entropy bound": (dict(max_new_tokens=8, threshold=0.9, entropy_bound=1.0), "choose one"),
 }
 
 

@@ -116,6 +116,12 @@ class GenerateOptions:
         "low_confidence)", choices=SamplerChoices("REMASKING"), metavar="ORDER"))
     threshold: float | None = field(default=None, **_help(
         "parallel decoding: commit every position whose probability is at least this"))
+    entropy_bound: float | None = field(default=None, **_help(
+        "parallel decoding (EB-sampler): commit the longest run of best-ranked positions whose entropies sum to at "
+        "most this (nats) beyond their largest", metavar="GAMMA"))
+    sub_block: int | None = field(default=None, **_help(
+        "block-diffusion checkpoints: commit each block's tokens this many at a time, left to right (Fast-dLLM "
+        "v2's sub-blocks; must divide the block size)"))
     temperature: float | None = field(default=None, **_help("sampling temperature (default: 0, greedy)"))
     top_k: int | None = field(default=None, **_help("keep the k most likely tokens"))
     top_p: float | None = field(default=None, **_help("keep the smallest set of tokens with this probability"))
@@ -125,10 +131,12 @@ class GenerateOptions:
         "Fast-dLLM's approximate KV cache, refreshed once per block: later passes rerun the block and what "
         "follows it (prefix) or only the block (dual)", choices=SamplerChoices("KV_CACHES"), metavar="CACHE"))
     show_steps: bool = field(default=False, **_help("print the canvas after every step (stderr)"))
+    stream: bool = field(default=False, **_help(
+        "print each block's text as soon as it is final (prompts decode one at a time)"))
     json: bool = field(default=False, **_help("one JSON object per prompt: text, tokens, nfe, ..."))
 
-    SAMPLING = ("steps", "block_length", "remasking", "threshold", "temperature", "top_k", "top_p",
-                "min_new_tokens", "kv_cache")
+    SAMPLING = ("steps", "block_length", "remasking", "threshold", "entropy_bound", "sub_block", "temperature",
+                "top_k", "top_p", "min_new_tokens", "kv_cache")
 
     def __post_init__(self):  # `--prompt a --prompt b` arrives as [Texts(a), Texts(b)]
         self.prompt = Texts(p for group in self.prompt or () for p in Texts(group))

@@ -22,9 +22,9 @@ import torch
 
 # modeling_masked_diffusion imports transformers_compat and the sampler directly too, so transformers 5.5 copies
 # them into the remote-code cache (it follows only direct relative imports of the loaded module)
-from .sampling_masked_diffusion import (SCORES, Denoiser, Ranking, SamplingError, SamplingOutput, ScheduleCommit,
-                                        ThresholdCommit, TokenRule, _check_prompt, _finish_rows, _holes,
-                                        check_sampling_options, denoise_span)
+from .sampling_masked_diffusion import (SCORES, Denoiser, Ranking, SamplingError, SamplingOutput, Stream, TokenRule,
+                                        _check_prompt, _finish_rows, _holes, check_sampling_options, commit_rule,
+                                        denoise_span)
 from .transformers_compat import bidirectional_mask, drop_last_cached, full_cache
 
 # Implementations whose mask interface honours an arbitrary mask function; flash kernels take padding only and
@@ -196,121 +196,149 @@ def forward_2l(model, noisy_ids, clean_ids, attention_mask=None, block_size=None
 class BlockCacheDenoiser(Denoiser):
     """Block decoding with an exact KV cache. Under block-causal attention a finished block never sees the blocks
     after it, so its keys/values are final: they are computed once and kept. A pass runs only the current block's
-    tokens (bidirectional among themselves) against the cache, which it leaves as it found it. When the loop moves
-    on to a new block, one more pass over the block just finished (at first: the prompt's whole blocks) stores its
-    keys/values; its logit at the last position is the one that, with shift, predicts the new block's first token,
-    as the 2L layout's clean half does (`canvas_index`). With B = 1 and shift that logit is all a block needs, so
-    each token costs the one pass an AR model's does."""
+    tokens (bidirectional among themselves) against the cache, which it leaves as it found it. The first pass over
+    a new block also runs the tokens finished since the cache was last extended (at first: the prompt's whole
+    blocks) in front of it, and keeps their keys/values: the mask is block-causal, so what they compute there is
+    exactly what a separate pass over them alone would, and no pass is spent on storing. That pass's logit at the
+    last finished position is the one that, with shift, predicts the block's first token, as the 2L layout's clean
+    half does (`canvas_index`). With B = 1 and shift that logit is all a block needs, so each token costs the one
+    pass over one token an AR model's does."""
 
     def __init__(self, model, padding):
         super().__init__(model.config.shift)
         self.model, self.padding = model, padding
         self.positions = (padding.long().cumsum(-1) - 1).clamp_min(0)
         self.cache, self.cached, self.last = full_cache(), 0, None  # keys/values of canvas [0, cached)
-        self.cache_passes = 0
-
-    def _forward(self, canvas, a, b, keep):
-        return self.model(input_ids=canvas[:, a:b], attention_mask=self.padding[:, :b],
-                          position_ids=self.positions[:, a:b], past_key_values=self.cache, use_cache=True,
-                          logits_to_keep=keep)
-
-    def _store(self, canvas, upto):
-        if upto > self.cached:
-            self.last = self._forward(canvas, self.cached, upto, 1).logits[:, -1]
-            self.cached = upto
-            self.cache_passes += 1
+        self.cache_hits = self.positions_computed = 0
 
     def logits(self, canvas, attention_mask, first, last):
         start, end = first + self.shift, last + self.shift  # the block
-        self._store(canvas, start)
+        if start < self.cached:
+            raise ValueError(f"block decoding moves forward: block starts at {start}, {self.cached} are cached")
+        a, upto = self.cached, end if last > start else start  # B = 1 with shift needs no block token
         parts = []
-        if first < start:  # before the canvas start nothing is predicted that is masked (a prompt token): zeros
+        if first < 0:  # before the canvas nothing masked is predicted (a prompt token is there): zeros
             vocab = self.model.get_output_embeddings().weight.shape[0]
-            parts.append(self.last[:, None] if self.last is not None else canvas.new_zeros((len(canvas), 1, vocab),
-                                                                                          dtype=torch.float))
-        if last > start:
-            keep = torch.arange(start, last, device=canvas.device) - start
-            parts.append(self._forward(canvas, start, end, keep).logits)
-            drop_last_cached(self.cache, end - start)
+            parts.append(canvas.new_zeros((len(canvas), 1, vocab), dtype=torch.float))
+            first = 0
+        elif first < a:  # the logit before the block, computed by the pass that cached it
+            parts.append(self.last[:, None])
+            first = a
+        if upto > a:
+            keep = torch.arange(first, last, device=canvas.device) - a
+            logits = self.model(input_ids=canvas[:, a:upto], attention_mask=self.padding[:, :upto],
+                                position_ids=self.positions[:, a:upto], past_key_values=self.cache, use_cache=True,
+                                logits_to_keep=keep).logits
+            if self.shift and a < start:
+                self.last = logits[:, start - 1 - first]
+            drop_last_cached(self.cache, upto - start)  # the block's own keys/values change with its tokens
+            self.cache_hits += a * len(canvas)
+            self.positions_computed += (upto - a) * len(canvas)
+            self.cached = start
+            parts.append(logits)
         return torch.cat([p.to(parts[-1].dtype) for p in parts], 1)
 
 
 def block_diffusion_sample(make_denoiser, input_ids, *, block_size: int, mask_token_id: int, shift: bool,
-                           max_new_tokens: int, steps: int, attention_mask=None, remasking="low_confidence",
-                           schedule="linear", threshold=None, temperature=0.0, order_temperature=0.0, top_k=None,
-                           top_p=None, eos_token_id=None, min_new_tokens=0, max_positions=None, generator=None,
-                           return_history=False) -> SamplingOutput:
+                           max_new_tokens: int, steps: int, attention_mask=None, sub_block=None,
+                           remasking="low_confidence", schedule="linear", threshold=None, entropy_bound=None,
+                           temperature=0.0, order_temperature=0.0, top_k=None, top_p=None, eos_token_id=None,
+                           min_new_tokens=0, max_positions=None, generator=None, return_history=False,
+                           streamer=None) -> SamplingOutput:
     """Block-by-block decoding of a block-diffusion checkpoint, with the full-sequence sampler's rules inside each
-    block (`TokenRule`, `SCORES`, `ScheduleCommit` / `ThresholdCommit`, `denoise_span`).
+    block (`TokenRule`, `SCORES`, `commit_rule`, `denoise_span`).
 
     Blocks go by position id (block = position // B, real tokens counting from 0), as in training. A prompt of
     length L leaves its last L % B tokens in a partial block; the first decoded block is that one, its prompt
     tokens fixed (and recomputed each pass: they attend to the block's masks) and the rest new. Internally every
     row is re-padded on the left so that all rows' blocks share canvas indices: block k of the loop is the same
-    position-id block of each row as when decoded alone. Each block gets ceil(steps * B / max_new_tokens) passes
-    under the schedule (with `threshold`, as many as it needs). max_new_tokens need not be a multiple of B: in the
-    last block the positions past it stay masked (the block sees them as masks) and are not returned. A row stops
-    when its EOS is committed with nothing masked before it (the rest of its tokens become EOS) or when its
-    tokens are all decoded; passes after that are not counted in its `row_nfe`. `make_denoiser(padding)` builds
-    the denoiser for the internal canvas (`BlockCacheDenoiser`, or an uncached one as a reference).
+    position-id block of each row as when decoded alone.
+
+    `sub_block` S (Fast-dLLM v2) commits a block's tokens S at a time, left to right: every pass still runs the
+    whole block (its attention unit), but only the current sub-block's masks may be committed. Each (sub-)block
+    gets ceil(steps * S / max_new_tokens) passes under the schedule (at most S: one token each); with `threshold`
+    or `entropy_bound`, as many as it needs. max_new_tokens need not be a multiple of B: in the last block the
+    positions past it stay masked (the block sees them as masks) and are not returned.
+
+    Mask tokens in the prompt are holes, filled block by block from the first block holding one: a hole sees its
+    own block on both sides and every block before it, never a later block (the attention the model was trained
+    with; make B at least the prompt's length for holes that see everything). Blocks with no hole cost no pass.
+
+    A row stops when its EOS is committed with nothing masked before it (the rest of its tokens become EOS) or
+    when its tokens are all decoded; passes after that are not counted in its `row_nfe`. `streamer` gets a single
+    row's tokens as each sub-block is done. `make_denoiser(padding)` builds the denoiser for the internal canvas
+    (`BlockCacheDenoiser`, or an uncached one as a reference).
     Returns a `SamplingOutput` in the usual layout: (batch, prompt_len + max_new_tokens)."""
     n, b = max_new_tokens, block_size
     check_sampling_options(max_new_tokens=n, steps=steps, remasking=remasking, schedule=schedule,
-                           threshold=threshold, temperature=temperature, order_temperature=order_temperature,
-                           top_k=top_k, top_p=top_p, min_new_tokens=min_new_tokens)
+                           threshold=threshold, entropy_bound=entropy_bound, temperature=temperature,
+                           order_temperature=order_temperature, top_k=top_k, top_p=top_p,
+                           min_new_tokens=min_new_tokens, sub_block=sub_block)
+    s = sub_block or b
+    if b % s:
+        raise SamplingError(f"sub_block ({s}) must divide the block size ({b})")
     _check_prompt(input_ids, attention_mask, mask_token_id=mask_token_id, shift=shift, max_new_tokens=n,
                   max_positions=None)
-    if n == 0 or _holes(input_ids, mask_token_id, attention_mask).any():
-        raise SamplingError("block decoding writes new tokens after the prompt: max_new_tokens must be at least 1, "
-                            "and a prompt cannot hold mask tokens (infilling is not in block mode yet)")
+    if streamer is not None and (n == 0 or _holes(input_ids, mask_token_id, attention_mask).any()):
+        raise SamplingError("streaming shows new tokens: it needs max_new_tokens > 0 and cannot show holes filled "
+                            "in the prompt; infill without a streamer")
     batch, prompt_len = input_ids.shape
     real = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
     lengths = real.sum(1)
     whole, tail = lengths // b, lengths % b
-    needed = (tail + n + b - 1) // b  # blocks each row decodes
+    needed = (tail + n + b - 1) // b  # blocks each row decodes after its whole prompt blocks
     first, blocks = int(whole.max()), int(needed.max())
-    if max_positions is not None and int(whole.min() + blocks) * b > max_positions:
+    if max_positions is not None and int(whole.max() + blocks) * b > max_positions:
         raise SamplingError(f"prompt + max_new_tokens, rounded up to whole blocks of {b} over the batch, exceeds "
                             f"the model's {max_positions} positions")
     offset = (first - whole) * b  # left padding that aligns every row's blocks
     index = torch.arange((first + blocks) * b, device=input_ids.device)
     padding = (index[None] >= offset[:, None]).long()
+    prompt = (index[None] >= offset[:, None]) & (index[None] < (offset + lengths)[:, None])
     canvas = torch.full(padding.shape, mask_token_id, dtype=input_ids.dtype, device=input_ids.device)
-    for row in range(batch):
-        canvas[row, offset[row]:offset[row] + lengths[row]] = input_ids[row, real[row]]
+    canvas[prompt] = input_ids[real]
     new = index[None] - (offset + lengths)[:, None]  # per row, the index among its new tokens (< 0: prompt)
-    wanted = (new >= 0) & (new < n)
+    todo = (new >= 0) & (new < n) | prompt & (canvas == mask_token_id)  # new tokens and holes
     gather = (offset + lengths)[:, None] + torch.arange(n, device=canvas.device)
+    holes = _holes(input_ids, mask_token_id, attention_mask)
+    begin = int(index[(prompt & todo).any(0)].min()) // b if holes.any() else first
 
-    commit = (ScheduleCommit(max(1, math.ceil(steps * b / n)), schedule) if threshold is None
-              else ThresholdCommit(threshold))
+    units = n or int(holes.max())  # what `steps` is spread over
+    commit = commit_rule(min(s, max(1, math.ceil(steps * s / units))), schedule, threshold, entropy_bound)
     choose = TokenRule(mask_token_id, temperature, top_k, top_p, eos_token_id, (0, min_new_tokens), generator)
     rank = Ranking(SCORES[remasking], order_temperature, generator)
+    stream = Stream(streamer, input_ids, eos_token_id)
     denoiser = make_denoiser(padding)
     done = torch.zeros(batch, dtype=torch.bool, device=canvas.device)
     out = SamplingOutput(sequences=canvas, nfe=0, history=[] if return_history else None,
                          row_nfe=torch.zeros_like(done, dtype=torch.long),
                          row_committed=torch.zeros_like(done, dtype=torch.long))
-    for k in range(blocks):
-        start = (first + k) * b
-        eligible = wanted & (index[None] < start + b) & ~done[:, None]
-        counts = ((canvas == mask_token_id) & eligible).sum(1)
-        denoise_span(denoiser, canvas, padding, start, start + b, eligible, counts, new, mask_token_id=mask_token_id,
-                     commit=commit, choose=choose, rank=rank, out=out)
-        if eos_token_id is not None:
-            tokens = canvas.gather(1, gather)
-            done = _finish_rows(tokens, 0, eos_token_id, mask_token_id, done)
-            canvas.scatter_(1, gather, tokens)
-        done |= needed <= k + 1
+    for k in range(begin, first + blocks):
+        start = k * b
+        for sub_end in range(start + s, start + b + 1, s):
+            eligible = todo & (index[None] < sub_end) & ~done[:, None]
+            counts = ((canvas == mask_token_id) & eligible).sum(1)
+            denoise_span(denoiser, canvas, padding, start, start + b, eligible, counts, new,
+                         mask_token_id=mask_token_id, commit=commit, choose=choose, rank=rank, out=out)
+            if eos_token_id is not None and n:
+                tokens = canvas.gather(1, gather)
+                done = _finish_rows(tokens, 0, eos_token_id, mask_token_id, done)
+                canvas.scatter_(1, gather, tokens)
+            stream.final(canvas[0, gather[0, : max(0, min(n, sub_end - int(offset[0] + lengths[0])))]])
+        done |= needed <= k + 1 - first
         if done.all():
             break
+    stream.end()
 
     def returned(c):
-        return torch.cat([input_ids, c.gather(1, gather)], 1)
+        prompt_part = input_ids.clone()
+        prompt_part[real] = c[prompt]
+        return torch.cat([prompt_part, c.gather(1, gather)], 1)
 
     out.sequences = returned(canvas)
     out.history = None if out.history is None else [returned(c) for c in out.history]
-    out.cache_passes = getattr(denoiser, "cache_passes", 0)
+    out.cache_hits = getattr(denoiser, "cache_hits", None)
+    out.positions_computed = getattr(denoiser, "positions_computed", None)
     return out
 
 

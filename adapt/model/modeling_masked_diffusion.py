@@ -194,6 +194,8 @@ class MaskedDiffusionLM(PreTrainedModel):
         block_length: int | None = None,
         remasking: str | None = None,
         threshold: float | None = None,
+        entropy_bound: float | None = None,
+        sub_block: int | None = None,
         temperature: float = 0.0,
         top_k: int | None = None,
         top_p: float | None = None,
@@ -205,6 +207,7 @@ class MaskedDiffusionLM(PreTrainedModel):
         return_dict_in_generate: bool = False,
         return_history: bool = False,
         kv_cache: str | None = None,
+        streamer=None,
     ):
         """Decode `max_new_tokens` tokens after each prompt by iterative unmasking (see `diffusion_sample`).
 
@@ -216,6 +219,12 @@ class MaskedDiffusionLM(PreTrainedModel):
         `kv_cache` (Fast-dLLM's approximation, off by default): keys/values are computed once per block and reused
         by the block's later passes, which then run only the block and what follows it (`"prefix"`) or only the
         block (`"dual"`). With bidirectional attention the reused entries go stale as the block fills in.
+        `entropy_bound` (gamma > 0): the EB-sampler's commit rule instead of the schedule or `threshold`.
+        A block-diffusion checkpoint (`config.block_size`) decodes its own blocks with an exact KV cache
+        (`block_diffusion_sample`); there `sub_block` commits each block's tokens that many at a time, left to right
+        (Fast-dLLM v2), and generation ends at the block where every row's EOS is committed.
+        `streamer` (e.g. transformers' `TextStreamer` / `TextIteratorStreamer`; one prompt) receives the prompt,
+        then each block's new tokens as soon as they are final, up to EOS.
         Returns a LongTensor (batch, prompt_len + max_new_tokens), or a `SamplingOutput` (`.sequences`, `.nfe`,
         `.committed_per_step`, `.history`, per-row `.row_nfe` and `.row_committed`) with
         `return_dict_in_generate=True`.
@@ -225,6 +234,9 @@ class MaskedDiffusionLM(PreTrainedModel):
         if block_size is not None and (kv_cache is not None or block_length not in (None, block_size)):
             raise SamplingError(f"a block-diffusion checkpoint decodes its own blocks of {block_size} with an exact KV "
                                 f"cache: leave block_length and kv_cache (--block-length, --kv-cache) unset")
+        if block_size is None and sub_block is not None:
+            raise SamplingError("sub_block divides the blocks of a block-diffusion checkpoint; this one is "
+                                "full-sequence: use block_length (--block-length) for semi-autoregressive blocks")
         gen = self.generation_config
         from_config = max_new_tokens is None
         n = int(getattr(gen, "max_new_tokens", None) or 128) if from_config else int(max_new_tokens)
@@ -235,7 +247,7 @@ class MaskedDiffusionLM(PreTrainedModel):
             block_length = int(getattr(gen, "block_length", None) or n) if from_config else n
         if block_size is not None:  # block by block: the full-sequence loop would let a block see later ones
             sample = functools.partial(block_diffusion_sample, functools.partial(BlockCacheDenoiser, self),
-                                       block_size=block_size)
+                                       block_size=block_size, sub_block=sub_block)
         else:
             sample = functools.partial(diffusion_sample, DENOISERS[kv_cache](self), block_length=block_length)
         out = sample(
@@ -248,6 +260,7 @@ class MaskedDiffusionLM(PreTrainedModel):
             remasking=remasking or getattr(gen, "remasking", None) or "low_confidence",
             schedule=schedule,
             threshold=threshold,
+            entropy_bound=entropy_bound,
             temperature=temperature,
             order_temperature=order_temperature,
             top_k=top_k,
@@ -257,6 +270,7 @@ class MaskedDiffusionLM(PreTrainedModel):
             max_positions=getattr(self.config.text_config, "max_position_embeddings", None),
             generator=generator,
             return_history=return_history,
+            streamer=streamer,
         )
         return out if return_dict_in_generate else out.sequences
 

@@ -7,7 +7,10 @@
   knows about shift and KV caches;
 - a block iterator (`semi_autoregressive_blocks`): which spans of the canvas are decoded, in which order;
 - a scoring rule (`SCORES`, chosen by `remasking`): which masked positions are committed first;
-- a commit rule (`ScheduleCommit`, `ThresholdCommit`): how many are committed per forward pass.
+- a commit rule (`ScheduleCommit`, `ThresholdCommit`, `EntropyBoundCommit`): how many are committed per forward
+  pass.
+
+A streamer (transformers' `TextStreamer` protocol: `put(ids)`, `end()`) receives each block's tokens once final.
 
 `check_sampling_options` validates every scalar option and needs no model, so front ends call it before loading one.
 """
@@ -39,9 +42,12 @@ class SamplingOutput:
     """Per row, the passes in which it still had masks: its `nfe` had it been decoded alone."""
     row_committed: torch.LongTensor | None = None
     """Per row, the tokens committed."""
-    cache_passes: int = 0
-    """Block decoding: forward passes that only stored keys/values (the prompt's prefill, then one per finished
-    block); not in `nfe`."""
+    cache_hits: int | None = None
+    """Block decoding: canvas positions whose keys/values a pass read from the KV cache instead of computing them,
+    summed over passes (per row). None where not measured (full-sequence decoding)."""
+    positions_computed: int | None = None
+    """Block decoding: canvas positions the decoder ran on, summed over passes (per row): the prompt's prefill,
+    each block's passes, and each finished block once more as it enters the cache."""
 
     @property
     def tokens_per_forward(self) -> float:
@@ -61,8 +67,8 @@ class SamplingOutput:
 # ------------------------------------------------------------------------------------------------ validation
 
 def check_sampling_options(*, max_new_tokens=None, steps=None, block_length=None, remasking=None, schedule="linear",
-                           threshold=None, temperature=0.0, order_temperature=0.0, top_k=None, top_p=None,
-                           min_new_tokens=0, kv_cache=None, **_not_checked):
+                           threshold=None, entropy_bound=None, temperature=0.0, order_temperature=0.0, top_k=None,
+                           top_p=None, min_new_tokens=0, kv_cache=None, sub_block=None, **_not_checked):
     """Raise `SamplingError` for the first option out of range. `None` means not chosen yet: the checkpoint's
     generation_config decides, and the sampler checks again once it has. Takes whatever `diffusion_generate`
     takes, so a front end hands over its options unchanged; those with no range (generator ...) are not looked at.
@@ -89,6 +95,12 @@ def check_sampling_options(*, max_new_tokens=None, steps=None, block_length=None
         raise SamplingError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     if threshold is not None and not 0.0 < threshold <= 1.0:
         raise SamplingError(f"threshold must be in (0, 1], got {threshold}")
+    if entropy_bound is not None and not entropy_bound > 0:
+        raise SamplingError(f"entropy_bound (the EB-sampler's gamma) must be > 0, got {entropy_bound}")
+    if threshold is not None and entropy_bound is not None:
+        raise SamplingError("threshold and entropy_bound are two commit rules: choose one")
+    if sub_block is not None and sub_block < 1:
+        raise SamplingError(f"sub_block must be at least 1, got {sub_block}")
     if kv_cache is not None and kv_cache not in KV_CACHES:
         raise SamplingError(f"kv_cache must be None, 'prefix' or 'dual', got {kv_cache!r}")
     if n and block_length:
@@ -275,7 +287,7 @@ class ScheduleCommit:
                                  for c in counts]).to(counts.device)
         return self.steps
 
-    def __call__(self, step, masked, ranks, p_token):
+    def __call__(self, step, masked, ranks, probs, p_token):
         return masked & (ranks < self.plan[:, step, None])
 
 
@@ -289,8 +301,64 @@ class ThresholdCommit:
     def passes(self, counts: torch.Tensor) -> int:
         return int(counts.max())  # at least one per pass: never more passes than masks
 
-    def __call__(self, step, masked, ranks, p_token):
+    def __call__(self, step, masked, ranks, probs, p_token):
         return masked & ((ranks == 0) | (p_token >= self.threshold))
+
+
+class EntropyBoundCommit:
+    """The EB-sampler (Ben-Hamu et al. 2025): each pass commits the longest prefix of the ranked positions whose
+    entropies, summed, exceed their largest by at most `bound` (gamma, nats). The bound limits the dependence that
+    committing them together can ignore; the best-ranked position always goes (its sum minus max is 0)."""
+
+    def __init__(self, bound: float):
+        self.bound = bound
+
+    def passes(self, counts: torch.Tensor) -> int:
+        return int(counts.max())
+
+    def __call__(self, step, masked, ranks, probs, p_token):
+        entropy = -(probs * probs.clamp_min(1e-300).log()).sum(-1).masked_fill(~masked, 0.0)
+        ranked = torch.zeros_like(entropy).scatter(1, ranks, entropy)  # ranked[:, r]: the entropy ranked r-th
+        # sum - max only grows along the ranking, so the positions within the bound are a prefix of it
+        within = ranked.cumsum(1) - ranked.cummax(1).values <= self.bound
+        return masked & (ranks < within.sum(1, keepdim=True))
+
+
+def commit_rule(steps_per_block: int, schedule: str, threshold: float | None, entropy_bound: float | None):
+    """The commit rule the options choose: a fixed schedule unless a threshold or an entropy bound is given."""
+    if threshold is not None:
+        return ThresholdCommit(threshold)
+    if entropy_bound is not None:
+        return EntropyBoundCommit(entropy_bound)
+    return ScheduleCommit(steps_per_block, schedule)
+
+
+class Stream:
+    """Hands `streamer` (transformers' streamer protocol: `put(ids)`, `end()`) a row's new tokens as they become
+    final, up to its EOS; the prompt first, as `generate` does (a `TextStreamer(skip_prompt=True)` skips it)."""
+
+    def __init__(self, streamer, prompt: torch.LongTensor, eos_token_id: int | None):
+        self.streamer, self.eos, self.sent, self.over = streamer, eos_token_id, 0, False
+        if streamer is not None:
+            if prompt.shape[0] != 1:
+                raise SamplingError(f"streaming decodes one prompt at a time (batch size 1, as transformers' "
+                                    f"streamers take), got {prompt.shape[0]}")
+            streamer.put(prompt.cpu())
+
+    def final(self, new_tokens: torch.LongTensor):
+        """`new_tokens`: the row's first new tokens, all final."""
+        if self.streamer is None or self.over:
+            return
+        chunk = new_tokens[self.sent:]
+        if self.eos is not None and (chunk == self.eos).any():
+            chunk, self.over = chunk[: int((chunk == self.eos).nonzero()[0, 0]) + 1], True
+        if len(chunk):
+            self.streamer.put(chunk.cpu())
+            self.sent += len(chunk)
+
+    def end(self):
+        if self.streamer is not None:
+            self.streamer.end()
 
 
 # ------------------------------------------------------------------------------------------------------ loop
@@ -308,6 +376,7 @@ def diffusion_sample(
     remasking: str = "low_confidence",
     schedule: str = "linear",
     threshold: float | None = None,
+    entropy_bound: float | None = None,
     temperature: float = 0.0,
     order_temperature: float = 0.0,
     top_k: int | None = None,
@@ -317,6 +386,7 @@ def diffusion_sample(
     max_positions: int | None = None,
     generator: torch.Generator | None = None,
     return_history: bool = False,
+    streamer=None,
 ) -> SamplingOutput:
     """Masked-diffusion decoding.
 
@@ -325,16 +395,19 @@ def diffusion_sample(
     block in steps/(max_new_tokens/block_length) forward passes. Each pass predicts every masked position of the
     block (`TokenRule`) and commits the positions ranked first by `remasking` (`SCORES`: `low_confidence`,
     `margin`, `entropy`, `random`), as many as `schedule` says, or with `threshold` every position whose
-    probability is at least the threshold plus the best one (Fast-dLLM); then a block may take fewer passes.
+    probability is at least the threshold plus the best one (Fast-dLLM), or with `entropy_bound` the EB-sampler's
+    entropy-bounded prefix of the ranking (`EntropyBoundCommit`); then a block may take fewer passes.
     `order_temperature` > 0 samples the order instead of sorting. Holes in the prompt are eligible from the
     first block on. A row whose EOS is committed with nothing masked before it is finished: the rest becomes EOS.
 
     `denoiser` is a `Denoiser`, or a plain `model_fn(canvas, attention_mask)` returning logits for every canvas
-    position (run as a `FunctionDenoiser`, shift applied there).
+    position (run as a `FunctionDenoiser`, shift applied there). `streamer` gets each block's new tokens once the
+    block is done (one prompt; not with holes, which it could not show).
     """
     n, block_length = max_new_tokens, block_length or max_new_tokens
     check_sampling_options(max_new_tokens=n, steps=steps, block_length=block_length, remasking=remasking,
-                           schedule=schedule, threshold=threshold, temperature=temperature,
+                           schedule=schedule, threshold=threshold, entropy_bound=entropy_bound,
+                           temperature=temperature,
                            order_temperature=order_temperature, top_k=top_k, top_p=top_p,
                            min_new_tokens=min_new_tokens)
     _check_prompt(input_ids, attention_mask, mask_token_id=mask_token_id, shift=shift, max_new_tokens=n,
@@ -343,7 +416,11 @@ def diffusion_sample(
         denoiser = FunctionDenoiser(denoiser, shift)
     batch, prompt_len = input_ids.shape
     blocks = semi_autoregressive_blocks(prompt_len, n, block_length)
-    commit = ScheduleCommit(steps // len(blocks), schedule) if threshold is None else ThresholdCommit(threshold)
+    commit = commit_rule(steps // len(blocks), schedule, threshold, entropy_bound)
+    if streamer is not None and _holes(input_ids, mask_token_id, attention_mask).any():
+        raise SamplingError("streaming shows new tokens: it cannot show holes filled in the prompt; infill without "
+                            "a streamer")
+    stream = Stream(streamer, input_ids, eos_token_id)
     choose = TokenRule(mask_token_id, temperature, top_k, top_p, eos_token_id,
                        (prompt_len, prompt_len + min_new_tokens), generator)
     rank = Ranking(SCORES[remasking], order_temperature, generator)
@@ -366,8 +443,10 @@ def diffusion_sample(
                      mask_token_id=mask_token_id, commit=commit, choose=choose, rank=rank, out=out)
         if eos_token_id is not None and n:
             done = _finish_rows(canvas, prompt_len, eos_token_id, mask_token_id, done)
-            if done.all():
-                break
+        stream.final(canvas[0, prompt_len:end])
+        if done.all():
+            break
+    stream.end()
     return out
 
 
@@ -382,7 +461,7 @@ def denoise_span(denoiser, canvas, attention_mask, lo, end, eligible, counts, po
         if not masked.any():
             break
         tokens, probs, p_token = choose(denoiser(canvas, attention_mask, lo, end), position[..., span])
-        chosen = commit(step, masked, rank(probs, p_token, masked), p_token)
+        chosen = commit(step, masked, rank(probs, p_token, masked), probs, p_token)
         canvas[:, span] = torch.where(chosen, tokens, canvas[:, span])
         out.record(masked, chosen, canvas)
 

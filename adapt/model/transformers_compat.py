@@ -18,7 +18,7 @@ from transformers import PreTrainedModel
 
 # The dlm-adapt release that wrote this code, and the transformers releases it was tested on. A checkpoint whose
 # code fails on a newer transformers is fixed by `pip install -U dlm-adapt; dlm-adapt upgrade DIR`.
-DLM_ADAPT_VERSION = "0.4.0"
+DLM_ADAPT_VERSION = "0.5.0"
 TESTED_TRANSFORMERS = ("5.5.0", "5.24.0")  # oldest = pyproject's minimum
 CACHE_NAMES = ("cache", "past_key_values")  # newest first
 
@@ -97,7 +97,8 @@ def select_cache_positions(cache, index: torch.Tensor):
 
 def drop_last_cached(cache, n: int):
     """Remove the last `n` positions from every layer of a cache (a negative `crop` means this in every 5.x)."""
-    cache.crop(-n)
+    if n > 0:  # crop(-0) would empty it
+        cache.crop(-n)
 
 
 def full_cache():
