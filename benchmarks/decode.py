@@ -11,7 +11,9 @@ targets checked into benchmarks/RESULTS.md (or --out).
     python benchmarks/decode.py [--model runs/stories/final] [--new 64] [--prompts 16]
     python benchmarks/decode.py --model runs/quickstart/adapted/final --chat heldout.jsonl --new 32 --quick
     python benchmarks/decode.py --model DIR --device cuda --dtype bfloat16
-If the default --model is missing, the stories260K recipe is run first (about half a minute on CPU). The AR
+    python benchmarks/decode.py --block-model runs/stories260k-block/final   # block-diffusion rows in the same table
+A missing `--model .../final` is trained first with the stories260K recipe (about half a minute on CPU), a missing
+`--block-model .../final` with the stories260k-block one (a few minutes). The AR
 parent is the model's `provenance.source` (or --ar-parent); prompts come from ../shared/data/tinystories.
 """
 
@@ -29,14 +31,17 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 
 
-def adapted_model(path: Path) -> Path:
+def adapted_model(path: Path, recipe: str) -> Path:
+    """`path`, trained first with recipes/adaptation/`recipe` on stories260K if it is a missing `.../final`."""
     if (path / "config.json").exists():
         return path
+    if path.name != "final":
+        raise SystemExit(f"{path} is not a checkpoint (no config.json)")
     import adapt
     from adapt.config import load_config
 
     out = path.parent
-    adapt.train(load_config(ROOT / "recipes/adaptation/stories260k.yaml", [f"output_dir={out}",
+    adapt.train(load_config(ROOT / "recipes/adaptation" / recipe, [f"output_dir={out}",
                 f"model.path={SHARED / 'models/stories260K'}", f"data.train={SHARED / 'data/tinystories/train.txt'}",
                 f"data.validation={SHARED / 'data/tinystories/valid.txt'}", "sample_steps=0", "resume=false"]))
     return out / "final"
@@ -101,6 +106,19 @@ SETTINGS = [  # (name, diffusion_generate arguments for N new tokens); the first
     ("threshold 0.5, blocks of 32, dual cache", lambda n: dict(steps=n, block_length=min(n, 32), threshold=0.5,
                                                                kv_cache="dual")),
 ]
+BLOCK_SETTINGS = [  # a block-diffusion checkpoint of block size B; the first is the block rows' quality reference
+    ("block {B}: 1 token/pass", lambda n, b: dict(steps=n)),
+    ("block {B}: 2 tokens/pass", lambda n, b: dict(steps=n // 2)),
+    ("block {B}: {B} tokens/pass", lambda n, b: dict(steps=max(1, n // b))),
+    ("block {B}: threshold 0.9", lambda n, b: dict(steps=n, threshold=0.9)),
+    ("block {B}: threshold 0.7", lambda n, b: dict(steps=n, threshold=0.7)),
+    ("block {B}: threshold 0.5", lambda n, b: dict(steps=n, threshold=0.5)),
+    ("block {B}: EB-sampler, gamma 0.1", lambda n, b: dict(steps=n, entropy_bound=0.1)),
+    ("block {B}: EB-sampler, gamma 1", lambda n, b: dict(steps=n, entropy_bound=1.0)),
+    ("block {B}: sub-blocks of {S}, threshold 0.7", lambda n, b: dict(steps=n, threshold=0.7, sub_block=max(1, b // 2))),
+]
+BLOCK_QUICK = ("block {B}: 1 token/pass", "block {B}: {B} tokens/pass", "block {B}: threshold 0.9",
+               "block {B}: threshold 0.5", "block {B}: EB-sampler, gamma 1")
 QUICK = ("low_confidence, blocks of 8, 1 token/step", "low_confidence, blocks of 8, 4 tokens/step",
          "blocks of 8, 4 tokens/step, dual cache", "threshold 0.9, blocks of 8, dual cache",
          "threshold 0.5, blocks of 8, dual cache")
@@ -108,7 +126,10 @@ QUICK = ("low_confidence, blocks of 8, 1 token/step", "low_confidence, blocks of
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", type=Path, default=ROOT / "runs/stories/final")
+    ap.add_argument("--model", type=Path, default=ROOT / "runs/stories/final",
+                    help="an adapted checkpoint: full-sequence (its rows: SETTINGS) or block diffusion (BLOCK_SETTINGS)")
+    ap.add_argument("--block-model", type=Path, help="a block-diffusion checkpoint of the same AR parent, whose rows "
+                                                      "join --model's in the same table (same AR timings)")
     ap.add_argument("--chat", type=Path, help="SFT data file (messages, prompt/completion or instruction records): "
                                                "decode answers to its prompts, one at a time, and check them")
     ap.add_argument("--new", type=int, default=64)
@@ -126,26 +147,56 @@ def main():
     import adapt
     from adapt.evaluate import DIFFUSION, _ar_scorer
 
-    model_path = adapted_model(args.model) if args.model == ap.get_default("model") else args.model
+    model_path = adapted_model(args.model, "stories260k.yaml")
     dlm, tok = adapt.load(model_path, device=args.device, dtype=args.dtype)
     ar, ar_name = _ar_scorer(dlm, DIFFUSION, args.ar_parent, args.device)
     if ar is None:
         raise SystemExit(f"{model_path} names no local AR parent in provenance.source: pass --ar-parent")
     ar.to(dlm.dtype)
-    settings = [(name, s(args.new)) for name, s in SETTINGS if not args.quick or name in QUICK]
+    models = [dlm]
+    if args.block_model:
+        args.block_model = adapted_model(args.block_model, "stories260k-block.yaml")
+        models.append(adapt.load(args.block_model, device=args.device, dtype=args.dtype)[0])
+    settings = [row for m in models for row in model_settings(m, args.new, args.quick)]
     run = chat if args.chat else continuation
-    workload, header, results = run(args, dlm, tok, ar, settings)
+    workload, header, results = run(args, tok, ar, settings)
 
-    reference = results[1]
-    parallel = [r for r in results[1:] if r[1] >= 4 and r[-2] <= 1.05 * reference[-2]]  # r[-2]: the NLL
-    fast = [r for r in parallel if r[2] <= 0.5]
-    title = f"# Decoding benchmark, {Path(ar_name).name} adapted, {workload} (benchmarks/decode.py)"
+    full = [r for r, (_, m, _) in zip(results[1:], settings) if m.config.block_size is None]
+    block = [r for r, (_, m, _) in zip(results[1:], settings) if m.config.block_size is not None]
+    targets = []
+    if full:
+        reference = full[0]
+        parallel = [r for r in full if r[1] >= 4 and r[-2] <= 1.05 * reference[-2]]  # r[-2]: the NLL
+        fast = [r for r in parallel if r[2] <= 0.5]
+        targets += [
+            f"Full-sequence targets (issue 4); quality reference: {reference[0]}, NLL {reference[-2]:.3f}.",
+            f"- ≥ 4 tokens per forward within 5% of its quality (NLL ≤ {1.05 * reference[-2]:.3f}): "
+            + ("; ".join(f"met by {r[0]} ({r[1]:.2f} tokens/forward, NLL {r[-2]:.3f}, {r[2]:.2f}× AR time)"
+                         for r in parallel) if parallel else "not met") + ".",
+            f"- the same with time per token ≤ 0.5× the AR parent's (batch 1): {'met' if fast else 'not met'}.",
+        ]
+    if block:
+        reference = block[0]
+        good = [r for r in block if r[-2] <= 1.05 * reference[-2]]
+        targets += [
+            f"Block-diffusion targets (issue 16); quality reference: {reference[0]}, NLL {reference[-2]:.3f}; "
+            f"within 5%: NLL ≤ {1.05 * reference[-2]:.3f}.",
+            "- time per token ≤ 0.5× the AR parent's at batch 1 within 5% of its quality: "
+            + (", ".join(f"met by {r[0]} ({r[2]:.2f}×)" for r in good if r[2] <= 0.5) or "not met") + ".",
+        ]
+        if workload == "continuation":
+            targets.append("- batched, at least parity with the AR parent, within 5% of its quality: "
+                           + (", ".join(f"met by {r[0]} ({r[3]:.2f}×)" for r in good if r[3] <= 1.0) or "not met")
+                           + ".")
+    kinds = ", ".join(k for k, rows in (("full-sequence", full), ("block diffusion", block)) if rows)
+    title = (f"# Decoding benchmark, {Path(ar_name).name} adapted, {workload} (benchmarks/decode.py)" if not block
+             else f"# Decoding benchmark, {Path(ar_name).name} adapted ({kinds}), {workload} (benchmarks/decode.py)")
     lines = [
         title,
         "",
         f"{datetime.date.today()}, "
         + (torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{platform.machine()} CPU")
-        + f", torch {torch.__version__}, {torch.get_num_threads()} threads, {dlm.dtype}. Model: `{model_path}`, AR parent `{Path(ar_name).name}`. " + header +
+        + f", torch {torch.__version__}, {torch.get_num_threads()} threads, {dlm.dtype}. Model: `{model_path}`" + (f", block model `{args.block_model}`" if args.block_model else "") + f", AR parent `{Path(ar_name).name}`. " + header +
         f" Temperature 0, times are medians of {args.repeats} runs; time ratios < 1 mean faster than the AR parent.",
         "",
         "| strategy | " + " | ".join(COLUMNS[workload]) + " |",
@@ -154,27 +205,29 @@ def main():
     lines += ["| " + " | ".join([name, f"{tpf:.2f}"] + ["" if r is None else f"{r:.2f}" for r in ratios]
                                 + [f"{nll:.3f}", f"{extra:.0%}"]) + " |"
               for name, tpf, *ratios, nll, extra in results]
-    lines += [
-        "",
-        f"Targets (issue 4); quality reference: {reference[0]}, NLL {reference[-2]:.3f}.",
-        f"- ≥ 4 tokens per forward within 5% of its quality (NLL ≤ {1.05 * reference[-2]:.3f}): "
-        + ("; ".join(f"met by {r[0]} ({r[1]:.2f} tokens/forward, NLL {r[-2]:.3f}, {r[2]:.2f}× AR time)"
-                     for r in parallel) if parallel else "not met") + ".",
-        f"- the same with time per token ≤ 0.5× the AR parent's (batch 1): {'met' if fast else 'not met'}.",
-    ]
+    lines += [""] + targets
     write_section(args.out, title, "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
+def model_settings(model, n, quick):
+    """(row name, model, diffusion_generate arguments) for each setting that applies to `model`."""
+    b = model.config.block_size
+    if b is None:
+        return [(name, model, s(n)) for name, s in SETTINGS if not quick or name in QUICK]
+    return [(name.format(B=b, S=max(1, b // 2)), model, s(n, b)) for name, s in BLOCK_SETTINGS
+            if not quick or name in BLOCK_QUICK]
+
+
 COLUMNS = {
     "continuation": ["tokens / forward", "time per token ÷ AR, batch 1", "time per token ÷ AR, batched",
-                     "AR-parent NLL of output (nats/token)", "distinct tokens"],
+                     "time per pass ÷ AR step, batch 1", "AR-parent NLL of output (nats/token)", "distinct tokens"],
     "chat": ["answer tokens / forward", "time per answer token ÷ AR, batch 1", "AR-parent NLL of answers (nats/token)",
              "exact answers"],
 }
 
 
-def continuation(args, dlm, tok, ar, settings):
+def continuation(args, tok, ar, settings):
     """Stories: the first tokens of validation stories, continued by a fixed number of tokens (no EOS stop)."""
     texts = [t for t in (SHARED / "data/tinystories/valid.txt").read_text().split("\n\n") if t.strip()]
     rows = [tok(t).input_ids[: args.prompt_tokens] for t in texts]
@@ -186,9 +239,9 @@ def continuation(args, dlm, tok, ar, settings):
 
     ar_gen = ar_decode(prompts)[:, prompts.shape[1]:]
     ar_time = {alone: seconds_per_token(ar_decode, prompts, n, args.repeats, alone) for alone in (True, False)}
-    results = [("AR parent, KV-cached greedy", 1.0, 1.0, 1.0, ar_nll(ar, prompts, ar_gen), distinct(ar_gen))]
-    for name, kw in settings:
-        def decode(p, kw=kw):
+    results = [("AR parent, KV-cached greedy", 1.0, 1.0, 1.0, 1.0, ar_nll(ar, prompts, ar_gen), distinct(ar_gen))]
+    for name, dlm, kw in settings:
+        def decode(p, dlm=dlm, kw=kw):
             return dlm.diffusion_generate(p, max_new_tokens=n, stop_at_eos=False, return_dict_in_generate=True, **kw)
 
         # each prompt alone: a batch needs as many passes as its slowest row, which would hide per-row parallelism
@@ -196,7 +249,9 @@ def continuation(args, dlm, tok, ar, settings):
         gen = torch.cat([o.sequences[:, prompts.shape[1]:] for o in outs])
         ratio = {alone: seconds_per_token(decode, prompts, n, args.repeats, alone) / ar_time[alone]
                  for alone in (True, False)}
-        results.append((name, gen.numel() / sum(o.nfe for o in outs), ratio[True], ratio[False],
+        per_forward = gen.numel() / sum(o.nfe for o in outs)
+        # alone, time per token = time per pass / tokens per pass: what a pass costs next to an AR step
+        results.append((name, per_forward, ratio[True], ratio[False], ratio[True] * per_forward,
                         ar_nll(ar, prompts, gen), distinct(gen)))
     header = (f"{len(prompts)} validation stories cut to {args.prompt_tokens} tokens, {n} new tokens each; tokens per "
               f"forward of each prompt decoded alone. AR parent: "
@@ -205,7 +260,7 @@ def continuation(args, dlm, tok, ar, settings):
     return "continuation", header, results
 
 
-def chat(args, dlm, tok, ar, settings):
+def chat(args, tok, ar, settings):
     """Instructions: each prompt alone in the chat template, answered until EOS (at most --new tokens). Counts,
     times and NLLs are per answer token (EOS included); exact = the answer equals the file's."""
     from adapt.config import SFTDataConfig
@@ -244,8 +299,8 @@ def chat(args, dlm, tok, ar, settings):
                                                                       eos_token_id=eos, pad_token_id=eos), 0))
     ar_per_token = ar_seconds / ar_tokens
     results = [("AR parent, KV-cached greedy", 1.0, 1.0, *scored(ar_got))]
-    for name, kw in settings:
-        def decode(p, kw=kw):
+    for name, dlm, kw in settings:
+        def decode(p, dlm=dlm, kw=kw):
             out = dlm.diffusion_generate(p, max_new_tokens=n, return_dict_in_generate=True, **kw)
             return out.sequences, out.nfe
 
