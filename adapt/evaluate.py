@@ -32,7 +32,8 @@ def infill(model, blocks: torch.Tensor, *, span: int | None = None, examples: in
     """Hide the middle `span` tokens of each block and fill them: a diffusion model with its `diffusion_generate`
     (prefix and suffix visible, one token per pass, in its generation config's order: most confident first unless
     it says otherwise; `kv_cache` as there), a causal LM greedily from the prefix alone (the baseline that cannot
-    see the suffix). `token_accuracy`: filled tokens equal to the original.
+    see the suffix). A block-diffusion checkpoint fills the span block by block, each hole seeing its own block on
+    both sides and the blocks before it, not later ones. `token_accuracy`: filled tokens equal to the original.
     `ar_parent_nll`: the AR scorer's NLL per token of the span and everything after it, so a fill that does not
     lead into the suffix is penalised too; `reference_ar_parent_nll` is the same on the original text."""
     x = blocks[:examples]

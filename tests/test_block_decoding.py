@@ -145,6 +145,8 @@ def test_a_row_stops_at_its_eos():
     assert (got.sequences[0, width + first:] == eos).all()  # nothing but EOS after it
     assert int(got.row_nfe[0]) <= B < 12 and int(got.row_nfe[0]) == int(got.row_committed[0])
     assert torch.equal(got.sequences[1], free.sequences[1]) and int(got.row_nfe[1]) == 12
+    # row 0 left the batch after its first block: the later passes ran row 1 alone
+    assert got.positions_computed < free.positions_computed and got.nfe == free.nfe
     alone = model.diffusion_generate(torch.tensor([PROMPTS[0]]), max_new_tokens=12, return_dict_in_generate=True)
     assert alone.nfe == int(got.row_nfe[0])
     late = model.diffusion_generate(ids, attention_mask=mask, max_new_tokens=12, min_new_tokens=6)

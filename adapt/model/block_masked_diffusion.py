@@ -25,7 +25,7 @@ import torch
 from .sampling_masked_diffusion import (SCORES, Denoiser, Ranking, SamplingError, SamplingOutput, Stream, TokenRule,
                                         _check_prompt, _finish_rows, _holes, check_sampling_options, commit_rule,
                                         denoise_span)
-from .transformers_compat import bidirectional_mask, drop_last_cached, full_cache
+from .transformers_compat import bidirectional_mask, drop_last_cached, full_cache, select_cache_rows
 
 # Implementations whose mask interface honours an arbitrary mask function; flash kernels take padding only and
 # would silently attend to later blocks.
@@ -202,14 +202,25 @@ class BlockCacheDenoiser(Denoiser):
     exactly what a separate pass over them alone would, and no pass is spent on storing. That pass's logit at the
     last finished position is the one that, with shift, predicts the block's first token, as the 2L layout's clean
     half does (`canvas_index`). With B = 1 and shift that logit is all a block needs, so each token costs the one
-    pass over one token an AR model's does."""
+    pass over one token an AR model's does. Rows that have finished leave the batch (and the cache): the passes
+    after that run only the rows still decoding."""
 
     def __init__(self, model, padding):
         super().__init__(model.config.shift)
         self.model, self.padding = model, padding
         self.positions = (padding.long().cumsum(-1) - 1).clamp_min(0)
         self.cache, self.cached, self.last = full_cache(), 0, None  # keys/values of canvas [0, cached)
+        self.rows = torch.arange(len(padding), device=padding.device)  # the rows still computed, and cached
         self.cache_hits = self.positions_computed = 0
+
+    def finished(self, done):
+        still = ~done[self.rows]
+        if still.all():
+            return
+        local = still.nonzero()[:, 0]
+        select_cache_rows(self.cache, local)
+        self.rows = self.rows[local]
+        self.last = None if self.last is None else self.last[local]
 
     def logits(self, canvas, attention_mask, first, last):
         start, end = first + self.shift, last + self.shift  # the block
@@ -219,24 +230,30 @@ class BlockCacheDenoiser(Denoiser):
         parts = []
         if first < 0:  # before the canvas nothing masked is predicted (a prompt token is there): zeros
             vocab = self.model.get_output_embeddings().weight.shape[0]
-            parts.append(canvas.new_zeros((len(canvas), 1, vocab), dtype=torch.float))
+            parts.append(canvas.new_zeros((len(self.rows), 1, vocab), dtype=torch.float))
             first = 0
         elif first < a:  # the logit before the block, computed by the pass that cached it
             parts.append(self.last[:, None])
             first = a
         if upto > a:
             keep = torch.arange(first, last, device=canvas.device) - a
-            logits = self.model(input_ids=canvas[:, a:upto], attention_mask=self.padding[:, :upto],
-                                position_ids=self.positions[:, a:upto], past_key_values=self.cache, use_cache=True,
-                                logits_to_keep=keep).logits
+            rows = self.rows
+            logits = self.model(input_ids=canvas[rows, a:upto], attention_mask=self.padding[rows, :upto],
+                                position_ids=self.positions[rows, a:upto], past_key_values=self.cache,
+                                use_cache=True, logits_to_keep=keep).logits
             if self.shift and a < start:
                 self.last = logits[:, start - 1 - first]
             drop_last_cached(self.cache, upto - start)  # the block's own keys/values change with its tokens
-            self.cache_hits += a * len(canvas)
-            self.positions_computed += (upto - a) * len(canvas)
+            self.cache_hits += a * len(rows)
+            self.positions_computed += (upto - a) * len(rows)
             self.cached = start
             parts.append(logits)
-        return torch.cat([p.to(parts[-1].dtype) for p in parts], 1)
+        logits = torch.cat([p.to(parts[-1].dtype) for p in parts], 1)
+        if len(self.rows) == len(canvas):
+            return logits
+        full = logits.new_zeros((len(canvas), *logits.shape[1:]))  # finished rows: never read
+        full[self.rows] = logits
+        return full
 
 
 def block_diffusion_sample(make_denoiser, input_ids, *, block_size: int, mask_token_id: int, shift: bool,
@@ -328,6 +345,7 @@ def block_diffusion_sample(make_denoiser, input_ids, *, block_size: int, mask_to
         done |= needed <= k + 1 - first
         if done.all():
             break
+        denoiser.finished(done)
     stream.end()
 
     def returned(c):

@@ -150,6 +150,10 @@ class Denoiser:
     def logits(self, canvas, attention_mask, first: int, last: int) -> torch.Tensor:
         raise NotImplementedError
 
+    def finished(self, done: torch.Tensor):
+        """`done` (batch,) bool: rows that need no more predictions (their logits may be anything from now on), so
+        a denoiser may stop computing them. Rows never come back."""
+
 
 class FunctionDenoiser(Denoiser):
     """A plain `model_fn(canvas, attention_mask)` returning logits for every position, run whole on every pass."""

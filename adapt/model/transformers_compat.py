@@ -95,6 +95,13 @@ def select_cache_positions(cache, index: torch.Tensor):
         layer.keys, layer.values = layer.keys[:, :, index], layer.values[:, :, index]
 
 
+def select_cache_rows(cache, rows: torch.Tensor):
+    """Keep only the batch rows `rows` (indices, in that order) of a cache, in every layer."""
+    for layer in cache.layers:
+        if layer.keys is not None and layer.keys.numel():
+            layer.keys, layer.values = layer.keys[rows], layer.values[rows]
+
+
 def drop_last_cached(cache, n: int):
     """Remove the last `n` positions from every layer of a cache (a negative `crop` means this in every 5.x)."""
     if n > 0:  # crop(-0) would empty it
