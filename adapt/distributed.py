@@ -108,10 +108,19 @@ def load_full_model_state(model, tensors: dict):
     set_model_state_dict(model, tensors, options=StateDictOptions(full_state_dict=True, strict=False))
 
 
-def load_full_optimizer_state(model, optimizer, state: dict):
+def load_optimizer_state(model, optimizer, state: dict, sharded: bool):
+    """Restore `state`, the optimizer state a checkpoint holds: keyed by parameter name when a sharded run wrote it
+    (full tensors; any number of processes can resume it), by position otherwise."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    set_optimizer_state_dict(model, _inner(optimizer), state, options=StateDictOptions(full_state_dict=True))
+    by_name = any(isinstance(p, str) for group in state.get("param_groups", []) for p in group.get("params", []))
+    if by_name:
+        set_optimizer_state_dict(model, _inner(optimizer), state, options=StateDictOptions(full_state_dict=True))
+    elif sharded:
+        raise AdaptError("this checkpoint was written by a run without FSDP, whose optimizer state cannot be split "
+                         "into shards; resume it without FSDP")
+    else:
+        optimizer.load_state_dict(state)
 
 
 def _inner(optimizer):

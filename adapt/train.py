@@ -166,11 +166,11 @@ class Recipe:
         drop metrics logged past the checkpoint."""
         self.start_step = 0
         if self.resume_from is not None:
-            loaders = {}
+            model = self.model if self.sharded else self.accelerator.unwrap_model(self.model)
+            loaders = {"load_optimizer": lambda o: distributed.load_optimizer_state(model, self.optimizer, o,
+                                                                                    bool(self.sharded))}
             if self.sharded:  # every rank reads the full tensors and keeps its shard of them
-                loaders = {"load_weights": lambda t: distributed.load_full_model_state(self.model, t),
-                           "load_optimizer": lambda o: distributed.load_full_optimizer_state(self.model,
-                                                                                             self.optimizer, o)}
+                loaders["load_weights"] = lambda t: distributed.load_full_model_state(self.model, t)
             state, rng = checkpointing.load(self.resume_from, self.accelerator.unwrap_model(self.model),
                                             self.optimizer, self.scheduler, self.rank, **loaders)
             self.start_step = state["step"]

@@ -2,20 +2,24 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
 
 import adapt
+from adapt import checkpointing
 from adapt.config import load_config
-from test_train import _losses, setup  # noqa: F401  (the module-scoped fixture)
+import test_train
+from test_train import _losses
 
 ROOT = Path(__file__).resolve().parents[1]
+setup = test_train.setup  # the module-scoped fixture: tiny llama and its training text
 
 
 def fsdp_env() -> dict:
@@ -28,15 +32,16 @@ def fsdp_env() -> dict:
             "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
 
 
-def torchrun(tmp_path, runs: list[list[str]], timeout=300):
-    spec = tmp_path / "runs.json"
+def torchrun(tmp_path, runs: list[list[str]]) -> subprocess.Popen:
+    spec, pids = tmp_path / "runs.json", tmp_path / "pids"
     spec.write_text(json.dumps(runs))
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           str(ROOT / "tests" / "multi_run.py"), str(spec)],
-                          capture_output=True, text=True, env=fsdp_env(), timeout=timeout)
+    pids.mkdir()
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             str(ROOT / "tests" / "multi_run.py"), str(spec), str(pids)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=fsdp_env())
 
 
-def _base(setup, out, *extra):  # noqa: F811
+def _base(setup, out, *extra):
     return [f"output_dir={out}", f"model.path={setup / 'dlm'}", f"data.train={setup / 'train.txt'}",
             "data.seq_length=16", "data.max_eval_blocks=8", "train.lr=3e-3", "anneal.anneal_steps=3",
             "model.attn_implementation=eager", "objective.normalization=all", *extra]
@@ -67,16 +72,30 @@ def assert_full_weights(final):
     assert got and {n: want.get(n) for n in got} == got, "OUTPUT/final holds tensors of the wrong shape"
 
 
-def test_fsdp_two_processes_match_one_process_resume_bit_exactly_and_write_one_full_final(setup, tmp_path):  # noqa: F811
+def test_fsdp_two_processes_match_one_process_resume_bit_exactly_and_survive_kill_9(setup, tmp_path):
+    """One launch (each costs ~10 s here): full 8 steps; 4 + 4 resumed; LoRA with gradient checkpointing; then a
+    run whose rank 1 is killed mid-save. Then one process reruns full and LoRA, and resumes the killed run."""
     full = ["max_steps=8", "eval_steps=4", "save_steps=4"]
     lora = ["train.method=lora", "max_steps=4", "eval_steps=4", "model.gradient_checkpointing=true"]
-    two = torchrun(tmp_path, [
+    killed = tmp_path / "killed"
+    doomed = ["max_steps=60", "eval_steps=0", "save_steps=1", "save_total_limit=2"]
+    launch = torchrun(tmp_path, [
         _base(setup, tmp_path / "two", "train.batch_size=2", *full),
         _base(setup, tmp_path / "split", "train.batch_size=2", *full, "stop_after=4"),
         _base(setup, tmp_path / "split", "train.batch_size=2", *full, "resume=true"),
         _base(setup, tmp_path / "two-lora", "train.batch_size=2", *lora),
+        _base(setup, killed, "train.batch_size=2", *doomed),
     ])
-    assert two.returncode == 0, two.stderr[-4000:]
+    ckpts = killed / "checkpoints"
+    deadline = time.time() + 240
+    # rank 1 dies while a checkpoint is being written, after two whole ones
+    while time.time() < deadline and launch.poll() is None and not (
+            len(list(ckpts.glob("step-*"))) >= 2 and list(ckpts.glob(".tmp-step-*"))):
+        time.sleep(0.005)
+    assert launch.poll() is None, launch.stderr.read()[-4000:]
+    os.kill(int((tmp_path / "pids" / "1").read_text()), signal.SIGKILL)
+    assert launch.wait(timeout=120) != 0
+    assert not (killed / "final").exists()
     adapt.train(load_config(None, _base(setup, tmp_path / "one", "train.batch_size=4", *full)))
     adapt.train(load_config(None, _base(setup, tmp_path / "one-lora", "train.batch_size=4", *lora)))
     for a, b in [("two", "one"), ("two-lora", "one-lora")]:
@@ -91,8 +110,17 @@ def test_fsdp_two_processes_match_one_process_resume_bit_exactly_and_write_one_f
         # after 8 steps; 2-process DDP lands 1.5e-4 from 1 process too)
         torch.testing.assert_close(logits[..., :100], expected[..., :100], rtol=0, atol=1e-5)
         torch.testing.assert_close(logits[..., 100], expected[..., 100], rtol=0, atol=1e-2)
-    assert _losses(tmp_path / "split") == _losses(tmp_path / "two")  # 4 + 4 steps: bit-identical
-    assert len(_losses(tmp_path / "two")) == 8
+    assert len(_losses(tmp_path / "two")) == 8 and _losses(tmp_path / "split") == _losses(tmp_path / "two")
     ckpt = load_file(tmp_path / "two" / "checkpoints" / "step-00000004" / "trainable.safetensors")
     one = load_file(tmp_path / "one" / "checkpoints" / "step-00000004" / "trainable.safetensors")
     assert {n: t.shape for n, t in ckpt.items()} == {n: t.shape for n, t in one.items()}  # full, not shards
+
+    # the killed run: its newest renamed checkpoint is whole, and one process resumes it (the checkpoint holds
+    # full tensors, so the number of processes may change with the same global batch)
+    newest, skipped = checkpointing.newest_complete(ckpts)
+    assert newest is not None and skipped == []
+    last = int(newest.name.split("-")[1])
+    final = adapt.train(load_config(None, _base(setup, killed, "train.batch_size=4", *doomed, "resume=true")))
+    assert [json.loads(ln)["step"] for ln in (killed / "metrics.jsonl").read_text().splitlines()] == list(range(1, 61))
+    assert last >= 2 and not list(ckpts.glob(".tmp-*"))
+    assert_full_weights(final)
