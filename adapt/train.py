@@ -80,9 +80,10 @@ class Recipe:
         if self.sharded and cfg.train.method == "qlora":
             raise AdaptError(f"train.method=qlora does not run under {self.sharded}: use train.method=lora, or launch "
                              "without FSDP/DeepSpeed")
-        if self.sharded == "deepspeed" and (cfg.save_steps or cfg.stop_after is not None or cfg.resume is not False):
+        checkpoints = (cfg.save_steps and cfg.save_steps < cfg.max_steps) or cfg.stop_after is not None
+        if self.sharded == "deepspeed" and (checkpoints or cfg.resume is not False):
             raise AdaptError("training checkpoints (save_steps, stop_after, resume) are not supported under DeepSpeed "
-                             "yet: set save_steps=0, or launch with recipes/accelerate/fsdp.yaml")
+                             "yet: set save_steps=0 and no stop_after, or launch with recipes/accelerate/fsdp.yaml")
         self.main, self.rank, self.world = acc.is_main_process, acc.process_index, acc.num_processes
         if self.main and self.skipped:
             print(f"dlm-adapt: resuming from {self.resume_from.name}, the newest complete checkpoint; removing "

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
@@ -124,3 +125,41 @@ def test_fsdp_two_processes_match_one_process_resume_bit_exactly_and_survive_kil
     assert [json.loads(ln)["step"] for ln in (killed / "metrics.jsonl").read_text().splitlines()] == list(range(1, 61))
     assert last >= 2 and not list(ckpts.glob(".tmp-*"))
     assert_full_weights(final)
+
+
+def test_deepspeed_final_goes_through_accelerates_gathering_and_a_shard_is_never_published(setup, tmp_path,
+                                                                                          monkeypatch):
+    """DeepSpeed cannot run here (no CUDA): the run is told it is sharded by ZeRO, and Accelerate's
+    `get_state_dict`, which consolidates ZeRO-3 parameters on rank 0, returns what it would there."""
+    from accelerate import Accelerator
+
+    from adapt import AdaptError, distributed
+
+    args = ["train.batch_size=4", "max_steps=2", "eval_steps=0"]
+    plain = adapt.train(load_config(None, _base(setup, tmp_path / "plain", *args)))
+    real, calls = Accelerator.get_state_dict, []
+
+    def gathered(self, model, unwrap=True):
+        calls.append(1)
+        return real(self, model, unwrap)
+
+    monkeypatch.setattr(distributed, "kind", lambda accelerator: "deepspeed")
+    monkeypatch.setattr(Accelerator, "get_state_dict", gathered)
+    final = adapt.train(load_config(None, _base(setup, tmp_path / "zero", *args)))
+    assert calls == [1]  # the final came from the gathered state, once
+    want, got = load_file(plain / "model.safetensors"), load_file(final / "model.safetensors")
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+    def one_shard(self, model, unwrap=True):  # what rank 0 holds of a ZeRO-3 model without consolidation
+        return {k: v[: max(1, v.shape[0] // 2)] if v.dim() else v for k, v in real(self, model, unwrap).items()}
+
+    monkeypatch.setattr(Accelerator, "get_state_dict", one_shard)
+    with pytest.raises(AdaptError, match="a shard, not the full model; no final model was written"):
+        adapt.train(load_config(None, _base(setup, tmp_path / "shard", *args)))
+    assert not (tmp_path / "shard" / "final").exists() and not list((tmp_path / "shard").glob(".final-tmp"))
+
+    for extra, message in [(["save_steps=1"], "checkpoints .* are not supported under DeepSpeed"),
+                           (["train.method=qlora"], "qlora does not run under deepspeed")]:
+        with pytest.raises(AdaptError, match=message):
+            adapt.train(load_config(None, _base(setup, tmp_path / "refused", *args, *extra)))
+        assert not (tmp_path / "refused" / "checkpoints").exists()
