@@ -227,7 +227,8 @@ class Recipe:
             seen += tokens
         # an infinite max_norm measures the norm without clipping: one non-finite gradient poisons every weight
         norm = acc.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm or math.inf)
-        norm = None if norm is None else float(distributed.local(norm))  # DeepSpeed clips inside its engine and returns None
+        # DeepSpeed clips inside its engine and returns None; FSDP2 returns a replicated DTensor
+        norm = None if norm is None else float(distributed.local(norm))
         loss_value = acc.reduce(torch.tensor(loss_sum, device=acc.device), "mean").item()
         done = step + 1
         # fp16 mixed precision's loss scaler makes infinite gradients on purpose and skips those steps itself
@@ -339,11 +340,12 @@ class Recipe:
         """The trained model rebuilt whole on CPU from `state`, the gathered weights: the same model that
         `load_for_training` gives, so `save_final` merges and writes it as it does an unsharded run's."""
         with torch.random.fork_rng(devices=[]):  # LoRA initialisation draws; the training streams stay put
-            copy = load_for_training(self.cfg, self.source)
-        diffusion_model(copy).config.block_size = getattr(self.dlm.config, "block_size", None)
-        distributed.check_full(state, copy)
-        copy.load_state_dict(state, strict=True)
-        return copy
+            whole = load_for_training(self.cfg, self.source)
+        if getattr(self.dlm.config, "block_size", None) is not None:  # set by setup_model, not in the source
+            diffusion_model(whole).config.block_size = self.dlm.config.block_size
+        distributed.check_full(state, whole)
+        whole.load_state_dict(state, strict=True)
+        return whole
 
 
 def _finite_weights(accelerator, model) -> bool:

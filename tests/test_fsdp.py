@@ -48,6 +48,11 @@ def _base(setup, out, *extra):
             "model.attn_implementation=eager", "objective.normalization=all", *extra]
 
 
+def _elbos(out):
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["val_elbo"] for r in records if "val_elbo" in r]
+
+
 def _logits(final):
     from transformers import AutoModel
 
@@ -74,10 +79,12 @@ def assert_full_weights(final):
 
 
 def test_fsdp_two_processes_match_one_process_resume_bit_exactly_and_survive_kill_9(setup, tmp_path):
-    """One launch (each costs ~10 s here): full 8 steps; 4 + 4 resumed; LoRA with gradient checkpointing; then a
-    run whose rank 1 is killed mid-save. Then one process reruns full and LoRA, and resumes the killed run."""
-    full = ["max_steps=8", "eval_steps=4", "save_steps=4"]
-    lora = ["train.method=lora", "max_steps=4", "eval_steps=4", "model.gradient_checkpointing=true"]
+    """One launch (each costs ~10 s here): full 8 steps with gradient accumulation; 4 + 4 resumed; LoRA with
+    gradient checkpointing, 4 steps and 2 + 2 resumed; then a run whose rank 1 is killed mid-save. Then one
+    process reruns full and LoRA, and resumes the killed run."""
+    full = ["max_steps=8", "eval_steps=4", "save_steps=4", "train.gradient_accumulation_steps=2"]
+    lora = ["train.method=lora", "max_steps=4", "eval_steps=2", "save_steps=2", "sample_steps=4",
+            "model.gradient_checkpointing=true"]
     killed = tmp_path / "killed"
     doomed = ["max_steps=60", "eval_steps=0", "save_steps=1", "save_total_limit=2"]
     launch = torchrun(tmp_path, [
@@ -85,6 +92,8 @@ def test_fsdp_two_processes_match_one_process_resume_bit_exactly_and_survive_kil
         _base(setup, tmp_path / "split", "train.batch_size=2", *full, "stop_after=4"),
         _base(setup, tmp_path / "split", "train.batch_size=2", *full, "resume=true"),
         _base(setup, tmp_path / "two-lora", "train.batch_size=2", *lora),
+        _base(setup, tmp_path / "split-lora", "train.batch_size=2", *lora, "stop_after=2"),
+        _base(setup, tmp_path / "split-lora", "train.batch_size=2", *lora, "resume=true"),
         _base(setup, killed, "train.batch_size=2", *doomed),
     ])
     ckpts = killed / "checkpoints"
@@ -104,6 +113,8 @@ def test_fsdp_two_processes_match_one_process_resume_bit_exactly_and_survive_kil
         # reduction order differs
         torch.testing.assert_close(torch.tensor(_losses(tmp_path / a)), torch.tensor(_losses(tmp_path / b)),
                                    rtol=1e-5, atol=0)
+        torch.testing.assert_close(torch.tensor(_elbos(tmp_path / a)), torch.tensor(_elbos(tmp_path / b)),
+                                   rtol=1e-5, atol=0)  # evaluation runs on every rank through the sharded model
         assert_full_weights(tmp_path / a / "final")
         logits, expected = _logits(tmp_path / a / "final"), _logits(tmp_path / b / "final")
         # every column but [MASK] (id 100), which sampling sets to -inf: its output row is never a target, so its
@@ -112,6 +123,9 @@ def test_fsdp_two_processes_match_one_process_resume_bit_exactly_and_survive_kil
         torch.testing.assert_close(logits[..., :100], expected[..., :100], rtol=0, atol=1e-5)
         torch.testing.assert_close(logits[..., 100], expected[..., 100], rtol=0, atol=1e-2)
     assert len(_losses(tmp_path / "two")) == 8 and _losses(tmp_path / "split") == _losses(tmp_path / "two")
+    assert len(_losses(tmp_path / "two-lora")) == 4
+    assert _losses(tmp_path / "split-lora") == _losses(tmp_path / "two-lora")
+    assert (tmp_path / "two-lora" / "samples.log").read_text().count("--- step") == 1  # decoded by both ranks
     ckpt = load_file(tmp_path / "two" / "checkpoints" / "step-00000004" / "trainable.safetensors")
     one = load_file(tmp_path / "one" / "checkpoints" / "step-00000004" / "trainable.safetensors")
     assert {n: t.shape for n, t in ckpt.items()} == {n: t.shape for n, t in one.items()}  # full, not shards
