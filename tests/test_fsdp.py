@@ -23,6 +23,16 @@ ROOT = Path(__file__).resolve().parents[1]
 setup = test_train.setup  # the module-scoped fixture: tiny llama and its training text
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    # the tiny model's matmuls are too small to share: with 2 threads on 2 busy cores each one waits for the
+    # other to be scheduled (a LoRA run here took 10 s instead of 3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def fsdp_env() -> dict:
     """The environment `accelerate launch --config_file recipes/accelerate/fsdp.yaml` gives each process (its
     fsdp_config keys, upper-cased), so the shipped config is what runs here, on CPU processes."""
