@@ -187,3 +187,28 @@ def test_deepspeed_final_goes_through_accelerates_gathering_and_a_shard_is_never
         with pytest.raises(AdaptError, match=message):
             adapt.train(load_config(None, _base(setup, tmp_path / "refused", *args, *extra)))
         assert not (tmp_path / "refused" / "checkpoints").exists()
+
+
+def test_unsupported_sharding_is_one_clear_error(monkeypatch):
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from adapt import AdaptError, distributed
+
+    fsdp1 = SimpleNamespace(distributed_type=DistributedType.FSDP, is_fsdp2=False)
+    with pytest.raises(AdaptError, match="FSDP2 only: set fsdp_version: 2"):
+        distributed.kind(fsdp1)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    cpu = SimpleNamespace(state=SimpleNamespace(distributed_type=DistributedType.MULTI_CPU,
+                                                fsdp_plugin=SimpleNamespace(fsdp_version=1)))
+    with pytest.raises(AdaptError, match="FSDP on CPU needs FSDP2"):
+        distributed.enable_cpu_fsdp(cpu)
+    assert cpu.state.distributed_type == DistributedType.MULTI_CPU
+    # a checkpoint of an unsharded run keys its optimizer state by position, which FSDP cannot place
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    by_position = optimizer.state_dict()
+    with pytest.raises(AdaptError, match="written by a run without FSDP"):
+        distributed.load_optimizer_state(model, optimizer, by_position, sharded=True)
+    distributed.load_optimizer_state(model, optimizer, by_position, sharded=False)
