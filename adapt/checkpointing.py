@@ -99,8 +99,11 @@ def trainable_state(model) -> tuple[dict, dict]:
     return tensors, aliases
 
 
-def save(root: Path, step: int, model, optimizer, scheduler, extra_state: dict, rng: dict, is_main: bool,
+def save(root: Path, step: int, weights, optimizer_state, scheduler, extra_state: dict, rng: dict, is_main: bool,
          rank: int, barrier, keep: int):
+    """`weights` (tensors, aliases) and `optimizer_state` are full, unsharded states, read only on the main
+    process: callables, so a replicated model is read there alone while a sharded one was gathered beforehand
+    by every rank (`adapt.distributed`)."""
     final = root / f"{PREFIX}{step:08d}"
     tmp = root / f".tmp-{PREFIX}{step:08d}"
     if is_main:
@@ -110,9 +113,9 @@ def save(root: Path, step: int, model, optimizer, scheduler, extra_state: dict, 
     try:
         with write_errors(final):  # a full disk stops the run; the previous checkpoint stays the newest
             if is_main:
-                tensors, aliases = trainable_state(model)
+                tensors, aliases = weights()
                 save_file(tensors, tmp / "trainable.safetensors")
-                torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+                torch.save(optimizer_state(), tmp / "optimizer.pt")
                 torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
                 (tmp / "state.json").write_text(json.dumps({"step": step, "aliases": aliases, **extra_state},
                                                            indent=2))
@@ -137,8 +140,11 @@ def save(root: Path, step: int, model, optimizer, scheduler, extra_state: dict, 
     return final
 
 
-def load(path: Path, model, optimizer, scheduler, rank: int) -> tuple[dict, dict]:
-    """Restore trainable weights, optimizer and scheduler; returns (state.json contents, this rank's RNG)."""
+def load(path: Path, model, optimizer, scheduler, rank: int, load_weights=None,
+         load_optimizer=None) -> tuple[dict, dict]:
+    """Restore trainable weights, optimizer and scheduler; returns (state.json contents, this rank's RNG).
+    `load_weights(tensors)` / `load_optimizer(state)` replace copying into `model` / `optimizer.load_state_dict`
+    for a sharded model, whose ranks each keep a part of the full tensors saved here."""
     try:
         state = json.loads((path / "state.json").read_text())
         tensors = load_file(path / "trainable.safetensors")
@@ -146,11 +152,18 @@ def load(path: Path, model, optimizer, scheduler, rank: int) -> tuple[dict, dict
         if missing:
             raise AdaptError(f"checkpoint {path} holds weights this model does not have (e.g. {sorted(missing)[0]}); "
                              "was it written with another model or method?")
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            for name, value in tensors.items():
-                params[name].copy_(value)
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        if load_weights is not None:
+            load_weights(tensors)
+        else:
+            params = dict(model.named_parameters())
+            with torch.no_grad():
+                for name, value in tensors.items():
+                    params[name].copy_(value)
+        optimizer_state = torch.load(path / "optimizer.pt", weights_only=True)
+        if load_optimizer is not None:
+            load_optimizer(optimizer_state)
+        else:
+            optimizer.load_state_dict(optimizer_state)
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
         rng = torch.load(path / f"rng-{rank}.pt", weights_only=True)
     except FileNotFoundError as e:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, get_scheduler
 
-from . import checkpointing, outputs
+from . import checkpointing, distributed, outputs
 from .annealing import annealed_attention_mask, check_annealing_supported, mask_ratio
 from .blocks import check_block_attention, documents
 from .batch import Batch
@@ -75,6 +75,15 @@ class Recipe:
         self.accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, project_dir=str(self.out),
                                        log_with="tensorboard" if cfg.tensorboard else None)
         acc = self.accelerator
+        distributed.enable_cpu_fsdp(acc)
+        self.sharded = distributed.kind(acc)
+        if self.sharded and cfg.train.method == "qlora":
+            raise AdaptError(f"train.method=qlora does not run under {self.sharded}: use train.method=lora, or launch "
+                             "without FSDP/DeepSpeed")
+        checkpoints = (cfg.save_steps and cfg.save_steps < cfg.max_steps) or cfg.stop_after is not None
+        if self.sharded == "deepspeed" and (checkpoints or cfg.resume is not False):
+            raise AdaptError("training checkpoints (save_steps, stop_after, resume) are not supported under DeepSpeed "
+                             "yet: set save_steps=0 and no stop_after, or launch with recipes/accelerate/fsdp.yaml")
         self.main, self.rank, self.world = acc.is_main_process, acc.process_index, acc.num_processes
         if self.main and self.skipped:
             print(f"dlm-adapt: resuming from {self.resume_from.name}, the newest complete checkpoint; removing "
@@ -158,8 +167,13 @@ class Recipe:
         drop metrics logged past the checkpoint."""
         self.start_step = 0
         if self.resume_from is not None:
+            model = self.model if self.sharded else self.accelerator.unwrap_model(self.model)
+            loaders = {"load_optimizer": lambda o: distributed.load_optimizer_state(model, self.optimizer, o,
+                                                                                    bool(self.sharded))}
+            if self.sharded:  # every rank reads the full tensors and keeps its shard of them
+                loaders["load_weights"] = lambda t: distributed.load_full_model_state(self.model, t)
             state, rng = checkpointing.load(self.resume_from, self.accelerator.unwrap_model(self.model),
-                                            self.optimizer, self.scheduler, self.rank)
+                                            self.optimizer, self.scheduler, self.rank, **loaders)
             self.start_step = state["step"]
             self.loader.load_state(state["data"])
             torch.set_rng_state(rng["torch"])
@@ -188,8 +202,11 @@ class Recipe:
             if cfg.eval_steps and (done % cfg.eval_steps == 0 or done == cfg.max_steps):
                 record["val_elbo"] = self.evaluate()
             self.log(record, bar)
-            if self.main and cfg.sample_steps and done % cfg.sample_steps == 0:
-                _write_samples(self.dlm, self.tokenizer, self.val_data, self.out / "samples.log", done, bar)
+            # a sharded model decodes with every rank taking part in each forward; the main one writes
+            if (self.main or self.sharded) and cfg.sample_steps and done % cfg.sample_steps == 0:
+                with self._whole_root():
+                    _write_samples(self.dlm, self.tokenizer, self.val_data, self.out / "samples.log", done, bar,
+                                   self.main)
             if self.save_checkpoint(done):
                 self.accelerator.wait_for_everyone()
                 return None
@@ -210,7 +227,8 @@ class Recipe:
             seen += tokens
         # an infinite max_norm measures the norm without clipping: one non-finite gradient poisons every weight
         norm = acc.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm or math.inf)
-        norm = None if norm is None else float(norm)  # DeepSpeed clips inside its engine and returns None
+        # DeepSpeed clips inside its engine and returns None; FSDP2 returns a replicated DTensor
+        norm = None if norm is None else float(distributed.local(norm))
         loss_value = acc.reduce(torch.tensor(loss_sum, device=acc.device), "mean").item()
         done = step + 1
         # fp16 mixed precision's loss scaler makes infinite gradients on purpose and skips those steps itself
@@ -256,8 +274,16 @@ class Recipe:
     def evaluate(self) -> float:
         """Validation ELBO in nats per token: one low-discrepancy draw per row with a fixed seed, so every
         evaluation scores the same rows under the same noise and the curve moves only with the model."""
-        return diffusion_elbo(self.dlm, self.val_data, mc_samples=1, batch_size=self.cfg.train.batch_size,
-                              seed=1234, block_size=self.block)["elbo_nats_per_token"]
+        with self._whole_root():
+            return diffusion_elbo(self.dlm, self.val_data, mc_samples=1, batch_size=self.cfg.train.batch_size,
+                                  seed=1234, block_size=self.block)["elbo_nats_per_token"]
+
+    def _whole_root(self):
+        """Calls of the diffusion model inside a sharded PEFT wrapper bypass the FSDP2 root's forward hook, which
+        gathers the root's own parameters (embeddings, norm, head): gather them around such calls."""
+        if self.sharded == "fsdp2" and self.dlm is not self.model:
+            return distributed.unsharded(self.model)
+        return contextlib.nullcontext()
 
     def log(self, record: dict, bar):
         cfg = self.cfg
@@ -284,9 +310,15 @@ class Recipe:
             rng = {"torch": torch.get_rng_state(), "noise": self.noise.get_state()}
             if torch.cuda.is_available():
                 rng["cuda"] = torch.cuda.get_rng_state()
-            checkpointing.save(self.ckpt_root, done, acc.unwrap_model(self.model), self.optimizer, self.scheduler,
-                               {"data": self.loader.state()}, rng, self.main, self.rank, acc.wait_for_everyone,
-                               cfg.save_total_limit)
+            if self.sharded:  # gathered by every rank now; only the main process writes them
+                tensors, aliases = distributed.trainable_state(acc, self.model)
+                optimizer_state = distributed.full_optimizer_state(self.model, self.optimizer)
+                weights, optimizer = (lambda: (tensors, aliases)), (lambda: optimizer_state)
+            else:
+                weights = lambda: checkpointing.trainable_state(acc.unwrap_model(self.model))  # noqa: E731
+                optimizer = self.optimizer.state_dict
+            checkpointing.save(self.ckpt_root, done, weights, optimizer, self.scheduler, {"data": self.loader.state()},
+                               rng, self.main, self.rank, acc.wait_for_everyone, cfg.save_total_limit)
         return stopping
 
     def save_final(self) -> Path:
@@ -294,19 +326,37 @@ class Recipe:
         if self.cfg.tensorboard:
             self.accelerator.end_training()
         final = self.out / "final"
+        model = self.accelerator.unwrap_model(self.model)
+        if self.sharded:  # gathered by every rank; the main process writes it from a full, unsharded copy
+            state = distributed.full_model_state(self.accelerator, self.model)
+            if self.main:
+                model = self._unsharded_copy(state)
         if self.main:
-            save_final(self.cfg, self.accelerator.unwrap_model(self.model), self.tokenizer, self.source, final)
+            save_final(self.cfg, model, self.tokenizer, self.source, final)
         self.accelerator.wait_for_everyone()
         return final
 
+    def _unsharded_copy(self, state: dict):
+        """The trained model rebuilt whole on CPU from `state`, the gathered weights: the same model that
+        `load_for_training` gives, so `save_final` merges and writes it as it does an unsharded run's."""
+        with torch.random.fork_rng(devices=[]):  # LoRA initialisation draws; the training streams stay put
+            whole = load_for_training(self.cfg, self.source)
+        if getattr(self.dlm.config, "block_size", None) is not None:  # set by setup_model, not in the source
+            diffusion_model(whole).config.block_size = self.dlm.config.block_size
+        distributed.check_full(state, whole)
+        whole.load_state_dict(state, strict=True)
+        return whole
+
 
 def _finite_weights(accelerator, model) -> bool:
-    bad = any(not torch.isfinite(p).all() for p in model.parameters() if p.requires_grad)
+    # each rank checks its own shard of a sharded model; the reduction covers them all
+    bad = any(not torch.isfinite(distributed.local(p)).all() for p in model.parameters() if p.requires_grad)
     return accelerator.reduce(torch.tensor(float(bad), device=accelerator.device), "sum").item() == 0
 
 
 @torch.no_grad()
-def _write_samples(dlm, tokenizer, val_blocks: Batch, path: Path, step: int, bar, prompt_len: int = 8, new: int = 24):
+def _write_samples(dlm, tokenizer, val_blocks: Batch, path: Path, step: int, bar, write: bool = True,
+                   prompt_len: int = 8, new: int = 24):
     """A few decodes into samples.log: continuations of validation text, or answers to validation prompts."""
     device = next(dlm.parameters()).device
     rows = val_blocks[:2]
@@ -322,6 +372,8 @@ def _write_samples(dlm, tokenizer, val_blocks: Batch, path: Path, step: int, bar
         out = dlm.diffusion_generate(prompt[None].to(device), max_new_tokens=new, steps=new)
         texts.append(tokenizer.decode(out[0], skip_special_tokens=False))
     dlm.train(was_training)
+    if not write:
+        return
     with open(path, "a") as f:
         f.write(f"--- step {step}\n" + "\n".join(texts) + "\n")
     bar.write(f"[step {step}] sample: {texts[0]!r}")
