@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# GPU checks, bf16 with sdpa, on one CUDA device (not part of CI; about 5 minutes on an H100/H200):
+# GPU checks, bf16 with sdpa, on one CUDA device (not part of CI; about 8 minutes on an H100/H200):
 #   1. block decoding's exactness (benchmarks/gpu_exactness.py): B = 1 = the AR parent's generate, cached = uncached;
 #   2. the decode benchmark: full-sequence and block-diffusion rows of stories260K vs its AR parent (both models are
 #      trained first if missing: runs/stories/final, runs/stories260k-block/final);
-#   3. the training-step benchmark (throughput and memory ÷ a causal step).
+#   3. the training-step benchmark (throughput and memory ÷ a causal step);
+#   4. FSDP2 on one GPU in bf16 against a plain run, with a stop and resume (benchmarks/fsdp_compare.py).
 # Needs dlm-adapt importable (pip install -e ".[dev]", or PYTHONPATH=.) and ../shared (models/stories260K,
 # data/tinystories).
 #   bash benchmarks/gpu_check.sh [OUT_DIR]        # default: runs/gpu-check; the tables go to OUT_DIR/*.md
@@ -23,3 +24,15 @@ echo "[decode: ${SECONDS}s]"
 SECONDS=0
 python3 benchmarks/train_step.py --device cuda --repeats 5 | tee "$OUT/train_step.txt"
 echo "[train step: ${SECONDS}s]"
+# 4. FSDP2 on one GPU, bf16 mixed precision (recipes/accelerate/fsdp.yaml): vs a plain run, stop at 6 + resume to
+#    12, the finals loaded with transformers alone (benchmarks/fsdp_compare.py)
+SECONDS=0
+C="recipes/adaptation/stories260k.yaml model.path=../shared/models/stories260K max_steps=12 save_steps=6 eval_steps=6
+   sample_steps=0 resume=false train.mixed_precision=bf16"
+LAUNCH="python3 -m accelerate.commands.launch --num_processes 1"
+$LAUNCH --config_file recipes/accelerate/fsdp.yaml -m adapt train $C output_dir="$OUT/fsdp" > "$OUT/fsdp.log" 2>&1
+$LAUNCH --mixed_precision bf16 -m adapt train $C output_dir="$OUT/plain" > "$OUT/plain.log" 2>&1
+$LAUNCH --config_file recipes/accelerate/fsdp.yaml -m adapt train $C output_dir="$OUT/fsdp2" stop_after=6 > "$OUT/resume.log" 2>&1
+$LAUNCH --config_file recipes/accelerate/fsdp.yaml -m adapt train ${C/resume=false/resume=true} output_dir="$OUT/fsdp2" >> "$OUT/resume.log" 2>&1
+python3 benchmarks/fsdp_compare.py "$OUT" | tee "$OUT/fsdp.txt"
+echo "[fsdp: ${SECONDS}s]"
