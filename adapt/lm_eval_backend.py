@@ -76,6 +76,8 @@ class DLMAdaptLM(TemplateLM):
                             ("max_length", max_length)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise AdaptError(f"model arg {name} must be a positive integer, got {value!r}")
+        if max_length == 1:
+            raise AdaptError("model arg max_length must be at least 2 (one token of context, one scored)")
         if dtype is not None and dtype not in ("auto", *DTYPE_NAMES):
             raise AdaptError(f"unknown dtype {dtype!r}: use auto, {', '.join(DTYPE_NAMES)}")
         try:
@@ -260,6 +262,9 @@ class DLMAdaptLM(TemplateLM):
         steps = self.steps or n
         blocks = n // block_length if block_length else 1
         steps = math.ceil(steps / blocks) * blocks
+        if n >= self.max_length:
+            raise AdaptError(f"max_gen_toks {n} leaves no room for a prompt in max_length {self.max_length}; lower "
+                             "max_gen_toks (--gen_kwargs max_gen_toks=N)")
         prompts = [self.tok_encode(c)[-(self.max_length - n):] for c in contexts]
         if any(not p for p in prompts):
             prompts = [p or [self.prefix_token_id] for p in prompts]  # shift needs a token before the first new one
