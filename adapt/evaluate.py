@@ -197,14 +197,15 @@ def _check_device(device: str):
                          "device this machine has") from None
 
 
-def evaluate(model, data: str, *, tokenizer=None, **options) -> dict:
+def evaluate(model, data: str | None = None, *, tokenizer=None, **options) -> dict:
     """Evaluate a diffusion checkpoint or a causal LM on held-out text; returns the dict `dlm-adapt eval` prints
     (and writes to `json`, when given).
 
     `model`: a dlm-adapt checkpoint, a Hugging Face causal LM directory, a `.gguf` file, a Hub id, or a loaded
     model (then pass `tokenizer`). `data` and `options` are the fields of `adapt.config.EvalOptions`, documented
     there: the text is packed into blocks of `seq_length` tokens and the first `num_blocks` are scored with
-    `metrics` (a list or a comma-separated string of elbo, infill, steps_sweep)."""
+    `metrics` (a list or a comma-separated string of elbo, infill, steps_sweep). With `tasks`, the model also
+    runs lm-evaluation-harness tasks (`run_tasks`); `data` is then optional."""
     o = EvalOptions(data=data, **options)
     if o.json:
         check_writable(o.json)  # before minutes of evaluation, not after
@@ -212,10 +213,16 @@ def evaluate(model, data: str, *, tokenizer=None, **options) -> dict:
         _check_device(o.device)
     name = str(model) if isinstance(model, (str, Path)) else type(model).__name__
     spec = _model_spec(model) if isinstance(model, (str, Path)) else None  # bad paths fail before data is read
-    documents = _quietly(load_documents, o.data, DataConfig(text_column=o.text_column, sample_by=o.sample_by,
-                                                          hub_split=o.split, hub_config=o.hub_config))
-    if not documents:
-        raise AdaptError(f"dataset {o.data} holds no text")
+    if o.tasks:
+        _lm_eval_backend()  # a missing eval extra fails before anything loads
+    if o.is_causal and spec is not None and spec[0] != DIFFUSION:
+        raise AdaptError("--is-causal scores a diffusion checkpoint as its causal self; a causal LM already is one")
+    documents = None
+    if o.data is not None:
+        documents = _quietly(load_documents, o.data, DataConfig(text_column=o.text_column, sample_by=o.sample_by,
+                                                              hub_split=o.split, hub_config=o.hub_config))
+        if not documents:
+            raise AdaptError(f"dataset {o.data} holds no text")
     if spec is not None:
         model, tokenizer = _load(spec, o.device)
     elif tokenizer is None:
@@ -233,6 +240,13 @@ def evaluate(model, data: str, *, tokenizer=None, **options) -> dict:
         if trained != o.block_size:  # labelled: the number is not the bound the checkpoint was trained for
             result_note = (f"scored with block size {o.block_size}; the checkpoint was trained "
                            + ("full-sequence" if trained is None else f"with block size {trained}"))
+    if o.is_causal and kind != DIFFUSION:
+        raise AdaptError("--is-causal scores a diffusion checkpoint as its causal self; a causal LM already is one")
+    if documents is None:
+        result = {"model": name, "kind": kind, "seed": o.seed, "lm_eval": run_tasks(model, tokenizer, kind, o)}
+        if o.json:
+            write_json(result, o.json)
+        return result
     limit = _max_positions(model)
     if limit is not None and o.seq_length > limit:
         raise AdaptError(f"seq_length {o.seq_length} exceeds the model's {limit} positions")
@@ -261,11 +275,59 @@ def evaluate(model, data: str, *, tokenizer=None, **options) -> dict:
                                                 ar_name=scorer_name, kv_cache=o.kv_cache)
     except SamplingError as e:
         raise AdaptError(str(e)) from e
+    if o.tasks:
+        result["lm_eval"] = run_tasks(model, tokenizer, kind, o)
     if o.plot is not None:
         result["plot"] = str(plot_steps_sweep(result["steps_sweep"], o.plot, title=f"{name} ({kind})"))
     if o.json:
         write_json(result, o.json)
     return result
+
+
+def _lm_eval_backend():
+    try:
+        from . import lm_eval_backend
+    except ImportError as e:
+        raise AdaptError(f"--tasks needs lm-eval ({e}): pip install 'dlm-adapt[eval]'") from None
+    return lm_eval_backend
+
+
+def run_tasks(model, tokenizer, kind: str, o: EvalOptions) -> dict:
+    """lm-eval's `simple_evaluate` on `o.tasks` with the dlm-adapt backend (a causal LM: lm-eval's `hf`), from the
+    same options as the rest of `dlm-adapt eval` (mc_samples, batch_size, seed, block_size, kv_cache). Returns
+    lm-eval's per-task metrics; with `o.json`, lm-eval's whole results JSON is written beside it
+    (OUT.lm_eval.json)."""
+    backend = _lm_eval_backend()
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    if kind == DIFFUSION:
+        lm = backend.DLMAdaptLM(pretrained=model, tokenizer=tokenizer, mc_samples=o.mc_samples,
+                                batch_size=o.batch_size, seed=o.seed, block_size=o.block_size,
+                                is_causal=o.is_causal, kv_cache=o.kv_cache)
+    else:
+        from lm_eval.models.huggingface import HFLM
+
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=o.batch_size)
+    manager = TaskManager(include_path=o.include_path, include_defaults=False) if o.include_path else None
+    if manager is None or any(t not in manager.all_tasks for t in o.tasks):  # indexing lm-eval's own takes seconds
+        manager = TaskManager(include_path=o.include_path)
+    unknown = [t for t in o.tasks if t not in manager.all_tasks]
+    if unknown:
+        raise AdaptError(f"unknown lm-eval task {', '.join(unknown)}; list them with `lm_eval ls tasks`"
+                         + (f" (and tasks under {o.include_path})" if o.include_path else
+                            ", or add a directory of task YAMLs with --include-path"))
+    limit = int(o.limit) if o.limit is not None and o.limit >= 1 else o.limit
+    results = _quietly(lambda: lm_eval.simple_evaluate(
+        model=lm, tasks=list(o.tasks), num_fewshot=o.num_fewshot, limit=limit, task_manager=manager,
+        log_samples=False, random_seed=o.seed, numpy_random_seed=o.seed, torch_random_seed=o.seed,
+        fewshot_random_seed=o.seed))
+    out = {"tasks": list(o.tasks), "limit": o.limit, "results": results["results"]}
+    if o.json:
+        path = Path(o.json)
+        out["json"] = str(write_json(json.loads(json.dumps(results, default=str)),
+                                     path.with_name(path.stem + ".lm_eval.json")))
+    return out
 
 
 def _quietly(fn, *args):

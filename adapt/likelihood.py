@@ -38,6 +38,21 @@ def diffusion_elbo(model, blocks: "torch.Tensor | Batch", *, mc_samples: int = 1
     taken as independent. Stratification makes the real error smaller when the score depends on the mask count
     (3x smaller for the context-dependent model in tests/test_eval.py); for a context-free model it is exact.
     """
+    values, scored, block_size = elbo_draws(model, blocks, mc_samples=mc_samples, batch_size=batch_size, seed=seed,
+                                            block_size=block_size)
+    k_draws = values.shape[1]
+    weight = scored.double() / scored.sum()
+    elbo = (values.mean(1) * weight).sum().item()
+    stderr = (values.var(1) * weight ** 2).sum().div(k_draws).sqrt().item() if k_draws > 1 else None
+    return {"elbo_nats_per_token": elbo, "ppl_bound": exp_or_inf(elbo), "stderr": stderr, "tokens": int(scored.sum()),
+            "blocks": values.shape[0], "mc_samples": k_draws, "seed": seed, "block_size": block_size}
+
+
+@torch.no_grad()
+def elbo_draws(model, blocks: "torch.Tensor | Batch", *, mc_samples: int = 16, batch_size: int = 16, seed: int = 0,
+               block_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor, int | None]:
+    """The draws behind `diffusion_elbo`: (values (rows, K) in nats per scored token of each row's draw, scored
+    tokens per row (rows,), the block size used). A row's bound on its NLL is values.mean(1) · scored."""
     config = model.config
     mask_id, shift = getattr(config, "mask_token_id", None), bool(getattr(config, "shift", False))
     if mask_id is None:
@@ -105,11 +120,7 @@ def diffusion_elbo(model, blocks: "torch.Tensor | Batch", *, mc_samples: int = 1
                                            mask_id).double().cpu()
     finally:
         model.train(was_training)
-    weight = scored.double() / scored.sum()
-    elbo = (values.mean(1) * weight).sum().item()
-    stderr = (values.var(1) * weight ** 2).sum().div(k_draws).sqrt().item() if k_draws > 1 else None
-    return {"elbo_nats_per_token": elbo, "ppl_bound": exp_or_inf(elbo), "stderr": stderr, "tokens": int(scored.sum()),
-            "blocks": n_blocks, "mc_samples": k_draws, "seed": seed, "block_size": block_size}
+    return values, scored, block_size
 
 
 def _segment_ranks(draws: torch.Tensor, segment: torch.Tensor, n_seg: int) -> torch.Tensor:
@@ -129,6 +140,69 @@ def _denoise(model, x_t, x0, padding, block_size):
 
     inputs, index = two_l_layout(model, x_t, x0, padding, block_size)
     return canvas_logits(model(**inputs).logits, index)
+
+
+@torch.no_grad()
+def token_scores(model, batch: Batch, *, causal: bool = False, block_size: int | None = None,
+                 batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of a diffusion checkpoint's `batch`, over its maskable tokens (from position 1 on): (sum of log p,
+    whether every one is the model's argmax). [MASK] is excluded from the distribution, as in the ELBO.
+
+    `causal=True`: one clean forward with the decoder's causal mask (`is_causal`); under shift token i is
+    predicted from tokens < i, the exact AR likelihood of the checkpoint as its causal self.
+    Otherwise only the argmax is exact and the log p is not computed (zeros; the ELBO is the likelihood): each
+    scored token is masked alone, everything else clean (later tokens included, where attention reaches them),
+    and compared with the argmax at its position. Block diffusion (`block_size`, default the checkpoint's) reads
+    it from the 2L forward, as the ELBO does; at block size 1 it is the AR argmax."""
+    config = model.config
+    mask_id, shift = config.mask_token_id, bool(getattr(config, "shift", False))
+    ids, attention = batch.input_ids, batch.attention_mask
+    scored = batch.maskable.clone() if batch.maskable is not None else torch.ones_like(ids, dtype=torch.bool)
+    scored[:, 0] = False
+    device = model_device(model)
+    if block_size is None and not causal:
+        block_size = getattr(config, "block_size", None)
+    was_training = model.training
+    model.eval()
+    logp = torch.zeros(ids.shape[0], dtype=torch.float64)
+    hit = torch.ones(ids.shape[0], dtype=torch.bool)
+    try:
+        if causal:
+            for lo in range(0, ids.shape[0], batch_size):
+                x0 = ids[lo:lo + batch_size].to(device)
+                mask = attention[lo:lo + batch_size].to(device) if attention is not None else None
+                lp, top = _aligned_scores(model(input_ids=x0, attention_mask=mask, is_causal=True).logits, x0, shift,
+                                          mask_id)
+                rows = scored[lo:lo + batch_size].to(device)
+                logp[lo:lo + batch_size] = (lp * rows).sum(1).double().cpu()
+                hit[lo:lo + batch_size] = ((top == x0) | ~rows).all(1).cpu()
+            return logp, hit
+        row, pos = scored.nonzero(as_tuple=True)  # one forward row per scored token, masked alone
+        for lo in range(0, row.numel(), batch_size):
+            r, p = row[lo:lo + batch_size], pos[lo:lo + batch_size]
+            x0 = ids[r].to(device)
+            alone = torch.zeros_like(x0, dtype=torch.bool)
+            alone[torch.arange(r.numel()), p.to(device)] = True
+            mask = attention[r].to(device) if attention is not None else None
+            _, top = _aligned_scores(_denoise(model, x0.masked_fill(alone, mask_id), x0, mask, block_size), x0, shift,
+                                     mask_id)
+            ok = top[torch.arange(r.numel()), p.to(device)] == x0[torch.arange(r.numel()), p.to(device)]
+            for i, good in zip(r.tolist(), ok.tolist()):
+                hit[i] &= good
+    finally:
+        model.train(was_training)
+    return logp, hit
+
+
+def _aligned_scores(logits, x0, shift: bool, mask_id: int):
+    """(log p of each token, argmax at each position), position i about token i; [MASK] never predicted. With
+    shift the logit at i−1 predicts token i (as in `adapt.objective`); position 0 then has no prediction."""
+    logits = logits.float().clone()
+    logits[..., mask_id] = -math.inf
+    if shift:
+        logits = torch.cat([logits[:, :1], logits[:, :-1]], 1)  # position 0: a placeholder, never scored
+    lp = logits.log_softmax(-1).gather(-1, x0[..., None])[..., 0]
+    return lp, logits.argmax(-1)
 
 
 @torch.no_grad()

@@ -8,6 +8,7 @@ Positional arguments (model, source, output, directory) are the functions' own a
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from ..errors import AdaptError
@@ -150,8 +151,9 @@ class GenerateOptions:
 class EvalOptions:
     """`dlm-adapt eval MODEL --data DATA` = `adapt.evaluate(model, data, **options)`."""
 
-    data: str = field(**_help(
-        "a .txt/.json/.jsonl/.parquet file (comma-separated for several) or a Hub dataset name"))
+    data: str | None = field(default=None, **_help(
+        "a .txt/.json/.jsonl/.parquet file (comma-separated for several) or a Hub dataset name (needed unless "
+        "--tasks is given)"))
     metrics: Names = field(default=Names("elbo"), **_help(
         f"comma-separated, any of {', '.join(METRICS)}", metavar="M1,M2"))
     mc_samples: int = field(default=16, **_help("Monte-Carlo draws per block for the ELBO"))
@@ -185,6 +187,16 @@ class EvalOptions:
     kv_cache: str | None = field(default=None, **_help(
         "a diffusion checkpoint's KV cache while it decodes for infill and steps_sweep: %(choices)s (as in "
         "generate)", choices=SamplerChoices("KV_CACHES"), metavar="CACHE"))
+    tasks: Names | None = field(default=None, **_help(
+        "lm-evaluation-harness tasks, comma-separated: run through lm-eval's Python API with the dlm-adapt backend "
+        "(a causal LM: lm-eval's hf backend); needs the eval extra", metavar="T1,T2"))
+    limit: float | None = field(default=None, **_help(
+        "lm-eval: examples per task (a fraction of each task if below 1)"))
+    include_path: str | None = field(default=None, **_help(
+        "lm-eval: a directory of task YAMLs to add to lm-eval's own (e.g. tasks over local files)", metavar="DIR"))
+    num_fewshot: int | None = field(default=None, **_help("lm-eval: few-shot examples (default: each task's)"))
+    is_causal: bool = field(default=False, **_help(
+        "lm-eval: score a diffusion checkpoint as its causal self (the exact AR likelihood; a sanity baseline)"))
 
     def __post_init__(self):
         if self.block_length is not None:
@@ -202,6 +214,18 @@ class EvalOptions:
             raise AdaptError(f"unknown metric {', '.join(unknown) or '(none given)'}; choose from "
                              f"{', '.join(METRICS)}")
         self.metrics = Names(dict.fromkeys(self.metrics))
+        if self.tasks is not None:
+            self.tasks = Names(self.tasks)
+        if self.data is None and not self.tasks:
+            raise AdaptError("nothing to evaluate: give --data (held-out text) or --tasks (lm-eval tasks)")
+        if (self.limit is not None or self.include_path is not None or self.num_fewshot is not None
+                or self.is_causal) and not self.tasks:
+            raise AdaptError("--limit, --include-path, --num-fewshot and --is-causal apply to lm-eval tasks: add "
+                             "--tasks")
+        if self.limit is not None and self.limit <= 0:
+            raise AdaptError(f"limit must be positive, got {self.limit}")
+        if self.include_path is not None and not Path(self.include_path).is_dir():
+            raise AdaptError(f"--include-path {self.include_path} is not a directory of task YAMLs")
         if self.sweep_steps is not None:
             self.sweep_steps = Ints(self.sweep_steps)
         for name in ("mc_samples", "seq_length", "num_blocks", "batch_size", "infill_examples", "sweep_length",
