@@ -47,7 +47,7 @@ def torchrun(tmp_path, runs: list[list[str]]) -> subprocess.Popen:
     spec, pids = tmp_path / "runs.json", tmp_path / "pids"
     spec.write_text(json.dumps(runs))
     pids.mkdir()
-    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                              str(ROOT / "tests" / "multi_run.py"), str(spec), str(pids)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=fsdp_env())
 

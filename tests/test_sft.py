@@ -241,7 +241,7 @@ def test_every_shipped_sft_recipe_validates():
 def test_stories260k_recipe_runs_as_shipped_and_answers_in_chat(tmp_path):
     require_shared()
     out = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}  # 1 per xdist worker
     proc = subprocess.run([sys.executable, str(ROOT / "recipes" / "sft.py"),
                            str(ROOT / "recipes/sft/stories260k-tiny.yaml"), f"output_dir={out}"],
                           capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
@@ -263,7 +263,7 @@ def test_sft_script_under_two_process_ddp_matches_one_process(setup, tmp_path):
               "max_steps=3", "eval_steps=0", "objective.normalization=sequence", "model.attn_implementation=eager"]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     recipe = ROOT / "recipes/sft/stories260k-tiny.yaml"
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           str(ROOT / "recipes" / "sft.py"), str(recipe), f"output_dir={tmp_path / 'two'}",
                           "train.batch_size=2", *common], capture_output=True, text=True, env=env, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]

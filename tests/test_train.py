@@ -249,7 +249,7 @@ def test_ddp_two_processes_match_one_process_with_the_same_global_batch(setup, t
     if mode == "block":  # the 2L forward goes through DDP's wrapper; per-block t is drawn for the global batch
         common += ["anneal.mode=none", "block.size=4", "block.schedule=[2,4]", "block.stage_steps=2"]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "adapt",
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "adapt",
                           "train", str(recipe), f"output_dir={tmp_path / 'two'}", "train.batch_size=2", *common],
                          capture_output=True, text=True, env=env, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
