@@ -12,6 +12,7 @@ from .config import DTYPES, TrainConfig
 from .errors import AdaptError
 from .checkpoint import DIFFUSION, detect, load_model
 from .model import MaskedDiffusionConfig, MaskedDiffusionLM
+from .model.transformers_compat import enable_activation_checkpointing
 
 
 def is_diffusion_checkpoint(path: str) -> bool:
@@ -33,7 +34,7 @@ def load_for_training(cfg: TrainConfig, path: str):
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=DTYPES[cfg.model.dtype])
     model = load_model(path, **kwargs)
     if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     if cfg.train.method in ("lora", "qlora"):
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 

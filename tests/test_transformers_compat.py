@@ -134,3 +134,23 @@ def test_missing_kernels_notice_is_dropped_and_other_bitsandbytes_warnings_kept(
     proc = subprocess.run([sys.executable, "-c", "import adapt.train, peft, bitsandbytes"], capture_output=True,
                           text=True)
     assert proc.returncode == 0 and "gemm_4bit_forward" not in proc.stderr, proc.stderr[-500:]
+
+
+def test_activation_checkpointing_recomputes_layers_without_deprecation_warnings(recwarn):
+    def grads(checkpointing):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(tiny_config("llama")).train()
+        if checkpointing:
+            compat.enable_activation_checkpointing(model)
+        calls, mlp = [], model.model.layers[0].mlp
+        forward = mlp.forward
+        mlp.forward = lambda *a, **k: calls.append(1) or forward(*a, **k)  # hooks do not fire on recompute
+        model(torch.arange(4, 10)[None], labels=torch.arange(4, 10)[None]).loss.backward()
+        return [p.grad for p in model.parameters()], len(calls)
+
+    plain, plain_calls = grads(False)
+    recomputed, calls = grads(True)
+    assert (plain_calls, calls) == (1, 2)  # the layer ran again during backward
+    for a, b in zip(plain, recomputed):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    assert not [w for w in recwarn if issubclass(w.category, FutureWarning) and "checkpointing" in str(w.message)]

@@ -108,6 +108,17 @@ def drop_last_cached(cache, n: int):
         cache.crop(-n)
 
 
+def enable_activation_checkpointing(model):
+    """Recompute each decoder layer's activations during backward instead of storing them (non-reentrant).
+    transformers 5.24 renamed `gradient_checkpointing_enable` to `activation_checkpointing_enable`; the old name
+    warns there and goes in v6."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def full_cache():
     """An empty KV cache whose every layer keeps every position, sliding-window layers included (the attention
     mask, not the cache, then applies the window; `DynamicCache(config=...)` would trim sliding layers)."""
