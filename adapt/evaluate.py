@@ -197,6 +197,9 @@ def _check_device(device: str):
                          "device this machine has") from None
 
 
+IS_CAUSAL_ON_CAUSAL = "--is-causal scores a diffusion checkpoint as its causal self; a causal LM already is one"
+
+
 def evaluate(model, data: str | None = None, *, tokenizer=None, **options) -> dict:
     """Evaluate a diffusion checkpoint or a causal LM on held-out text; returns the dict `dlm-adapt eval` prints
     (and writes to `json`, when given).
@@ -215,8 +218,8 @@ def evaluate(model, data: str | None = None, *, tokenizer=None, **options) -> di
     spec = _model_spec(model) if isinstance(model, (str, Path)) else None  # bad paths fail before data is read
     if o.tasks:
         _lm_eval_backend()  # a missing eval extra fails before anything loads
-    if o.is_causal and spec is not None and spec[0] != DIFFUSION:
-        raise AdaptError("--is-causal scores a diffusion checkpoint as its causal self; a causal LM already is one")
+    if o.is_causal and spec is not None and spec[0] != DIFFUSION:  # before loading: no progress bar on stderr
+        raise AdaptError(IS_CAUSAL_ON_CAUSAL)
     documents = None
     if o.data is not None:
         documents = _quietly(load_documents, o.data, DataConfig(text_column=o.text_column, sample_by=o.sample_by,
@@ -240,8 +243,8 @@ def evaluate(model, data: str | None = None, *, tokenizer=None, **options) -> di
         if trained != o.block_size:  # labelled: the number is not the bound the checkpoint was trained for
             result_note = (f"scored with block size {o.block_size}; the checkpoint was trained "
                            + ("full-sequence" if trained is None else f"with block size {trained}"))
-    if o.is_causal and kind != DIFFUSION:
-        raise AdaptError("--is-causal scores a diffusion checkpoint as its causal self; a causal LM already is one")
+    if o.is_causal and kind != DIFFUSION:  # a loaded model
+        raise AdaptError(IS_CAUSAL_ON_CAUSAL)
     if documents is None:
         result = {"model": name, "kind": kind, "seed": o.seed, "lm_eval": run_tasks(model, tokenizer, kind, o)}
         if o.json:

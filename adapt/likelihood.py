@@ -187,8 +187,7 @@ def token_scores(model, batch: Batch, *, causal: bool = False, block_size: int |
             _, top = _aligned_scores(_denoise(model, x0.masked_fill(alone, mask_id), x0, mask, block_size), x0, shift,
                                      mask_id)
             ok = top[torch.arange(r.numel()), p.to(device)] == x0[torch.arange(r.numel()), p.to(device)]
-            for i, good in zip(r.tolist(), ok.tolist()):
-                hit[i] &= good
+            hit[r[~ok.cpu()]] = False
     finally:
         model.train(was_training)
     return logp, hit

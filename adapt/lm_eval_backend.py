@@ -189,15 +189,23 @@ class DLMAdaptLM(TemplateLM):
                 self.cache_hook.add_partial("loglikelihood", requests[i][0], value)
         return results
 
-    def _score(self, items) -> list[tuple[float, bool]]:
-        length = max(len(ids) for ids, _ in items)
+    def _padded(self, rows: list[list[int]], left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids, attention_mask) of token lists padded to the longest: on the right, real tokens keep positions
+        0.. as alone; on the left, every row ends in the same column, where new tokens start."""
+        width = max(len(tokens) for tokens in rows)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eot_token_id
-        ids = torch.full((len(items), length), pad, dtype=torch.long)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
         attention = torch.zeros_like(ids)
+        for row, tokens in enumerate(rows):
+            cols = slice(width - len(tokens), width) if left else slice(0, len(tokens))
+            ids[row, cols] = torch.tensor(tokens)
+            attention[row, cols] = 1
+        return ids, attention
+
+    def _score(self, items) -> list[tuple[float, bool]]:
+        ids, attention = self._padded([tokens for tokens, _ in items], left=False)
         maskable = torch.zeros_like(ids, dtype=torch.bool)
-        for row, (tokens, n) in enumerate(items):  # right padding: real tokens keep positions 0.. as alone
-            ids[row, :len(tokens)] = torch.tensor(tokens)
-            attention[row, :len(tokens)] = 1
+        for row, (tokens, n) in enumerate(items):
             maskable[row, len(tokens) - n:len(tokens)] = True
         batch = Batch(ids, maskable, None if bool(attention.all()) else attention)
         try:
@@ -268,13 +276,8 @@ class DLMAdaptLM(TemplateLM):
         prompts = [self.tok_encode(c)[-(self.max_length - n):] for c in contexts]
         if any(not p for p in prompts):
             prompts = [p or [self.prefix_token_id] for p in prompts]  # shift needs a token before the first new one
-        width = max(len(p) for p in prompts)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eot_token_id
-        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-        attention = torch.zeros_like(ids)
-        for row, p in enumerate(prompts):  # left padding: the new tokens start at the same column in every row
-            ids[row, width - len(p):] = torch.tensor(p)
-            attention[row, width - len(p):] = 1
+        ids, attention = self._padded(prompts, left=True)
+        width = ids.shape[1]
         device = self._device
         sampling = {"top_k": options.get("top_k"), "top_p": options.get("top_p")} if temperature > 0 else {}
         generator = torch.Generator(device=device).manual_seed(self.seed) if temperature > 0 else None

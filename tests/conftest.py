@@ -12,7 +12,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from tiny_models import save_tiny_source  # noqa: E402
-torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, torch.get_num_threads()))
+torch.set_num_threads(min(2, torch.get_num_threads()))  # 1 under xdist: OMP_NUM_THREADS is read at import
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 STORIES = SHARED / "models" / "stories260K"
