@@ -86,12 +86,34 @@ def convert(source: str | Path, output: str | Path, **options) -> Path:
             tokenizer_config = tmp / "tokenizer_config.json"
             policy = padding_policy(json.loads(tokenizer_config.read_text()))
             tokenizer_config.write_text(json.dumps(policy, indent=2) + "\n")
+            _check_tokenizer_reads_back(tmp, tokenizer, mask_id, source)
             for f in _license_files(src):
                 shutil.copyfile(f, tmp / f.name)
         publish(tmp, output, "convert", replace, FLAG)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return output
+
+
+PROBE_TEXT = "The capital of France is Paris. Once upon a time, 3 + 4 = 7!"
+
+
+def _check_tokenizer_reads_back(directory: Path, tokenizer: PreTrainedTokenizerBase, mask_id: int, source):
+    """The tokenizer as written, loaded as every user of the checkpoint loads it, must encode text as the source's
+    does and know [MASK] by the model's id. Some transformers releases write a tokenizer that reads back
+    differently (5.5.0, with SmolLM2's GGUF: a CodeLlama tokenizer that splits every word with <|endoftext|>),
+    which would make every prompt, answer and sample of the checkpoint wrong."""
+    from transformers import __version__ as transformers_version
+
+    config = MaskedDiffusionConfig.from_pretrained(directory)
+    reloaded = AutoTokenizer.from_pretrained(directory, trust_remote_code=False, config=config)
+    want = tokenizer.encode(PROBE_TEXT, add_special_tokens=False)
+    got = reloaded.encode(PROBE_TEXT, add_special_tokens=False)
+    if got != want or reloaded.mask_token_id != mask_id:
+        raise AdaptError(f"the tokenizer transformers {transformers_version} writes for {source} does not read back "
+                         f"the same (a probe sentence encodes to {len(got)} tokens, not {len(want)}; [MASK] is id "
+                         f"{reloaded.mask_token_id}, not {mask_id}); a newer transformers writes it correctly: "
+                         "pip install -U transformers")
 
 
 def _license_files(src: Source) -> list[Path]:

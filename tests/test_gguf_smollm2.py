@@ -8,9 +8,12 @@ import json
 
 import pytest
 import torch
+import transformers
 from transformers import AutoModelForCausalLM
 
 import adapt
+from adapt.errors import AdaptError
+from adapt.model.transformers_compat import _release
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -24,6 +27,12 @@ def _gguf_dir():
 
 def test_smollm2_gguf_converts_and_keeps_the_ar_model(tmp_path):
     directory = _gguf_dir()
+    if _release(transformers.__version__) < (5, 24):  # 5.5.0 writes SmolLM2's tokenizer so that it reads back wrong
+        with pytest.raises(AdaptError, match=r"tokenizer transformers .* writes for .*gguf does not read back the "
+                                             r"same .*pip install -U transformers"):
+            adapt.convert(directory / GGUF_NAME, tmp_path / "smol", dtype="bfloat16")
+        assert list(tmp_path.iterdir()) == []  # the temporary directory is gone, no output looks valid
+        return
     out = adapt.convert(directory / GGUF_NAME, tmp_path / "smol", dtype="bfloat16")
     model, tok = adapt.load(out)
     assert model.config.provenance["gguf_file"] == GGUF_NAME
