@@ -180,8 +180,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_libraries():
+    """What transformers and its helpers print that is not the user's business on the command line: its own
+    progress bars (loading weights, writing shards; they would stand before a one-line error, and a run prints its
+    own progress) and the `kernels` package's notice that an offline Hub skips its publisher check. Download bars
+    of huggingface_hub stay, as the user set them. The Python API leaves these to the caller."""
+    import logging
+
+    import huggingface_hub.utils
+    from transformers.utils import logging as transformers_logging
+
+    downloads = not huggingface_hub.utils.are_progress_bars_disabled()
+    transformers_logging.disable_progress_bar()  # also turns huggingface_hub's off, which is put back
+    if downloads:
+        huggingface_hub.utils.enable_progress_bars()
+    logging.getLogger("kernels").setLevel(logging.ERROR)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    _quiet_libraries()
     try:
         return args.func(args) or 0
     except AdaptError as e:

@@ -36,7 +36,14 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Dtype the weights are loaded in (mixed precision is `train.mixed_precision`)."""
     attn_implementation: str = "sdpa"
+    """transformers' attention switch: `sdpa`, `eager`, `flash_attention_2` (needs flash-attn and a GPU it supports,
+    checked before anything loads), ..."""
     gradient_checkpointing: bool = False
+
+    def __post_init__(self):
+        from ..attention import check_attn_implementation
+
+        check_attn_implementation(self.attn_implementation, "model.attn_implementation")
 
 
 @dataclass
