@@ -7,6 +7,8 @@ complete. Only a previous conversion output is ever replaced (see `outputs`).
 """
 
 import json
+import pickle
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -322,6 +324,12 @@ class _LoadedWeights:
             )
         except ImportError as e:
             raise AdaptError(f"{first_line(e)} (GGUF support: pip install 'dlm-adapt[gguf]')") from e
+        except pickle.UnpicklingError as e:  # torch.load(weights_only=True) met something that is not tensors
+            found = re.search(r"GLOBAL (\S+)", str(e))
+            what = f"calls {found.group(1)}" if found else "holds more than tensors"
+            raise AdaptError(f"refusing the pickled weights in {src.directory}: unpickling them {what}, which "
+                             "dlm-adapt never runs; use a safetensors copy of the model from a source you trust"
+                             ) from None
         except (OSError, ValueError, RuntimeError) as e:
             raise AdaptError(f"cannot load the weights in {src.directory}: {first_line(e)}") from e
         self.config = self.model.config

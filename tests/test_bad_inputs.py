@@ -3,8 +3,11 @@ the problem, the files that must stay byte-identical and the paths that must not
 in a fresh workspace (the current directory is WS/work)."""
 
 import json
+import os
+import pickle
 import re
 import shutil
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,11 @@ import pytest
 from adapt.cli import main
 from adapt.outputs import write_marker
 from tiny_models import save_tiny_source
+
+
+class _Payload:
+    def __reduce__(self):
+        return os.system, ("touch PWNED",)
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +76,16 @@ def base(tmp_path_factory, converted):
     chat = [json.dumps({"messages": [{"role": "user", "content": "w1"}, {"role": "assistant", "content": "w2"}]})] * 6
     (data / "chat_broken.jsonl").write_text("\n".join(chat[:2] + ['{"messages": [{"role": "user"'] + chat[3:]))
     (data / "chat_nomessages.jsonl").write_text("\n".join(json.dumps({"text": "w1"}) for _ in range(6)) + "\n")
+    # pickled weights whose unpickling would run a shell command (touch PWNED, in the working directory)
+    for name in ("pickle", "zipped_pickle"):
+        shutil.copytree(ws / "models" / "src", ws / "models" / name)
+        (ws / "models" / name / "model.safetensors").unlink()
+    payload = pickle.dumps({"lm_head.weight": _Payload()}, protocol=2)
+    (ws / "models" / "pickle" / "pytorch_model.bin").write_bytes(payload)
+    with zipfile.ZipFile(ws / "models" / "zipped_pickle" / "pytorch_model.bin", "w") as z:  # torch.save's layout
+        z.writestr("archive/data.pkl", payload)
+        z.writestr("archive/byteorder", "little")
+        z.writestr("archive/version", "3\n")
     # checkpoints holding a link to a file outside them (a token, the user's notes)
     for name, link in (("linked", "hf_token"), ("readmelink", "README.md")):
         shutil.copytree(ws / "dlm", ws / name)
@@ -247,6 +265,13 @@ CASES = {
                               []),
     "eval on a .jsonl broken at line 3": (["eval", "{ws}/dlm", "--data", "{ws}/data/broken.jsonl"], 2,
                                           "broken.jsonl line 3 is not valid JSON", [], []),
+    # never unpickled: the payload does not run, and the error is one line, not UnpicklingError's 36
+    "convert a pickle that runs a command": (["convert", "{ws}/models/pickle", "{ws}/out"], 2,
+                                             r"refusing the pickled weights in .*pickle: unpickling them calls "
+                                             "posix.system", [], ["out", "work/PWNED"]),
+    "convert a zipped pickle that runs a command": (["convert", "{ws}/models/zipped_pickle", "{ws}/out"], 2,
+                                                    "refusing the pickled weights in .*zipped_pickle: unpickling "
+                                                    "them calls posix.system", [], ["out", "work/PWNED"]),
     # converting our own output: not "contains custom code"
     "convert a dlm-adapt checkpoint": (["convert", "{ws}/dlm", "{ws}/out"], 2,
                                        r"already a dlm-adapt diffusion checkpoint.*dlm-adapt upgrade .*dlm-adapt "
