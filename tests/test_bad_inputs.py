@@ -272,6 +272,9 @@ CASES = {
     "convert a zipped pickle that runs a command": (["convert", "{ws}/models/zipped_pickle", "{ws}/out"], 2,
                                                     "refusing the pickled weights in .*zipped_pickle: unpickling "
                                                     "them calls posix.system", [], ["out", "work/PWNED"]),
+    "upgrade a checkpoint with truncated weights": (["upgrade", "{ws}/truncated"], 2,
+                                                    r"truncated cannot be used whatever its code: corrupt or "
+                                                    "truncated safetensors file", ["truncated/config.json"], []),
     # converting our own output: not "contains custom code"
     "convert a dlm-adapt checkpoint": (["convert", "{ws}/dlm", "{ws}/out"], 2,
                                        r"already a dlm-adapt diffusion checkpoint.*dlm-adapt upgrade .*dlm-adapt "
@@ -368,3 +371,30 @@ def test_sft_ranges_name_the_section():
 
     with pytest.raises(AdaptError, match=r"'data.max_length' must be in \[2, inf\), got 1"):
         load_config(None, ["data.max_length=1"], cls=SFTConfig)
+
+
+def test_upgrade_of_a_read_only_checkpoint_is_one_line(ws, capsys, monkeypatch):
+    """Outdated code in a directory the user cannot write: one line naming the file and the fix. Tests run as root,
+    whom permissions do not stop, so there the kernel's refusal is simulated where upgrade creates its file."""
+    import tempfile
+
+    stale = ws / "dlm" / "block_masked_diffusion.py"
+    stale.write_text(stale.read_text() + "# an older release\n")
+    files = {p: p.read_bytes() for p in (ws / "dlm").iterdir()}
+    mode = (ws / "dlm").stat().st_mode
+    (ws / "dlm").chmod(0o555)
+    try:
+        if os.geteuid() == 0:
+            def refuse(*args, dir=None, prefix="", **kwargs):
+                raise PermissionError(13, "Permission denied", os.path.join(dir, prefix + "x"))
+
+            monkeypatch.setattr(tempfile, "mkstemp", refuse)
+        capsys.readouterr()
+        assert main(["upgrade", str(ws / "dlm")]) == 2
+    finally:
+        (ws / "dlm").chmod(mode)
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 1, errors
+    assert re.fullmatch(r"dlm-adapt: error: cannot write .*/dlm/\S+: permission denied; nothing changed\. Make "
+                        r".*/dlm and its files writable \(chmod -R u\+w\), or upgrade a copy of it", errors[0]), errors
+    assert {p: p.read_bytes() for p in (ws / "dlm").iterdir()} == files
