@@ -112,6 +112,23 @@ def _switches(parser, options):
                 parser.add_argument(*negated, dest=f.name, action="store_false", help=f"turn {list(names)[-1]} off")
 
 
+class _OneLineErrors:
+    """A flag argparse cannot parse is one `dlm-adapt: error:` line pointing at --help, like every other bad
+    input, instead of the usage block followed by the error."""
+
+    def error(self, message):
+        command = self.prog.removeprefix("dlm-adapt").strip()
+        self.exit(2, f"dlm-adapt: error: {message}; see dlm-adapt {command + ' ' if command else ''}--help\n")
+
+
+class _Parser(_OneLineErrors, argparse.ArgumentParser):
+    pass
+
+
+class _CommandParser(_OneLineErrors, HfArgumentParser):
+    pass
+
+
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows a field's default unless it is unset (None, False, empty) or the help already says it."""
 
@@ -127,8 +144,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def build_parser() -> argparse.ArgumentParser:
     """One subcommand per job. Flags and their help come from the job's options dataclass (`adapt.config`);
     only positional arguments, which are the Python functions' own, are declared here."""
-    parser = argparse.ArgumentParser(prog="dlm-adapt", description="Turn causal LMs into masked diffusion LMs.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=HfArgumentParser)
+    parser = _Parser(prog="dlm-adapt", description="Turn causal LMs into masked diffusion LMs.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_CommandParser)
 
     def command(name, options, func, summary, description, *positionals):
         p = sub.add_parser(name, dataclass_types=[options] if options else [], help=summary, description=description,
@@ -198,7 +215,10 @@ def _quiet_libraries():
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0) or a flag argparse refused (2, its one line printed)
+        return e.code
     _quiet_libraries()
     try:
         return args.func(args) or 0

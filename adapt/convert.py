@@ -55,6 +55,10 @@ def convert(source: str | Path, output: str | Path, **options) -> Path:
 
     config = _load_config(src, o.trust_remote_code)
     check_architecture(config)
+    positions = getattr(config, "max_position_embeddings", None)
+    if o.block_size is not None and positions is not None and o.block_size > positions:
+        raise AdaptError(f"block size {o.block_size} exceeds the model's {positions} positions "
+                         f"(max_position_embeddings): no block could be decoded; use --block-size {positions} or less")
     tokenizer = _load_tokenizer(src, o.trust_remote_code)
 
     tmp = make_temp(output, "convert")

@@ -37,6 +37,7 @@ def generate(model, prompts: list[str], *, tokenizer=None, chat: bool = False, i
     except SamplingError as e:
         raise AdaptError(str(e)) from e
     if isinstance(model, (str, Path)):
+        check_checkpoint_options(model, sampling)
         model, tokenizer = load(model)
     if tokenizer is None:
         raise AdaptError("pass the tokenizer with the model")
@@ -80,6 +81,32 @@ def generate(model, prompts: list[str], *, tokenizer=None, chat: bool = False, i
         if out.cache_hits is not None:
             results[-1].update(cache_hits=out.cache_hits, positions_computed=out.positions_computed)
     return results
+
+
+def check_checkpoint_options(path, sampling: dict):
+    """What a local checkpoint's config.json alone rules out, said before its weights load (the model's
+    `diffusion_generate` says the same after): block options of a block-diffusion checkpoint, sub-blocks of a
+    full-sequence one, a block larger than the model's positions."""
+    from .checkpoint import DIFFUSION, detect
+
+    found = detect(path)
+    if found.kind != DIFFUSION or not Path(path).expanduser().is_dir():
+        return  # load() says what is wrong with it
+    block = found.config.get("block_size")
+    text = found.config.get("text_config") or {}
+    positions = text.get("max_position_embeddings") or text.get("n_positions")
+    if block is not None and positions is not None and block > positions:
+        raise AdaptError(f"{path} has block size {block}, more than its model's {positions} positions: no block "
+                         f"can be decoded; convert or train it again with a block size of at most {positions}")
+    length, cache, sub = sampling.get("block_length"), sampling.get("kv_cache"), sampling.get("sub_block")
+    if block is not None and (cache is not None or length not in (None, block)):
+        raise AdaptError(f"a block-diffusion checkpoint decodes its own blocks of {block} with an exact KV cache: "
+                         "leave block_length and kv_cache (--block-length, --kv-cache) unset")
+    if block is not None and sub is not None and block % sub:
+        raise AdaptError(f"sub_block ({sub}) must divide the block size ({block})")
+    if block is None and sub is not None:
+        raise AdaptError("sub_block divides the blocks of a block-diffusion checkpoint; this one is full-sequence: "
+                         "use block_length (--block-length) for semi-autoregressive blocks")
 
 
 def stream(model, prompt: str, *, tokenizer=None, **options):

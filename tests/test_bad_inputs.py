@@ -24,7 +24,10 @@ class _Payload:
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory, converted):
+    import adapt
+
     ws = tmp_path_factory.mktemp("ws")
+    converted_block = adapt.convert(converted("llama")[0], tmp_path_factory.mktemp("block") / "dlm", block_size=4)
     save_tiny_source(ws / "models" / "src", "llama")
     (ws / "models" / "sibling").mkdir()
     (ws / "models" / "sibling" / "keep.txt").write_text("a sibling model")
@@ -76,6 +79,17 @@ def base(tmp_path_factory, converted):
     chat = [json.dumps({"messages": [{"role": "user", "content": "w1"}, {"role": "assistant", "content": "w2"}]})] * 6
     (data / "chat_broken.jsonl").write_text("\n".join(chat[:2] + ['{"messages": [{"role": "user"'] + chat[3:]))
     (data / "chat_nomessages.jsonl").write_text("\n".join(json.dumps({"text": "w1"}) for _ in range(6)) + "\n")
+    turn = {"role": "user", "content": "w1"}, {"role": "assistant", "content": "w2"}
+    (data / "chat_int.jsonl").write_text("\n".join(json.dumps({"messages": [turn[0], {**turn[1], "content": 7}]})
+                                                   for _ in range(6)) + "\n")
+    (data / "chat_null.jsonl").write_text("\n".join(json.dumps({"messages": [
+        {**turn[0], "content": None if i == 2 else "w1"}, turn[1]]}) for i in range(6)) + "\n")
+    (ws / "badyaml.yaml").write_text("max_steps: 1\ndata:\n  train: [a,\n")
+    (ws / "toy_task.yaml").write_text("task: toy\n")
+    shutil.copytree(converted_block, ws / "blockdlm")
+    shutil.copytree(converted_block, ws / "hugeblock")  # written by an older release that did not check
+    config = json.loads((ws / "hugeblock" / "config.json").read_text())
+    (ws / "hugeblock" / "config.json").write_text(json.dumps({**config, "block_size": 100000}))
     # pickled weights whose unpickling would run a shell command (touch PWNED, in the working directory)
     for name in ("pickle", "zipped_pickle"):
         shutil.copytree(ws / "models" / "src", ws / "models" / name)
@@ -275,6 +289,71 @@ CASES = {
     "upgrade a checkpoint with truncated weights": (["upgrade", "{ws}/truncated"], 2,
                                                     r"truncated cannot be used whatever its code: corrupt or "
                                                     "truncated safetensors file", ["truncated/config.json"], []),
+    # contradictions and sizes that only fail later (exit 0 until now)
+    "sft on messages whose content is a number": ([*SFT, "data.train={ws}/data/chat_int.jsonl"], 2,
+                                                  r"chat_int.jsonl record 1: message 2 \(assistant\) has content 7, "
+                                                  "not text", [], ["run"]),
+    "sft on messages whose content is null": ([*SFT, "data.train={ws}/data/chat_null.jsonl"], 2,
+                                              r"chat_null.jsonl record 3: message 1 \(user\) has content null",
+                                              [], ["run"]),
+    "generate at least 10 of at most 4 new tokens": (["generate", "{ws}/dlm", "--prompt", "w1", "--min-new-tokens",
+                                                      "10", "--max-new-tokens", "4"], 2,
+                                                     r"min_new_tokens \(10\) exceeds max_new_tokens \(4\)", [], []),
+    "eval a sweep step beyond the sweep length": (["eval", "{ws}/dlm", "--data", "{ws}/train.txt", "--metrics",
+                                                   "steps_sweep", "--sweep-steps", "3,32"], 2,
+                                                  r"sweep steps must be between 1 and --sweep-length \(16\), got 32",
+                                                  [], []),
+    "push to a revision that is not a git ref": (["push", "{ws}/dlm", "me/x", "--dry-run", "--revision", "a..b~^:"],
+                                                 2, r"--revision 'a..b~\^:' is not a valid branch name", [], []),
+    "convert with a block larger than the model's positions": (["convert", "{ws}/models/src", "{ws}/blockout",
+                                                                "--block-size", "100000"], 2,
+                                                               "block size 100000 exceeds the model's 64 positions",
+                                                               [], ["blockout"]),
+    "train with a block larger than the model": ([*TRAIN, "output_dir={ws}/run", "anneal.mode=none",
+                                                  "block.size=100000"], 2,
+                                                 r"'block.size' \(100000\) exceeds data.seq_length \(8\)", [],
+                                                 ["run"]),
+    "train with blocks of 256 in rows of 128": ([*TRAIN, "output_dir={ws}/run", "anneal.mode=none", "block.size=256",
+                                                 "data.seq_length=128"], 2,
+                                                r"'block.size' \(256\) exceeds data.seq_length \(128\)", [], ["run"]),
+    "train a block checkpoint on rows shorter than its blocks": ([*TRAIN, "output_dir={ws}/run", "anneal.mode=none",
+                                                                  "model.path={ws}/blockdlm", "data.seq_length=2"], 2,
+                                                                 r"block size 4, more than data.seq_length \(2\)",
+                                                                 [], ["run"]),
+    "eval lm-eval tasks with -1 few-shot examples": (["eval", "{ws}/dlm", "--tasks", "toy", "--include-path", "{ws}",
+                                                      "--num-fewshot=-1"], 2,
+                                                     "--num-fewshot must be 0 or more, got -1", [], []),
+    "eval blocks of 1000 in sequences of 32": (["eval", "{ws}/dlm", "--data", "{ws}/train.txt", "--seq-length", "32",
+                                                "--block-size", "1000"], 2,
+                                               r"block_size \(1000\) exceeds seq_length \(32\)", [], []),
+    "eval sequences longer than the model's positions": (["eval", "{ws}/dlm", "--data", "{ws}/train.txt",
+                                                          "--seq-length", "100"], 2,
+                                                         "seq_length 100 exceeds the model's 64 positions", [], []),
+    "eval a causal LM with a KV cache": (["eval", "{ws}/models/src", "--data", "{ws}/train.txt", "--kv-cache",
+                                          "prefix"], 2, "--kv-cache is a diffusion checkpoint's decoding option",
+                                         [], []),
+    "generate with a decoding block on a block checkpoint": (["generate", "{ws}/blockdlm", "--prompt", "w1",
+                                                              "--block-length", "2", "--max-new-tokens", "4"], 2,
+                                                             "decodes its own blocks of 4 with an exact KV cache",
+                                                             [], []),
+    "generate with sub-blocks that do not divide the block": (["generate", "{ws}/blockdlm", "--prompt", "w1",
+                                                               "--sub-block", "3"], 2,
+                                                              r"sub_block \(3\) must divide the block size \(4\)",
+                                                              [], []),
+    "generate from a checkpoint whose block exceeds its positions": (["generate", "{ws}/hugeblock", "--prompt",
+                                                                      "w1"], 2,
+                                                                     "has block size 100000, more than its model's 64 "
+                                                                     "positions", [], []),
+    # argparse and YAML errors: one line too, not a usage block or a quoted excerpt with a caret
+    "convert with a block size that is not a number": (["convert", "{ws}/models/src", "{ws}/blockout",
+                                                        "--block-size", "abc"], 2,
+                                                       "invalid int value: 'abc'; see dlm-adapt convert --help", [],
+                                                       ["blockout"]),
+    "eval --metrics without a value": (["eval", "{ws}/dlm", "--metrics"], 2,
+                                       "--metrics: expected one argument; see dlm-adapt eval --help", [], []),
+    "train from a recipe that is not YAML": (["train", "{ws}/badyaml.yaml", "output_dir={ws}/run"], 2,
+                                             r"badyaml.yaml is not valid YAML at line \d+, column \d+: ", [],
+                                             ["run"]),
     # converting our own output: not "contains custom code"
     "convert a dlm-adapt checkpoint": (["convert", "{ws}/dlm", "{ws}/out"], 2,
                                        r"already a dlm-adapt diffusion checkpoint.*dlm-adapt upgrade .*dlm-adapt "
@@ -316,7 +395,11 @@ def test_bad_input_is_one_line_and_changes_nothing(ws, case, capsys):
 
 REFUSED_BEFORE_LOADING = ["generate at temperature -1", "generate with top-p 5", "generate with top-k -3",
                           "generate -2 new tokens", "generate 0 new tokens without holes", "generate with 0 steps",
-                          "generate with threshold 2", "generate 10 new tokens in blocks of 4"]
+                          "generate with threshold 2", "generate 10 new tokens in blocks of 4",
+                          "generate at least 10 of at most 4 new tokens",
+                          "generate with a decoding block on a block checkpoint",
+                          "generate with sub-blocks that do not divide the block",
+                          "generate from a checkpoint whose block exceeds its positions"]
 
 
 @pytest.mark.parametrize("case", REFUSED_BEFORE_LOADING)
