@@ -55,7 +55,10 @@ def _generate(args):
         from transformers import TextStreamer
 
         from .checkpoint import load
+        from .generate import check_options
 
+        for prompt in prompts:
+            check_options(args.model, [prompt], streaming=True, **options)  # before the weights load
         model, tokenizer = load(args.model)
         for prompt in prompts:  # one at a time: a streamer takes one row
             generate(model, [prompt], tokenizer=tokenizer, streamer=TextStreamer(

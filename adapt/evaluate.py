@@ -139,13 +139,7 @@ def steps_sweep(model, blocks: torch.Tensor, tokenizer, *, length: int = 16, ste
 def plot_steps_sweep(sweep: dict, path: str | Path, title: str = "") -> Path:
     """Two panels: task token error and sequence error against steps; AR-parent NLL of free text against steps.
     Dashed lines: the AR reference."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as e:
-        raise AdaptError("--plot needs matplotlib: pip install 'dlm-adapt[eval]'") from e
+    plt = _pyplot()
     points, ref = sweep["points"], sweep["reference"]
     steps = [p["steps"] for p in points]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -186,6 +180,17 @@ def plot_steps_sweep(sweep: dict, path: str | Path, title: str = "") -> Path:
     return path
 
 
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise AdaptError("--plot needs matplotlib: pip install 'dlm-adapt[eval]'") from e
+    return plt
+
+
 # ---------------------------------------------------------------------------------------------- evaluate
 
 def _check_device(device: str):
@@ -220,6 +225,8 @@ def evaluate(model, data: str | None = None, *, tokenizer=None, **options) -> di
     spec = _model_spec(model) if isinstance(model, (str, Path)) else None  # bad paths fail before data is read
     if o.tasks:
         _lm_eval_backend()  # a missing eval extra fails before anything loads
+    if o.plot is not None:
+        _pyplot()  # and so does a missing matplotlib, rather than after the sweep
     documents = None
     if o.data is not None:
         documents = _quietly(load_documents, o.data, DataConfig(text_column=o.text_column, sample_by=o.sample_by,

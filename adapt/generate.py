@@ -22,22 +22,9 @@ def generate(model, prompts: list[str], *, tokenizer=None, chat: bool = False, i
     filled text for infilling), `tokens`, the row's own `nfe` (forward passes it needed: the same as decoding it
     alone) and `tokens_per_forward`; block-diffusion checkpoints add the batch's `cache_hits` and
     `positions_computed` (see `SamplingOutput`)."""
-    if max_new_tokens is not None and max_new_tokens < 0:
-        raise AdaptError(f"--max-new-tokens must be 0 or more, got {max_new_tokens}")
-    if max_new_tokens == 0 and not infill:  # the output is the new tokens alone
-        raise AdaptError("nothing to decode: --max-new-tokens is 0; ask for new tokens, or give --infill TEXT with "
-                         "holes to fill")
-    if not prompts:
-        raise AdaptError("no prompts given")
-    if streamer is not None and (len(prompts) > 1 or infill):
-        raise AdaptError("streaming decodes one prompt, with new tokens (no --infill): give one prompt per call")
-    n = 0 if infill else max_new_tokens
-    try:
-        check_sampling_options(max_new_tokens=n, **sampling)
-    except SamplingError as e:
-        raise AdaptError(str(e)) from e
+    n = check_options(model, prompts, infill=infill, max_new_tokens=max_new_tokens, streaming=streamer is not None,
+                      **sampling)
     if isinstance(model, (str, Path)):
-        check_checkpoint_options(model, sampling)
         model, tokenizer = load(model)
     if tokenizer is None:
         raise AdaptError("pass the tokenizer with the model")
@@ -81,6 +68,29 @@ def generate(model, prompts: list[str], *, tokenizer=None, chat: bool = False, i
         if out.cache_hits is not None:
             results[-1].update(cache_hits=out.cache_hits, positions_computed=out.positions_computed)
     return results
+
+
+def check_options(model, prompts: list[str], *, infill: bool = False, max_new_tokens: int | None = None,
+                  streaming: bool = False, **sampling) -> int | None:
+    """`generate`'s checks that need no weights (the options, and a checkpoint path's config.json); returns the
+    number of new tokens to ask the sampler for (0 when infilling, None: the checkpoint's)."""
+    if max_new_tokens is not None and max_new_tokens < 0:
+        raise AdaptError(f"--max-new-tokens must be 0 or more, got {max_new_tokens}")
+    if max_new_tokens == 0 and not infill:  # the output is the new tokens alone
+        raise AdaptError("nothing to decode: --max-new-tokens is 0; ask for new tokens, or give --infill TEXT with "
+                         "holes to fill")
+    if not prompts:
+        raise AdaptError("no prompts given")
+    if streaming and (len(prompts) > 1 or infill):
+        raise AdaptError("streaming decodes one prompt, with new tokens (no --infill): give one prompt per call")
+    n = 0 if infill else max_new_tokens
+    try:
+        check_sampling_options(max_new_tokens=n, **sampling)
+    except SamplingError as e:
+        raise AdaptError(str(e)) from e
+    if isinstance(model, (str, Path)):
+        check_checkpoint_options(model, sampling)
+    return n
 
 
 def check_checkpoint_options(path, sampling: dict):

@@ -344,6 +344,17 @@ CASES = {
                                                                       "w1"], 2,
                                                                      "has block size 100000, more than its model's 64 "
                                                                      "positions", [], []),
+    "stream with a decoding block on a block checkpoint": (["generate", "{ws}/blockdlm", "--prompt", "w1", "--stream",
+                                                            "--kv-cache", "prefix"], 2,
+                                                           "decodes its own blocks of 4 with an exact KV cache",
+                                                           [], []),
+    "eval an infill span longer than the sequence": (["eval", "{ws}/dlm", "--data", "{ws}/train.txt", "--metrics",
+                                                      "infill", "--seq-length", "16", "--infill-span", "15"], 2,
+                                                     r"infill span must be between 1 and seq_length − 2 \(14\)",
+                                                     [], []),
+    "eval with an AR parent that is not there": (["eval", "{ws}/dlm", "--data", "{ws}/train.txt", "--metrics",
+                                                  "infill", "--seq-length", "16", "--ar-parent", "{ws}/nowhere"], 2,
+                                                 "--ar-parent .*nowhere not found", [], []),
     # argparse and YAML errors: one line too, not a usage block or a quoted excerpt with a caret
     "convert with a block size that is not a number": (["convert", "{ws}/models/src", "{ws}/blockout",
                                                         "--block-size", "abc"], 2,
@@ -399,18 +410,43 @@ REFUSED_BEFORE_LOADING = ["generate at temperature -1", "generate with top-p 5",
                           "generate at least 10 of at most 4 new tokens",
                           "generate with a decoding block on a block checkpoint",
                           "generate with sub-blocks that do not divide the block",
-                          "generate from a checkpoint whose block exceeds its positions"]
+                          "generate from a checkpoint whose block exceeds its positions",
+                          "stream with a decoding block on a block checkpoint"]
 
 
 @pytest.mark.parametrize("case", REFUSED_BEFORE_LOADING)
 def test_bad_sampling_options_are_refused_before_the_model_loads(base, case, capsys, monkeypatch):
     """Not a line of weight-loading progress before the error: the model is never loaded."""
+    import adapt.checkpoint
     import adapt.generate
 
     def load(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
     monkeypatch.setattr(adapt.generate, "load", load)
+    monkeypatch.setattr(adapt.checkpoint, "load", load)  # --stream loads it itself
+    argv, code, phrase, _, _ = CASES[case]
+    capsys.readouterr()
+    assert main([a.format(ws=base) for a in argv]) == code
+    stderr = capsys.readouterr().err.splitlines()
+    assert len(stderr) == 1 and stderr[0].startswith("dlm-adapt: error: ") and re.search(phrase, stderr[0]), stderr
+
+
+EVAL_REFUSED_BEFORE_LOADING = ["eval blocks of 1000 in sequences of 32", "eval sequences longer than the model's positions",
+                               "eval a causal LM with a KV cache", "eval an infill span longer than the sequence",
+                               "eval with an AR parent that is not there", "eval lm-eval tasks with -1 few-shot examples",
+                               "eval a sweep step beyond the sweep length"]
+
+
+@pytest.mark.parametrize("case", EVAL_REFUSED_BEFORE_LOADING)
+def test_bad_eval_options_are_refused_before_the_model_loads(base, case, capsys, monkeypatch):
+    import importlib
+
+    def load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    # the module: `adapt.evaluate` is the function
+    monkeypatch.setattr(importlib.import_module("adapt.evaluate"), "_load", load)
     argv, code, phrase, _, _ = CASES[case]
     capsys.readouterr()
     assert main([a.format(ws=base) for a in argv]) == code
