@@ -67,8 +67,9 @@ def check_contents(rows: list, fmt: str, cfg: SFTDataConfig, spec: str):
             raise AdaptError(f"{spec} record {index + 1}: {e}") from None
         for turn, m in enumerate(messages):
             if not isinstance(m["content"], str):
+                content = json.dumps(m["content"], default=str)
                 raise AdaptError(f"{spec} record {index + 1}: message {turn + 1} ({m['role']}) has content "
-                                 f"{json.dumps(m['content'], default=str)}, not text; give every message a text content")
+                                 f"{content}, not text; give every message a text content")
 
 
 def detect_format(columns: list[str], cfg: SFTDataConfig, spec: str) -> str:

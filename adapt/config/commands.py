@@ -248,7 +248,8 @@ class EvalOptions:
                              "scored inside one packed sequence; use a block size of at most the sequence length")
         if self.plot is not None and "steps_sweep" not in self.metrics:
             raise AdaptError("--plot draws the steps sweep: add steps_sweep to --metrics")
-        if self.infill_span is not None and "infill" in self.metrics and not 1 <= self.infill_span <= self.seq_length - 2:
+        span = self.infill_span
+        if span is not None and "infill" in self.metrics and not 1 <= span <= self.seq_length - 2:
             raise AdaptError(f"infill span must be between 1 and seq_length − 2 ({self.seq_length - 2}), got "
                              f"{self.infill_span}")
         if isinstance(self.ar_parent, (str, Path)) and not Path(self.ar_parent).expanduser().exists():
