@@ -434,7 +434,8 @@ def test_bad_sampling_options_are_refused_before_the_model_loads(base, case, cap
 
 EVAL_REFUSED_BEFORE_LOADING = ["eval blocks of 1000 in sequences of 32",
                                "eval sequences longer than the model's positions", "eval a causal LM with a KV cache",
-                               "eval an infill span longer than the sequence", "eval with an AR parent that is not there",
+                               "eval an infill span longer than the sequence",
+                               "eval with an AR parent that is not there",
                                "eval lm-eval tasks with -1 few-shot examples",
                                "eval a sweep step beyond the sweep length"]
 
