@@ -519,3 +519,12 @@ def test_upgrade_of_a_read_only_checkpoint_is_one_line(ws, capsys, monkeypatch):
     assert re.fullmatch(r"dlm-adapt: error: cannot write .*/dlm/\S+: permission denied; nothing changed\. Make "
                         r".*/dlm and its files writable \(chmod -R u\+w\), or upgrade a copy of it", errors[0]), errors
     assert {p: p.read_bytes() for p in (ws / "dlm").iterdir()} == files
+
+
+def test_block_size_is_bounded_by_seq_length_only_where_text_is_packed():
+    from adapt import AdaptError
+    from adapt.config import EvalOptions
+
+    assert EvalOptions(tasks="toy", block_size=256).block_size == 256  # lm-eval's sequences: up to the positions
+    with pytest.raises(AdaptError, match=r"block_size \(256\) exceeds seq_length \(128\)"):
+        EvalOptions(data="d.txt", block_size=256)

@@ -243,7 +243,8 @@ class EvalOptions:
                                  f"{', '.join(map(str, bad)) or '(none)'}")
         if self.seq_length < 2:
             raise AdaptError("seq_length must be at least 2 (the first token of a block is context)")
-        if self.block_size is not None and self.block_size > self.seq_length:
+        if self.data is not None and self.block_size is not None and self.block_size > self.seq_length:
+            # (lm-eval tasks alone score their own sequences, up to the model's positions)
             raise AdaptError(f"block_size ({self.block_size}) exceeds seq_length ({self.seq_length}): a block is "
                              "scored inside one packed sequence; use a block size of at most the sequence length")
         if self.plot is not None and "steps_sweep" not in self.metrics:
