@@ -234,13 +234,17 @@ def test_batch_size_model_arg_runs_through_lm_evals_own_command_line(converted, 
     assert four_samples == one_samples
 
 
-@pytest.mark.parametrize("batch_size, message", [("-1", "model arg batch_size must be a positive integer, got -1"),
-                                                 ("auto", "batch_size 'auto' is not supported")])
-def test_bad_batch_size_from_lm_evals_command_line_is_one_line(converted, tasks, capsys, batch_size, message):
+def test_bad_batch_size_from_lm_evals_command_line_is_one_line(converted, tasks, capsys):
     from adapt.lm_eval_backend import main as lm_eval_cli
 
     _, dlm = converted("llama")
-    assert lm_eval_cli(["run", "--model", "dlm-adapt", "--model_args", f"pretrained={dlm},batch_size={batch_size}",
+    assert lm_eval_cli(["run", "--model", "dlm-adapt", "--model_args", f"pretrained={dlm},batch_size=-1",
                         "--tasks", "toy_mc", "--include_path", str(tasks), "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(f"dlm-adapt: error: {message}"), err
+    assert len(err) == 1 and err[0].startswith("dlm-adapt: error: model arg batch_size must be a positive integer, "
+                                               "got -1"), err
+    # what lm-eval's command line hands over beside the model args (its own --batch_size, 1 by default)
+    with pytest.raises(AdaptError, match="batch_size 'auto' is not supported"):
+        DLMAdaptLM.create_from_arg_string(f"pretrained={dlm},batch_size=auto", {"batch_size": 1, "device": None})
+    lm = DLMAdaptLM.create_from_arg_obj({"pretrained": str(dlm), "batch_size": 4}, {"batch_size": 1})
+    assert lm.batch_size_rows == 4
