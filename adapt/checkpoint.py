@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from .attention import check_attn_implementation
 from .errors import AdaptError, first_line
 from .model import CODE_FILES, MaskedDiffusionConfig, MaskedDiffusionLM, remote_code_fields, write_remote_code
 from .sources import _HUB_ID, hub_access, unreachable_message
@@ -102,6 +103,7 @@ def load(path: str | Path, *, dtype: str | torch.dtype | None = None, device: st
     `attn_implementation` is transformers' own switch (`eager`, `sdpa`, `flash_attention_2`, ...)."""
     from transformers import AutoTokenizer
 
+    check_attn_implementation(attn_implementation)
     local = Path(path).expanduser()
     if not local.exists() and not _HUB_ID.match(str(path)):
         raise AdaptError(f"model {path} does not exist (expected a dlm-adapt checkpoint directory or a Hub id)")
@@ -144,6 +146,7 @@ def load(path: str | Path, *, dtype: str | torch.dtype | None = None, device: st
 def load_model(path: str | Path, attn_implementation: str | None = None, **kwargs) -> MaskedDiffusionLM:
     """`MaskedDiffusionLM.from_pretrained` with its failures as one line: a missing or unreachable checkpoint, an
     attention implementation this machine cannot run."""
+    check_attn_implementation(attn_implementation)
     access = hub_access(path)
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation

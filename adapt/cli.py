@@ -55,7 +55,10 @@ def _generate(args):
         from transformers import TextStreamer
 
         from .checkpoint import load
+        from .generate import check_options
 
+        for prompt in prompts:
+            check_options(args.model, [prompt], streaming=True, **options)  # before the weights load
         model, tokenizer = load(args.model)
         for prompt in prompts:  # one at a time: a streamer takes one row
             generate(model, [prompt], tokenizer=tokenizer, streamer=TextStreamer(
@@ -112,6 +115,23 @@ def _switches(parser, options):
                 parser.add_argument(*negated, dest=f.name, action="store_false", help=f"turn {list(names)[-1]} off")
 
 
+class _OneLineErrors:
+    """A flag argparse cannot parse is one `dlm-adapt: error:` line pointing at --help, like every other bad
+    input, instead of the usage block followed by the error."""
+
+    def error(self, message):
+        command = self.prog.removeprefix("dlm-adapt").strip()
+        self.exit(2, f"dlm-adapt: error: {message}; see dlm-adapt {command + ' ' if command else ''}--help\n")
+
+
+class _Parser(_OneLineErrors, argparse.ArgumentParser):
+    pass
+
+
+class _CommandParser(_OneLineErrors, HfArgumentParser):
+    pass
+
+
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows a field's default unless it is unset (None, False, empty) or the help already says it."""
 
@@ -127,8 +147,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def build_parser() -> argparse.ArgumentParser:
     """One subcommand per job. Flags and their help come from the job's options dataclass (`adapt.config`);
     only positional arguments, which are the Python functions' own, are declared here."""
-    parser = argparse.ArgumentParser(prog="dlm-adapt", description="Turn causal LMs into masked diffusion LMs.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=HfArgumentParser)
+    parser = _Parser(prog="dlm-adapt", description="Turn causal LMs into masked diffusion LMs.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_CommandParser)
 
     def command(name, options, func, summary, description, *positionals):
         p = sub.add_parser(name, dataclass_types=[options] if options else [], help=summary, description=description,
@@ -180,8 +200,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_libraries():
+    """What transformers and its helpers print that is not the user's business on the command line: its own
+    progress bars (loading weights, writing shards; they would stand before a one-line error, and a run prints its
+    own progress) and the `kernels` package's notice that an offline Hub skips its publisher check. Download bars
+    of huggingface_hub stay, as the user set them. The Python API leaves these to the caller."""
+    import logging
+
+    import huggingface_hub.utils
+    from transformers.utils import logging as transformers_logging
+
+    downloads = not huggingface_hub.utils.are_progress_bars_disabled()
+    transformers_logging.disable_progress_bar()  # also turns huggingface_hub's off, which is put back
+    if downloads:
+        huggingface_hub.utils.enable_progress_bars()
+    logging.getLogger("kernels").setLevel(logging.ERROR)
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0) or a flag argparse refused (2, its one line printed)
+        return e.code
+    _quiet_libraries()
     try:
         return args.func(args) or 0
     except AdaptError as e:

@@ -8,6 +8,8 @@ complete. Only a previous conversion output is ever replaced (see `outputs`).
 
 import copy
 import json
+import pickle
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -54,6 +56,10 @@ def convert(source: str | Path, output: str | Path, **options) -> Path:
 
     config = _load_config(src, o.trust_remote_code)
     check_architecture(config)
+    positions = getattr(config, "max_position_embeddings", None)
+    if o.block_size is not None and positions is not None and o.block_size > positions:
+        raise AdaptError(f"block size {o.block_size} exceeds the model's {positions} positions "
+                         f"(max_position_embeddings): no block could be decoded; use --block-size {positions} or less")
     tokenizer = _load_tokenizer(src, o.trust_remote_code)
 
     tmp = make_temp(output, "convert")
@@ -347,6 +353,12 @@ class _LoadedWeights:
             )
         except ImportError as e:
             raise AdaptError(f"{first_line(e)} (GGUF support: pip install 'dlm-adapt[gguf]')") from e
+        except pickle.UnpicklingError as e:  # torch.load(weights_only=True) met something that is not tensors
+            found = re.search(r"GLOBAL (\S+)", str(e))
+            what = f"calls {found.group(1)}" if found else "holds more than tensors"
+            raise AdaptError(f"refusing the pickled weights in {src.directory}: unpickling them {what}, which "
+                             "dlm-adapt never runs; use a safetensors copy of the model from a source you trust"
+                             ) from None
         except (OSError, ValueError, RuntimeError) as e:
             raise AdaptError(f"cannot load the weights in {src.directory}: {first_line(e)}") from e
         self.config = self.model.config

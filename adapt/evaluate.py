@@ -139,13 +139,7 @@ def steps_sweep(model, blocks: torch.Tensor, tokenizer, *, length: int = 16, ste
 def plot_steps_sweep(sweep: dict, path: str | Path, title: str = "") -> Path:
     """Two panels: task token error and sequence error against steps; AR-parent NLL of free text against steps.
     Dashed lines: the AR reference."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as e:
-        raise AdaptError("--plot needs matplotlib: pip install 'dlm-adapt[eval]'") from e
+    plt = _pyplot()
     points, ref = sweep["points"], sweep["reference"]
     steps = [p["steps"] for p in points]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -186,6 +180,17 @@ def plot_steps_sweep(sweep: dict, path: str | Path, title: str = "") -> Path:
     return path
 
 
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise AdaptError("--plot needs matplotlib: pip install 'dlm-adapt[eval]'") from e
+    return plt
+
+
 # ---------------------------------------------------------------------------------------------- evaluate
 
 def _check_device(device: str):
@@ -198,6 +203,8 @@ def _check_device(device: str):
 
 
 IS_CAUSAL_ON_CAUSAL = "--is-causal scores a diffusion checkpoint as its causal self; a causal LM already is one"
+KV_CACHE_ON_CAUSAL = "--kv-cache is a diffusion checkpoint's decoding option; a causal LM has none to set"
+BLOCKS_ON_CAUSAL = "--block-size scores a diffusion checkpoint block-wise; a causal LM has no blocks"
 
 
 def evaluate(model, data: str | None = None, *, tokenizer=None, **options) -> dict:
@@ -218,8 +225,8 @@ def evaluate(model, data: str | None = None, *, tokenizer=None, **options) -> di
     spec = _model_spec(model) if isinstance(model, (str, Path)) else None  # bad paths fail before data is read
     if o.tasks:
         _lm_eval_backend()  # a missing eval extra fails before anything loads
-    if o.is_causal and spec is not None and spec[0] != DIFFUSION:  # before loading: no progress bar on stderr
-        raise AdaptError(IS_CAUSAL_ON_CAUSAL)
+    if o.plot is not None:
+        _pyplot()  # and so does a missing matplotlib, rather than after the sweep
     documents = None
     if o.data is not None:
         documents = _quietly(load_documents, o.data, DataConfig(text_column=o.text_column, sample_by=o.sample_by,
@@ -227,6 +234,7 @@ def evaluate(model, data: str | None = None, *, tokenizer=None, **options) -> di
         if not documents:
             raise AdaptError(f"dataset {o.data} holds no text")
     if spec is not None:
+        _check_against_config(spec, o, documents is not None)  # what config.json alone rules out
         model, tokenizer = _load(spec, o.device)
     elif tokenizer is None:
         raise AdaptError("pass the tokenizer with a loaded model")
@@ -234,11 +242,11 @@ def evaluate(model, data: str | None = None, *, tokenizer=None, **options) -> di
         model.to(o.device)
     kind = _kind(model)
     if o.kv_cache is not None and kind != DIFFUSION:
-        raise AdaptError("--kv-cache is a diffusion checkpoint's decoding option; a causal LM has none to set")
+        raise AdaptError(KV_CACHE_ON_CAUSAL)
     result_note = None
     if o.block_size is not None:
         if kind != DIFFUSION:
-            raise AdaptError("--block-size scores a diffusion checkpoint block-wise; a causal LM has no blocks")
+            raise AdaptError(BLOCKS_ON_CAUSAL)
         trained = getattr(model.config, "block_size", None)
         if trained != o.block_size:  # labelled: the number is not the bound the checkpoint was trained for
             result_note = (f"scored with block size {o.block_size}; the checkpoint was trained "
@@ -366,8 +374,8 @@ def write_json(result: dict, path: str | Path) -> Path:
 
 # ------------------------------------------------------------------------------------------------ models
 
-def _model_spec(model) -> tuple[str, str, str | None]:
-    """(kind, path, gguf_file) from the files alone, before any weights are read."""
+def _model_spec(model) -> tuple[str, str, str | None, int | None]:
+    """(kind, path, gguf_file, positions) from the files alone, before any weights are read."""
     found = detect(model)
     path = Path(model).expanduser()
     if path.is_dir() and not found.has_config:
@@ -378,11 +386,26 @@ def _model_spec(model) -> tuple[str, str, str | None]:
         raise AdaptError(f"cannot load model {model}: {first_line(found.error)}") from found.error
     if found.kind == NOT_A_MODEL:
         raise AdaptError(f"model {model} not found (expected a checkpoint directory, a .gguf file or a Hub id)")
-    return (AUTOREGRESSIVE if found.kind == CAUSAL else DIFFUSION), found.path, found.gguf_file
+    config = found.config or {}
+    text = config.get("text_config") or config
+    positions = text.get("max_position_embeddings") or text.get("n_positions")
+    return (AUTOREGRESSIVE if found.kind == CAUSAL else DIFFUSION), found.path, found.gguf_file, positions
+
+
+def _check_against_config(spec, o: EvalOptions, documents: bool):
+    kind, _, _, positions = spec
+    if o.is_causal and kind != DIFFUSION:
+        raise AdaptError(IS_CAUSAL_ON_CAUSAL)
+    if o.kv_cache is not None and kind != DIFFUSION:
+        raise AdaptError(KV_CACHE_ON_CAUSAL)
+    if o.block_size is not None and kind != DIFFUSION:
+        raise AdaptError(BLOCKS_ON_CAUSAL)
+    if documents and positions is not None and o.seq_length > positions:
+        raise AdaptError(f"seq_length {o.seq_length} exceeds the model's {positions} positions")
 
 
 def _load(spec, device):
-    kind, path, gguf = spec
+    kind, path, gguf, _ = spec
     if kind == DIFFUSION:
         return load(path, device=device)
     return _load_causal(path, gguf, device)

@@ -22,20 +22,8 @@ def generate(model, prompts: list[str], *, tokenizer=None, chat: bool = False, i
     filled text for infilling), `tokens`, the row's own `nfe` (forward passes it needed: the same as decoding it
     alone) and `tokens_per_forward`; block-diffusion checkpoints add the batch's `cache_hits` and
     `positions_computed` (see `SamplingOutput`)."""
-    if max_new_tokens is not None and max_new_tokens < 0:
-        raise AdaptError(f"--max-new-tokens must be 0 or more, got {max_new_tokens}")
-    if max_new_tokens == 0 and not infill:  # the output is the new tokens alone
-        raise AdaptError("nothing to decode: --max-new-tokens is 0; ask for new tokens, or give --infill TEXT with "
-                         "holes to fill")
-    if not prompts:
-        raise AdaptError("no prompts given")
-    if streamer is not None and (len(prompts) > 1 or infill):
-        raise AdaptError("streaming decodes one prompt, with new tokens (no --infill): give one prompt per call")
-    n = 0 if infill else max_new_tokens
-    try:
-        check_sampling_options(max_new_tokens=n, **sampling)
-    except SamplingError as e:
-        raise AdaptError(str(e)) from e
+    n = check_options(model, prompts, infill=infill, max_new_tokens=max_new_tokens, streaming=streamer is not None,
+                      **sampling)
     if isinstance(model, (str, Path)):
         model, tokenizer = load(model)
     if tokenizer is None:
@@ -80,6 +68,55 @@ def generate(model, prompts: list[str], *, tokenizer=None, chat: bool = False, i
         if out.cache_hits is not None:
             results[-1].update(cache_hits=out.cache_hits, positions_computed=out.positions_computed)
     return results
+
+
+def check_options(model, prompts: list[str], *, infill: bool = False, max_new_tokens: int | None = None,
+                  streaming: bool = False, **sampling) -> int | None:
+    """`generate`'s checks that need no weights (the options, and a checkpoint path's config.json); returns the
+    number of new tokens to ask the sampler for (0 when infilling, None: the checkpoint's)."""
+    if max_new_tokens is not None and max_new_tokens < 0:
+        raise AdaptError(f"--max-new-tokens must be 0 or more, got {max_new_tokens}")
+    if max_new_tokens == 0 and not infill:  # the output is the new tokens alone
+        raise AdaptError("nothing to decode: --max-new-tokens is 0; ask for new tokens, or give --infill TEXT with "
+                         "holes to fill")
+    if not prompts:
+        raise AdaptError("no prompts given")
+    if streaming and (len(prompts) > 1 or infill):
+        raise AdaptError("streaming decodes one prompt, with new tokens (no --infill): give one prompt per call")
+    n = 0 if infill else max_new_tokens
+    try:
+        check_sampling_options(max_new_tokens=n, **sampling)
+    except SamplingError as e:
+        raise AdaptError(str(e)) from e
+    if isinstance(model, (str, Path)):
+        check_checkpoint_options(model, sampling)
+    return n
+
+
+def check_checkpoint_options(path, sampling: dict):
+    """What a local checkpoint's config.json alone rules out, said before its weights load (the model's
+    `diffusion_generate` says the same after): block options of a block-diffusion checkpoint, sub-blocks of a
+    full-sequence one, a block larger than the model's positions."""
+    from .checkpoint import DIFFUSION, detect
+
+    found = detect(path)
+    if found.kind != DIFFUSION or not Path(path).expanduser().is_dir():
+        return  # load() says what is wrong with it
+    block = found.config.get("block_size")
+    text = found.config.get("text_config") or {}
+    positions = text.get("max_position_embeddings") or text.get("n_positions")
+    if block is not None and positions is not None and block > positions:
+        raise AdaptError(f"{path} has block size {block}, more than its model's {positions} positions: no block "
+                         f"can be decoded; convert or train it again with a block size of at most {positions}")
+    length, cache, sub = sampling.get("block_length"), sampling.get("kv_cache"), sampling.get("sub_block")
+    if block is not None and (cache is not None or length not in (None, block)):
+        raise AdaptError(f"a block-diffusion checkpoint decodes its own blocks of {block} with an exact KV cache: "
+                         "leave block_length and kv_cache (--block-length, --kv-cache) unset")
+    if block is not None and sub is not None and block % sub:
+        raise AdaptError(f"sub_block ({sub}) must divide the block size ({block})")
+    if block is None and sub is not None:
+        raise AdaptError("sub_block divides the blocks of a block-diffusion checkpoint; this one is full-sequence: "
+                         "use block_length (--block-length) for semi-autoregressive blocks")
 
 
 def stream(model, prompt: str, *, tokenizer=None, **options):

@@ -121,6 +121,20 @@ class DLMAdaptLM(TemplateLM):
                              "KV cache: leave block_length and kv_cache unset")
         self._device = model_device(self.model)
 
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
+        from lm_eval.utils import simple_parse_args_string
+
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string or ""), additional_config)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None):
+        """lm-eval hands its own `batch_size`, `max_batch_size` and `device` beside the model args, and its command
+        line always sets `batch_size` (1 unless `--batch_size` is given): lm-eval's `LM` would pass a model arg of
+        the same name twice. A model arg, the more specific of the two, wins."""
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in arg_dict}
+        return cls(**arg_dict, **extra)
+
     # ------------------------------------------------------------------------------------ lm-eval's interface
 
     @property
@@ -303,8 +317,13 @@ class DLMAdaptLM(TemplateLM):
 def main(argv=None) -> int:
     """`python -m adapt.lm_eval_backend ...`: lm-eval's command line (`run`, `ls`, `validate`) with `dlm-adapt`
     registered; an AdaptError is one line, as in `dlm-adapt`."""
+    import os
+
     from lm_eval.__main__ import cli_evaluate
 
+    # lm-eval logs every step at INFO by default; its results table is on stdout, and an error of ours should be
+    # the one line on stderr. LMEVAL_LOG_LEVEL=INFO brings the log back
+    os.environ.setdefault("LMEVAL_LOG_LEVEL", "WARNING")
     sys.argv = ["lm_eval", *(sys.argv[1:] if argv is None else argv)]
     try:
         cli_evaluate()

@@ -11,6 +11,7 @@ segment before an answer is exactly what `apply_chat_template(..., add_generatio
 training sees the same prompt tokens that `dlm-adapt generate --chat` feeds the model.
 """
 
+import json
 import sys
 
 import torch
@@ -54,6 +55,21 @@ def to_messages(row: dict, fmt: str, cfg: SFTDataConfig) -> list[dict]:
         return turns(row["prompt"], "user") + turns(row["completion"], "assistant")
     user = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
     return [{"role": "user", "content": user}, {"role": "assistant", "content": row["output"]}]
+
+
+def check_contents(rows: list, fmt: str, cfg: SFTDataConfig, spec: str):
+    """Every message's content is text: a number or null would render as "5" or "None" and be trained on.
+    Records are counted in file order, before any is held out."""
+    for index, row in enumerate(rows):
+        try:
+            messages = to_messages(row, fmt, cfg)
+        except AdaptError as e:
+            raise AdaptError(f"{spec} record {index + 1}: {e}") from None
+        for turn, m in enumerate(messages):
+            if not isinstance(m["content"], str):
+                content = json.dumps(m["content"], default=str)
+                raise AdaptError(f"{spec} record {index + 1}: message {turn + 1} ({m['role']}) has content "
+                                 f"{content}, not text; give every message a text content")
 
 
 def detect_format(columns: list[str], cfg: SFTDataConfig, spec: str) -> str:
@@ -153,9 +169,11 @@ def build_sft_datasets(cfg: SFTDataConfig, tokenizer, max_positions: int | None,
     table = load_table(cfg.train, cfg)
     fmt = detect_format(table.column_names, cfg, cfg.train)
     rows = list(table)
+    check_contents(rows, fmt, cfg, cfg.train)
     if cfg.validation:
         val_table = load_table(cfg.validation, cfg)
         val_rows, val_fmt = list(val_table), detect_format(val_table.column_names, cfg, cfg.validation)
+        check_contents(val_rows, val_fmt, cfg, cfg.validation)
     else:
         rows, val_rows = hold_out(rows, cfg.validation_fraction, seed, cfg.train, "samples")
         val_fmt = fmt

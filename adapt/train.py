@@ -22,6 +22,7 @@ from transformers import AutoTokenizer, get_scheduler
 from . import checkpointing, distributed, outputs
 from .annealing import annealed_attention_mask, check_annealing_supported, mask_ratio
 from .blocks import check_block_attention, documents
+from .checkpoint import detect
 from .batch import Batch
 from .config import SFTConfig, SFTDataConfig, TrainConfig, to_dict
 from .convert import convert
@@ -101,6 +102,12 @@ class Recipe:
         cfg = self.cfg
         self.diffusion_source = is_diffusion_checkpoint(self.source)
         self.tokenizer, max_positions = source_tokenizer(cfg, self.source, self.diffusion_source)
+        if self.diffusion_source:  # block.size unset: the checkpoint's own block size is trained
+            block, row = cfg.block.final_size(detect(self.source).config.get("block_size")), _row_length(cfg)
+            if block is not None and block > row[1]:
+                raise AdaptError(f"{self.source} is a block-diffusion checkpoint of block size {block}, more than "
+                                 f"{row[0]} ({row[1]}), the tokens of a training row: raise {row[0]}, or set "
+                                 f"block.size to at most {row[1]}")
         if self.sft:
             self.train_data, self.val_data, self.chat_template = build_sft_datasets(
                 cfg.data, self.tokenizer, max_positions, cfg.train.seed)
@@ -350,6 +357,11 @@ class Recipe:
         distributed.check_full(state, whole)
         whole.load_state_dict(state, strict=True)
         return whole
+
+
+def _row_length(cfg: TrainConfig) -> tuple[str, int]:
+    return ("data.max_length", cfg.data.max_length) if isinstance(cfg.data, SFTDataConfig) else \
+        ("data.seq_length", cfg.data.seq_length)
 
 
 def _finite_weights(accelerator, model) -> bool:

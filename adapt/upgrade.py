@@ -89,8 +89,16 @@ def upgrade(directory: str | Path, **options) -> UpgradeResult:
     result = plan_upgrade(directory)
     if o.check or not result.needed:
         return result
+    written = []
     for name, content in result.changes.items():
-        _replace(result.directory / name, content)
+        try:
+            _replace(result.directory / name, content)
+        except PermissionError:  # a read-only checkpoint (a shared cache, a mount, another user's files)
+            done = f"; {', '.join(written)} already rewritten (each file whole)" if written else "; nothing changed"
+            raise AdaptError(f"cannot write {result.directory / name}: permission denied{done}. Make "
+                             f"{result.directory} and its files writable (chmod -R u+w), or upgrade a copy of it"
+                             ) from None
+        written.append(name)
     result.written = True
     return result
 
@@ -133,7 +141,19 @@ def _read_checkpoint_config(directory: Path) -> dict:
     if not any(directory.glob("*.safetensors")):
         raise AdaptError(f"{directory} has a dlm-adapt config but no *.safetensors weights; point upgrade at the "
                          "checkpoint directory itself (e.g. OUTPUT/final or OUTPUT/checkpoints/step-N)")
+    _check_weights(directory)
     return found.config
+
+
+def _check_weights(directory: Path):
+    """Upgrade rewrites code only; "upgraded" must not be said of a checkpoint whose weights cannot load. The
+    safetensors headers are checked against the file sizes (no tensor is read)."""
+    from .safetensors_io import read_shards
+
+    try:
+        read_shards(directory)
+    except AdaptError as e:
+        raise AdaptError(f"{directory} cannot be used whatever its code: {e}") from None
 
 
 def _plan_pad_token(directory: Path, result: UpgradeResult):

@@ -3,8 +3,11 @@ the problem, the files that must stay byte-identical and the paths that must not
 in a fresh workspace (the current directory is WS/work)."""
 
 import json
+import os
+import pickle
 import re
 import shutil
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -14,9 +17,17 @@ from adapt.outputs import write_marker
 from tiny_models import save_tiny_source
 
 
+class _Payload:
+    def __reduce__(self):
+        return os.system, ("touch PWNED",)
+
+
 @pytest.fixture(scope="module")
 def base(tmp_path_factory, converted):
+    import adapt
+
     ws = tmp_path_factory.mktemp("ws")
+    converted_block = adapt.convert(converted("llama")[0], tmp_path_factory.mktemp("block") / "dlm", block_size=4)
     save_tiny_source(ws / "models" / "src", "llama")
     (ws / "models" / "sibling").mkdir()
     (ws / "models" / "sibling" / "keep.txt").write_text("a sibling model")
@@ -68,6 +79,27 @@ def base(tmp_path_factory, converted):
     chat = [json.dumps({"messages": [{"role": "user", "content": "w1"}, {"role": "assistant", "content": "w2"}]})] * 6
     (data / "chat_broken.jsonl").write_text("\n".join(chat[:2] + ['{"messages": [{"role": "user"'] + chat[3:]))
     (data / "chat_nomessages.jsonl").write_text("\n".join(json.dumps({"text": "w1"}) for _ in range(6)) + "\n")
+    turn = {"role": "user", "content": "w1"}, {"role": "assistant", "content": "w2"}
+    (data / "chat_int.jsonl").write_text("\n".join(json.dumps({"messages": [turn[0], {**turn[1], "content": 7}]})
+                                                   for _ in range(6)) + "\n")
+    (data / "chat_null.jsonl").write_text("\n".join(json.dumps({"messages": [
+        {**turn[0], "content": None if i == 2 else "w1"}, turn[1]]}) for i in range(6)) + "\n")
+    (ws / "badyaml.yaml").write_text("max_steps: 1\ndata:\n  train: [a,\n")
+    (ws / "toy_task.yaml").write_text("task: toy\n")
+    shutil.copytree(converted_block, ws / "blockdlm")
+    shutil.copytree(converted_block, ws / "hugeblock")  # written by an older release that did not check
+    config = json.loads((ws / "hugeblock" / "config.json").read_text())
+    (ws / "hugeblock" / "config.json").write_text(json.dumps({**config, "block_size": 100000}))
+    # pickled weights whose unpickling would run a shell command (touch PWNED, in the working directory)
+    for name in ("pickle", "zipped_pickle"):
+        shutil.copytree(ws / "models" / "src", ws / "models" / name)
+        (ws / "models" / name / "model.safetensors").unlink()
+    payload = pickle.dumps({"lm_head.weight": _Payload()}, protocol=2)
+    (ws / "models" / "pickle" / "pytorch_model.bin").write_bytes(payload)
+    with zipfile.ZipFile(ws / "models" / "zipped_pickle" / "pytorch_model.bin", "w") as z:  # torch.save's layout
+        z.writestr("archive/data.pkl", payload)
+        z.writestr("archive/byteorder", "little")
+        z.writestr("archive/version", "3\n")
     # checkpoints holding a link to a file outside them (a token, the user's notes)
     for name, link in (("linked", "hf_token"), ("readmelink", "README.md")):
         shutil.copytree(ws / "dlm", ws / name)
@@ -147,8 +179,10 @@ CASES = {
                                  "'train.betas' must be in", [], ["run"]),
     "train with flash attention on a machine without it": ([*TRAIN, "output_dir={ws}/run",
                                                             "model.attn_implementation=flash_attention_2"], 2,
-                                                           "attn_implementation 'flash_attention_2' cannot be used "
-                                                           "here .*; use sdpa or eager", [], ["run/final"]),
+                                                           r"^dlm-adapt: error: attn_implementation "
+                                                           r"'flash_attention_2' is not available here \(flash-attn is "
+                                                           r"not installed\): pip install flash-attn, or use "
+                                                           "model.attn_implementation=sdpa$", [], ["run"]),
     "sft with a chat template that is not Jinja": (["sft", "{ws}/jinja.yaml",
                                                     *(a for a in SFT[2:] if "chat_template" not in a),
                                                     "data.train={ws}/data/chat_broken.jsonl"],
@@ -245,6 +279,92 @@ CASES = {
                               []),
     "eval on a .jsonl broken at line 3": (["eval", "{ws}/dlm", "--data", "{ws}/data/broken.jsonl"], 2,
                                           "broken.jsonl line 3 is not valid JSON", [], []),
+    # never unpickled: the payload does not run, and the error is one line, not UnpicklingError's 36
+    "convert a pickle that runs a command": (["convert", "{ws}/models/pickle", "{ws}/out"], 2,
+                                             r"refusing the pickled weights in .*pickle: unpickling them calls "
+                                             "posix.system", [], ["out", "work/PWNED"]),
+    "convert a zipped pickle that runs a command": (["convert", "{ws}/models/zipped_pickle", "{ws}/out"], 2,
+                                                    "refusing the pickled weights in .*zipped_pickle: unpickling "
+                                                    "them calls posix.system", [], ["out", "work/PWNED"]),
+    "upgrade a checkpoint with truncated weights": (["upgrade", "{ws}/truncated"], 2,
+                                                    r"truncated cannot be used whatever its code: corrupt or "
+                                                    "truncated safetensors file", ["truncated/config.json"], []),
+    # contradictions and sizes that only fail later (exit 0 until now)
+    "sft on messages whose content is a number": ([*SFT, "data.train={ws}/data/chat_int.jsonl"], 2,
+                                                  r"chat_int.jsonl record 1: message 2 \(assistant\) has content 7, "
+                                                  "not text", [], ["run"]),
+    "sft on messages whose content is null": ([*SFT, "data.train={ws}/data/chat_null.jsonl"], 2,
+                                              r"chat_null.jsonl record 3: message 1 \(user\) has content null",
+                                              [], ["run"]),
+    "generate at least 10 of at most 4 new tokens": (["generate", "{ws}/dlm", "--prompt", "w1", "--min-new-tokens",
+                                                      "10", "--max-new-tokens", "4"], 2,
+                                                     r"min_new_tokens \(10\) exceeds max_new_tokens \(4\)", [], []),
+    "eval a sweep step beyond the sweep length": (["eval", "{ws}/dlm", "--data", "{ws}/train.txt", "--metrics",
+                                                   "steps_sweep", "--sweep-steps", "3,32"], 2,
+                                                  r"sweep steps must be between 1 and --sweep-length \(16\), got 32",
+                                                  [], []),
+    "push to a revision that is not a git ref": (["push", "{ws}/dlm", "me/x", "--dry-run", "--revision", "a..b~^:"],
+                                                 2, r"--revision 'a..b~\^:' is not a valid branch name", [], []),
+    "convert with a block larger than the model's positions": (["convert", "{ws}/models/src", "{ws}/blockout",
+                                                                "--block-size", "100000"], 2,
+                                                               "block size 100000 exceeds the model's 64 positions",
+                                                               [], ["blockout"]),
+    "train with a block larger than the model": ([*TRAIN, "output_dir={ws}/run", "anneal.mode=none",
+                                                  "block.size=100000"], 2,
+                                                 r"'block.size' \(100000\) exceeds data.seq_length \(8\)", [],
+                                                 ["run"]),
+    "train with blocks of 256 in rows of 128": ([*TRAIN, "output_dir={ws}/run", "anneal.mode=none", "block.size=256",
+                                                 "data.seq_length=128"], 2,
+                                                r"'block.size' \(256\) exceeds data.seq_length \(128\)", [], ["run"]),
+    "train a block checkpoint on rows shorter than its blocks": ([*TRAIN, "output_dir={ws}/run", "anneal.mode=none",
+                                                                  "model.path={ws}/blockdlm", "data.seq_length=2"], 2,
+                                                                 r"block size 4, more than data.seq_length \(2\)",
+                                                                 [], ["run"]),
+    "eval lm-eval tasks with -1 few-shot examples": (["eval", "{ws}/dlm", "--tasks", "toy", "--include-path", "{ws}",
+                                                      "--num-fewshot=-1"], 2,
+                                                     "--num-fewshot must be 0 or more, got -1", [], []),
+    "eval blocks of 1000 in sequences of 32": (["eval", "{ws}/dlm", "--data", "{ws}/train.txt", "--seq-length", "32",
+                                                "--block-size", "1000"], 2,
+                                               r"block_size \(1000\) exceeds seq_length \(32\)", [], []),
+    "eval sequences longer than the model's positions": (["eval", "{ws}/dlm", "--data", "{ws}/train.txt",
+                                                          "--seq-length", "100"], 2,
+                                                         "seq_length 100 exceeds the model's 64 positions", [], []),
+    "eval a causal LM with a KV cache": (["eval", "{ws}/models/src", "--data", "{ws}/train.txt", "--kv-cache",
+                                          "prefix"], 2, "--kv-cache is a diffusion checkpoint's decoding option",
+                                         [], []),
+    "generate with a decoding block on a block checkpoint": (["generate", "{ws}/blockdlm", "--prompt", "w1",
+                                                              "--block-length", "2", "--max-new-tokens", "4"], 2,
+                                                             "decodes its own blocks of 4 with an exact KV cache",
+                                                             [], []),
+    "generate with sub-blocks that do not divide the block": (["generate", "{ws}/blockdlm", "--prompt", "w1",
+                                                               "--sub-block", "3"], 2,
+                                                              r"sub_block \(3\) must divide the block size \(4\)",
+                                                              [], []),
+    "generate from a checkpoint whose block exceeds its positions": (["generate", "{ws}/hugeblock", "--prompt",
+                                                                      "w1"], 2,
+                                                                     "has block size 100000, more than its model's 64 "
+                                                                     "positions", [], []),
+    "stream with a decoding block on a block checkpoint": (["generate", "{ws}/blockdlm", "--prompt", "w1", "--stream",
+                                                            "--kv-cache", "prefix"], 2,
+                                                           "decodes its own blocks of 4 with an exact KV cache",
+                                                           [], []),
+    "eval an infill span longer than the sequence": (["eval", "{ws}/dlm", "--data", "{ws}/train.txt", "--metrics",
+                                                      "infill", "--seq-length", "16", "--infill-span", "15"], 2,
+                                                     r"infill span must be between 1 and seq_length − 2 \(14\)",
+                                                     [], []),
+    "eval with an AR parent that is not there": (["eval", "{ws}/dlm", "--data", "{ws}/train.txt", "--metrics",
+                                                  "infill", "--seq-length", "16", "--ar-parent", "{ws}/nowhere"], 2,
+                                                 "--ar-parent .*nowhere not found", [], []),
+    # argparse and YAML errors: one line too, not a usage block or a quoted excerpt with a caret
+    "convert with a block size that is not a number": (["convert", "{ws}/models/src", "{ws}/blockout",
+                                                        "--block-size", "abc"], 2,
+                                                       "invalid int value: 'abc'; see dlm-adapt convert --help", [],
+                                                       ["blockout"]),
+    "eval --metrics without a value": (["eval", "{ws}/dlm", "--metrics"], 2,
+                                       "--metrics: expected one argument; see dlm-adapt eval --help", [], []),
+    "train from a recipe that is not YAML": (["train", "{ws}/badyaml.yaml", "output_dir={ws}/run"], 2,
+                                             r"badyaml.yaml is not valid YAML at line \d+, column \d+: ", [],
+                                             ["run"]),
     # converting our own output: not "contains custom code"
     "convert a dlm-adapt checkpoint": (["convert", "{ws}/dlm", "{ws}/out"], 2,
                                        r"already a dlm-adapt diffusion checkpoint.*dlm-adapt upgrade .*dlm-adapt "
@@ -286,18 +406,49 @@ def test_bad_input_is_one_line_and_changes_nothing(ws, case, capsys):
 
 REFUSED_BEFORE_LOADING = ["generate at temperature -1", "generate with top-p 5", "generate with top-k -3",
                           "generate -2 new tokens", "generate 0 new tokens without holes", "generate with 0 steps",
-                          "generate with threshold 2", "generate 10 new tokens in blocks of 4"]
+                          "generate with threshold 2", "generate 10 new tokens in blocks of 4",
+                          "generate at least 10 of at most 4 new tokens",
+                          "generate with a decoding block on a block checkpoint",
+                          "generate with sub-blocks that do not divide the block",
+                          "generate from a checkpoint whose block exceeds its positions",
+                          "stream with a decoding block on a block checkpoint"]
 
 
 @pytest.mark.parametrize("case", REFUSED_BEFORE_LOADING)
 def test_bad_sampling_options_are_refused_before_the_model_loads(base, case, capsys, monkeypatch):
     """Not a line of weight-loading progress before the error: the model is never loaded."""
+    import adapt.checkpoint
     import adapt.generate
 
     def load(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
     monkeypatch.setattr(adapt.generate, "load", load)
+    monkeypatch.setattr(adapt.checkpoint, "load", load)  # --stream loads it itself
+    argv, code, phrase, _, _ = CASES[case]
+    capsys.readouterr()
+    assert main([a.format(ws=base) for a in argv]) == code
+    stderr = capsys.readouterr().err.splitlines()
+    assert len(stderr) == 1 and stderr[0].startswith("dlm-adapt: error: ") and re.search(phrase, stderr[0]), stderr
+
+
+EVAL_REFUSED_BEFORE_LOADING = ["eval blocks of 1000 in sequences of 32",
+                               "eval sequences longer than the model's positions", "eval a causal LM with a KV cache",
+                               "eval an infill span longer than the sequence",
+                               "eval with an AR parent that is not there",
+                               "eval lm-eval tasks with -1 few-shot examples",
+                               "eval a sweep step beyond the sweep length"]
+
+
+@pytest.mark.parametrize("case", EVAL_REFUSED_BEFORE_LOADING)
+def test_bad_eval_options_are_refused_before_the_model_loads(base, case, capsys, monkeypatch):
+    import importlib
+
+    def load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    # the module: `adapt.evaluate` is the function
+    monkeypatch.setattr(importlib.import_module("adapt.evaluate"), "_load", load)
     argv, code, phrase, _, _ = CASES[case]
     capsys.readouterr()
     assert main([a.format(ws=base) for a in argv]) == code
@@ -341,3 +492,39 @@ def test_sft_ranges_name_the_section():
 
     with pytest.raises(AdaptError, match=r"'data.max_length' must be in \[2, inf\), got 1"):
         load_config(None, ["data.max_length=1"], cls=SFTConfig)
+
+
+def test_upgrade_of_a_read_only_checkpoint_is_one_line(ws, capsys, monkeypatch):
+    """Outdated code in a directory the user cannot write: one line naming the file and the fix. Tests run as root,
+    whom permissions do not stop, so there the kernel's refusal is simulated where upgrade creates its file."""
+    import tempfile
+
+    stale = ws / "dlm" / "block_masked_diffusion.py"
+    stale.write_text(stale.read_text() + "# an older release\n")
+    files = {p: p.read_bytes() for p in (ws / "dlm").iterdir()}
+    mode = (ws / "dlm").stat().st_mode
+    (ws / "dlm").chmod(0o555)
+    try:
+        if os.geteuid() == 0:
+            def refuse(*args, dir=None, prefix="", **kwargs):
+                raise PermissionError(13, "Permission denied", os.path.join(dir, prefix + "x"))
+
+            monkeypatch.setattr(tempfile, "mkstemp", refuse)
+        capsys.readouterr()
+        assert main(["upgrade", str(ws / "dlm")]) == 2
+    finally:
+        (ws / "dlm").chmod(mode)
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 1, errors
+    assert re.fullmatch(r"dlm-adapt: error: cannot write .*/dlm/\S+: permission denied; nothing changed\. Make "
+                        r".*/dlm and its files writable \(chmod -R u\+w\), or upgrade a copy of it", errors[0]), errors
+    assert {p: p.read_bytes() for p in (ws / "dlm").iterdir()} == files
+
+
+def test_block_size_is_bounded_by_seq_length_only_where_text_is_packed():
+    from adapt import AdaptError
+    from adapt.config import EvalOptions
+
+    assert EvalOptions(tasks="toy", block_size=256).block_size == 256  # lm-eval's sequences: up to the positions
+    with pytest.raises(AdaptError, match=r"block_size \(256\) exceeds seq_length \(128\)"):
+        EvalOptions(data="d.txt", block_size=256)

@@ -237,6 +237,31 @@ def test_steps_sweep_counts_token_and_sequence_errors(tmp_path):
     assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_sweep_step_count_that_does_not_divide_the_length_is_that_many_passes(tmp_path):
+    """--sweep-steps 3 of 4 tokens: three forward passes per prompt batch (committing 2, 1, 1), the same answers as
+    any other count for a model that knows them."""
+    data = words_file(tmp_path / "d.txt")
+    calls = []
+
+    def copier(ids):  # with shift, logit j predicts token j+1: copy token j+1−4
+        calls.append(ids.shape)
+        logp = torch.full((*ids.shape, V), -10.0)
+        src = torch.cat([ids[:, :1].expand(-1, 3), ids[:, : ids.shape[1] - 3]], 1)
+        return logp.scatter_(-1, src[..., None], 0.0)
+
+    def sweep(steps):
+        calls.clear()
+        points = adapt.evaluate(Stub(copier), str(data), tokenizer=tiny_tokenizer(mask_token=True),
+                                metrics="steps_sweep", seq_length=16, sample_by="line", sweep_length=4,
+                                sweep_steps=steps, sweep_examples=8, seed=7)["steps_sweep"]["points"]
+        return points, len(calls)
+
+    (three,), passes = sweep([3])
+    (one,), one_pass = sweep([1])
+    assert three["steps"] == 3 and three["tokens_per_step"] == pytest.approx(4 / 3) and passes == 3 * one_pass
+    assert three["task_exact_match"] == one["task_exact_match"] == 1.0
+
+
 def test_infill_and_sweep_decode_with_diffusion_generate_and_its_kv_cache(converted, tmp_path):
     """Its options apply: under causal attention the prefix cache is exact (the same numbers), the dual cache
     needs bidirectional attention (refused), and a causal LM has no such option."""

@@ -208,3 +208,43 @@ def test_eval_tasks_errors_are_one_line(converted, tasks, capsys, flags, message
     assert main(["eval", str(src), "--tasks", "toy_mc", "--include-path", str(tasks), *flags]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"dlm-adapt: error: {message}" or (err.startswith(f"dlm-adapt: error: {message}") and "\n" not in err)
+
+
+def _cli_results(capsys, dlm, tasks, out, batch_size):
+    from adapt.lm_eval_backend import main as lm_eval_cli
+
+    assert lm_eval_cli(["run", "--model", "dlm-adapt", "--model_args",
+                        f"pretrained={dlm},mc_samples=2,batch_size={batch_size}", "--tasks", "toy_mc",
+                        "--include_path", str(tasks), "--limit", "4", "--device", "cpu", "--output_path", str(out),
+                        "--log_samples"]) == 0
+    assert "dlm-adapt: error" not in capsys.readouterr().err
+    (results,) = out.rglob("results_*.json")
+    (samples,) = out.rglob("samples_toy_mc_*.jsonl")
+    rows = sorted((json.loads(line) for line in samples.read_text().splitlines()), key=lambda r: r["doc_id"])
+    return json.loads(results.read_text()), [r["resps"] for r in rows]
+
+
+def test_batch_size_model_arg_runs_through_lm_evals_own_command_line(converted, tasks, tmp_path, capsys):
+    """lm-eval's command line passes its own batch_size (1 by default) beside the model args: the model arg wins,
+    and the draws do not depend on it."""
+    _, dlm = converted("llama")
+    four, four_samples = _cli_results(capsys, dlm, tasks, tmp_path / "four", 4)
+    one, one_samples = _cli_results(capsys, dlm, tasks, tmp_path / "one", 1)
+    assert four["results"]["toy_mc"] == one["results"]["toy_mc"] and len(four_samples) == 4
+    assert four_samples == one_samples
+
+
+def test_bad_batch_size_from_lm_evals_command_line_is_one_line(converted, tasks, capsys):
+    from adapt.lm_eval_backend import main as lm_eval_cli
+
+    _, dlm = converted("llama")
+    assert lm_eval_cli(["run", "--model", "dlm-adapt", "--model_args", f"pretrained={dlm},batch_size=-1",
+                        "--tasks", "toy_mc", "--include_path", str(tasks), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("dlm-adapt: error: model arg batch_size must be a positive integer, "
+                                               "got -1"), err
+    # what lm-eval's command line hands over beside the model args (its own --batch_size, 1 by default)
+    with pytest.raises(AdaptError, match="batch_size 'auto' is not supported"):
+        DLMAdaptLM.create_from_arg_string(f"pretrained={dlm},batch_size=auto", {"batch_size": 1, "device": None})
+    lm = DLMAdaptLM.create_from_arg_obj({"pretrained": str(dlm), "batch_size": 4}, {"batch_size": 1})
+    assert lm.batch_size_rows == 4

@@ -100,7 +100,9 @@ def _tiny_run(path: Path, cls, stand_ins, data: Path, out: Path):
         if recipe.data.chat_template is None:
             overrides.append("data.chat_template=default")
     else:
-        overrides += [f"data.train={data / 'train.txt'}", "data.hub_config=", "data.seq_length=16",
+        block = recipe.block  # a row holds at least one whole block (a longer block is refused)
+        length = max([16, *(s for s in (block.size, block.decay_to, *block.schedule) if s is not None)])
+        overrides += [f"data.train={data / 'train.txt'}", "data.hub_config=", f"data.seq_length={length}",
                       "data.max_eval_blocks=2"]
     cfg = load_config(path, overrides, cls=cls)
     assert (cfg.train.method, cfg.model.dtype, cfg.train.mixed_precision) == (

@@ -125,3 +125,33 @@ def test_generate_on_the_adapted_model(adapted):
     rows = [json.loads(line) for line in proc.stdout.splitlines()]
     assert len(rows) == 2 and all(r["text"].strip() and "<|mask|>" not in r["text"] for r in rows)
     assert all(512 not in r["tokens"] for r in rows)
+
+
+@pytest.mark.parametrize("job", ["train", "sft"])
+def test_offline_run_prints_only_its_own_progress(job, tmp_path):
+    """With the Hub offline, a train or sft run on the latest transformers prints its own progress bar and log
+    lines, and nothing from the libraries under it (weight-loading bars, the `kernels` package's notices)."""
+    from pathlib import Path
+
+    from conftest import SHARED
+
+    src = require_shared()
+    root = Path(__file__).resolve().parents[1]
+    common = [f"model.path={src}", "max_steps=1", "eval_steps=1", "sample_steps=0", "save_steps=0",
+              f"output_dir={tmp_path / 'run'}", "train.batch_size=2"]
+    if job == "train":
+        data = SHARED / "data" / "tinystories"
+        argv = [str(root / "recipes" / "adaptation" / "stories260k.yaml"), f"data.train={data / 'train.txt'}",
+                f"data.validation={data / 'valid.txt'}", "data.seq_length=32", "data.max_eval_blocks=2"]
+    else:
+        argv = [str(root / "recipes" / "sft" / "stories260k-tiny.yaml"),
+                f"data.train={root / 'recipes' / 'sft' / 'data' / 'tiny-chat.jsonl'}", "data.max_eval_samples=2"]
+    env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": str(torch.get_num_threads()),
+           "HF_HOME": str(tmp_path / "hf")}
+    proc = subprocess.run([sys.executable, "-m", "adapt", job, *argv, *common], capture_output=True, text=True,
+                          env=env, timeout=300, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    done = "trained" if job == "train" else "fine-tuned"
+    assert proc.stdout.splitlines() == [f"{done} -> {tmp_path / 'run' / 'final'}"]
+    pieces = [p.strip() for p in proc.stderr.replace("\r", "\n").splitlines() if p.strip()]
+    assert pieces and [p for p in pieces if not p.startswith(("train:", "dlm-adapt:"))] == [], proc.stderr[-2000:]

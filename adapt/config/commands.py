@@ -176,7 +176,9 @@ class EvalOptions:
     infill_examples: int = field(default=16, **_help("blocks used for infilling"))
     sweep_length: int = field(default=16, **_help("tokens generated in the steps sweep"))
     sweep_steps: Ints | None = field(default=None, **_help(
-        "comma-separated step counts (default: 1, 2, 4, ... up to --sweep-length)", metavar="N1,N2"))
+        "comma-separated step counts, each from 1 to --sweep-length (default: 1, 2, 4, ... up to --sweep-length); a "
+        "count that does not divide the length commits the tokens as evenly as it can (3 steps of 16: 6, 5, 5)",
+        metavar="N1,N2"))
     sweep_examples: int = field(default=32, **_help("task examples and prompts in the sweep"))
     json: str | None = field(default=None, **_help("also write the result to this file", metavar="OUT.json"))
     plot: str | None = field(default=None, **_help(
@@ -224,6 +226,8 @@ class EvalOptions:
                              "--tasks")
         if self.limit is not None and self.limit <= 0:
             raise AdaptError(f"limit must be positive, got {self.limit}")
+        if self.num_fewshot is not None and self.num_fewshot < 0:  # lm-eval would take it and print a notice
+            raise AdaptError(f"--num-fewshot must be 0 or more, got {self.num_fewshot}")
         if self.include_path is not None and not Path(self.include_path).is_dir():
             raise AdaptError(f"--include-path {self.include_path} is not a directory of task YAMLs")
         if self.sweep_steps is not None:
@@ -232,10 +236,25 @@ class EvalOptions:
                      "sweep_examples", "block_size"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise AdaptError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.sweep_steps is not None:
+            bad = [s for s in self.sweep_steps if not 1 <= s <= self.sweep_length]
+            if bad or not self.sweep_steps:
+                raise AdaptError(f"sweep steps must be between 1 and --sweep-length ({self.sweep_length}), got "
+                                 f"{', '.join(map(str, bad)) or '(none)'}")
         if self.seq_length < 2:
             raise AdaptError("seq_length must be at least 2 (the first token of a block is context)")
+        if self.data is not None and self.block_size is not None and self.block_size > self.seq_length:
+            # (lm-eval tasks alone score their own sequences, up to the model's positions)
+            raise AdaptError(f"block_size ({self.block_size}) exceeds seq_length ({self.seq_length}): a block is "
+                             "scored inside one packed sequence; use a block size of at most the sequence length")
         if self.plot is not None and "steps_sweep" not in self.metrics:
             raise AdaptError("--plot draws the steps sweep: add steps_sweep to --metrics")
+        span = self.infill_span
+        if span is not None and "infill" in self.metrics and not 1 <= span <= self.seq_length - 2:
+            raise AdaptError(f"infill span must be between 1 and seq_length − 2 ({self.seq_length - 2}), got "
+                             f"{self.infill_span}")
+        if isinstance(self.ar_parent, (str, Path)) and not Path(self.ar_parent).expanduser().exists():
+            raise AdaptError(f"--ar-parent {self.ar_parent} not found")
         from ..sampling import SamplingError, check_sampling_options
 
         try:
@@ -255,6 +274,30 @@ class PushOptions:
     adapter_only: bool = field(default=False, **_help(
         "DIR must be a PEFT adapter: upload only adapter_config.json and adapter_model.safetensors (and the card)"))
     dry_run: bool = field(default=False, **_help("print the files and the card; contact nothing"))
+
+    def __post_init__(self):
+        if self.revision is not None:
+            problem = _ref_problem(self.revision)
+            if problem:
+                raise AdaptError(f"--revision {self.revision!r} is not a valid branch name ({problem}); name a branch "
+                                 "such as main or my-experiment")
+
+
+def _ref_problem(name: str) -> str | None:
+    """Why `name` cannot be a git branch (git check-ref-format's rules), else None: the Hub would refuse it only
+    after the upload was prepared, and a dry run would print it as if it were fine."""
+    bad = sorted({c for c in name if c in " ~^:?*[\\" or ord(c) < 32 or ord(c) == 127})
+    if not name:
+        return "it is empty"
+    if bad:
+        return f"it contains {' '.join(repr(c) for c in bad)}"
+    if ".." in name or "@{" in name or "//" in name:
+        return f"it contains {next(x for x in ('..', '@{', '//') if x in name)!r}"
+    if name == "@" or name.startswith("/") or name.endswith(("/", ".", ".lock")):
+        return "it is '@', or starts with '/', or ends with '/', '.' or '.lock'"
+    if any(part.startswith(".") for part in name.split("/")):
+        return "a part of it starts with '.'"
+    return None
 
 
 @dataclass

@@ -36,7 +36,14 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Dtype the weights are loaded in (mixed precision is `train.mixed_precision`)."""
     attn_implementation: str = "sdpa"
+    """transformers' attention switch: `sdpa`, `eager`, `flash_attention_2` (needs flash-attn and a GPU it supports,
+    checked before anything loads), ..."""
     gradient_checkpointing: bool = False
+
+    def __post_init__(self):
+        from ..attention import check_attn_implementation
+
+        check_attn_implementation(self.attn_implementation, "model.attn_implementation")
 
 
 @dataclass
@@ -194,6 +201,15 @@ class TrainConfig:
         check_ranges(self, {"max_steps": "[1, inf)", "save_steps": "[0, inf)", "eval_steps": "[0, inf)",
                             "log_steps": "[1, inf)", "sample_steps": "[0, inf)", "save_total_limit": "[0, inf)",
                             "stop_after": "[1, inf)"})
+        # a block longer than a training row is never whole: the schedule would train, and OUTPUT/final decode,
+        # a block size no row has (the row length is checked against the model's positions with the data)
+        row_key, row = (("data.seq_length", self.data.seq_length) if hasattr(self.data, "seq_length")
+                        else ("data.max_length", self.data.max_length))
+        for key, size in (("size", self.block.size), ("decay_to", self.block.decay_to),
+                          *(("schedule", s) for s in self.block.schedule)):
+            if size is not None and size > row:
+                raise FieldError(f"block.{key}", f"({size}) exceeds {row_key} ({row}), the tokens of a training "
+                                                 f"row: use a block size of at most {row}, or raise {row_key}")
 
 
 @dataclass
@@ -216,8 +232,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), cls=T
             raise AdaptError(f"config file {path} not found")
         try:
             data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise AdaptError(f"config file {path} is not valid YAML: {e}") from e
+        except yaml.YAMLError as e:  # PyYAML's message runs to several lines (context, the line itself, a caret)
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise AdaptError(f"config file {path} is not valid YAML{where}: {problem}") from None
         if not isinstance(data, dict):
             raise AdaptError(f"config file {path} must hold a mapping of keys")
         # a run's OUTPUT/config.json is a recipe too; its `kind` must be the command's

@@ -89,6 +89,9 @@ def check_sampling_options(*, max_new_tokens=None, steps=None, block_length=None
     ):
         if not ok:
             raise SamplingError(f"{name} must be {allowed}, got {value}")
+    if n is not None and min_new_tokens > n > 0:  # EOS would be forbidden everywhere: a contradiction, not a limit
+        raise SamplingError(f"min_new_tokens ({min_new_tokens}) exceeds max_new_tokens ({n}); lower min_new_tokens "
+                            "or raise max_new_tokens")
     if remasking is not None and remasking not in SCORES:
         raise SamplingError(f"remasking must be one of {REMASKING}, got {remasking!r}")
     if schedule not in SCHEDULES:
