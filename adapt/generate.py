@@ -21,7 +21,9 @@ def generate(model, prompts: list[str], *, tokenizer=None, chat: bool = False, i
     tokens as soon as they are final. Returns one dict per prompt: `prompt`, `text` (the generated part, or the
     filled text for infilling), `tokens`, the row's own `nfe` (forward passes it needed: the same as decoding it
     alone) and `tokens_per_forward`; block-diffusion checkpoints add the batch's `cache_hits` and
-    `positions_computed` (see `SamplingOutput`)."""
+    `positions_computed` (see `SamplingOutput`); speculative decoding (`speculative=True`, `draft_length`) adds the
+    row's `rounds` (draft + verify, two passes each) and `acceptance`, per draft position the fraction of rounds
+    in which the parent accepted it."""
     if max_new_tokens is not None and max_new_tokens < 0:
         raise AdaptError(f"--max-new-tokens must be 0 or more, got {max_new_tokens}")
     if max_new_tokens == 0 and not infill:  # the output is the new tokens alone
@@ -31,6 +33,8 @@ def generate(model, prompts: list[str], *, tokenizer=None, chat: bool = False, i
         raise AdaptError("no prompts given")
     if streamer is not None and (len(prompts) > 1 or infill):
         raise AdaptError("streaming decodes one prompt, with new tokens (no --infill): give one prompt per call")
+    if sampling.get("speculative") or sampling.get("draft_length") is not None:
+        _check_speculative(sampling, infill, show_steps)
     n = 0 if infill else max_new_tokens
     try:
         check_sampling_options(max_new_tokens=n, **sampling)
@@ -79,7 +83,23 @@ def generate(model, prompts: list[str], *, tokenizer=None, chat: bool = False, i
                         "tokens_per_forward": int(out.row_committed[row]) / max(1, int(out.row_nfe[row]))})
         if out.cache_hits is not None:
             results[-1].update(cache_hits=out.cache_hits, positions_computed=out.positions_computed)
+        if getattr(out, "row_rounds", None) is not None:  # speculative: rounds, acceptance per draft position
+            results[-1].update(rounds=int(out.row_rounds[row]), acceptance=out.acceptance[row].tolist())
     return results
+
+
+def _check_speculative(sampling: dict, infill: bool, show_steps: bool):
+    """Speculative decoding's own bad inputs, one line each, before a model loads."""
+    k = sampling.get("draft_length")
+    if not sampling.get("speculative"):
+        raise AdaptError("--draft-length is the speculative drafter's: add --speculative")
+    if k is not None and k < 1:
+        raise AdaptError(f"--draft-length must be at least 1 (tokens drafted per pass), got {k}")
+    if infill:
+        raise AdaptError("--infill fills holes, --speculative continues a prompt with the parent's own tokens: use "
+                         "one of them")
+    if show_steps:
+        raise AdaptError("--show-steps shows diffusion steps; speculative decoding has none: drop --show-steps")
 
 
 def stream(model, prompt: str, *, tokenizer=None, **options):
