@@ -118,12 +118,12 @@ def test_rolled_back_entries_leave_the_cache_exact(sources, arch):
     cache = HoleyCache(model, 2, 1, ids.device)
     with torch.no_grad():
         cache.forward(torch.cat([ids, drafts], 1), torch.cat([mask, torch.ones_like(drafts)], 1),
-                      torch.arange(1), causal=True)
+                      torch.arange(1))
         cache.truncate(3, torch.tensor([1, 2]))
         assert cache.mask.shape[1] == ids.shape[1] + 2 and cache.real.tolist() == [len(PROMPTS[0]) + 1,
                                                                                  len(PROMPTS[1]) + 2]
         nxt = torch.tensor([[60, 61], [70, 71]])
-        got = cache.forward(nxt, torch.ones_like(nxt), torch.arange(2), causal=True)
+        got = cache.forward(nxt, torch.ones_like(nxt), torch.arange(2))
         for row, kept in enumerate(([40], [50, 51])):
             text = torch.tensor([list(PROMPTS[row]) + kept + nxt[row].tolist()])
             fresh = model(text, is_causal=True).logits[0, -2:]

@@ -66,27 +66,39 @@ class LoraPair(nn.Module):
 class DrafterAdapter(nn.Module):
     """The drafter's weights beside the untouched parent: per targeted projection W a LoRA pair (W x + s B A x,
     s = alpha / rank), and `mask_delta`, added to the input embedding at [MASK] tokens (after any embedding
-    scale), the drafter's own [MASK] row. They act only inside `drafting(model)`; outside it the model is the
-    parent, bit for bit. `spec` is `config.drafter`: {"rank", "alpha", "targets"}. B starts at zero, so an
+    scale), the drafter's own [MASK] row. They act only inside `drafting(model)`, which attaches the hooks;
+    outside it no hook is attached and the model is the parent, bit for bit. `spec` is `config.drafter`: {"rank", "alpha", "targets"}. B starts at zero, so an
     untrained adapter drafts as the block-diffusion conversion itself does."""
 
     def __init__(self, decoder, spec: dict, mask_token_id: int):
         super().__init__()
         rank, targets = int(spec["rank"]), set(spec["targets"])
         self.scale = float(spec["alpha"]) / rank
-        self.mask_token_id, self.active = mask_token_id, False
+        self.mask_token_id = mask_token_id
         dtype = decoder.get_input_embeddings().weight.dtype
         self.lora = nn.ModuleDict()
+        sites = []  # (decoder module, its hook): a plain list, so the decoder's modules are not registered twice
         for name, module in decoder.named_modules():
             if type(module).__name__ in PROJECTION_TYPES and name.rsplit(".", 1)[-1] in targets:
                 key = name.replace(".", "__")
                 self.lora[key] = LoraPair(*_features(module), rank, dtype)
-                module.register_forward_hook(self._lora_hook(key))
+                sites.append((module, self._lora_hook(key)))
         if not len(self.lora):
             raise ValueError(f"the drafter adapter's targets {sorted(targets)} match no projection of the decoder")
         hidden = decoder.get_input_embeddings().weight.shape[1]
         self.mask_delta = nn.Parameter(torch.zeros(hidden, dtype=dtype))
-        decoder.get_input_embeddings().register_forward_hook(self._embedding_hook)
+        sites.append((decoder.get_input_embeddings(), self._embedding_hook))
+        self._sites, self._handles = sites, []
+
+    def attach(self):
+        """Hook the adapter into the decoder (idempotent). Detached, the decoder carries no trace of it."""
+        if not self._handles:
+            self._handles = [module.register_forward_hook(hook) for module, hook in self._sites]
+
+    def detach(self):
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
 
     def reset_parameters(self, generator: torch.Generator | None = None):
         """LoRA's start (as peft's): A uniform in +-1/sqrt(in) (Kaiming, a = sqrt(5)), B and the mask delta zero."""
@@ -99,16 +111,12 @@ class DrafterAdapter(nn.Module):
 
     def _lora_hook(self, key):
         def hook(module, args, output):
-            if not self.active:
-                return None
-            pair = self.lora[key]
-            x = args[0].to(pair.A.dtype)
-            return output + ((x @ pair.A.T) @ pair.B.T * self.scale).to(output.dtype)
+            weights = self.lora[key]._parameters
+            a, b = weights["A"], weights["B"]
+            return output + ((args[0].to(a.dtype) @ a.T) @ b.T * self.scale).to(output.dtype)
         return hook
 
     def _embedding_hook(self, module, args, output):
-        if not self.active:
-            return None
         masked = (args[0] == self.mask_token_id)[..., None]
         return output + masked * self.mask_delta.to(output.dtype)
 
@@ -120,11 +128,11 @@ def drafting(model):
     if adapter is None:
         yield
         return
-    adapter.active = True
+    adapter.attach()
     try:
         yield
     finally:
-        adapter.active = False
+        adapter.detach()
 
 
 # ------------------------------------------------------------------------------------------------ the rule
@@ -242,15 +250,16 @@ class HoleyCache:
     def real(self) -> torch.Tensor:
         return self.mask.sum(1)
 
-    def forward(self, ids, mask, keep, causal: bool):
+    def forward(self, ids, mask, keep):
         """Run `ids` (batch, w) with padding `mask` after the cached columns; their keys/values are appended.
-        Returns the logits at pass columns `keep`."""
+        Returns the logits at pass columns `keep`. The mask alone decides attention (the model's `is_causal`
+        switch only matters where no mask is given), so nothing is toggled between the two models' passes."""
         full = torch.cat([self.mask, mask], 1)
         positions = (full.cumsum(-1) - 1).clamp_min(0)[:, -ids.shape[1]:]
         attention = cached_block_mask(self.model.config.text_config, full, positions, self.block_size,
                                       self.model.dtype)
         out = self.model(input_ids=ids, attention_mask=attention, position_ids=positions, past_key_values=self.kv,
-                         use_cache=True, logits_to_keep=keep, is_causal=causal)
+                         use_cache=True, logits_to_keep=keep)
         self.mask = full
         return out.logits
 
@@ -367,7 +376,7 @@ def speculative_sample(model, input_ids: torch.LongTensor, *, max_new_tokens: in
         mask = torch.cat([drafter_mask, drafter_mask.new_ones((b, k))], 1)
         keep = torch.arange(w - shift, w + k - shift, device=device)  # with shift the logit before predicts
         with drafting(model):
-            draft_logits = drafter.forward(ids, mask, keep, causal=False)
+            draft_logits = drafter.forward(ids, mask, keep)
         drafts, q = choice.draft(draft_logits, new_index[:, :k])
         # keep the keys/values of whole blocks only: the rest saw the masks (and will see other tokens next time)
         drafter.truncate(w + k, torch.full((b,), w, device=device))
@@ -380,7 +389,7 @@ def speculative_sample(model, input_ids: torch.LongTensor, *, max_new_tokens: in
         w = parent_ids.shape[1]
         ids = torch.cat([parent_ids, drafts], 1)
         mask = torch.cat([parent_mask, parent_mask.new_ones((b, k))], 1)
-        verify_logits = parent.forward(ids, mask, torch.arange(w - 1, w + k, device=device), causal=True)
+        verify_logits = parent.forward(ids, mask, torch.arange(w - 1, w + k, device=device))
         accepted, following = choice.verify(verify_logits, new_index, drafts, q)
         parent.truncate(k, accepted)  # drafts past the accepted ones: rolled back
 
