@@ -148,3 +148,45 @@ def test_bad_speculative_options_are_refused(sources, tmp_path):
                                                    mask_token_id=5)).eval()
     with pytest.raises(SamplingError, match="needs a drafter"):
         full.diffusion_generate(ids, max_new_tokens=4, speculative=True)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_sampling_through_the_loop(sources, arch):
+    """The whole sampling path (drafts drawn from q, accept with min(1, p/q), residual draws): with top_k=1 the
+    parent's distribution is its argmax alone, so the output must be its greedy text, whatever the drafter
+    proposes; with a seeded generator the output repeats, and a batch runs."""
+    source, model = sources(arch)
+    eos = source.generation_config.eos_token_id
+    expected = _reference(source, eos)
+    drafter = _trained(_with_drafter(model))
+    ids, mask = _batch(PROMPTS)
+    for k in (1, 4):
+        got = drafter.diffusion_generate(ids, attention_mask=mask, max_new_tokens=N, speculative=True,
+                                         draft_length=k, temperature=1.3, top_k=1,
+                                         generator=torch.Generator().manual_seed(0))
+        assert [_new(got[row], ids.shape[1], eos) for row in range(len(PROMPTS))] == expected
+        runs = [drafter.diffusion_generate(ids, attention_mask=mask, max_new_tokens=N, speculative=True,
+                                           draft_length=k, temperature=0.9, top_p=0.9,
+                                           generator=torch.Generator().manual_seed(seed)) for seed in (1, 1, 2)]
+        assert torch.equal(runs[0], runs[1])
+        assert not (runs[0][:, ids.shape[1]:] == model.config.mask_token_id).any()
+
+
+def test_streaming_hands_over_each_rounds_tokens(sources):
+    _, model = sources("llama")
+
+    class Collect:
+        def __init__(self):
+            self.chunks = []
+
+        def put(self, value):
+            self.chunks.append(value.flatten().tolist())
+
+        def end(self):
+            self.chunks.append("end")
+
+    streamer = Collect()
+    out = model.diffusion_generate(torch.tensor([PROMPTS[0]]), max_new_tokens=N, speculative=True, draft_length=4,
+                                   streamer=streamer, stop_at_eos=False)
+    assert streamer.chunks[0] == list(PROMPTS[0]) and streamer.chunks[-1] == "end"
+    assert sum(streamer.chunks[1:-1], []) == out[0, len(PROMPTS[0]):].tolist()
