@@ -275,10 +275,6 @@ class HoleyCache:
             column = torch.arange(width, device=kept.device)
             self.mask[:, -width:] *= (column[None] < kept[:, None]).long()
 
-    def hide(self, holes: torch.Tensor):
-        """`holes` (batch, w): among the last w columns, those that become holes."""
-        self.mask[:, -holes.shape[1]:] *= (~holes).long()
-
     def select(self, rows: torch.Tensor):
         select_cache_rows(self.kv, rows)
         self.mask = self.mask[rows]
@@ -375,15 +371,14 @@ def speculative_sample(model, input_ids: torch.LongTensor, *, max_new_tokens: in
         ids = torch.cat([drafter_ids, drafter_ids.new_full((b, k), mask_id)], 1)
         mask = torch.cat([drafter_mask, drafter_mask.new_ones((b, k))], 1)
         keep = torch.arange(w - shift, w + k - shift, device=device)  # with shift the logit before predicts
+        total = drafter.real + drafter_mask.sum(1)  # the row's text, once this pass has run
         with drafting(model):
             draft_logits = drafter.forward(ids, mask, keep)
         drafts, q = choice.draft(draft_logits, new_index[:, :k])
-        # keep the keys/values of whole blocks only: the rest saw the masks (and will see other tokens next time)
-        drafter.truncate(w + k, torch.full((b,), w, device=device))
-        cached = drafter.real - drafter_mask.sum(1)  # before this pass
-        column_position = cached[:, None] + drafter_mask.cumsum(1) - 1
-        whole = (drafter.real // config.block_size) * config.block_size
-        drafter.hide((column_position >= whole[:, None]) & drafter_mask.bool())
+        # keep the keys/values of whole blocks only: the text's last partial block saw the masks (and sees other
+        # tokens next time), so it is run again; being right-aligned, it and the masks are trailing columns
+        whole = total // config.block_size * config.block_size
+        drafter.truncate(w + k, w - (total - whole))
 
         # verify: the parent, causally, over the drafts against its exact cache
         w = parent_ids.shape[1]
