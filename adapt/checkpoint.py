@@ -225,8 +225,9 @@ def validate(directory: Path) -> Validated:
         raise AdaptError(f"{directory}/config.json has no mask_token_id")
 
     stored = _stored_tensors(directory)
-    if not all(name.startswith("decoder.") for name in stored):
-        odd = sorted(n for n in stored if not n.startswith("decoder."))[0]
+    ours = ("decoder.", "drafter.") if getattr(config, "drafter", None) else ("decoder.",)  # drafter: its adapter
+    if not all(name.startswith(ours) for name in stored):
+        odd = sorted(n for n in stored if not n.startswith(ours))[0]
         raise AdaptError(f"{directory} holds weight {odd} outside the diffusion model's decoder: not a dlm-adapt "
                          "checkpoint")
     if get_checkpoint_conversion_mapping(config.text_config.model_type) is None:

@@ -22,6 +22,7 @@ from . import __version__
 from .architectures import check_architecture
 from .checkpoint import DIFFUSION, detect
 from .config import DTYPES, ConvertOptions
+from .drafter import drafter_spec, drafter_tensors
 from .errors import AdaptError, first_line
 from .sources import Source, resolve_source
 from .outputs import check_target, make_temp, publish, write_errors
@@ -41,7 +42,8 @@ def convert(source: str | Path, output: str | Path, **options) -> Path:
     `source` is a local Hugging Face model directory, a `.gguf` file, or a Hub model id. `output` is the directory
     to create; an existing non-empty one is refused unless it is a previous conversion output and `overwrite` is
     set. `options` are the fields of `adapt.config.ConvertOptions` (mask_token, shift, dtype, revision, gguf_file,
-    trust_remote_code, overwrite, block_size), documented there.
+    trust_remote_code, overwrite, block_size, drafter, drafter_rank), documented there. With `drafter` the
+    checkpoint also holds an untrained drafter adapter for speculative decoding (`adapt.drafter`).
     """
     o = ConvertOptions(**options)
     if not str(output).strip():
@@ -70,7 +72,11 @@ def convert(source: str | Path, output: str | Path, **options) -> Path:
                       else _LoadedWeights(src, config, o.trust_remote_code))
             pad_case = ensure_pad_token(tokenizer)
             mask_id, case = choose_mask_token(tokenizer, writer.vocab_rows, o.mask_token)
-            writer.write(tmp, new_rows=max(0, mask_id + 1 - writer.vocab_rows), dtype=DTYPES.get(o.dtype))
+            drafter = drafter_spec(writer.config, o.drafter_rank) if o.drafter else None
+            extra = {} if drafter is None else drafter_tensors(writer.config, drafter, mask_id,
+                                                               _weight_dtype(o.dtype, writer.config))
+            writer.write(tmp, new_rows=max(0, mask_id + 1 - writer.vocab_rows), dtype=DTYPES.get(o.dtype),
+                         extra=extra)
             config = writer.config
             if o.dtype != "auto":
                 config.dtype = o.dtype
@@ -86,7 +92,7 @@ def convert(source: str | Path, output: str | Path, **options) -> Path:
                 "mask_token_case": case,
                 "pad_token_case": pad_case,
             }
-            _write_config(tmp, config, mask_id, o.shift, provenance, o.block_size)
+            _write_config(tmp, config, mask_id, o.shift, provenance, o.block_size, drafter)
             _write_generation_config(tmp, tokenizer, config, mask_id, o.block_size)
             tokenizer.save_pretrained(tmp)
             tokenizer_config = tmp / "tokenizer_config.json"
@@ -294,10 +300,15 @@ class _StreamedWeights:
             raise AdaptError(f"the checkpoint has no input embedding tensor ({embed_name})")
         self.vocab_rows = next(t[embed].shape[0] for t in self.shards.values() if embed in t)
 
-    def write(self, out_dir: Path, new_rows: int, dtype: torch.dtype | None):
+    def write(self, out_dir: Path, new_rows: int, dtype: torch.dtype | None, extra: dict | None = None):
+        """`extra`: more tensors (the drafter adapter's), stored as they are in the last shard."""
         weight_map, total = {}, 0
+        last = list(self.shards)[-1]
         for shard, tensors in self.shards.items():
             entries, shapes = {}, {}
+            if shard == last:
+                _add_tensors(entries, shapes, extra)
+                weight_map.update({name: shard for name in extra or {}})
             for name, stored in tensors.items():
                 if name not in self.names:
                     continue
@@ -364,7 +375,7 @@ class _LoadedWeights:
         self.config = self.model.config
         self.vocab_rows = self.model.get_input_embeddings().weight.shape[0]
 
-    def write(self, out_dir: Path, new_rows: int, dtype: torch.dtype | None):
+    def write(self, out_dir: Path, new_rows: int, dtype: torch.dtype | None, extra: dict | None = None):
         model = self.model
         if new_rows:
             old = self.vocab_rows
@@ -382,10 +393,28 @@ class _LoadedWeights:
             t = t.to(dtype) if dtype is not None and t.is_floating_point() else t
             entries[PREFIX + name] = lambda t=t: [t]
             shapes[PREFIX + name] = (dtype_code(t.dtype), list(t.shape))
+        _add_tensors(entries, shapes, extra)
         write_safetensors(out_dir / "model.safetensors", entries, shapes)
 
 
-def _write_config(out_dir: Path, text_config, mask_id: int, shift: bool, provenance: dict, block_size=None):
+def _add_tensors(entries: dict, shapes: dict, tensors: dict | None):
+    for name, t in (tensors or {}).items():
+        entries[name] = lambda t=t: [t]
+        shapes[name] = (dtype_code(t.dtype), list(t.shape))
+
+
+def _weight_dtype(option: str, config) -> torch.dtype:
+    """The dtype the output's weights have: the option's, else the source config's, else float32."""
+    if option != "auto":
+        return DTYPES[option]
+    stored = getattr(config, "dtype", None)
+    if isinstance(stored, str):
+        stored = getattr(torch, stored, None)
+    return stored if isinstance(stored, torch.dtype) else torch.float32
+
+
+def _write_config(out_dir: Path, text_config, mask_id: int, shift: bool, provenance: dict, block_size=None,
+                  drafter=None):
     text_config.is_causal = False
     text_config._name_or_path = ""  # a local path would leak into a published checkpoint
     # GGUF weights are dequantized on load, so the output is plain; a kept GGUF quantization_config would make
@@ -394,7 +423,7 @@ def _write_config(out_dir: Path, text_config, mask_id: int, shift: bool, provena
             dict(text_config.quantization_config).get("quant_method") == "gguf":
         del text_config.quantization_config
     config = MaskedDiffusionConfig(text_config=text_config, mask_token_id=mask_id, shift=shift, bidirectional=True,
-                                   provenance=provenance, block_size=block_size)
+                                   provenance=provenance, block_size=block_size, drafter=drafter)
     write_remote_code(config, out_dir, config.save_pretrained)
 
 

@@ -21,7 +21,11 @@ def generate(model, prompts: list[str], *, tokenizer=None, chat: bool = False, i
     tokens as soon as they are final. Returns one dict per prompt: `prompt`, `text` (the generated part, or the
     filled text for infilling), `tokens`, the row's own `nfe` (forward passes it needed: the same as decoding it
     alone) and `tokens_per_forward`; block-diffusion checkpoints add the batch's `cache_hits` and
-    `positions_computed` (see `SamplingOutput`)."""
+    `positions_computed` (see `SamplingOutput`); speculative decoding (`speculative=True`, `draft_length`) adds the
+    row's `rounds` (draft + verify, two passes each) and `acceptance`, per draft position the fraction of rounds
+    in which the parent accepted it."""
+    if sampling.get("speculative") or sampling.get("draft_length") is not None:
+        _check_speculative(sampling, infill, show_steps)
     n = check_options(model, prompts, infill=infill, max_new_tokens=max_new_tokens, streaming=streamer is not None,
                       **sampling)
     if isinstance(model, (str, Path)):
@@ -67,6 +71,8 @@ def generate(model, prompts: list[str], *, tokenizer=None, chat: bool = False, i
                         "tokens_per_forward": int(out.row_committed[row]) / max(1, int(out.row_nfe[row]))})
         if out.cache_hits is not None:
             results[-1].update(cache_hits=out.cache_hits, positions_computed=out.positions_computed)
+        if getattr(out, "row_rounds", None) is not None:  # speculative: rounds, acceptance per draft position
+            results[-1].update(rounds=int(out.row_rounds[row]), acceptance=out.acceptance[row].tolist())
     return results
 
 
@@ -117,6 +123,20 @@ def check_checkpoint_options(path, sampling: dict):
     if block is None and sub is not None:
         raise AdaptError("sub_block divides the blocks of a block-diffusion checkpoint; this one is full-sequence: "
                          "use block_length (--block-length) for semi-autoregressive blocks")
+
+
+def _check_speculative(sampling: dict, infill: bool, show_steps: bool):
+    """Speculative decoding's own bad inputs, one line each, before a model loads."""
+    k = sampling.get("draft_length")
+    if not sampling.get("speculative"):
+        raise AdaptError("--draft-length is the speculative drafter's: add --speculative")
+    if k is not None and k < 1:
+        raise AdaptError(f"--draft-length must be at least 1 (tokens drafted per pass), got {k}")
+    if infill:
+        raise AdaptError("--infill fills holes, --speculative continues a prompt with the parent's own tokens: use "
+                         "one of them")
+    if show_steps:
+        raise AdaptError("--show-steps shows diffusion steps; speculative decoding has none: drop --show-steps")
 
 
 def stream(model, prompt: str, *, tokenizer=None, **options):

@@ -12,9 +12,16 @@ targets checked into benchmarks/RESULTS.md (or --out).
     python benchmarks/decode.py --model runs/quickstart/adapted/final --chat heldout.jsonl --new 32 --quick
     python benchmarks/decode.py --model DIR --device cuda --dtype bfloat16
     python benchmarks/decode.py --block-model runs/stories260k-block/final   # block-diffusion rows in the same table
+    python benchmarks/decode.py --speculative runs/stories-drafter   # speculative decoding: its own table
 A missing `--model .../final` is trained first with the stories260K recipe (about half a minute on CPU), a missing
 `--block-model .../final` with the stories260k-block one (a few minutes). The AR
 parent is the model's `provenance.source` (or --ar-parent); prompts come from ../shared/data/tinystories.
+
+`--speculative DIR` (a drafter or block-diffusion checkpoint; a missing DIR is converted from stories260K with
+`--drafter --block-size 4`, untrained) writes its own table instead: per draft length, tokens per forward (every
+pass counted: drafts and verifications) and per verification, acceptance per draft position, time per token ÷ the
+AR parent's KV-cached greedy `generate` (batch 1 and batched), and the share of prompts whose output is identical
+to the parent's greedy text (it must read 100%).
 """
 
 import argparse
@@ -142,10 +149,15 @@ def main():
     ap.add_argument("--ar-parent", help="causal LM that is timed and scores the output (default: provenance.source)")
     ap.add_argument("--quick", action="store_true", help=f"only {len(QUICK)} settings (for models slow on CPU)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/RESULTS.md")
+    ap.add_argument("--speculative", type=Path, help="a drafter checkpoint: speculative-decoding rows, own table")
+    ap.add_argument("--draft-lengths", default="1,2,4,8", help="--speculative: draft lengths, comma-separated")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     import adapt
     from adapt.evaluate import DIFFUSION, _ar_scorer
+
+    if args.speculative:
+        return speculative(args)
 
     model_path = adapted_model(args.model, "stories260k.yaml")
     dlm, tok = adapt.load(model_path, device=args.device, dtype=args.dtype)
@@ -258,6 +270,79 @@ def continuation(args, tok, ar, settings):
               f"{ar_time[True] * 1e3:.3f} ms per token alone, {ar_time[False] * 1e3:.3f} ms per token in a batch of "
               f"{len(prompts)} (the batched column).")
     return "continuation", header, results
+
+
+def speculative(args):
+    """Speculative decoding with `args.speculative` (converted first if missing) against its AR parent."""
+    import adapt
+    from adapt.evaluate import DIFFUSION, _ar_scorer
+
+    if not (args.speculative / "config.json").exists():
+        adapt.convert(SHARED / "models/stories260K", args.speculative, block_size=4, drafter=True)
+    dlm, tok = adapt.load(args.speculative, device=args.device, dtype=args.dtype)
+    ar, ar_name = _ar_scorer(dlm, DIFFUSION, args.ar_parent, args.device)
+    if ar is None:
+        raise SystemExit(f"{args.speculative} names no local AR parent in provenance.source: pass --ar-parent")
+    ar.to(dlm.dtype)
+    texts = [t for t in (SHARED / "data/tinystories/valid.txt").read_text().split("\n\n") if t.strip()]
+    rows = [tok(t).input_ids[: args.prompt_tokens] for t in texts]
+    prompts = torch.tensor([r for r in rows if len(r) == args.prompt_tokens][: args.prompts], device=args.device)
+    n = args.new
+
+    def ar_decode(p):
+        return ar.generate(p, max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+
+    ar_gen = ar_decode(prompts)[:, prompts.shape[1]:]
+    ar_alone = torch.cat([ar_decode(p[None])[:, prompts.shape[1]:] for p in prompts])
+    ar_time = {alone: seconds_per_token(ar_decode, prompts, n, args.repeats, alone) for alone in (True, False)}
+    lengths = [int(k) for k in args.draft_lengths.split(",")]
+    results = []
+    for k in lengths:
+        def decode(p, k=k):
+            return dlm.diffusion_generate(p, max_new_tokens=n, stop_at_eos=False, speculative=True, draft_length=k,
+                                          return_dict_in_generate=True)
+
+        outs = [decode(p[None]) for p in prompts]
+        gen = torch.cat([o.sequences[:, prompts.shape[1]:] for o in outs])
+        batched = decode(prompts).sequences[:, prompts.shape[1]:]
+        identical = (gen == ar_alone).all(1).double().mean().item()
+        identical_batched = (batched == ar_gen).all(1).double().mean().item()
+        nfe = sum(o.nfe for o in outs)
+        acceptance = torch.cat([o.acceptance for o in outs]).mean(0).tolist()
+        ratio = {alone: seconds_per_token(decode, prompts, n, args.repeats, alone) / ar_time[alone]
+                 for alone in (True, False)}
+        results.append((k, gen.numel() / nfe, 2 * gen.numel() / nfe, acceptance, ratio[True], ratio[False],
+                        identical, identical_batched))
+    title = f"# Speculative decoding, {Path(ar_name).name} drafter (benchmarks/decode.py --speculative)"
+    provenance = dlm.config.provenance or {}
+    lines = [
+        title, "",
+        f"{datetime.date.today()}, "
+        + (torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{platform.machine()} CPU")
+        + f", torch {torch.__version__}, {torch.get_num_threads()} threads, {dlm.dtype}. Drafter: "
+        f"`{args.speculative}` (block size {dlm.config.block_size}, "
+        + ("drafter adapter" if getattr(dlm, "drafter", None) is not None else "no adapter")
+        + f", converted by dlm-adapt {provenance.get('converter_version', '?')}), parent `{Path(ar_name).name}`. "
+        f"{len(prompts)} validation stories cut to {args.prompt_tokens} tokens, {n} new tokens each, greedy, no EOS "
+        f"stop. AR parent: {ar_time[True] * 1e3:.3f} ms per token alone, {ar_time[False] * 1e3:.3f} ms per token "
+        f"in a batch of {len(prompts)}. Times are medians of {args.repeats} runs; ratios < 1 mean faster than the "
+        "parent. Every forward is counted: a round is one drafter pass and one parent pass (not fused).",
+        "",
+        "| draft length | tokens / forward | tokens / verification | acceptance by draft position | time per token "
+        "÷ AR, batch 1 | time per token ÷ AR, batched | time per pass ÷ AR step, batch 1 | identical to the parent's "
+        "greedy text (alone, batched) |",
+        "|---:|---:|---:|---|---:|---:|---:|---:|",
+    ]
+    # alone, time per token = time per pass / tokens per pass: what a pass (drafter or parent) costs next to an AR step
+    lines += [f"| {k} | {tpf:.2f} | {tpv:.2f} | {' / '.join(f'{a:.0%}' for a in acc)} | {r1:.2f} | {rb:.2f} | "
+              f"{r1 * tpf:.2f} | {same:.0%}, {same_b:.0%} |" for k, tpf, tpv, acc, r1, rb, same, same_b in results]
+    best = max(results, key=lambda r: r[1])
+    lines += ["", f"Targets (issue 25, after distillation): ≥ 2.5 tokens per forward and ≤ 0.5× the parent's time "
+              f"per token at batch 1 at the parent's quality. Best here: draft length {best[0]}, {best[1]:.2f} tokens "
+              f"per forward, {best[4]:.2f}× the parent's time: "
+              + ("met" if best[1] >= 2.5 and best[4] <= 0.5 else "not met") + "."]
+    write_section(args.out, title, "\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 def chat(args, tok, ar, settings):

@@ -83,8 +83,18 @@ class ConvertOptions:
     block_size: int | None = field(default=None, **_help(
         "write a block-diffusion checkpoint: attention bidirectional inside blocks of this many tokens, causal "
         "between them (BD3-LM); also generation_config.json's block_length (default: full-sequence diffusion)"))
+    drafter: bool = field(default=False, **_help(
+        "write a drafter checkpoint for speculative decoding (needs --block-size K): the parent's weights untouched "
+        "plus a drafter adapter (LoRA + [MASK] row, untrained) that the shipped code applies in block-diffusion "
+        "mode; `generate --speculative` drafts K tokens with it and the parent verifies them"))
+    drafter_rank: int = field(default=16, **_help("the drafter adapter's LoRA rank (alpha = 2 x rank)"))
 
     def __post_init__(self):
+        if self.drafter and self.block_size is None:
+            raise AdaptError("--drafter drafts blocks: give the draft block size with --block-size K (e.g. 4)")
+        r = self.drafter_rank
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise AdaptError(f"drafter rank must be a positive integer, got {r!r}")
         b = self.block_size
         if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 1):
             raise AdaptError(f"block size must be a positive integer, got {b!r}")
@@ -131,20 +141,26 @@ class GenerateOptions:
     kv_cache: str | None = field(default=None, **_help(
         "Fast-dLLM's approximate KV cache, refreshed once per block: later passes rerun the block and what "
         "follows it (prefix) or only the block (dual)", choices=SamplerChoices("KV_CACHES"), metavar="CACHE"))
+    speculative: bool = field(default=False, **_help(
+        "speculative decoding (a drafter or block-diffusion checkpoint): the drafter drafts tokens in one pass, "
+        "the causal parent verifies them in one pass, so the output is the parent's own (greedy: its greedy text)"))
+    draft_length: int | None = field(default=None, **_help(
+        "--speculative: tokens drafted per pass (default: the checkpoint's block size)"))
     show_steps: bool = field(default=False, **_help("print the canvas after every step (stderr)"))
     stream: bool = field(default=False, **_help(
         "print each block's text as soon as it is final (prompts decode one at a time)"))
     json: bool = field(default=False, **_help("one JSON object per prompt: text, tokens, nfe, ..."))
 
     SAMPLING = ("steps", "block_length", "remasking", "threshold", "entropy_bound", "sub_block", "temperature",
-                "top_k", "top_p", "min_new_tokens", "kv_cache")
+                "top_k", "top_p", "min_new_tokens", "kv_cache", "draft_length")
 
     def __post_init__(self):  # `--prompt a --prompt b` arrives as [Texts(a), Texts(b)]
         self.prompt = Texts(p for group in self.prompt or () for p in Texts(group))
 
     def sampling(self) -> dict:
         """The options handed to `diffusion_generate`; unset ones are left to the checkpoint."""
-        return {k: getattr(self, k) for k in self.SAMPLING if getattr(self, k) is not None}
+        chosen = {k: getattr(self, k) for k in self.SAMPLING if getattr(self, k) is not None}
+        return dict(chosen, speculative=True) if self.speculative else chosen
 
 
 @dataclass

@@ -23,6 +23,9 @@ class MaskedDiffusionConfig(PreTrainedConfig):
         block_size (`int`, *optional*):
             Block diffusion: attention is bidirectional inside blocks of this many tokens (counted by position id)
             and causal between blocks. `None` (the default) is full-sequence diffusion.
+        drafter (`dict`, *optional*):
+            A drafter checkpoint (speculative decoding): the drafter adapter's shape, {"rank", "alpha", "targets"}
+            (see `speculative_masked_diffusion.DrafterAdapter`). Needs `block_size`, the drafter's blocks.
         provenance (`dict`, *optional*):
             Where the weights came from: source, revision, converter version, how the mask token was chosen.
     """
@@ -33,11 +36,13 @@ class MaskedDiffusionConfig(PreTrainedConfig):
     sub_configs = {"text_config": AutoConfig}
 
     def __init__(self, text_config=None, mask_token_id=None, shift=True, bidirectional=True, provenance=None,
-                 block_size=None, **kwargs):
+                 block_size=None, drafter=None, **kwargs):
         if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int)
                                        or block_size < 1):
             raise ValueError(f"block_size must be a positive integer or None (full-sequence diffusion), got "
                              f"{block_size!r}")
+        if drafter is not None and block_size is None:
+            raise ValueError("a drafter adapter drafts in block-diffusion mode: it needs block_size")
         if text_config is None or isinstance(text_config, dict):
             fields = dict(text_config or {})
             text_config = AutoConfig.for_model(fields.pop("model_type", "llama"), **fields)
@@ -49,6 +54,7 @@ class MaskedDiffusionConfig(PreTrainedConfig):
         self.bidirectional = bidirectional
         self.provenance = provenance
         self.block_size = block_size
+        self.drafter = drafter
         kwargs["tie_word_embeddings"] = bool(getattr(text_config, "tie_word_embeddings", False))
         super().__init__(**kwargs)
 

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 from .block_masked_diffusion import BlockCacheDenoiser, block_attention_mask, block_diffusion_sample, cached_block_mask
 from .configuration_masked_diffusion import MaskedDiffusionConfig
 from .sampling_masked_diffusion import Denoiser, SamplingError, _holes, check_sampling_options, diffusion_sample
+from .speculative_masked_diffusion import DrafterAdapter, speculative_sample
 from .transformers_compat import (attention_support_flags, cache_kwarg, decoder_class, drop_last_cached,
                                   explain_newer_transformers, output_cache, select_cache_positions, set_causal)
 
@@ -27,6 +28,7 @@ CODE_FILES = (
     "configuration_masked_diffusion.py",
     "modeling_masked_diffusion.py",
     "sampling_masked_diffusion.py",
+    "speculative_masked_diffusion.py",
     "transformers_compat.py",
 )
 
@@ -73,6 +75,8 @@ class MaskedDiffusionLM(PreTrainedModel):
         self.config.text_config = self.decoder.config
         self._no_split_modules = getattr(self.decoder, "_no_split_modules", None)
         self.generation_config = GenerationConfig()
+        if getattr(config, "drafter", None):  # speculative decoding's drafter, beside the untouched parent
+            self.drafter = DrafterAdapter(self.decoder, config.drafter, config.mask_token_id)
         self.post_init()
         self._set_causal(not config.bidirectional)
 
@@ -208,6 +212,8 @@ class MaskedDiffusionLM(PreTrainedModel):
         return_history: bool = False,
         kv_cache: str | None = None,
         streamer=None,
+        speculative: bool = False,
+        draft_length: int | None = None,
     ):
         """Decode `max_new_tokens` tokens after each prompt by iterative unmasking (see `diffusion_sample`).
 
@@ -225,10 +231,24 @@ class MaskedDiffusionLM(PreTrainedModel):
         (Fast-dLLM v2), and generation ends at the block where every row's EOS is committed.
         `streamer` (e.g. transformers' `TextStreamer` / `TextIteratorStreamer`; one prompt) receives the prompt,
         then each block's new tokens as soon as they are final, up to EOS.
+        `speculative=True` (a block-diffusion checkpoint, ideally a drafter one): the drafter drafts `draft_length`
+        tokens (default: the block size) per pass and the causal parent verifies them, so the output is the parent's
+        own: greedy, token for token its `generate(do_sample=False)`; with a temperature, distributed exactly as its
+        sampling with the same temperature, top_k and top_p (`speculative_sample`). Off by default, also for a
+        drafter checkpoint. Returns a `SpeculativeOutput` with `return_dict_in_generate=True` (adds per-row
+        `.row_rounds` and `.acceptance` per draft position).
         Returns a LongTensor (batch, prompt_len + max_new_tokens), or a `SamplingOutput` (`.sequences`, `.nfe`,
         `.committed_per_step`, `.history`, per-row `.row_nfe` and `.row_committed`) with
         `return_dict_in_generate=True`.
         """
+        if speculative or draft_length is not None:
+            return self._speculative_generate(
+                input_ids, attention_mask, max_new_tokens, draft_length, speculative, temperature, top_k, top_p,
+                stop_at_eos, min_new_tokens, generator, return_dict_in_generate, streamer,
+                dict(steps=steps, block_length=block_length, remasking=remasking, threshold=threshold,
+                     entropy_bound=entropy_bound, sub_block=sub_block, kv_cache=kv_cache,
+                     order_temperature=order_temperature or None, return_history=return_history or None,
+                     schedule=None if schedule == "linear" else schedule))
         block_size = getattr(self.config, "block_size", None)
         check_sampling_options(kv_cache=kv_cache)  # the sampler checks the rest, once the defaults are resolved
         if block_size is not None and (kv_cache is not None or block_length not in (None, block_size)):
@@ -272,6 +292,29 @@ class MaskedDiffusionLM(PreTrainedModel):
             return_history=return_history,
             streamer=streamer,
         )
+        return out if return_dict_in_generate else out.sequences
+
+    def _speculative_generate(self, input_ids, attention_mask, max_new_tokens, draft_length, speculative,
+                              temperature, top_k, top_p, stop_at_eos, min_new_tokens, generator,
+                              return_dict_in_generate, streamer, diffusion_only):
+        if not speculative:
+            raise SamplingError("draft_length (--draft-length) is the speculative drafter's: pass speculative=True "
+                                "(--speculative)")
+        unused = [name for name, value in diffusion_only.items() if value is not None]
+        if unused:
+            raise SamplingError(f"speculative decoding drafts and verifies, it has no diffusion steps: leave "
+                                f"{', '.join(unused)} unset")
+        check_sampling_options(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                               min_new_tokens=min_new_tokens)
+        gen = self.generation_config
+        n = int(getattr(gen, "max_new_tokens", None) or 128) if max_new_tokens is None else int(max_new_tokens)
+        out = speculative_sample(
+            self, input_ids, max_new_tokens=n, draft_length=draft_length, attention_mask=attention_mask,
+            temperature=temperature, top_k=top_k, top_p=top_p,
+            eos_token_id=_first(getattr(gen, "eos_token_id", None)) if stop_at_eos else None,
+            min_new_tokens=min_new_tokens, max_positions=getattr(self.config.text_config, "max_position_embeddings",
+                                                                 None),
+            generator=generator, streamer=streamer)
         return out if return_dict_in_generate else out.sequences
 
     def supports_kv_cache(self) -> bool:

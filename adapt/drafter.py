@@ -1,0 +1,27 @@
+"""The drafter adapter a `dlm-adapt convert --drafter` checkpoint starts with: its shape (`config.drafter`) and its
+initial tensors, written beside the parent's untouched weights. The adapter itself, and what it does at inference,
+is remote code: `model/speculative_masked_diffusion.py` (`DrafterAdapter`)."""
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from .model.speculative_masked_diffusion import DrafterAdapter, drafter_targets
+
+SEED = 0  # a conversion is reproducible: the same source gives the same adapter
+
+
+def drafter_spec(text_config, rank: int) -> dict:
+    """`config.drafter` for this decoder: LoRA rank, alpha (2 x rank) and the projections it acts on."""
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(text_config)
+    return {"rank": rank, "alpha": 2 * rank, "targets": drafter_targets(skeleton)}
+
+
+def drafter_tensors(text_config, spec: dict, mask_token_id: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The untrained adapter's tensors under the names `MaskedDiffusionLM` gives them (`drafter.`...): LoRA A
+    as peft starts it, B and the [MASK] row's delta zero, so it drafts as the block-diffusion conversion does."""
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(text_config)
+    adapter = DrafterAdapter(skeleton, spec, mask_token_id)  # parameters on the CPU, hooks on the skeleton
+    adapter.reset_parameters(torch.Generator().manual_seed(SEED))
+    return {f"drafter.{name}": t.detach().to(dtype).contiguous() for name, t in adapter.state_dict().items()}

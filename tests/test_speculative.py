@@ -1,0 +1,192 @@
+"""Speculative decoding (`diffusion_generate(..., speculative=True)`): whatever the drafter proposes, greedy output
+is the causal source's `generate(do_sample=False)` token for token, alone and in a left-padded batch, for every
+architecture and draft lengths 1, 2, 4, 8; the KV caches are rolled back exactly; every forward is counted."""
+
+import pytest
+import torch
+
+import adapt
+from adapt.model import MaskedDiffusionConfig, MaskedDiffusionLM
+from adapt.model.speculative_masked_diffusion import HoleyCache, drafter_targets
+from adapt.sampling import SamplingError
+from tiny_models import ARCHS, save_tiny_source, tiny_config
+
+PROMPTS = ([11, 12, 13, 14, 15], [21, 22], [31, 32, 33])  # tails of 1, 2 and 3 tokens in blocks of 4
+DRAFTS = (1, 2, 4, 8)
+N = 12
+
+
+def _new(seq, width, eos=None):
+    new = seq[width:].tolist()
+    return new[: new.index(eos) + 1] if eos in new else new
+
+
+def _batch(prompts, pad=3):
+    width = max(map(len, prompts))
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    return ids, mask
+
+
+def _trained(model, seed=1):
+    """A drafter adapter with nonzero weights everywhere (B included): drafts that differ from the untrained
+    conversion's, as a trained drafter's would."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.drafter.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return model
+
+
+def _with_drafter(model, rank=4):
+    """The converted model (same weights) with a drafter adapter in its config and modules."""
+    config = MaskedDiffusionConfig(**{**model.config.to_dict(), "text_config": model.config.text_config.to_dict(),
+                                      "drafter": {"rank": rank, "alpha": 8, "targets": drafter_targets(model.decoder)}})
+    drafter = MaskedDiffusionLM(config)
+    drafter.load_state_dict(model.state_dict(), strict=False)
+    drafter.set_attn_implementation(model.config.text_config._attn_implementation)
+    drafter.generation_config = model.generation_config
+    return drafter.eval()
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    cache = {}
+
+    def get(arch):
+        if arch not in cache:
+            root = tmp_path_factory.mktemp(f"spec-{arch}")
+            source = save_tiny_source(root / "src", arch)
+            model, _ = adapt.load(adapt.convert(root / "src", root / "dlm", block_size=4), attn_implementation="eager")
+            cache[arch] = source, model.eval()
+        return cache[arch]
+
+    return get
+
+
+def _reference(source, eos):
+    alone = []
+    for prompt in PROMPTS:
+        ids = torch.tensor([prompt])
+        ar = source.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=N,
+                             pad_token_id=3)
+        alone.append(_new(ar[0], len(prompt), eos))
+    return alone
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_is_the_source_generate_alone_and_batched(sources, arch):
+    source, model = sources(arch)
+    eos = source.generation_config.eos_token_id
+    expected = _reference(source, eos)
+    ids, mask = _batch(PROMPTS)
+    for drafter in (model, _trained(_with_drafter(model))):
+        for k in DRAFTS:
+            for prompt, want in zip(PROMPTS, expected):
+                got = drafter.diffusion_generate(torch.tensor([prompt]), max_new_tokens=N, speculative=True,
+                                                 draft_length=k, return_dict_in_generate=True)
+                assert _new(got.sequences[0], len(prompt), eos) == want, (k, prompt)
+                assert got.nfe == 2 * int(got.row_rounds[0]) == int(got.row_nfe[0])
+                assert int(got.row_committed[0]) == len(want)
+            got = drafter.diffusion_generate(ids, attention_mask=mask, max_new_tokens=N, speculative=True,
+                                             draft_length=k)
+            for row, want in enumerate(expected):
+                assert _new(got[row], ids.shape[1], eos) == want, (k, row)
+
+
+def test_statistics_count_what_happened(sources):
+    """Each round is two forwards (draft, verify) and yields its accepted drafts plus the parent's token; a draft
+    position counts as accepted only with every position before it."""
+    _, model = sources("llama")
+    got = model.diffusion_generate(torch.tensor([PROMPTS[0]]), max_new_tokens=N, speculative=True, draft_length=4,
+                                   return_dict_in_generate=True, stop_at_eos=False)
+    rounds, accepted = int(got.row_rounds[0]), got.row_accepted_at[0]
+    assert got.nfe == 2 * rounds
+    assert int(accepted.sum()) + rounds >= N > int(accepted.sum()) + rounds - 5  # the last round may overshoot
+    assert all(accepted[i] >= accepted[i + 1] for i in range(3))
+    assert got.tokens_per_forward == pytest.approx(N / got.nfe)
+    torch.testing.assert_close(got.acceptance[0], accepted.double() / rounds)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+def test_rolled_back_entries_leave_the_cache_exact(sources, arch):
+    """Verify 3 drafts, keep 1 (row 0) and 2 (row 1): the next pass gives the logits of a fresh causal forward over
+    the kept text, both for the entry every row rejects (cropped) and for one only row 0 rejects (a hole)."""
+    _, model = sources(arch)
+    ids, mask = _batch(PROMPTS[:2])
+    drafts = torch.tensor([[40, 41, 42], [50, 51, 52]])
+    cache = HoleyCache(model, 2, 1, ids.device)
+    with torch.no_grad():
+        cache.forward(torch.cat([ids, drafts], 1), torch.cat([mask, torch.ones_like(drafts)], 1),
+                      torch.arange(1))
+        cache.truncate(3, torch.tensor([1, 2]))
+        assert cache.mask.shape[1] == ids.shape[1] + 2 and cache.real.tolist() == [len(PROMPTS[0]) + 1,
+                                                                                 len(PROMPTS[1]) + 2]
+        nxt = torch.tensor([[60, 61], [70, 71]])
+        got = cache.forward(nxt, torch.ones_like(nxt), torch.arange(2))
+        for row, kept in enumerate(([40], [50, 51])):
+            text = torch.tensor([list(PROMPTS[row]) + kept + nxt[row].tolist()])
+            fresh = model(text, is_causal=True).logits[0, -2:]
+            torch.testing.assert_close(got[row], fresh, atol=1e-5, rtol=0)
+
+
+def test_bad_speculative_options_are_refused(sources, tmp_path):
+    _, model = sources("llama")
+    ids = torch.tensor([PROMPTS[0]])
+    with pytest.raises(SamplingError, match="draft length must be at least 1"):
+        model.diffusion_generate(ids, max_new_tokens=4, speculative=True, draft_length=0)
+    with pytest.raises(SamplingError, match="pass speculative=True"):
+        model.diffusion_generate(ids, max_new_tokens=4, draft_length=2)
+    with pytest.raises(SamplingError, match="leave threshold unset"):
+        model.diffusion_generate(ids, max_new_tokens=4, speculative=True, threshold=0.9)
+    holes = ids.clone()
+    holes[0, 2] = model.config.mask_token_id
+    with pytest.raises(SamplingError, match="cannot fill holes"):
+        model.diffusion_generate(holes, max_new_tokens=4, speculative=True)
+    torch.manual_seed(0)
+    full = MaskedDiffusionLM(MaskedDiffusionConfig(text_config=tiny_config("llama", 100).to_dict(),
+                                                   mask_token_id=5)).eval()
+    with pytest.raises(SamplingError, match="needs a drafter"):
+        full.diffusion_generate(ids, max_new_tokens=4, speculative=True)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_sampling_through_the_loop(sources, arch):
+    """The whole sampling path (drafts drawn from q, accept with min(1, p/q), residual draws): with top_k=1 the
+    parent's distribution is its argmax alone, so the output must be its greedy text, whatever the drafter
+    proposes; with a seeded generator the output repeats, and a batch runs."""
+    source, model = sources(arch)
+    eos = source.generation_config.eos_token_id
+    expected = _reference(source, eos)
+    drafter = _trained(_with_drafter(model))
+    ids, mask = _batch(PROMPTS)
+    for k in (1, 4):
+        got = drafter.diffusion_generate(ids, attention_mask=mask, max_new_tokens=N, speculative=True,
+                                         draft_length=k, temperature=1.3, top_k=1,
+                                         generator=torch.Generator().manual_seed(0))
+        assert [_new(got[row], ids.shape[1], eos) for row in range(len(PROMPTS))] == expected
+        runs = [drafter.diffusion_generate(ids, attention_mask=mask, max_new_tokens=N, speculative=True,
+                                           draft_length=k, temperature=0.9, top_p=0.9,
+                                           generator=torch.Generator().manual_seed(seed)) for seed in (1, 1, 2)]
+        assert torch.equal(runs[0], runs[1])
+        assert not (runs[0][:, ids.shape[1]:] == model.config.mask_token_id).any()
+
+
+def test_streaming_hands_over_each_rounds_tokens(sources):
+    _, model = sources("llama")
+
+    class Collect:
+        def __init__(self):
+            self.chunks = []
+
+        def put(self, value):
+            self.chunks.append(value.flatten().tolist())
+
+        def end(self):
+            self.chunks.append("end")
+
+    streamer = Collect()
+    out = model.diffusion_generate(torch.tensor([PROMPTS[0]]), max_new_tokens=N, speculative=True, draft_length=4,
+                                   streamer=streamer, stop_at_eos=False)
+    assert streamer.chunks[0] == list(PROMPTS[0]) and streamer.chunks[-1] == "end"
+    assert sum(streamer.chunks[1:-1], []) == out[0, len(PROMPTS[0]):].tolist()
