@@ -19,7 +19,7 @@ import torch
 from .errors import AdaptError, first_line
 from .model import CODE_FILES, MaskedDiffusionConfig, MaskedDiffusionLM, remote_code_fields, write_remote_code
 from .sources import _HUB_ID, hub_access, unreachable_message
-from .upgrade import stale_code_warning
+from .hub.upgrade import stale_code_warning
 
 DIFFUSION = "diffusion"  # a dlm-adapt checkpoint: config.json of model_type masked_diffusion_lm
 CAUSAL = "causal"  # any other model config.json (or a GGUF file): something to convert or compare against
@@ -73,7 +73,7 @@ def _detect_directory(directory: Path) -> Detected:
     adapter = (directory / "adapter_config.json").is_file()
     config_file = directory / "config.json"
     if not config_file.is_file():
-        from .checkpointing import REQUIRED
+        from .training.training_state import REQUIRED
 
         kind = ADAPTER if adapter else TRAINING_STATE if (directory / REQUIRED[0]).is_file() else NOT_A_MODEL
         return Detected(kind, str(directory), adapter=adapter)

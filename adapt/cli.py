@@ -12,7 +12,7 @@ from .errors import AdaptError
 
 
 def _convert(args):
-    from .convert import convert
+    from .conversion.convert import convert
 
     out = convert(args.source, args.output, **_options(args, ConvertOptions))
     print(f"converted {args.source} -> {out}")
@@ -21,7 +21,7 @@ def _convert(args):
 def _train(args):
     """`train` and `sft`: a recipe plus overrides, run by the same loop; `args.job` picks config class and entry."""
     from .config import SFTConfig, TrainConfig, load_config
-    from .train import sft, train
+    from .training.recipe import sft, train
 
     cls, run, done = {"train": (TrainConfig, train, "trained"), "sft": (SFTConfig, sft, "fine-tuned")}[args.job]
     final = run(load_config(args.recipe, args.overrides, cls=cls))
@@ -31,7 +31,7 @@ def _train(args):
 def _generate(args):
     import json
 
-    from .generate import generate
+    from .sampling.generate import generate
 
     o = GenerateOptions(**_options(args, GenerateOptions))
     prompts = list(o.prompt)
@@ -67,7 +67,7 @@ def _generate(args):
 
 
 def _upgrade(args):
-    from .upgrade import upgrade
+    from .hub.upgrade import upgrade
 
     result = upgrade(args.directory, **_options(args, UpgradeOptions))
     print(result.report())
@@ -75,7 +75,7 @@ def _upgrade(args):
 
 
 def _push(args):
-    from .push import push_to_hub
+    from .hub.push import push_to_hub
 
     print(push_to_hub(args.directory, args.repo_id, **_options(args, PushOptions)).report())
 
@@ -83,7 +83,7 @@ def _push(args):
 def _eval(args):
     import json
 
-    from .evaluate import evaluate
+    from .evaluation.harness import evaluate
 
     if args.block_length is not None:  # the old name of --seq-length, kept for one release
         if args.seq_length is not None:

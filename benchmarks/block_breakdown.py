@@ -29,7 +29,7 @@ def masked_ce(model, rows, masked, block_size):
 def main():
     import adapt
     from adapt.config import DataConfig
-    from adapt.data import load_documents, pack
+    from adapt.training.data import load_documents, pack
 
     ap = argparse.ArgumentParser()
     ap.add_argument("model")

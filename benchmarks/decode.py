@@ -145,7 +145,7 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     import adapt
-    from adapt.evaluate import DIFFUSION, _ar_scorer
+    from adapt.evaluation.harness import DIFFUSION, _ar_scorer
 
     model_path = adapted_model(args.model, "stories260k.yaml")
     dlm, tok = adapt.load(model_path, device=args.device, dtype=args.dtype)
@@ -264,8 +264,8 @@ def chat(args, tok, ar, settings):
     """Instructions: each prompt alone in the chat template, answered until EOS (at most --new tokens). Counts,
     times and NLLs are per answer token (EOS included); exact = the answer equals the file's."""
     from adapt.config import SFTDataConfig
-    from adapt.data import load_table
-    from adapt.sft_data import detect_format, to_messages
+    from adapt.training.data import load_table
+    from adapt.training.sft_data import detect_format, to_messages
 
     cfg = SFTDataConfig()
     table = load_table(str(args.chat), cfg)

@@ -292,12 +292,12 @@ REFUSED_BEFORE_LOADING = ["generate at temperature -1", "generate with top-p 5",
 @pytest.mark.parametrize("case", REFUSED_BEFORE_LOADING)
 def test_bad_sampling_options_are_refused_before_the_model_loads(base, case, capsys, monkeypatch):
     """Not a line of weight-loading progress before the error: the model is never loaded."""
-    import adapt.generate
+    import adapt.sampling.generate
 
     def load(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(adapt.generate, "load", load)
+    monkeypatch.setattr(adapt.sampling.generate, "load", load)
     argv, code, phrase, _, _ = CASES[case]
     capsys.readouterr()
     assert main([a.format(ws=base) for a in argv]) == code

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from adapt.batch import Batch, as_batch
-from adapt.data import BlockLoader, hold_out
+from adapt.training.batch import Batch, as_batch
+from adapt.training.data import BlockLoader, hold_out
 from adapt.errors import AdaptError
 
 

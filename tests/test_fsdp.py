@@ -14,7 +14,7 @@ import yaml
 from safetensors.torch import load_file
 
 import adapt
-from adapt import checkpointing
+from adapt.training import training_state as checkpointing
 from adapt.config import load_config
 import test_train
 from test_train import _losses

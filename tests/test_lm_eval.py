@@ -19,7 +19,7 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 import adapt  # noqa: E402
 from adapt import AdaptError  # noqa: E402
 from adapt.cli import main  # noqa: E402
-from adapt.lm_eval_backend import DLMAdaptLM  # noqa: E402
+from adapt.evaluation.lm_eval_backend import DLMAdaptLM  # noqa: E402
 from test_eval import V, fixed  # noqa: E402
 from tiny_models import tiny_tokenizer  # noqa: E402
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from adapt.objective import ObjectiveConfig, cart_weights, diffusion_loss, noised_batch, sample_t
+from adapt.training.objective import ObjectiveConfig, cart_weights, diffusion_loss, noised_batch, sample_t
 
 V = 5
 

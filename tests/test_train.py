@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 import adapt
-from adapt import AdaptError, checkpointing
+from adapt import AdaptError
+from adapt.training import training_state as checkpointing
 from adapt.config import load_config
 
 
@@ -82,7 +83,7 @@ def test_every_trainable_parameter_changes(setup, tmp_path, method):
     out = tmp_path / "run"
     cfg = _cfg(setup, out, f"train.method={method}", "max_steps=6", "stop_after=3", "eval_steps=0")
     torch.manual_seed(cfg.train.seed)
-    from adapt.train import load_for_training
+    from adapt.training.recipe import load_for_training
 
     initial = load_for_training(cfg, str(setup / "dlm"))
     before = {n: p.detach().clone() for n, p in initial.named_parameters() if p.requires_grad}
@@ -262,7 +263,7 @@ def test_ddp_two_processes_match_one_process_with_the_same_global_batch(setup, t
 
 def test_attention_and_mlp_learning_rates_are_separate(setup):
     from adapt.config import TrainOptions
-    from adapt.train import param_groups
+    from adapt.training.recipe import param_groups
 
     model, _ = adapt.load(setup / "dlm")
     groups = {g["name"]: g for g in param_groups(model, TrainOptions(lr=1e-4, attention_lr=3e-4, mlp_lr=5e-5))}

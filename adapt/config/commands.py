@@ -25,7 +25,7 @@ class SamplerChoices(Sequence):
         self.table = table
 
     def _values(self) -> tuple:
-        from .. import sampling
+        from ..model import sampling_masked_diffusion as sampling
 
         return getattr(sampling, self.table)
 
@@ -236,7 +236,7 @@ class EvalOptions:
             raise AdaptError("seq_length must be at least 2 (the first token of a block is context)")
         if self.plot is not None and "steps_sweep" not in self.metrics:
             raise AdaptError("--plot draws the steps sweep: add steps_sweep to --metrics")
-        from ..sampling import SamplingError, check_sampling_options
+        from ..model.sampling_masked_diffusion import SamplingError, check_sampling_options
 
         try:
             check_sampling_options(kv_cache=self.kv_cache)

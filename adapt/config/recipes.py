@@ -14,9 +14,9 @@ import torch
 import yaml
 
 from ..errors import AdaptError
-from ..annealing import AnnealConfig
-from ..blocks import BlockConfig
-from ..objective import ObjectiveConfig
+from ..training.annealing import AnnealConfig
+from ..training.blocks import BlockConfig
+from ..training.objective import ObjectiveConfig
 from ..ranges import FieldError, check_ranges
 from .commands import DTYPE_NAMES
 

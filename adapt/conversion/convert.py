@@ -15,15 +15,15 @@ import torch
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
 
-from . import __version__
+from .. import __version__
 from .architectures import check_architecture
-from .checkpoint import DIFFUSION, detect
-from .config import DTYPES, ConvertOptions
-from .errors import AdaptError, first_line
-from .sources import Source, resolve_source
-from .outputs import check_target, make_temp, publish, write_errors
-from .model import MaskedDiffusionConfig, write_remote_code
-from .safetensors_io import StoredTensor, dtype_code, read_shards, torch_dtype, write_safetensors
+from ..checkpoint import DIFFUSION, detect
+from ..config import DTYPES, ConvertOptions
+from ..errors import AdaptError, first_line
+from ..sources import Source, resolve_source
+from ..outputs import check_target, make_temp, publish, write_errors
+from ..model import MaskedDiffusionConfig, write_remote_code
+from ..safetensors_io import StoredTensor, dtype_code, read_shards, torch_dtype, write_safetensors
 
 DEFAULT_MASK_TOKEN = "<|mask|>"
 PREFIX = "decoder."  # where MaskedDiffusionLM keeps the causal LM

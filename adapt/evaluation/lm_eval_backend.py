@@ -1,9 +1,9 @@
 """An lm-evaluation-harness backend for dlm-adapt checkpoints: `--model dlm-adapt`.
 
 lm-eval has no plugin entry point for models: a backend exists once the module defining it is imported. Importing
-this module registers `dlm-adapt` (and `dlm_adapt`); `python -m adapt.lm_eval_backend run --model dlm-adapt ...`
+this module registers `dlm-adapt` (and `dlm_adapt`); `python -m adapt.evaluation.lm_eval_backend run --model dlm-adapt ...`
 is lm-eval's own command line with it registered, and `lm_eval.simple_evaluate(model="dlm-adapt", ...)` works
-after `import adapt.lm_eval_backend`. `dlm-adapt eval MODEL --tasks ...` runs it through lm-eval's Python API.
+after `import adapt.evaluation.lm_eval_backend`. `dlm-adapt eval MODEL --tasks ...` runs it through lm-eval's Python API.
 
 - `loglikelihood`: the Monte-Carlo ELBO of the continuation with the context clean and never masked
   (`adapt.likelihood.elbo_draws`: stratified mask counts, seeded, batched across requests), block-wise for a
@@ -34,16 +34,16 @@ try:
     from lm_eval.api.registry import register_model
     from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 except ImportError as e:  # the eval extra is not installed
-    from .errors import AdaptError
+    from ..errors import AdaptError
 
     raise AdaptError(f"the lm-eval backend needs lm-eval ({e}): pip install 'dlm-adapt[eval]'") from None
 
-from .batch import Batch
-from .checkpoint import CAUSAL, detect, is_diffusion_model, load
-from .config.commands import DTYPE_NAMES
-from .errors import AdaptError
-from .likelihood import elbo_draws, model_device, token_scores
-from .sampling import SamplingError, check_sampling_options
+from ..training.batch import Batch
+from ..checkpoint import CAUSAL, detect, is_diffusion_model, load
+from ..config.commands import DTYPE_NAMES
+from ..errors import AdaptError
+from ..training.likelihood import elbo_draws, model_device, token_scores
+from ..sampling import SamplingError, check_sampling_options
 
 NAME = "dlm-adapt"
 GROUP = 64  # requests per ELBO call: a fixed number, so that batch_size cannot change the draws
@@ -301,7 +301,7 @@ class DLMAdaptLM(TemplateLM):
 
 
 def main(argv=None) -> int:
-    """`python -m adapt.lm_eval_backend ...`: lm-eval's command line (`run`, `ls`, `validate`) with `dlm-adapt`
+    """`python -m adapt.evaluation.lm_eval_backend ...`: lm-eval's command line (`run`, `ls`, `validate`) with `dlm-adapt`
     registered; an AdaptError is one line, as in `dlm-adapt`."""
     from lm_eval.__main__ import cli_evaluate
 
@@ -315,7 +315,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":  # run as a script, this copy stays unregistered: the imported module registers once
-    from adapt.lm_eval_backend import main as registered_main
+    from adapt.evaluation.lm_eval_backend import main as registered_main
 
     sys.exit(registered_main())
 else:

@@ -13,8 +13,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import UpgradeOptions
-from .errors import AdaptError
+from ..config import UpgradeOptions
+from ..errors import AdaptError
 
 _VERSION_LINE = re.compile(r'^DLM_ADAPT_VERSION = "([^"]+)"', re.M)
 
@@ -33,7 +33,7 @@ class UpgradeResult:
         return bool(self.changes)
 
     def report(self) -> str:
-        from . import __version__
+        from .. import __version__
 
         if not self.needed:
             return f"{self.directory} is up to date (remote code of dlm-adapt {__version__})"
@@ -53,10 +53,10 @@ def code_version(directory: Path) -> str:
 
 def plan_upgrade(directory: str | Path) -> UpgradeResult:
     """What `upgrade` would rewrite in `directory`, without writing anything."""
-    from .model import MODEL_FILES, remote_code_fields
+    from ..model import MODEL_FILES, remote_code_fields
 
-    from . import __version__
-    from .model.transformers_compat import _release
+    from .. import __version__
+    from ..model.transformers_compat import _release
 
     directory = Path(directory).expanduser()
     config = _read_checkpoint_config(directory)
@@ -97,12 +97,12 @@ def upgrade(directory: str | Path, **options) -> UpgradeResult:
 
 def stale_code_warning(directory: Path) -> str | None:
     """One line for users of a checkpoint whose remote code is older than this release's, else None."""
-    from .model import MODEL_FILES
+    from ..model import MODEL_FILES
 
     if not (directory / "config.json").is_file():
         return None
-    from . import __version__
-    from .model.transformers_compat import _release
+    from .. import __version__
+    from ..model.transformers_compat import _release
 
     stale = [f.name for f in MODEL_FILES if not (directory / f.name).is_file()
              or (directory / f.name).read_bytes() != f.read_bytes()]
@@ -113,7 +113,7 @@ def stale_code_warning(directory: Path) -> str | None:
 
 
 def _read_checkpoint_config(directory: Path) -> dict:
-    from .checkpoint import ADAPTER, DIFFUSION, detect
+    from ..checkpoint import ADAPTER, DIFFUSION, detect
 
     if not directory.is_dir():
         raise AdaptError(f"{directory} is not a directory; upgrade takes a dlm-adapt checkpoint directory")
@@ -142,7 +142,7 @@ def _plan_pad_token(directory: Path, result: UpgradeResult):
     tok_file, gen_file = directory / "tokenizer_config.json", directory / "generation_config.json"
     if not tok_file.is_file():
         return
-    from .convert import padding_policy
+    from ..conversion.convert import padding_policy
 
     tok = json.loads(tok_file.read_text())
     updated = padding_policy(tok)

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import torch
 
-from .errors import AdaptError
-from .checkpoint import load
-from .sampling import SamplingError, check_sampling_options
+from ..errors import AdaptError
+from ..checkpoint import load
+from . import SamplingError, check_sampling_options
 
 
 def generate(model, prompts: list[str], *, tokenizer=None, chat: bool = False, infill: bool = False,

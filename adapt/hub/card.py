@@ -11,8 +11,8 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .config import SFTConfig, TrainConfig, to_dict
-from .outputs import read_marker
+from ..config import SFTConfig, TrainConfig, to_dict
+from ..outputs import read_marker
 
 if TYPE_CHECKING:
     from .push import Plan

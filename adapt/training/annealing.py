@@ -16,11 +16,11 @@ from typing import Literal
 import torch
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-from .architectures import check_architecture
-from .errors import AdaptError
-from .model.modeling_masked_diffusion import position_ids_from_padding
-from .model.transformers_compat import causal_mask
-from .ranges import check_ranges
+from ..conversion.architectures import check_architecture
+from ..errors import AdaptError
+from ..model.modeling_masked_diffusion import position_ids_from_padding
+from ..model.transformers_compat import causal_mask
+from ..ranges import check_ranges
 
 # Implementations whose mask interface honours an arbitrary mask function, as tested here. flash-attention
 # takes only causal/padding information and would silently drop the annealing mask (a DiffuLLaMA bug).

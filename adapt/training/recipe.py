@@ -19,21 +19,22 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, get_scheduler
 
-from . import checkpointing, distributed, outputs
+from .. import outputs
+from . import distributed, training_state
 from .annealing import annealed_attention_mask, check_annealing_supported, mask_ratio
 from .blocks import check_block_attention, documents
 from .batch import Batch
-from .config import SFTConfig, SFTDataConfig, TrainConfig, to_dict
-from .convert import convert
+from ..config import SFTConfig, SFTDataConfig, TrainConfig, to_dict
+from ..conversion.convert import convert
 from .data import BlockLoader, build_datasets
-from .errors import AdaptError
+from ..errors import AdaptError
 from .likelihood import diffusion_elbo
-from .model.block_masked_diffusion import canvas_logits, two_l_layout
+from ..model.block_masked_diffusion import canvas_logits, two_l_layout
 from .objective import diffusion_loss, noised_batch
 from .run_dir import check_output, diverged, model_settings, resume_path, truncate_metrics
 from .sft_data import build_sft_datasets
-from .sources import hub_access
-from .train_model import (diffusion_model, is_diffusion_checkpoint, load_for_training, param_groups, save_final,
+from ..sources import hub_access
+from .model_io import (diffusion_model, is_diffusion_checkpoint, load_for_training, param_groups, save_final,
                           source_tokenizer)
 
 
@@ -88,7 +89,7 @@ class Recipe:
         if self.main and self.skipped:
             print(f"dlm-adapt: resuming from {self.resume_from.name}, the newest complete checkpoint; removing "
                   + "; ".join(f"{p.name}, which is incomplete ({why})" for p, why in self.skipped), file=sys.stderr)
-        if self.main and self.resume_from is not None and checkpointing.is_unverified(self.resume_from):
+        if self.main and self.resume_from is not None and training_state.is_unverified(self.resume_from):
             print(f"dlm-adapt: warning: {self.resume_from} was written by an older dlm-adapt without a manifest; "
                   "resuming from it without checking its files' sizes and checksums", file=sys.stderr)
         self.source = cfg.model.path
@@ -172,7 +173,7 @@ class Recipe:
                                                                                     bool(self.sharded))}
             if self.sharded:  # every rank reads the full tensors and keeps its shard of them
                 loaders["load_weights"] = lambda t: distributed.load_full_model_state(self.model, t)
-            state, rng = checkpointing.load(self.resume_from, self.accelerator.unwrap_model(self.model),
+            state, rng = training_state.load(self.resume_from, self.accelerator.unwrap_model(self.model),
                                             self.optimizer, self.scheduler, self.rank, **loaders)
             self.start_step = state["step"]
             self.loader.load_state(state["data"])
@@ -315,9 +316,9 @@ class Recipe:
                 optimizer_state = distributed.full_optimizer_state(self.model, self.optimizer)
                 weights, optimizer = (lambda: (tensors, aliases)), (lambda: optimizer_state)
             else:
-                weights = lambda: checkpointing.trainable_state(acc.unwrap_model(self.model))  # noqa: E731
+                weights = lambda: training_state.trainable_state(acc.unwrap_model(self.model))  # noqa: E731
                 optimizer = self.optimizer.state_dict
-            checkpointing.save(self.ckpt_root, done, weights, optimizer, self.scheduler, {"data": self.loader.state()},
+            training_state.save(self.ckpt_root, done, weights, optimizer, self.scheduler, {"data": self.loader.state()},
                                rng, self.main, self.rank, acc.wait_for_everyone, cfg.save_total_limit)
         return stopping
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from .batch import Batch, as_batch
-from .errors import AdaptError
+from ..errors import AdaptError
 from .objective import ObjectiveConfig, sequence_losses
 
 
@@ -136,7 +136,7 @@ def _denoise(model, x_t, x0, padding, block_size):
     diffusion one 2L forward whose earlier blocks are clean (`adapt.blocks`)."""
     if block_size is None:
         return model(input_ids=x_t, attention_mask=padding).logits
-    from .model.block_masked_diffusion import canvas_logits, two_l_layout
+    from ..model.block_masked_diffusion import canvas_logits, two_l_layout
 
     inputs, index = two_l_layout(model, x_t, x0, padding, block_size)
     return canvas_logits(model(**inputs).logits, index)

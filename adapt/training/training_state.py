@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .errors import AdaptError
-from .outputs import write_errors
+from ..errors import AdaptError
+from ..outputs import write_errors
 
 PREFIX = "step-"
 MANIFEST = "manifest.json"

@@ -11,7 +11,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from .ranges import check_ranges
+from ..ranges import check_ranges
 
 
 @dataclass

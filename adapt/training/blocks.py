@@ -20,9 +20,9 @@ from typing import Literal
 
 import torch
 
-from .errors import AdaptError
-from .model.block_masked_diffusion import check_block_implementation
-from .ranges import FieldError, check_ranges
+from ..errors import AdaptError
+from ..model.block_masked_diffusion import check_block_implementation
+from ..ranges import FieldError, check_ranges
 
 
 @dataclass

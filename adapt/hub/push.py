@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .card import build_card
-from .checkpoint import ADAPTER_FILES, NotDiffusionError, Validated, detect, validate, validate_adapter
-from .config import PushOptions, TrainConfig
-from .errors import AdaptError, first_line
-from .run_dir import training_record
+from ..checkpoint import ADAPTER_FILES, NotDiffusionError, Validated, detect, validate, validate_adapter
+from ..config import PushOptions, TrainConfig
+from ..errors import AdaptError, first_line
+from ..training.run_dir import training_record
 
 # a failed commit POST is not retried by huggingface_hub; these are the waits before our further attempts
 COMMIT_RETRY_DELAYS = (1.0, 4.0)
