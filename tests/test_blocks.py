@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from adapt.training.blocks import BlockConfig, block_t, documents
+from adapt.config.diffusion import BlockConfig
+from adapt.training.blocks import block_t, documents
 from adapt.model.block_masked_diffusion import canvas_index, forward_2l
 from adapt.errors import AdaptError
 from adapt.training.objective import ObjectiveConfig, diffusion_loss, noised_batch

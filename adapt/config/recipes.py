@@ -14,11 +14,9 @@ import torch
 import yaml
 
 from ..errors import AdaptError
-from ..training.annealing import AnnealConfig
-from ..training.blocks import BlockConfig
-from ..training.objective import ObjectiveConfig
 from ..ranges import FieldError, check_ranges
 from .commands import DTYPE_NAMES
+from .diffusion import AnnealConfig, BlockConfig, ObjectiveConfig
 
 
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}

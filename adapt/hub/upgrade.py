@@ -8,16 +8,13 @@ over the old one, so a file is always either wholly old or wholly new. Weight fi
 
 import json
 import os
-import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import UpgradeOptions
+from ..checkpoint import code_version
 from ..errors import AdaptError
-
-_VERSION_LINE = re.compile(r'^DLM_ADAPT_VERSION = "([^"]+)"', re.M)
-
 
 @dataclass
 class UpgradeResult:
@@ -42,13 +39,6 @@ class UpgradeResult:
             return f"upgraded {self.directory} from dlm-adapt {self.code_version} to {__version__}: rewrote {files}"
         return (f"{self.directory} needs an upgrade (remote code of dlm-adapt {self.code_version}; this is "
                 f"{__version__}): would rewrite {files}; run: dlm-adapt upgrade {self.directory}")
-
-
-def code_version(directory: Path) -> str:
-    """The dlm-adapt release that wrote `directory`'s remote code (0.1.0 recorded no version in the code)."""
-    compat = directory / "transformers_compat.py"
-    found = _VERSION_LINE.search(compat.read_text()) if compat.is_file() else None
-    return found.group(1) if found else "0.1.0"
 
 
 def plan_upgrade(directory: str | Path) -> UpgradeResult:
@@ -93,23 +83,6 @@ def upgrade(directory: str | Path, **options) -> UpgradeResult:
         _replace(result.directory / name, content)
     result.written = True
     return result
-
-
-def stale_code_warning(directory: Path) -> str | None:
-    """One line for users of a checkpoint whose remote code is older than this release's, else None."""
-    from ..model import MODEL_FILES
-
-    if not (directory / "config.json").is_file():
-        return None
-    from .. import __version__
-    from ..model.transformers_compat import _release
-
-    stale = [f.name for f in MODEL_FILES if not (directory / f.name).is_file()
-             or (directory / f.name).read_bytes() != f.read_bytes()]
-    if not stale or _release(code_version(directory)) > _release(__version__):  # newer code: nothing to update
-        return None
-    return (f"{directory}'s remote code was written by dlm-adapt {code_version(directory)} and may not run with "
-            f"transformers alone on this transformers release; update it with: dlm-adapt upgrade {directory}")
 
 
 def _read_checkpoint_config(directory: Path) -> dict:
@@ -183,4 +156,4 @@ def _umask() -> int:
     return mask
 
 
-__all__ = ["UpgradeResult", "plan_upgrade", "stale_code_warning", "upgrade"]
+__all__ = ["UpgradeResult", "plan_upgrade", "upgrade"]

@@ -15,62 +15,11 @@ causal mask: the AR parent, exactly.
 """
 
 import math
-from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 
 from ..errors import AdaptError
 from ..model.block_masked_diffusion import check_block_implementation
-from ..ranges import FieldError, check_ranges
-
-
-@dataclass
-class BlockConfig:
-    """Block diffusion in training (`block:` in a recipe)."""
-
-    size: int | None = None
-    """Block size B. None: the checkpoint's (a full-sequence checkpoint trains as today). A causal source is
-    converted with this block size."""
-    schedule: list[int] = field(default_factory=list)
-    """Warmup from AR to blocks (LLaDA 2.0's warmup–stable–decay): the block sizes of successive stages, e.g.
-    [1, 4, 16], each trained for `stage_steps` optimizer steps; the last is `size` and lasts until the decay.
-    Empty: `size` from the first step."""
-    stage_steps: int = 0
-    """Optimizer steps of each warmup stage but the last."""
-    decay_to: int | None = None
-    """Serving block size for the last `decay_steps` steps (it becomes the checkpoint's block size). None: none."""
-    decay_steps: int = 0
-    noise: Literal["block", "sequence"] = "block"
-    """`block`: one t per block, stratified across a row's blocks (a shifted lattice, as MDLM's antithetic t);
-    `sequence`: one t per row, as in full-sequence training."""
-
-    def __post_init__(self):
-        check_ranges(self, {"size": "[1, inf)", "schedule": "[1, inf)", "stage_steps": "[0, inf)",
-                            "decay_to": "[1, inf)", "decay_steps": "[0, inf)"})
-        if self.schedule and self.size is None:
-            raise FieldError("schedule", "needs block.size, the block size it ends at")
-        if self.schedule and self.schedule[-1] != self.size:
-            raise FieldError("schedule", f"must end at block.size ({self.size}), got {self.schedule}; "
-                                         f"append {self.size}")
-        if len(self.schedule) > 1 and self.stage_steps < 1:
-            raise FieldError("stage_steps", "must be at least 1 when block.schedule has several stages")
-        if self.decay_to is not None and (self.size is None or self.decay_steps < 1):
-            raise FieldError("decay_to", "needs block.size and block.decay_steps >= 1")
-
-    def size_at(self, step: int, max_steps: int, checkpoint_size: int | None) -> int | None:
-        """The block size trained at optimizer step `step` (0-based) of `max_steps`."""
-        if self.decay_to is not None and step >= max_steps - self.decay_steps:
-            return self.decay_to
-        if self.schedule:
-            return self.schedule[min(step // max(self.stage_steps, 1), len(self.schedule) - 1)]
-        return self.size if self.size is not None else checkpoint_size
-
-    def final_size(self, checkpoint_size: int | None) -> int | None:
-        """The block size the trained model decodes with."""
-        if self.decay_to is not None:
-            return self.decay_to
-        return self.size if self.size is not None else checkpoint_size
 
 
 def block_t(rows: int, length: int, block_size: int, eps: float, generator=None, device=None) -> torch.Tensor:

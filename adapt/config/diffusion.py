@@ -1,0 +1,94 @@
+"""The diffusion sections of a training recipe: `objective:` (the loss), `anneal:` (attention-mask annealing) and
+`block:` (block diffusion and its block-size schedule). The training modules that act on them are
+`adapt.training.objective`, `adapt.training.annealing` and `adapt.training.blocks`."""
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ..ranges import FieldError, check_ranges
+
+
+@dataclass
+class ObjectiveConfig:
+    """Options of the masked-diffusion loss."""
+
+    eps: float = 1e-3
+    """Smallest t: t = (1 − eps)·u + eps."""
+    t_sampling: Literal["iid", "antithetic"] = "iid"
+    """`antithetic`: low-discrepancy t across the batch, t_i from (u + i/B) mod 1 (MDLM); lower variance."""
+    normalization: Literal["masked", "all", "sequence"] = "masked"
+    """Divide the weighted loss sum by the masked tokens in the batch (DiffuLLaMA), by all maskable tokens
+    (LLaDA: an unbiased per-token ELBO), or per sequence by its maskable tokens, then average (LLaDA SFT)."""
+    weighting: Literal["inverse_t", "cart"] = "inverse_t"
+    """`inverse_t`: the ELBO weight 1/t. `cart` (Dream): weight a masked token by ½ Σ over clean positions i of
+    p(1 − p)^(|n − i| − 1), favouring tokens with clean neighbours."""
+    cart_p: float = 0.3
+    complementary: bool = False
+    """Also train on the complement mask of every sequence (Fast-dLLM v2): every maskable token is supervised
+    once per step; the batch is doubled."""
+
+    def __post_init__(self):
+        check_ranges(self, {"eps": "(0, 1)", "cart_p": "(0, 1)"})
+
+
+@dataclass
+class AnnealConfig:
+    """Attention-mask annealing from causal to bidirectional."""
+
+    mode: Literal["diffullama", "none"] = "diffullama"
+    """`diffullama`: random future visibility with probability = mask ratio; `none`: bidirectional from step 0."""
+    anneal_steps: int = 1000
+    """Optimizer steps until the mask ratio reaches 1."""
+    schedule: Literal["linear", "cosine"] = "linear"
+    """Ratio over steps: linear r = min(1, (step + 1)/anneal_steps), or a cosine ramp over the same steps."""
+
+    def __post_init__(self):
+        check_ranges(self, {"anneal_steps": "[1, inf)"})
+
+
+@dataclass
+class BlockConfig:
+    """Block diffusion in training (`block:` in a recipe)."""
+
+    size: int | None = None
+    """Block size B. None: the checkpoint's (a full-sequence checkpoint trains as today). A causal source is
+    converted with this block size."""
+    schedule: list[int] = field(default_factory=list)
+    """Warmup from AR to blocks (LLaDA 2.0's warmup–stable–decay): the block sizes of successive stages, e.g.
+    [1, 4, 16], each trained for `stage_steps` optimizer steps; the last is `size` and lasts until the decay.
+    Empty: `size` from the first step."""
+    stage_steps: int = 0
+    """Optimizer steps of each warmup stage but the last."""
+    decay_to: int | None = None
+    """Serving block size for the last `decay_steps` steps (it becomes the checkpoint's block size). None: none."""
+    decay_steps: int = 0
+    noise: Literal["block", "sequence"] = "block"
+    """`block`: one t per block, stratified across a row's blocks (a shifted lattice, as MDLM's antithetic t);
+    `sequence`: one t per row, as in full-sequence training."""
+
+    def __post_init__(self):
+        check_ranges(self, {"size": "[1, inf)", "schedule": "[1, inf)", "stage_steps": "[0, inf)",
+                            "decay_to": "[1, inf)", "decay_steps": "[0, inf)"})
+        if self.schedule and self.size is None:
+            raise FieldError("schedule", "needs block.size, the block size it ends at")
+        if self.schedule and self.schedule[-1] != self.size:
+            raise FieldError("schedule", f"must end at block.size ({self.size}), got {self.schedule}; "
+                                         f"append {self.size}")
+        if len(self.schedule) > 1 and self.stage_steps < 1:
+            raise FieldError("stage_steps", "must be at least 1 when block.schedule has several stages")
+        if self.decay_to is not None and (self.size is None or self.decay_steps < 1):
+            raise FieldError("decay_to", "needs block.size and block.decay_steps >= 1")
+
+    def size_at(self, step: int, max_steps: int, checkpoint_size: int | None) -> int | None:
+        """The block size trained at optimizer step `step` (0-based) of `max_steps`."""
+        if self.decay_to is not None and step >= max_steps - self.decay_steps:
+            return self.decay_to
+        if self.schedule:
+            return self.schedule[min(step // max(self.stage_steps, 1), len(self.schedule) - 1)]
+        return self.size if self.size is not None else checkpoint_size
+
+    def final_size(self, checkpoint_size: int | None) -> int | None:
+        """The block size the trained model decodes with."""
+        if self.decay_to is not None:
+            return self.decay_to
+        return self.size if self.size is not None else checkpoint_size
