@@ -78,7 +78,8 @@ def random_init_source(path: Path) -> Path:
 def one_run(name: str, spec: dict, out: Path, args) -> dict:
     import adapt
     from adapt.config import load_config
-    from adapt.evaluation.harness import diffusion_elbo, evaluate
+    from adapt import evaluate
+    from adapt.training.likelihood import diffusion_elbo
     from adapt.training.data import load_documents, pack
     from adapt.config import DataConfig
 

@@ -17,7 +17,7 @@ from adapt.config import SFTDataConfig
 from adapt.training.objective import ObjectiveConfig, noised_batch
 from adapt.training.batch import Batch
 from adapt.training.sft_data import build_sft_datasets, encode, tokenize_conversation
-from adapt.evaluation.harness import diffusion_elbo
+from adapt.training.likelihood import diffusion_elbo
 from conftest import require_shared
 from tiny_models import tiny_tokenizer
 

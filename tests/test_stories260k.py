@@ -90,7 +90,7 @@ def adapted(stories, tmp_path_factory):
 
     from adapt.config import load_config
     from adapt.training.data import build_datasets
-    from adapt.evaluation.harness import diffusion_elbo
+    from adapt.training.likelihood import diffusion_elbo
     from conftest import SHARED
 
     _, converted = stories

@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import CAUSAL, NOT_A_MODEL, detect, is_diffusion_model, load
-from ..config import METRICS, DataConfig, EvalOptions  # noqa: F401 (METRICS: its old home)
+from ..config import DataConfig, EvalOptions
 from ..training.data import load_documents, pack
 from ..errors import AdaptError, first_line
-from ..training.likelihood import causal_nll, diffusion_elbo, model_device, nll_after  # noqa: F401 (their old home)
+from ..training.likelihood import causal_nll, diffusion_elbo, model_device, nll_after
 from ..sampling import SamplingError
 
 DIFFUSION, AUTOREGRESSIVE = "diffusion", "autoregressive"
