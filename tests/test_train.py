@@ -200,8 +200,6 @@ def test_kill_9_during_checkpointing_then_resume(setup, tmp_path):
 
 
 def test_every_shipped_recipe_validates():
-    import yaml
-
     root = Path(__file__).resolve().parents[1] / "recipes"
     recipes = sorted((root / "adaptation").glob("*.yaml"))
     assert len(recipes) >= 5
@@ -212,9 +210,14 @@ def test_every_shipped_recipe_validates():
 
     accel = sorted((root / "accelerate").glob("*.yaml"))
     assert {p.stem for p in accel} >= {"ddp", "fsdp", "deepspeed-zero2", "deepspeed-zero3"}
+    kinds = {"ddp": ("MULTI_GPU", None), "fsdp": ("FSDP", None), "deepspeed-zero2": ("DEEPSPEED", 2),
+             "deepspeed-zero3": ("DEEPSPEED", 3)}
     for path in accel:
-        assert isinstance(yaml.safe_load(path.read_text()), dict)
-        ClusterConfig.from_yaml_file(str(path))
+        config = ClusterConfig.from_yaml_file(str(path))  # Accelerate's own reader accepts it
+        kind, stage = kinds[path.stem]
+        assert str(config.distributed_type).rpartition(".")[2] == kind, path  # the file does what its name says
+        if stage is not None:
+            assert config.deepspeed_config["zero_stage"] == stage, path
 
 
 BAD = {
