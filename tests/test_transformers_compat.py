@@ -106,15 +106,99 @@ def test_bidirectional_mask_builder_honours_the_and_function_and_padding(llama):
         assert torch.equal(visible, expected), impl
 
 
-def test_newer_transformers_errors_name_upgrade(monkeypatch):
-    with pytest.raises(TypeError, match="plain"), compat.explain_newer_transformers():
-        raise TypeError("plain")  # on a tested release errors pass through unchanged
-    monkeypatch.setattr(compat, "installed_transformers", lambda: "99.0.0")
-    with pytest.raises(RuntimeError, match=r"dlm-adapt upgrade CHECKPOINT_DIR.*unexpected keyword"), \
+def _drift_errors():
+    """Errors of the kinds a transformers API change produces, each raised for real by Python or transformers."""
+    def unexpected_keyword():
+        def forward(input_ids=None, past_key_values=None):
+            return input_ids
+        forward(cache=None)
+
+    def missing_attribute():
+        return transformers.PreTrainedModel.a_method_a_later_release_removed
+
+    def removed_name():
+        exec("from transformers import AClassALaterReleaseRemoved")
+
+    def removed_module():
+        exec("import transformers.a_module_a_later_release_removed")
+
+    return [unexpected_keyword, missing_attribute, removed_name, removed_module]
+
+
+def _user_errors():
+    """Errors transformers (or the user's own code) raises on purpose: never transformers' fault."""
+    def flash_attention_not_installed():  # transformers 5.25's words, raised on purpose
+        raise ImportError("FlashAttention2 has been toggled on, but it cannot be used due to the following error: "
+                          "the package for FlashAttention2 doesn't seem to be installed.")
+
+    def bad_config_value():
+        raise ValueError("`rope_scaling` must be a dictionary")
+
+    def wrong_type():
+        raise TypeError("expected a LongTensor of token ids")
+
+    def missing_package():
+        exec("import flash_attn_a_package_that_is_not_installed")
+
+    return [flash_attention_not_installed, bad_config_value, wrong_type, missing_package]
+
+
+@pytest.mark.parametrize("raise_error", _drift_errors() + _user_errors(), ids=lambda f: f.__name__)
+def test_on_a_tested_release_every_error_passes_through(raise_error, monkeypatch):
+    monkeypatch.setattr(compat, "TESTED_TRANSFORMERS", (compat.TESTED_TRANSFORMERS[0], compat.installed_transformers()))
+    with pytest.raises(Exception) as plain:
+        raise_error()
+    with pytest.raises(type(plain.value), match=re.escape(str(plain.value))), compat.explain_newer_transformers():
+        raise_error()
+
+
+@pytest.mark.parametrize("raise_error", _drift_errors(), ids=lambda f: f.__name__)
+def test_on_a_newer_release_api_drift_names_upgrade(raise_error, newer_transformers):
+    with pytest.raises(Exception) as plain:
+        raise_error()
+    assert compat.is_api_drift(plain.value)
+    with pytest.raises(RuntimeError, match=rf"tested up to transformers {re.escape(newer_transformers)}\) failed on "
+                       rf"transformers {re.escape(transformers.__version__)}.*dlm-adapt upgrade CHECKPOINT_DIR"), \
             compat.explain_newer_transformers():
-        raise TypeError("__init__() got an unexpected keyword argument 'cache'")
-    with pytest.raises(ValueError), compat.explain_newer_transformers():
-        raise ValueError("a bad argument is not an API change")
+        raise_error()
+
+
+@pytest.mark.parametrize("raise_error", _user_errors(), ids=lambda f: f.__name__)
+def test_on_a_newer_release_user_errors_pass_through(raise_error, newer_transformers):
+    with pytest.raises(Exception) as plain:
+        raise_error()
+    assert not compat.is_api_drift(plain.value)
+    with pytest.raises(type(plain.value), match=re.escape(str(plain.value))), compat.explain_newer_transformers():
+        raise_error()
+
+
+def test_patch_releases_of_the_newest_tested_minor_count_as_tested(monkeypatch):
+    monkeypatch.setattr(compat, "TESTED_TRANSFORMERS", ("5.5.0", "5.25.0"))
+    assert not compat.newer_than_tested("5.25.3") and not compat.newer_than_tested("5.5.0")
+    assert compat.newer_than_tested("5.26.0") and compat.newer_than_tested("6.0.0")
+
+
+def test_tested_releases_are_in_order():
+    releases = [compat._release(v) for v in compat.TESTED_TRANSFORMERS]
+    assert releases == sorted(releases) and len(set(releases)) == len(releases)
+
+
+def test_the_models_forward_names_upgrade_only_for_drift(converted, newer_transformers, monkeypatch):
+    """In the model's own forward on a release newer than tested: an attribute a later release removed (simulated
+    in the compat function that reads the decoder's signature) names `upgrade`; an attention implementation that
+    is not installed stays transformers' own error about the user's setup."""
+    from adapt.model import MaskedDiffusionLM, modeling_masked_diffusion
+
+    model = MaskedDiffusionLM.from_pretrained(converted("llama")[1]).eval()
+    monkeypatch.setattr(modeling_masked_diffusion, "cache_kwarg", lambda forward: forward.a_later_releases_attribute)
+    with pytest.raises(RuntimeError, match="dlm-adapt upgrade CHECKPOINT_DIR.*a_later_releases_attribute"):
+        model(torch.arange(4, 8)[None])
+    from transformers.utils import is_flash_attn_2_available
+
+    if is_flash_attn_2_available():
+        pytest.skip("flash-attn is installed here: the not-installed error cannot be produced")
+    with pytest.raises(ImportError, match="FlashAttention2"):
+        MaskedDiffusionLM.from_pretrained(converted("llama")[1], attn_implementation="flash_attention_2")
 
 
 def test_cli_parses_arguments_without_torch():

@@ -17,10 +17,16 @@ import torch
 from transformers import PreTrainedModel
 
 # The dlm-adapt release that wrote this code, and the transformers releases it was tested on. A checkpoint whose
-# code fails on a newer transformers is fixed by `pip install -U dlm-adapt; dlm-adapt upgrade DIR`.
+# code fails on a newer transformers is fixed by `pip install -U dlm-adapt; dlm-adapt upgrade DIR`. Adding a
+# release: see "A new transformers release" in README.md.
 DLM_ADAPT_VERSION = "0.5.0"
-TESTED_TRANSFORMERS = ("5.5.0", "5.24.0")  # oldest = pyproject's minimum
+TESTED_TRANSFORMERS = ("5.5.0", "5.24.0", "5.25.0")  # oldest = pyproject's minimum; newest last
 CACHE_NAMES = ("cache", "past_key_values")  # newest first
+
+# What Python itself says when a call no longer matches the callee's signature: the mark of a renamed or removed
+# keyword/argument. Errors transformers raises on purpose (about the user's setup) never read like this.
+_SIGNATURE_DRIFT = re.compile(r"unexpected keyword argument|missing \d+ required (positional|keyword-only) argument|"
+                              r"takes \d+ positional arguments? but|got multiple values for argument")
 
 
 def _release(version: str) -> tuple[int, int, int]:
@@ -34,15 +40,39 @@ def installed_transformers() -> str:
     return transformers.__version__
 
 
+def newer_than_tested(version: str) -> bool:
+    """Whether `version` is a minor release after the newest tested one (patch releases do not change APIs)."""
+    return _release(version)[:2] > _release(TESTED_TRANSFORMERS[-1])[:2]
+
+
+def is_api_drift(error: BaseException) -> bool:
+    """Whether `error` looks like a transformers API the code uses having moved (a keyword, argument, attribute,
+    module or name that is no longer there), as opposed to an error transformers raises on purpose about the user's
+    setup (an attention implementation that is not installed, a bad config value), which must reach the user as
+    it is."""
+    if isinstance(error, NameError):
+        return True
+    if isinstance(error, TypeError):
+        return bool(_SIGNATURE_DRIFT.search(str(error)))
+    if isinstance(error, AttributeError):  # Python's own lookup failure sets `.name`; `raise AttributeError(msg)` not
+        return getattr(error, "name", None) is not None or "has no attribute" in str(error)
+    if isinstance(error, ModuleNotFoundError):
+        return (error.name or "").split(".")[0] == "transformers"
+    if isinstance(error, ImportError):
+        return "cannot import name" in str(error)
+    return False
+
+
 @contextlib.contextmanager
 def explain_newer_transformers():
-    """Errors typical of a renamed or removed transformers API, raised while this code runs on a transformers newer
-    than any it was tested on, gain one line that says how to update the checkpoint's code."""
+    """On a transformers newer than any this code was tested on, an error that looks like API drift (see
+    `is_api_drift`) gains one line that says how to update the checkpoint's code. Every other error passes through
+    unchanged."""
     try:
         yield
     except (TypeError, AttributeError, ImportError, NameError) as error:
         installed = installed_transformers()
-        if _release(installed) <= _release(TESTED_TRANSFORMERS[-1]):
+        if not newer_than_tested(installed) or not is_api_drift(error):
             raise
         raise RuntimeError(
             f"this checkpoint's code (written by dlm-adapt {DLM_ADAPT_VERSION}, tested up to transformers "
@@ -149,4 +179,4 @@ def bidirectional_mask(**kwargs):
 
 __all__ = ["DLM_ADAPT_VERSION", "TESTED_TRANSFORMERS", "attention_support_flags", "bidirectional_mask", "cache_kwarg",
            "causal_mask", "decoder_class", "drop_last_cached", "explain_newer_transformers", "full_cache",
-           "output_cache", "select_cache_positions", "set_causal"]
+           "is_api_drift", "newer_than_tested", "output_cache", "select_cache_positions", "set_causal"]
