@@ -306,8 +306,17 @@ def validate_adapter(directory: Path) -> tuple[dict, int, Validated | None]:
 
 
 __all__ = ["ADAPTER", "ADAPTER_FILES", "CAUSAL", "CODE_FILES", "DIFFUSION", "MODEL_TYPE", "NOT_A_MODEL",
-           "TRAINING_STATE", "TRAINING_STATE_FILES", "Detected", "NotDiffusionError", "Validated", "detect", "is_diffusion_model", "load", "code_version", "stale_code_warning",
+           "TRAINING_STATE", "TRAINING_STATE_FILES", "Detected", "NotDiffusionError", "Validated", "detect", "is_diffusion_model", "load", "check_device", "code_version", "stale_code_warning",
            "load_model", "remote_code_fields", "validate", "validate_adapter", "write_remote_code"]
+
+
+def check_device(device: str, name: str = "--device"):
+    """A device this machine has, before anything is read or computed (`name`: the option that gave it)."""
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError, ValueError) as e:
+        raise AdaptError(f"{name} {device} is not available here ({str(e).splitlines()[0]}); use cpu, or a "
+                         "device this machine has") from None
 
 
 _VERSION_LINE = re.compile(r'^DLM_ADAPT_VERSION = "([^"]+)"', re.M)

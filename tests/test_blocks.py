@@ -5,7 +5,7 @@ import torch
 
 from adapt.config.diffusion import BlockConfig
 from adapt.training.blocks import block_t, documents
-from adapt.model.block_masked_diffusion import canvas_index, forward_2l
+from adapt.model.block_masked_diffusion import canvas_index, two_l_logits
 from adapt.errors import AdaptError
 from adapt.training.objective import ObjectiveConfig, diffusion_loss, noised_batch
 
@@ -88,7 +88,7 @@ def _rows(length=12, seed=0):
 
 def _two_l(model, x_t, x0, padding, block_size, document_ids=None):
     with torch.no_grad():
-        return forward_2l(model, x_t, x0, padding, block_size=block_size, document_ids=document_ids).logits
+        return two_l_logits(model, x_t, x0, padding, block_size=block_size, document_ids=document_ids)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2"])

@@ -39,9 +39,10 @@ except ImportError as e:  # the eval extra is not installed
     raise AdaptError(f"the lm-eval backend needs lm-eval ({e}): pip install 'dlm-adapt[eval]'") from None
 
 from ..training.batch import Batch
-from ..checkpoint import CAUSAL, detect, is_diffusion_model, load
+from ..checkpoint import CAUSAL, check_device, detect, is_diffusion_model, load
 from ..config.commands import DTYPE_NAMES
 from ..errors import AdaptError
+from ..model.block_masked_diffusion import resolve_block_size
 from ..training.likelihood import elbo_draws, model_device, token_scores
 from ..sampling import SamplingError, check_sampling_options
 
@@ -87,12 +88,8 @@ class DLMAdaptLM(TemplateLM):
         self.mc_samples, self.seed, self.block_size, self.is_causal = mc_samples, int(seed), block_size, bool(is_causal)
         self.steps, self.block_length, self.threshold = steps, block_length, threshold
         self.kv_cache, self.remasking, self._max_length = kv_cache, remasking, max_length
-        if device is not None:
-            try:
-                torch.empty(0, device=device)
-            except (RuntimeError, AssertionError, ValueError) as e:  # lm-eval's command line defaults to cuda:0
-                raise AdaptError(f"device {device} is not available here ({str(e).splitlines()[0]}); pass --device "
-                                 "cpu or a device this machine has") from None
+        if device is not None:  # lm-eval's command line defaults to cuda:0
+            check_device(device, "device")
         if isinstance(pretrained, (str, Path)):
             found = detect(pretrained)
             if found.kind == CAUSAL:
@@ -116,7 +113,7 @@ class DLMAdaptLM(TemplateLM):
                              "this one has shift=False, so it cannot give causal loglikelihoods: drop is_causal")
         if self.is_causal and block_size is not None:
             raise AdaptError("is_causal=True scores causally; block_size applies to the ELBO: give one of them")
-        if getattr(config, "block_size", None) is not None and (block_length is not None or kv_cache is not None):
+        if resolve_block_size(config) is not None and (block_length is not None or kv_cache is not None):
             raise AdaptError(f"a block-diffusion checkpoint decodes its own blocks of {config.block_size} with an exact "
                              "KV cache: leave block_length and kv_cache unset")
         self._device = model_device(self.model)

@@ -17,7 +17,7 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 from ..conversion.architectures import check_architecture
 from ..config.diffusion import AnnealConfig
 from ..errors import AdaptError
-from ..model.modeling_masked_diffusion import position_ids_from_padding
+from ..model.block_masked_diffusion import position_ids_from_padding
 from ..model.transformers_compat import causal_mask
 
 # Implementations whose mask interface honours an arbitrary mask function, as tested here. flash-attention

@@ -29,7 +29,7 @@ from ..conversion.convert import convert
 from .data import BlockLoader, build_datasets
 from ..errors import AdaptError
 from .likelihood import diffusion_elbo
-from ..model.block_masked_diffusion import canvas_logits, two_l_layout
+from ..model.block_masked_diffusion import resolve_block_size, two_l_logits
 from .objective import diffusion_loss, noised_batch
 from .run_dir import check_output, diverged, model_settings, resume_path, truncate_metrics
 from .sft_data import build_sft_datasets
@@ -139,7 +139,7 @@ class Recipe:
         if self.sft:  # saved with OUTPUT/final, so `generate --chat` renders prompts exactly as training did
             self.tokenizer.chat_template = self.chat_template
         self.dlm = diffusion_model(self.model)
-        self.checkpoint_block = getattr(self.dlm.config, "block_size", None)
+        self.checkpoint_block = resolve_block_size(self.dlm.config)
         final_block = cfg.block.final_size(self.checkpoint_block)
         if final_block is not None:
             if cfg.anneal.mode != "none":
@@ -269,8 +269,8 @@ class Recipe:
         """Block diffusion: one forward over the noised and the clean sequence (`adapt.blocks`); packed
         documents do not attend to each other (SFT rows hold one sample each, padding aside)."""
         docs = None if self.sft else documents(x0, self.tokenizer.eos_token_id)
-        inputs, index = two_l_layout(self.dlm, x_t, x0, padding, self.block, docs)
-        return canvas_logits(self.model(**inputs).logits, index)  # through the wrapper (DDP, PEFT), not around it
+        # through the wrapper (DDP, PEFT), not around it
+        return two_l_logits(self.dlm, x_t, x0, padding, self.block, docs, forward=self.model)
 
     def evaluate(self) -> float:
         """Validation ELBO in nats per token: one low-discrepancy draw per row with a fixed seed, so every
