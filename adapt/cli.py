@@ -8,6 +8,7 @@ from pathlib import Path
 from transformers import HfArgumentParser
 
 from .config import ConvertOptions, EvalOptions, GenerateOptions, PushOptions, UpgradeOptions
+from .deprecations import renamed
 from .errors import AdaptError
 
 
@@ -85,10 +86,11 @@ def _eval(args):
 
     from .evaluation.harness import evaluate
 
-    if args.block_length is not None:  # the old name of --seq-length, kept for one release
+    flag = renamed("dlm-adapt eval flag")["--block-length"]
+    if args.block_length is not None:
         if args.seq_length is not None:
-            raise AdaptError("--block-length is the deprecated name of --seq-length; give only --seq-length")
-        print("dlm-adapt: warning: --block-length is deprecated, use --seq-length", file=sys.stderr)
+            raise AdaptError(f"{flag.old} is the deprecated name of {flag.new}; give only {flag.new}")
+        print(f"dlm-adapt: warning: {flag.old} is deprecated, use {flag.new}", file=sys.stderr)
         args.seq_length, args.block_length = args.block_length, None
     options = EvalOptions(**_options(args, EvalOptions))  # checked, and defaults resolved, before anything loads
     print(json.dumps(evaluate(args.model, **dataclasses.asdict(options)), indent=2))

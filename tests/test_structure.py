@@ -15,7 +15,8 @@ MAX_FUNCTION_LINES = 80
 # (source → convert → train/sft → sample → eval → push); `cli` and `__init__` sit on top.
 FLOORS = [
     # `adapt` itself (`__version__`; its exports load lazily, through importlib, on the top floor's behalf)
-    ("adapt.errors", "adapt.ranges", "adapt.outputs", "adapt.safetensors_io", "adapt.sources", "adapt"),
+    ("adapt.errors", "adapt.ranges", "adapt.outputs", "adapt.safetensors_io", "adapt.sources", "adapt.deprecations",
+     "adapt"),
     ("adapt.model",),
     ("adapt.config",),
     ("adapt.checkpoint",),
@@ -170,3 +171,19 @@ def test_allowlists_hold_only_what_is_still_long(table):
         lengths = [n.end_lineno - n.lineno + 1 for n in ast.walk(ast.parse(source))
                    if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == key.rpartition(".")[2]]
         assert lengths and max(lengths) > MAX_FUNCTION_LINES, f"{key} is short now: drop it from the allowlist"
+
+
+def test_deprecation_table_is_honoured():
+    """A renamed name is accepted until its `removed_in` release; reaching that release fails here, so the release
+    deletes the row and its handling. Every row's old name is still read somewhere in the package."""
+    from packaging.version import Version
+
+    import adapt
+    from adapt.deprecations import RENAMED
+
+    code = "\n".join(path.read_text() for name, path in MODULES.items() if name != "adapt.deprecations")
+    for row in RENAMED:
+        assert Version(adapt.__version__) < Version(row.removed_in), (
+            f"{row.old} ({row.where}) goes in {row.removed_in}: remove its row in adapt/deprecations.py and the code "
+            "that accepts it")
+        assert row.old in code or row.old.split(".")[-1] in code, f"{row.old}: nothing handles it any more"

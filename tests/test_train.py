@@ -306,7 +306,7 @@ def test_hub_dataset_name_goes_through_datasets(setup, tmp_path, monkeypatch):
 
 def test_old_block_length_key_loads_with_one_warning(tmp_path, capsys):
     warning = ("dlm-adapt: warning: data.block_length is deprecated, use data.seq_length (the old name goes in "
-               "the next release)\n")
+               "0.6.0)\n")
     old = tmp_path / "old.yaml"
     old.write_text("data:\n  block_length: 32\n")
     assert load_config(old).data.seq_length == 32

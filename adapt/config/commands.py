@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from ..deprecations import renamed
 from ..errors import AdaptError
 
 METRICS = ("elbo", "infill", "steps_sweep")
@@ -199,12 +200,13 @@ class EvalOptions:
         "lm-eval: score a diffusion checkpoint as its causal self (the exact AR likelihood; a sanity baseline)"))
 
     def __post_init__(self):
-        if self.block_length is not None:
+        if self.block_length is not None:  # the CLI's --block-length arrives as seq_length (cli._eval)
+            kw = renamed("adapt.evaluate keyword")["block_length"]
             if self.seq_length not in (None, self.block_length):
-                raise AdaptError("evaluate got both seq_length and block_length; pass only seq_length "
-                                 "(block_length is its deprecated name)")
-            warnings.warn("evaluate(block_length=) is deprecated: use seq_length= (the packing length; "
-                          "block_length names the decoding block)", FutureWarning, stacklevel=4)
+                raise AdaptError(f"evaluate got both {kw.new} and {kw.old}; pass only {kw.new} "
+                                 f"({kw.old} is its deprecated name)")
+            warnings.warn(f"evaluate({kw.old}=) is deprecated: use {kw.new}= (the packing length; {kw.old} names "
+                          f"the decoding block; removed in {kw.removed_in})", FutureWarning, stacklevel=4)
             self.seq_length, self.block_length = self.block_length, None
         if self.seq_length is None:
             self.seq_length = 128

@@ -13,6 +13,7 @@ from typing import Literal
 import torch
 import yaml
 
+from ..deprecations import renamed
 from ..errors import AdaptError
 from ..ranges import FieldError, check_ranges
 from .commands import DTYPE_NAMES
@@ -246,7 +247,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), cls=T
 
 
 # old dotted key -> new one, for keys renamed in this release; the old name loads with a warning until the next
-DEPRECATED_KEYS = {"data.block_length": "data.seq_length"}
+DEPRECATED_KEYS = {old: r.new for old, r in renamed("recipe key").items()}  # adapt/deprecations.py
 
 
 def _deprecated_keys(cls) -> dict[str, str]:
@@ -261,8 +262,8 @@ def _deprecated_keys(cls) -> dict[str, str]:
 
 
 def _warn_renamed(old: str, new: str):
-    print(f"dlm-adapt: warning: {old} is deprecated, use {new} (the old name goes in the next release)",
-          file=sys.stderr)
+    removed_in = renamed("recipe key")[old].removed_in
+    print(f"dlm-adapt: warning: {old} is deprecated, use {new} (the old name goes in {removed_in})", file=sys.stderr)
 
 
 def _rename_deprecated(data: dict, cls, where: str, warn: bool = True):
