@@ -43,6 +43,7 @@ from ..checkpoint import CAUSAL, check_device, detect, is_diffusion_model, load
 from ..config.commands import DTYPE_NAMES
 from ..errors import AdaptError
 from ..model.block_masked_diffusion import resolve_block_size
+from ..model.configuration_masked_diffusion import SHIFT_DEFAULT
 from ..training.likelihood import elbo_draws, model_device, token_scores
 from ..sampling import SamplingError, check_sampling_options
 
@@ -108,7 +109,7 @@ class DLMAdaptLM(TemplateLM):
             if device is not None:
                 self.model.to(device)
         config = self.model.config
-        if self.is_causal and not getattr(config, "shift", False):
+        if self.is_causal and not getattr(config, "shift", SHIFT_DEFAULT):
             raise AdaptError("is_causal=True needs a checkpoint converted with shift (logit i−1 predicts token i); "
                              "this one has shift=False, so it cannot give causal loglikelihoods: drop is_causal")
         if self.is_causal and block_size is not None:

@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 
 from ..config import SFTConfig, TrainConfig, to_dict
+from ..model.configuration_masked_diffusion import SHIFT_DEFAULT
 from ..outputs import read_marker
 from .plan import Plan
 
@@ -241,7 +242,7 @@ def _conversion_table(plan: Plan) -> list[str]:
     mask = f"`{ck.mask_token}`, id {config.get('mask_token_id')}" + (f": {_MASK_CASES[case]}" if case in
                                                                       _MASK_CASES else "")
     shift = ("on: the logit at position i−1 predicts token i (the causal LM's alignment is kept)"
-             if config.get("shift", True) else "off: the logit at position i predicts token i")
+             if config.get("shift", SHIFT_DEFAULT) else "off: the logit at position i predicts token i")
     weights = f"{ck.parameters:,} parameters" + (f", {ck.dtype}" if ck.dtype else "")
     gen = ck.generation
     decoding = ", ".join(f"{k} {gen[k]}" for k in ("max_new_tokens", "steps", "block_length", "remasking")

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from .batch import Batch, as_batch
 from ..errors import AdaptError
 from ..model.block_masked_diffusion import resolve_block_size, two_l_logits
+from ..model.configuration_masked_diffusion import SHIFT_DEFAULT
 from .objective import ObjectiveConfig, sequence_losses
 
 
@@ -55,7 +56,7 @@ def elbo_draws(model, blocks: "torch.Tensor | Batch", *, mc_samples: int = 16, b
     """The draws behind `diffusion_elbo`: (values (rows, K) in nats per scored token of each row's draw, scored
     tokens per row (rows,), the block size used). A row's bound on its NLL is values.mean(1) · scored."""
     config = model.config
-    mask_id, shift = getattr(config, "mask_token_id", None), bool(getattr(config, "shift", False))
+    mask_id, shift = getattr(config, "mask_token_id", None), bool(getattr(config, "shift", SHIFT_DEFAULT))
     if mask_id is None:
         raise AdaptError("the model has no mask_token_id: not a diffusion model")
     try:
@@ -152,7 +153,7 @@ def token_scores(model, batch: Batch, *, causal: bool = False, block_size: int |
     and compared with the argmax at its position. Block diffusion (`block_size`, default the checkpoint's) reads
     it from the 2L forward, as the ELBO does; at block size 1 it is the AR argmax."""
     config = model.config
-    mask_id, shift = config.mask_token_id, bool(getattr(config, "shift", False))
+    mask_id, shift = config.mask_token_id, bool(getattr(config, "shift", SHIFT_DEFAULT))
     ids, attention = batch.input_ids, batch.attention_mask
     scored = batch.maskable.clone() if batch.maskable is not None else torch.ones_like(ids, dtype=torch.bool)
     scored[:, 0] = False
