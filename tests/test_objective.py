@@ -122,3 +122,26 @@ def test_the_mask_token_is_excluded_from_the_predicted_distribution():
     g1, = torch.autograd.grad(got, logits)
     g2, = torch.autograd.grad(reference, logits)
     torch.testing.assert_close(g1, g2, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("shift", [False, True])
+@pytest.mark.parametrize("cfg", [ObjectiveConfig(normalization="masked"), ObjectiveConfig(normalization="sequence"),
+                                 ObjectiveConfig(normalization="all", weighting="cart")], ids=["masked", "sequence", "cart"])
+def test_loss_from_the_first_loss_column_equals_the_full_loss(shift, cfg):
+    """SFT computes logits only from `first_loss_column` on (prompts are never noised): the same loss, term for term."""
+    from adapt.training.objective import first_loss_column
+
+    torch.manual_seed(0)
+    x0 = torch.randint(0, V, (3, 10))
+    maskable = torch.zeros(3, 10, dtype=torch.bool)
+    for row, start in enumerate([6, 4, 7]):  # prompts of different lengths, answers to the end
+        maskable[row, start:] = True
+    x_t, x0_, masked, maskable_, t = noised_batch(x0, maskable, cfg, mask_id=V - 1, shift=shift,
+                                                  generator=torch.Generator().manual_seed(1))
+    logits = torch.randn(3, 10, V)
+    first = first_loss_column(maskable, shift)
+    assert first == 4 - shift and maskable[:, :first + shift].sum() == 0
+    full = diffusion_loss(logits, x0_, masked, maskable_, t, cfg, shift)
+    trimmed = diffusion_loss(logits[:, first:], x0_[:, first:], masked[:, first:], maskable_[:, first:], t, cfg, shift)
+    torch.testing.assert_close(trimmed, full, atol=1e-6, rtol=0)
+    assert first_loss_column(torch.zeros(2, 5, dtype=torch.bool), shift) == 0

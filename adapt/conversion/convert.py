@@ -6,6 +6,7 @@ conversion leaves nothing that looks like a checkpoint, and an existing OUTPUT s
 complete. Only a previous conversion output is ever replaced (see `outputs`).
 """
 
+import copy
 import json
 import shutil
 import sys
@@ -317,8 +318,10 @@ class _LoadedWeights:
 
     def __init__(self, src: Source, config, trust_remote_code: bool):
         try:
+            # the config already read: a GGUF source is otherwise parsed once more just for it (~10 s for 135M)
             self.model = AutoModelForCausalLM.from_pretrained(
-                src.directory, gguf_file=src.gguf_file, trust_remote_code=trust_remote_code, dtype="auto"
+                src.directory, gguf_file=src.gguf_file, trust_remote_code=trust_remote_code, dtype="auto",
+                config=copy.deepcopy(config)
             )
         except ImportError as e:
             raise AdaptError(f"{first_line(e)} (GGUF support: pip install 'dlm-adapt[gguf]')") from e

@@ -20,6 +20,18 @@ def is_diffusion_checkpoint(path: str) -> bool:
     return detect(path).kind == DIFFUSION
 
 
+def peft_model(model, lora_config):
+    """`peft.get_peft_model`, without the FutureWarning transformers 5.25 prints when peft (0.21) reads the
+    deprecated `is_gradient_checkpointing` of every model it wraps: not the user's business, and not theirs to fix."""
+    import warnings
+
+    from peft import get_peft_model
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        return get_peft_model(model, lora_config)
+
+
 def load_for_training(cfg: TrainConfig, path: str):
     """The diffusion model at `path`, LoRA/QLoRA-wrapped if asked."""
     kwargs = {"dtype": DTYPES[cfg.model.dtype], "attn_implementation": cfg.model.attn_implementation}
@@ -36,7 +48,7 @@ def load_for_training(cfg: TrainConfig, path: str):
     if cfg.model.gradient_checkpointing:
         enable_activation_checkpointing(model)
     if cfg.train.method in ("lora", "qlora"):
-        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+        from peft import LoraConfig, prepare_model_for_kbit_training
 
         if cfg.train.method == "qlora":
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.model.gradient_checkpointing)
@@ -44,7 +56,7 @@ def load_for_training(cfg: TrainConfig, path: str):
                           target_modules=cfg.lora.target_modules,
                           trainable_token_indices=[model.config.mask_token_id] if cfg.lora.train_mask_token else None)
         try:
-            model = get_peft_model(model, lora)
+            model = peft_model(model, lora)
         except ValueError as e:
             raise AdaptError(f"LoRA target modules {cfg.lora.target_modules!r} do not fit this model: "
                              f"{str(e).splitlines()[0]}. Set lora.target_modules") from e
@@ -106,10 +118,10 @@ def save_final(cfg: TrainConfig, model, tokenizer, source: str, final: Path):
                 model.save_pretrained(tmp)  # a PEFT adapter: PeftModel.from_pretrained(base diffusion model, dir)
             else:
                 if cfg.train.method == "qlora":  # merge into full-precision weights, not into the 4-bit ones
-                    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+                    from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
                     base = MaskedDiffusionLM.from_pretrained(source, dtype=DTYPES[cfg.model.dtype])
-                    full = get_peft_model(base, model.peft_config["default"])
+                    full = peft_model(base, model.peft_config["default"])
                     set_peft_model_state_dict(full, get_peft_model_state_dict(model))
                     model = full
                 model.merge_and_unload().save_pretrained(tmp)

@@ -82,6 +82,18 @@ def sequence_losses(logits, x0, masked, maskable, t, cfg: ObjectiveConfig, shift
     return per_token.sum(1) / maskable.sum(1).clamp_min(1)
 
 
+def first_loss_column(maskable: torch.Tensor, shift: bool) -> int:
+    """The first sequence position whose logit the loss reads, over all rows (0 when no token is maskable).
+
+    SFT rows start with a prompt that is never noised; the LM head and the cross-entropy are then computed only
+    from this column on (`logits_to_keep`), and the loss sees the same terms: with `shift` the logit at i−1
+    predicts token i, so the column before the first maskable token is the first one needed."""
+    columns = maskable.any(0).nonzero()
+    if columns.numel() == 0:
+        return 0
+    return max(int(columns[0, 0]) - int(shift), 0)
+
+
 def noised_batch(x0, maskable, cfg: ObjectiveConfig, mask_id: int, shift: bool, generator=None,
                  rows: slice | None = None, total_rows: int | None = None, block_size: int | None = None):
     """Everything one training step needs: (x_t, x0, masked, maskable, t), doubled with complements if asked.

@@ -30,7 +30,7 @@ from .data import BlockLoader, build_datasets
 from ..errors import AdaptError
 from .likelihood import diffusion_elbo
 from ..model.block_masked_diffusion import resolve_block_size, two_l_logits
-from .objective import diffusion_loss, noised_batch
+from .objective import diffusion_loss, first_loss_column, noised_batch
 from .run_dir import check_output, diverged, model_settings, resume_path, truncate_metrics
 from .sft_data import build_sft_datasets
 from ..sources import hub_access
@@ -257,7 +257,11 @@ class Recipe:
             if self.block is None:
                 attention = annealed_attention_mask(dlm, padding, ratio, self.noise)
                 positions = torch.arange(x_t.shape[1], device=x_t.device).expand_as(x_t)  # rows are right-padded
-                logits = self.model(input_ids=x_t, attention_mask=attention, position_ids=positions).logits
+                first = first_loss_column(maskable, dlm.config.shift)  # SFT: no LM head over the prompts
+                logits = self.model(input_ids=x_t, attention_mask=attention, position_ids=positions,
+                                    logits_to_keep=torch.arange(first, x_t.shape[1], device=x_t.device)).logits
+                x0_, masked, maskable = x0_[:, first:], masked[:, first:], maskable[:, first:]
+                t = t[:, first:] if t.dim() == 2 else t
             else:
                 logits = self._two_l_logits(x_t, x0_, padding)
             loss = diffusion_loss(logits, x0_, masked, maskable, t, cfg.objective, dlm.config.shift,
