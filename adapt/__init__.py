@@ -4,13 +4,13 @@ The public names below are imported on first use, so `import adapt` (and the CLI
 does not pay for torch and transformers.
 """
 
+import importlib
 import logging
-import sys
-import types
 
 __version__ = "0.5.0"  # also DLM_ADAPT_VERSION in model/transformers_compat.py, stamped into remote code
 
-# name -> submodule that defines it
+# name -> the module that defines it. The stages are subpackages (`conversion`, `training`, `sampling`, `evaluation`,
+# `hub`) whose names differ from these functions', so importing a submodule never replaces one of them.
 _EXPORTS = {
     "AdaptError": "errors",
     "MaskedDiffusionConfig": "model",
@@ -18,37 +18,24 @@ _EXPORTS = {
     "SFTConfig": "config",
     "TrainConfig": "config",
     "load_config": "config",
-    "convert": "convert",
-    "evaluate": "evaluate",
+    "convert": "conversion.convert",
+    "evaluate": "evaluation.harness",
+    "generate": "sampling.generate",
     "load": "checkpoint",
-    "push_to_hub": "push",
-    "sft": "train",
-    "train": "train",
-    "upgrade": "upgrade",
+    "push_to_hub": "hub.push",
+    "sft": "training.recipe",
+    "train": "training.recipe",
+    "upgrade": "hub.upgrade",
 }
 __all__ = ["__version__", *sorted(_EXPORTS)]
 
 
-class _Package(types.ModuleType):
-    """`adapt.convert`, `adapt.evaluate`, `adapt.train` and `adapt.upgrade` name functions, as they always have,
-    although submodules of those names exist: importing the submodule must not replace the function."""
-
-    def __getattr__(self, name):
-        if name not in _EXPORTS:
-            raise AttributeError(f"module 'adapt' has no attribute {name!r}")
-        import importlib
-
-        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-        super().__setattr__(name, value)
-        return value
-
-    def __setattr__(self, name, value):
-        if isinstance(value, types.ModuleType) and _EXPORTS.get(name) == name:
-            return  # the import system announcing submodule `adapt.<name>`; it stays in sys.modules
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'adapt' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
 
 
 class _DropMissingKernelsNotice(logging.Filter):

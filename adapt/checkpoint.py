@@ -11,6 +11,7 @@ this package; it is re-exported here so the rest of dlm-adapt has one place to l
 import json
 import math
 import sys
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,12 +21,13 @@ from .attention import check_attn_implementation
 from .errors import AdaptError, first_line
 from .model import CODE_FILES, MaskedDiffusionConfig, MaskedDiffusionLM, remote_code_fields, write_remote_code
 from .sources import _HUB_ID, hub_access, unreachable_message
-from .upgrade import stale_code_warning
 
 DIFFUSION = "diffusion"  # a dlm-adapt checkpoint: config.json of model_type masked_diffusion_lm
 CAUSAL = "causal"  # any other model config.json (or a GGUF file): something to convert or compare against
 ADAPTER = "adapter"  # a PEFT adapter directory (adapter_config.json, no config.json)
 TRAINING_STATE = "training-state"  # OUTPUT/checkpoints/step-N: resumable state, not a model
+# the files of a training-state directory, written by `adapt.training.training_state`; the first marks one
+TRAINING_STATE_FILES = ("state.json", "trainable.safetensors", "optimizer.pt", "scheduler.pt")
 NOT_A_MODEL = "not-a-model"
 MODEL_TYPE = MaskedDiffusionConfig.model_type
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -74,9 +76,7 @@ def _detect_directory(directory: Path) -> Detected:
     adapter = (directory / "adapter_config.json").is_file()
     config_file = directory / "config.json"
     if not config_file.is_file():
-        from .checkpointing import REQUIRED
-
-        kind = ADAPTER if adapter else TRAINING_STATE if (directory / REQUIRED[0]).is_file() else NOT_A_MODEL
+        kind = ADAPTER if adapter else TRAINING_STATE if (directory / TRAINING_STATE_FILES[0]).is_file() else NOT_A_MODEL
         return Detected(kind, str(directory), adapter=adapter)
     try:
         config = json.loads(config_file.read_text())
@@ -310,5 +310,42 @@ def validate_adapter(directory: Path) -> tuple[dict, int, Validated | None]:
 
 
 __all__ = ["ADAPTER", "ADAPTER_FILES", "CAUSAL", "CODE_FILES", "DIFFUSION", "MODEL_TYPE", "NOT_A_MODEL",
-           "TRAINING_STATE", "Detected", "NotDiffusionError", "Validated", "detect", "is_diffusion_model", "load",
+           "TRAINING_STATE", "TRAINING_STATE_FILES", "Detected", "NotDiffusionError", "Validated", "detect", "is_diffusion_model", "load", "check_device", "code_version", "stale_code_warning",
            "load_model", "remote_code_fields", "validate", "validate_adapter", "write_remote_code"]
+
+
+def check_device(device: str, name: str = "--device"):
+    """A device this machine has, before anything is read or computed (`name`: the option that gave it)."""
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError, ValueError) as e:
+        raise AdaptError(f"{name} {device} is not available here ({str(e).splitlines()[0]}); use cpu, or a "
+                         "device this machine has") from None
+
+
+_VERSION_LINE = re.compile(r'^DLM_ADAPT_VERSION = "([^"]+)"', re.M)
+
+
+def code_version(directory: Path) -> str:
+    """The dlm-adapt release that wrote `directory`'s remote code (0.1.0 recorded no version in the code)."""
+    compat = directory / "transformers_compat.py"
+    found = _VERSION_LINE.search(compat.read_text()) if compat.is_file() else None
+    return found.group(1) if found else "0.1.0"
+
+
+def stale_code_warning(directory: Path) -> str | None:
+    """One line for users of a checkpoint whose remote code is older than this release's, else None."""
+    from .model import MODEL_FILES
+
+    if not (directory / "config.json").is_file():
+        return None
+    from . import __version__
+    from .model.transformers_compat import _release
+
+    stale = [f.name for f in MODEL_FILES if not (directory / f.name).is_file()
+             or (directory / f.name).read_bytes() != f.read_bytes()]
+    if not stale or _release(code_version(directory)) > _release(__version__):  # newer code: nothing to update
+        return None
+    return (f"{directory}'s remote code was written by dlm-adapt {code_version(directory)} and may not run with "
+            f"transformers alone on this transformers release; update it with: dlm-adapt upgrade {directory}")
+

@@ -8,11 +8,12 @@ from pathlib import Path
 from transformers import HfArgumentParser
 
 from .config import ConvertOptions, EvalOptions, GenerateOptions, PushOptions, UpgradeOptions
+from .deprecations import renamed
 from .errors import AdaptError
 
 
 def _convert(args):
-    from .convert import convert
+    from .conversion.convert import convert
 
     out = convert(args.source, args.output, **_options(args, ConvertOptions))
     print(f"converted {args.source} -> {out}")
@@ -21,7 +22,7 @@ def _convert(args):
 def _train(args):
     """`train` and `sft`: a recipe plus overrides, run by the same loop; `args.job` picks config class and entry."""
     from .config import SFTConfig, TrainConfig, load_config
-    from .train import sft, train
+    from .training.recipe import sft, train
 
     cls, run, done = {"train": (TrainConfig, train, "trained"), "sft": (SFTConfig, sft, "fine-tuned")}[args.job]
     final = run(load_config(args.recipe, args.overrides, cls=cls))
@@ -31,7 +32,7 @@ def _train(args):
 def _generate(args):
     import json
 
-    from .generate import generate
+    from .sampling.generate import generate
 
     o = GenerateOptions(**_options(args, GenerateOptions))
     prompts = list(o.prompt)
@@ -55,7 +56,7 @@ def _generate(args):
         from transformers import TextStreamer
 
         from .checkpoint import load
-        from .generate import check_options
+        from .sampling.generate import check_options
 
         for prompt in prompts:
             check_options(args.model, [prompt], streaming=True, **options)  # before the weights load
@@ -70,7 +71,7 @@ def _generate(args):
 
 
 def _upgrade(args):
-    from .upgrade import upgrade
+    from .hub.upgrade import upgrade
 
     result = upgrade(args.directory, **_options(args, UpgradeOptions))
     print(result.report())
@@ -78,7 +79,7 @@ def _upgrade(args):
 
 
 def _push(args):
-    from .push import push_to_hub
+    from .hub.push import push_to_hub
 
     print(push_to_hub(args.directory, args.repo_id, **_options(args, PushOptions)).report())
 
@@ -86,12 +87,13 @@ def _push(args):
 def _eval(args):
     import json
 
-    from .evaluate import evaluate
+    from .evaluation.harness import evaluate
 
-    if args.block_length is not None:  # the old name of --seq-length, kept for one release
+    flag = renamed("dlm-adapt eval flag")["--block-length"]
+    if args.block_length is not None:
         if args.seq_length is not None:
-            raise AdaptError("--block-length is the deprecated name of --seq-length; give only --seq-length")
-        print("dlm-adapt: warning: --block-length is deprecated, use --seq-length", file=sys.stderr)
+            raise AdaptError(f"{flag.old} is the deprecated name of {flag.new}; give only {flag.new}")
+        print(f"dlm-adapt: warning: {flag.old} is deprecated, use {flag.new}", file=sys.stderr)
         args.seq_length, args.block_length = args.block_length, None
     options = EvalOptions(**_options(args, EvalOptions))  # checked, and defaults resolved, before anything loads
     print(json.dumps(evaluate(args.model, **dataclasses.asdict(options)), indent=2))

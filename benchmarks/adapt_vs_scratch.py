@@ -78,8 +78,9 @@ def random_init_source(path: Path) -> Path:
 def one_run(name: str, spec: dict, out: Path, args) -> dict:
     import adapt
     from adapt.config import load_config
-    from adapt.evaluate import diffusion_elbo, evaluate
-    from adapt.data import load_documents, pack
+    from adapt import evaluate
+    from adapt.training.likelihood import diffusion_elbo
+    from adapt.training.data import load_documents, pack
     from adapt.config import DataConfig
 
     source = spec["source"] or random_init_source(out.parent / "random-init")

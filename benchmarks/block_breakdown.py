@@ -16,11 +16,11 @@ VALID = ROOT.parent / "shared" / "data" / "tinystories" / "valid.txt"
 
 
 def masked_ce(model, rows, masked, block_size):
-    from adapt.model.block_masked_diffusion import forward_2l
+    from adapt.model.block_masked_diffusion import two_l_logits
 
     with torch.no_grad():
-        logits = forward_2l(model, rows.masked_fill(masked, model.config.mask_token_id), rows,
-                            block_size=block_size).logits
+        logits = two_l_logits(model, rows.masked_fill(masked, model.config.mask_token_id), rows,
+                            block_size=block_size)
     logits[..., model.config.mask_token_id] = -torch.inf  # never a clean token, as in the loss and the ELBO
     return F.cross_entropy(logits[:, :-1].flatten(0, 1), rows[:, 1:].flatten(), reduction="none").view(
         rows.shape[0], -1)
@@ -29,7 +29,7 @@ def masked_ce(model, rows, masked, block_size):
 def main():
     import adapt
     from adapt.config import DataConfig
-    from adapt.data import load_documents, pack
+    from adapt.training.data import load_documents, pack
 
     ap = argparse.ArgumentParser()
     ap.add_argument("model")

@@ -154,7 +154,7 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     import adapt
-    from adapt.evaluate import DIFFUSION, _ar_scorer
+    from adapt.evaluation.harness import DIFFUSION, _ar_scorer
 
     if args.speculative:
         return speculative(args)
@@ -275,7 +275,7 @@ def continuation(args, tok, ar, settings):
 def speculative(args):
     """Speculative decoding with `args.speculative` (converted first if missing) against its AR parent."""
     import adapt
-    from adapt.evaluate import DIFFUSION, _ar_scorer
+    from adapt.evaluation.harness import DIFFUSION, _ar_scorer
 
     if not (args.speculative / "config.json").exists():
         adapt.convert(SHARED / "models/stories260K", args.speculative, block_size=4, drafter=True)
@@ -349,8 +349,8 @@ def chat(args, tok, ar, settings):
     """Instructions: each prompt alone in the chat template, answered until EOS (at most --new tokens). Counts,
     times and NLLs are per answer token (EOS included); exact = the answer equals the file's."""
     from adapt.config import SFTDataConfig
-    from adapt.data import load_table
-    from adapt.sft_data import detect_format, to_messages
+    from adapt.training.data import load_table
+    from adapt.training.sft_data import detect_format, to_messages
 
     cfg = SFTDataConfig()
     table = load_table(str(args.chat), cfg)

@@ -96,7 +96,7 @@ def main():
     from lm_eval.tasks import TaskManager
 
     import adapt
-    import adapt.lm_eval_backend  # noqa: F401 (registers --model dlm-adapt)
+    import adapt.evaluation.lm_eval_backend  # noqa: F401 (registers --model dlm-adapt)
     from results_md import write_section
 
     work = Path(tempfile.mkdtemp(prefix="lm_eval_stories-"))

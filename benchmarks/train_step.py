@@ -40,9 +40,9 @@ def build(device, dtype):
 
 
 def make_step(model, mode, batch, length, device):
-    from adapt.annealing import annealed_attention_mask
+    from adapt.training.annealing import annealed_attention_mask
     from adapt.model.block_masked_diffusion import canvas_logits, two_l_layout
-    from adapt.objective import ObjectiveConfig, diffusion_loss, noised_batch
+    from adapt.training.objective import ObjectiveConfig, diffusion_loss, noised_batch
 
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     x0 = torch.randint(0, 8000, (batch, length), device=device)

@@ -73,7 +73,7 @@ stage "5/5 infilling: the middle of each answer is masked and filled; prefix and
 python - "$OUT/adapted/final" <<'PY'
 import sys
 import adapt
-from adapt.generate import generate
+from adapt.sampling.generate import generate
 model, tok = adapt.load(sys.argv[1])
 cases = [("Write the text in capital letters.\n\nbox kite dog", "BOX KITE DOG"),
          ("Write the words in reverse order.\n\nhat fish car", "car fish hat"),

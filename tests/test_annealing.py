@@ -8,7 +8,7 @@ import torch
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from adapt import AdaptError
-from adapt.annealing import AnnealConfig, annealed_attention_mask, check_annealing_supported, mask_ratio
+from adapt.training.annealing import AnnealConfig, annealed_attention_mask, check_annealing_supported, mask_ratio
 from adapt.model import MaskedDiffusionConfig, MaskedDiffusionLM
 from tiny_models import ARCHS, tiny_config
 

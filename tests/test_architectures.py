@@ -2,7 +2,7 @@ import pytest
 from transformers import BertConfig, LlamaConfig, MambaConfig, OPTConfig, T5Config
 
 from adapt import AdaptError
-from adapt.architectures import ARCHITECTURES, check_architecture
+from adapt.conversion.architectures import ARCHITECTURES, check_architecture
 from tiny_models import ARCHS
 
 

@@ -418,12 +418,12 @@ REFUSED_BEFORE_LOADING = ["generate at temperature -1", "generate with top-p 5",
 def test_bad_sampling_options_are_refused_before_the_model_loads(base, case, capsys, monkeypatch):
     """Not a line of weight-loading progress before the error: the model is never loaded."""
     import adapt.checkpoint
-    import adapt.generate
+    import adapt.sampling.generate
 
     def load(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(adapt.generate, "load", load)
+    monkeypatch.setattr(adapt.sampling.generate, "load", load)
     monkeypatch.setattr(adapt.checkpoint, "load", load)  # --stream loads it itself
     argv, code, phrase, _, _ = CASES[case]
     capsys.readouterr()
@@ -447,8 +447,7 @@ def test_bad_eval_options_are_refused_before_the_model_loads(base, case, capsys,
     def load(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
-    # the module: `adapt.evaluate` is the function
-    monkeypatch.setattr(importlib.import_module("adapt.evaluate"), "_load", load)
+    monkeypatch.setattr(importlib.import_module("adapt.evaluation.harness"), "_load", load)
     argv, code, phrase, _, _ = CASES[case]
     capsys.readouterr()
     assert main([a.format(ws=base) for a in argv]) == code

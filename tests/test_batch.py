@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from adapt.batch import Batch, as_batch
-from adapt.data import BlockLoader, hold_out
+from adapt.training.batch import Batch, as_batch
+from adapt.training.data import BlockLoader, hold_out
 from adapt.errors import AdaptError
 
 
@@ -50,17 +50,21 @@ def test_as_batch_takes_token_ids_or_a_batch_and_nothing_else():
         as_batch(torch.zeros(2, 3, 5, dtype=torch.long))
 
 
-def _old_split(items, fraction, seed):
-    # the split build_datasets and build_sft_datasets each made inline before they shared `hold_out`
-    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
-    n_val = max(1, int(len(items) * fraction))
-    return [items[i] for i in sorted(order[n_val:])], [items[i] for i in order[:n_val]]
-
-
 @pytest.mark.parametrize("n,fraction,seed", [(10, 0.05, 0), (300, 0.05, 0), (57, 0.2, 7), (1000, 0.01, 123)])
-def test_hold_out_is_the_split_both_datasets_made_before(n, fraction, seed):
+def test_hold_out_splits_every_item_once_and_keeps_the_training_order(n, fraction, seed):
     items = [f"doc {i}" for i in range(n)]
-    assert hold_out(items, fraction, seed, "d", "documents") == _old_split(items, fraction, seed)
+    kept, held = hold_out(items, fraction, seed, "d", "documents")
+    assert len(held) == max(1, int(n * fraction)) and sorted(kept + held) == sorted(items)
+    assert kept == [x for x in items if x not in held]  # the training data keeps its order
+    assert hold_out(items, fraction, seed, "d", "documents") == (kept, held)  # the seed decides
+    assert hold_out(items, fraction, seed + 1, "d", "documents")[1] != held
+
+
+def test_hold_out_is_the_split_runs_have_always_made():
+    """Pinned: a changed split would move documents between a resumed run's training and validation data."""
+    assert hold_out([f"doc {i}" for i in range(10)], 0.2, 0, "d", "documents")[1] == ["doc 4", "doc 1"]
+    assert hold_out([f"doc {i}" for i in range(57)], 0.2, 7, "d", "documents")[1] == [
+        "doc 51", "doc 21", "doc 3", "doc 41", "doc 27", "doc 36", "doc 2", "doc 5", "doc 18", "doc 50", "doc 14"]
 
 
 def test_hold_out_refuses_to_hold_out_everything():

@@ -238,7 +238,7 @@ def test_infilling_in_block_mode(arch):
 
 def test_generate_streams_blocks_from_the_cli_and_the_python_api(tmp_path, capsys):
     from adapt.cli import main
-    from adapt.generate import stream
+    from adapt.sampling.generate import stream
 
     save_tiny_source(tmp_path / "src", "llama")
     path = str(adapt.convert(tmp_path / "src", tmp_path / "dlm", block_size=4))

@@ -15,7 +15,7 @@ import adapt
 from adapt import AdaptError
 from adapt.config import load_config
 from adapt.model import MaskedDiffusionConfig, MaskedDiffusionLM
-from adapt.model.block_masked_diffusion import forward_2l
+from adapt.model.block_masked_diffusion import two_l_logits
 from tiny_models import ARCHS, layer_type_variants, save_tiny_source, tiny_config
 
 B, SEQ, MASK = 4, 12, 5
@@ -85,7 +85,7 @@ def test_block_size_1_with_shift_is_the_causal_source(block_1, arch):
             got = model(x, attention_mask=torch.ones_like(x)).logits
         torch.testing.assert_close(got[..., : ref.shape[-1]], ref, atol=1e-5, rtol=0)
         with torch.no_grad():  # the 2L training layout too: every logit is the clean stream's, the parent's on x_0
-            two_l = forward_2l(model, torch.full_like(x, model.config.mask_token_id), x).logits
+            two_l = two_l_logits(model, torch.full_like(x, model.config.mask_token_id), x)
         torch.testing.assert_close(two_l[..., : ref.shape[-1]], ref, atol=1e-5, rtol=0)
 
 
@@ -165,7 +165,7 @@ def test_2l_layout_logits_are_the_inference_view(arch, shift):
     pad = torch.ones_like(clean)
     pad[1, :2] = 0  # row 1 left-padded: its blocks count from its first real token
     with torch.no_grad():
-        two_l = forward_2l(model, noisy, clean, attention_mask=pad).logits
+        two_l = two_l_logits(model, noisy, clean, attention_mask=pad)
         assert two_l.shape[:2] == clean.shape
         for row, start in ((0, 0), (1, 2)):
             for b in range((SEQ - start + B - 1) // B):
@@ -177,7 +177,7 @@ def test_2l_layout_logits_are_the_inference_view(arch, shift):
         # the noised half must not leak into the clean stream: changing noised block 1 moves only its own logits
         other = noisy.clone()
         other[:, B + 1] = MASK if noisy[0, B + 1] != MASK else 6
-        moved = (forward_2l(model, other, clean, attention_mask=pad).logits - two_l)[0].abs().amax(-1)
+        moved = (two_l_logits(model, other, clean, attention_mask=pad) - two_l)[0].abs().amax(-1)
     own = torch.zeros(SEQ, dtype=torch.bool)
     own[B:2 * B - shift] = True  # with shift, the block's last logit is the clean stream's
     assert moved[~own].max() < 1e-6 and moved[own].min() > 1e-4
@@ -186,7 +186,7 @@ def test_2l_layout_logits_are_the_inference_view(arch, shift):
 def test_2l_layout_needs_a_block_checkpoint():
     model = _model(tiny_config("llama", 100), block_size=None)
     with pytest.raises(ValueError, match="block_size is None"):
-        forward_2l(model, _ids(), _ids())
+        two_l_logits(model, _ids(), _ids())
 
 
 @pytest.mark.parametrize("bad", [0, -4, 2.5, True, "4"])

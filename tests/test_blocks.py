@@ -3,10 +3,11 @@
 import pytest
 import torch
 
-from adapt.blocks import BlockConfig, block_t, documents
-from adapt.model.block_masked_diffusion import canvas_index, forward_2l
+from adapt.config.diffusion import BlockConfig
+from adapt.training.blocks import block_t, documents
+from adapt.model.block_masked_diffusion import canvas_index, two_l_logits
 from adapt.errors import AdaptError
-from adapt.objective import ObjectiveConfig, diffusion_loss, noised_batch
+from adapt.training.objective import ObjectiveConfig, diffusion_loss, noised_batch
 
 
 def test_block_t_is_one_t_per_block_stratified_across_blocks():
@@ -87,7 +88,7 @@ def _rows(length=12, seed=0):
 
 def _two_l(model, x_t, x0, padding, block_size, document_ids=None):
     with torch.no_grad():
-        return forward_2l(model, x_t, x0, padding, block_size=block_size, document_ids=document_ids).logits
+        return two_l_logits(model, x_t, x0, padding, block_size=block_size, document_ids=document_ids)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2"])
@@ -113,7 +114,7 @@ def test_2l_right_padding_and_packed_documents(arch):
 
 
 def test_an_implementation_that_drops_the_block_mask_is_one_clear_error():
-    from adapt.blocks import check_block_attention
+    from adapt.training.blocks import check_block_attention
 
     model = _model("llama", "sdpa")
     model.config.text_config._attn_implementation = "flash_attention_2"
@@ -125,7 +126,7 @@ def test_an_implementation_that_drops_the_block_mask_is_one_clear_error():
 def test_block_size_1_elbo_is_the_parents_exact_nll(arch):
     import torch.nn.functional as F
 
-    from adapt.likelihood import diffusion_elbo
+    from adapt.training.likelihood import diffusion_elbo
 
     model = _model(arch, "eager")
     x0 = _rows(length=10)
@@ -139,7 +140,7 @@ def test_block_size_1_elbo_is_the_parents_exact_nll(arch):
 
 
 def test_block_elbo_masks_within_blocks_and_is_batch_size_invariant():
-    from adapt.likelihood import diffusion_elbo
+    from adapt.training.likelihood import diffusion_elbo
 
     model = _model("llama", "eager")
     x0 = _rows(length=12)

@@ -63,10 +63,10 @@ def test_comma_separated_flags_and_python_lists_agree():
 
 def test_remasking_choices_are_the_sampler_table(monkeypatch, capsys):
     """Adding a remasking order is one table entry: the flag's choices are read from the sampler."""
-    import adapt.sampling
+    from adapt.model import sampling_masked_diffusion as sampler
 
     with pytest.raises(SystemExit):
         build_parser().parse_args(["generate", "m", "--remasking", "newest"])
     assert "invalid choice: 'newest'" in capsys.readouterr().err
-    monkeypatch.setattr(adapt.sampling, "REMASKING", (*adapt.sampling.REMASKING, "newest"))
+    monkeypatch.setattr(sampler, "REMASKING", (*sampler.REMASKING, "newest"))
     assert build_parser().parse_args(["generate", "m", "--remasking", "newest"]).remasking == "newest"

@@ -148,7 +148,7 @@ def test_generate_speculative_from_the_cli_and_the_python_api(drafters, capsys):
                          pad_token_id=3)[0, ids.shape[1]:].tolist()
     eos = tokenizer.eos_token_id
     assert row["tokens"] == (ar[: ar.index(eos)] if eos in ar else ar)  # the parent's greedy text
-    api = adapt.generate.generate(model, ["w7 w8 w9"], tokenizer=tokenizer, max_new_tokens=8, speculative=True,
+    api = adapt.generate(model, ["w7 w8 w9"], tokenizer=tokenizer, max_new_tokens=8, speculative=True,
                                   draft_length=3)
     assert api[0]["tokens"] == row["tokens"] and api[0]["acceptance"] == row["acceptance"]
 

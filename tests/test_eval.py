@@ -14,7 +14,8 @@ from transformers import GenerationConfig
 import adapt
 from adapt import AdaptError
 from adapt.cli import main
-from adapt.evaluate import causal_nll, diffusion_elbo, repeat_task
+from adapt.evaluation.harness import repeat_task
+from adapt.training.likelihood import causal_nll, diffusion_elbo
 from adapt.model import MaskedDiffusionLM
 from tiny_models import tiny_tokenizer
 
@@ -221,7 +222,7 @@ def test_steps_sweep_counts_token_and_sequence_errors(tmp_path):
                        sample_by="line", sweep_length=length, sweep_examples=24, seed=7,
                        ar_parent=uniform(100, diffusion=False), plot=tmp_path / "sweep.png")
     sweep = r["steps_sweep"]
-    from adapt.data import load_documents, pack
+    from adapt.training.data import load_documents, pack
     from adapt.config import DataConfig
 
     blocks = pack(load_documents(str(data), DataConfig(sample_by="line")), tok, 16, "t", max_blocks=64)
@@ -376,7 +377,7 @@ def test_bad_input_is_one_clear_error(converted, tmp_path, capsys, case):
 def test_block_length_flag_and_keyword_are_deprecated_names_of_seq_length(monkeypatch, capsys):
     import importlib
 
-    evaluate_module = importlib.import_module("adapt.evaluate")  # `adapt.evaluate` itself names the function
+    evaluate_module = importlib.import_module("adapt.evaluation.harness")
     seen = {}
     monkeypatch.setattr(evaluate_module, "evaluate", lambda model, data, **kw: seen.update(kw) or {"ok": 1})
     assert main(["eval", "m", "--data", "d.txt", "--block-length", "32"]) == 0

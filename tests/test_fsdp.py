@@ -14,7 +14,7 @@ import yaml
 from safetensors.torch import load_file
 
 import adapt
-from adapt import checkpointing
+from adapt.training import training_state as checkpointing
 from adapt.config import load_config
 import test_train
 from test_train import _losses
@@ -157,7 +157,8 @@ def test_deepspeed_final_goes_through_accelerates_gathering_and_a_shard_is_never
     `get_state_dict`, which consolidates ZeRO-3 parameters on rank 0, returns what it would there."""
     from accelerate import Accelerator
 
-    from adapt import AdaptError, distributed
+    from adapt import AdaptError
+    from adapt.training import distributed
 
     args = ["train.batch_size=4", "max_steps=2", "eval_steps=0"]
     plain = adapt.train(load_config(None, _base(setup, tmp_path / "plain", *args)))
@@ -194,7 +195,8 @@ def test_unsupported_sharding_is_one_clear_error(monkeypatch):
 
     from accelerate.utils import DistributedType
 
-    from adapt import AdaptError, distributed
+    from adapt import AdaptError
+    from adapt.training import distributed
 
     fsdp1 = SimpleNamespace(distributed_type=DistributedType.FSDP, is_fsdp2=False)
     with pytest.raises(AdaptError, match="FSDP2 only: set fsdp_version: 2"):

@@ -19,7 +19,7 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 import adapt  # noqa: E402
 from adapt import AdaptError  # noqa: E402
 from adapt.cli import main  # noqa: E402
-from adapt.lm_eval_backend import DLMAdaptLM  # noqa: E402
+from adapt.evaluation.lm_eval_backend import DLMAdaptLM  # noqa: E402
 from test_eval import V, fixed  # noqa: E402
 from tiny_models import tiny_tokenizer  # noqa: E402
 
@@ -179,7 +179,14 @@ def test_eval_tasks_writes_lm_evals_results_beside_ours(converted, tasks, tmp_pa
                  "2", "--mc-samples", "2", "--json", str(out)]) == 0
     printed = json.loads(capsys.readouterr().out)
     results = printed["lm_eval"]["results"]
-    assert set(results) == {"toy_mc", "toy_gen", "toy_roll"} and 0 <= results["toy_mc"]["acc,none"] <= 1
+    assert set(results) == {"toy_mc", "toy_gen", "toy_roll"}
+    # the numbers are lm-eval's own run of the backend with the same settings, answer by answer
+    direct = run("dlm-adapt", tasks, ["toy_mc"], model_args={"pretrained": str(dlm), "mc_samples": 2}, limit=2)
+    assert results["toy_mc"]["acc,none"] == direct["results"]["toy_mc"]["acc,none"]
+    picks = [max(range(len(s["resps"])), key=lambda i: s["resps"][i][0][0])
+             for s in sorted(direct["samples"]["toy_mc"], key=lambda s: s["doc_id"])]
+    golds = [s["target"] for s in sorted(direct["samples"]["toy_mc"], key=lambda s: s["doc_id"])]
+    assert results["toy_mc"]["acc,none"] == sum(int(p == int(g)) for p, g in zip(picks, golds)) / 2
     full = json.loads((tmp_path / "r.lm_eval.json").read_text())
     assert full["results"] == results and full["config"]["model_args"] is None
     assert json.loads(out.read_text()) == printed
@@ -211,7 +218,7 @@ def test_eval_tasks_errors_are_one_line(converted, tasks, capsys, flags, message
 
 
 def _cli_results(capsys, dlm, tasks, out, batch_size):
-    from adapt.lm_eval_backend import main as lm_eval_cli
+    from adapt.evaluation.lm_eval_backend import main as lm_eval_cli
 
     assert lm_eval_cli(["run", "--model", "dlm-adapt", "--model_args",
                         f"pretrained={dlm},mc_samples=2,batch_size={batch_size}", "--tasks", "toy_mc",
@@ -235,7 +242,7 @@ def test_batch_size_model_arg_runs_through_lm_evals_own_command_line(converted, 
 
 
 def test_bad_batch_size_from_lm_evals_command_line_is_one_line(converted, tasks, capsys):
-    from adapt.lm_eval_backend import main as lm_eval_cli
+    from adapt.evaluation.lm_eval_backend import main as lm_eval_cli
 
     _, dlm = converted("llama")
     assert lm_eval_cli(["run", "--model", "dlm-adapt", "--model_args", f"pretrained={dlm},batch_size=-1",

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from adapt.objective import ObjectiveConfig, cart_weights, diffusion_loss, noised_batch, sample_t
+from adapt.training.objective import ObjectiveConfig, cart_weights, diffusion_loss, noised_batch, sample_t
 
 V = 5
 
@@ -129,7 +129,7 @@ def test_the_mask_token_is_excluded_from_the_predicted_distribution():
                                  ObjectiveConfig(normalization="all", weighting="cart")], ids=["masked", "sequence", "cart"])
 def test_loss_from_the_first_loss_column_equals_the_full_loss(shift, cfg):
     """SFT computes logits only from `first_loss_column` on (prompts are never noised): the same loss, term for term."""
-    from adapt.objective import first_loss_column
+    from adapt.training.objective import first_loss_column
 
     torch.manual_seed(0)
     x0 = torch.randint(0, V, (3, 10))

@@ -45,7 +45,7 @@ def test_two_concurrent_converts_one_wins_the_other_refuses(src, tmp_path):
 
 
 def test_a_folder_created_at_output_during_conversion_survives(src, tmp_path, monkeypatch):
-    conversion = importlib.import_module("adapt.convert")  # `adapt.convert` the attribute is the function
+    conversion = importlib.import_module("adapt.conversion.convert")
     out = tmp_path / "out"
     real = conversion._write_config
 
@@ -85,7 +85,7 @@ def test_ctrl_c_during_convert_is_one_line_exit_130_and_no_output(src, tmp_path)
     code = (
         "import sys, time\n"
         "import importlib\n"
-        "c = importlib.import_module('adapt.convert')\n"
+        "c = importlib.import_module('adapt.conversion.convert')\n"
         "real = c._write_config\n"
         "def slow(*a, **k):\n"
         "    real(*a, **k)\n"
@@ -168,7 +168,7 @@ def test_a_full_disk_is_one_line_and_publishes_nothing(src, tmp_path, monkeypatc
 
     from adapt.cli import main
 
-    conversion = importlib.import_module("adapt.convert")
+    conversion = importlib.import_module("adapt.conversion.convert")
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "x"))
@@ -180,7 +180,7 @@ def test_a_full_disk_is_one_line_and_publishes_nothing(src, tmp_path, monkeypatc
     assert len(err) == 1 and "cannot write" in err[0] and os.strerror(errno.ENOSPC) in err[0], err
     assert list(tmp_path.iterdir()) == []
 
-    checkpointing = importlib.import_module("adapt.checkpointing")
+    checkpointing = importlib.import_module("adapt.training.training_state")
     real, calls = checkpointing.save_file, []
 
     def full_at_second_save(*args, **kwargs):

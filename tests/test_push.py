@@ -25,7 +25,7 @@ from adapt.cli import main
 from adapt.config import load_config
 from adapt.model import CODE_FILES
 from adapt.outputs import write_marker
-from adapt.card import BEGIN, END
+from adapt.hub.card import BEGIN, END
 from tiny_models import save_tiny_source
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -169,11 +169,11 @@ def online(monkeypatch, tmp_path, capfd):
     Returns push(endpoint, *cli_args, token=TOKEN) -> result with returncode/stdout/stderr."""
     from huggingface_hub import constants
 
-    import adapt.push
+    import adapt.hub.push
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-saved-login"))
-    monkeypatch.setattr(adapt.push, "COMMIT_RETRY_DELAYS", (0.0, 0.0))
+    monkeypatch.setattr(adapt.hub.push, "COMMIT_RETRY_DELAYS", (0.0, 0.0))
 
     def push(endpoint, *args, token=TOKEN):
         monkeypatch.setattr(constants, "ENDPOINT", endpoint)

@@ -14,10 +14,10 @@ import torch
 import adapt
 from adapt import AdaptError, SFTConfig, load_config
 from adapt.config import SFTDataConfig
-from adapt.objective import ObjectiveConfig, noised_batch
-from adapt.batch import Batch
-from adapt.sft_data import build_sft_datasets, encode, tokenize_conversation
-from adapt.evaluate import diffusion_elbo
+from adapt.training.objective import ObjectiveConfig, noised_batch
+from adapt.training.batch import Batch
+from adapt.training.sft_data import build_sft_datasets, encode, tokenize_conversation
+from adapt.training.likelihood import diffusion_elbo
 from conftest import require_shared
 from tiny_models import tiny_tokenizer
 
@@ -249,7 +249,7 @@ def test_stories260k_recipe_runs_as_shipped_and_answers_in_chat(tmp_path):
     elbos = [json.loads(ln)["val_elbo"] for ln in (out / "metrics.jsonl").read_text().splitlines()
              if "val_elbo" in ln]
     assert elbos[-1] < elbos[0]
-    from adapt.generate import generate
+    from adapt.sampling.generate import generate
 
     [result] = generate(out / "final", ["Who is Lily?"], chat=True, max_new_tokens=32, steps=32)
     assert result["text"].strip() and "<|mask|>" not in result["text"]
@@ -307,7 +307,7 @@ def test_block_sft_lowers_the_block_response_elbo_and_never_noises_the_prompt(se
     answers falls."""
     import importlib
 
-    train_module = importlib.import_module("adapt.train")  # `adapt.train` itself names the function
+    train_module = importlib.import_module("adapt.training.recipe")
 
     seen = []
     original = train_module.noised_batch

@@ -89,8 +89,8 @@ def adapted(stories, tmp_path_factory):
     from pathlib import Path
 
     from adapt.config import load_config
-    from adapt.data import build_datasets
-    from adapt.evaluate import diffusion_elbo
+    from adapt.training.data import build_datasets
+    from adapt.training.likelihood import diffusion_elbo
     from conftest import SHARED
 
     _, converted = stories

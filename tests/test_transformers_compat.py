@@ -215,7 +215,7 @@ def test_missing_kernels_notice_is_dropped_and_other_bitsandbytes_warnings_kept(
         logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please ...", "no kernels")
         logger.warning("a real bitsandbytes problem")
     assert [r.getMessage() for r in caplog.records] == ["a real bitsandbytes problem"]
-    proc = subprocess.run([sys.executable, "-c", "import adapt.train, peft, bitsandbytes"], capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", "import adapt.training.recipe, peft, bitsandbytes"], capture_output=True,
                           text=True)
     assert proc.returncode == 0 and "gemm_4bit_forward" not in proc.stderr, proc.stderr[-500:]
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from ..deprecations import renamed
 from ..errors import AdaptError
 
 METRICS = ("elbo", "infill", "steps_sweep")
@@ -25,7 +26,7 @@ class SamplerChoices(Sequence):
         self.table = table
 
     def _values(self) -> tuple:
-        from .. import sampling
+        from ..model import sampling_masked_diffusion as sampling
 
         return getattr(sampling, self.table)
 
@@ -105,7 +106,7 @@ class ConvertOptions:
 @dataclass
 class GenerateOptions:
     """`dlm-adapt generate MODEL`: prompts, then `diffusion_generate`'s options (unset: the checkpoint's
-    generation_config.json, else the sampler's default). `adapt.generate.generate` takes the sampling fields as
+    generation_config.json, else the sampler's default). `adapt.generate` takes the sampling fields as
     keywords."""
 
     prompt: Texts | None = field(default=None, **_help(
@@ -217,12 +218,13 @@ class EvalOptions:
         "lm-eval: score a diffusion checkpoint as its causal self (the exact AR likelihood; a sanity baseline)"))
 
     def __post_init__(self):
-        if self.block_length is not None:
+        if self.block_length is not None:  # the CLI's --block-length arrives as seq_length (cli._eval)
+            kw = renamed("adapt.evaluate keyword")["block_length"]
             if self.seq_length not in (None, self.block_length):
-                raise AdaptError("evaluate got both seq_length and block_length; pass only seq_length "
-                                 "(block_length is its deprecated name)")
-            warnings.warn("evaluate(block_length=) is deprecated: use seq_length= (the packing length; "
-                          "block_length names the decoding block)", FutureWarning, stacklevel=4)
+                raise AdaptError(f"evaluate got both {kw.new} and {kw.old}; pass only {kw.new} "
+                                 f"({kw.old} is its deprecated name)")
+            warnings.warn(f"evaluate({kw.old}=) is deprecated: use {kw.new}= (the packing length; {kw.old} names "
+                          f"the decoding block; removed in {kw.removed_in})", FutureWarning, stacklevel=4)
             self.seq_length, self.block_length = self.block_length, None
         if self.seq_length is None:
             self.seq_length = 128
@@ -271,7 +273,7 @@ class EvalOptions:
                              f"{self.infill_span}")
         if isinstance(self.ar_parent, (str, Path)) and not Path(self.ar_parent).expanduser().exists():
             raise AdaptError(f"--ar-parent {self.ar_parent} not found")
-        from ..sampling import SamplingError, check_sampling_options
+        from ..model.sampling_masked_diffusion import SamplingError, check_sampling_options
 
         try:
             check_sampling_options(kv_cache=self.kv_cache)

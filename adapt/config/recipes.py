@@ -13,12 +13,11 @@ from typing import Literal
 import torch
 import yaml
 
+from ..deprecations import renamed
 from ..errors import AdaptError
-from ..annealing import AnnealConfig
-from ..blocks import BlockConfig
-from ..objective import ObjectiveConfig
 from ..ranges import FieldError, check_ranges
 from .commands import DTYPE_NAMES
+from .diffusion import AnnealConfig, BlockConfig, ObjectiveConfig
 
 
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
@@ -267,7 +266,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), cls=T
 
 
 # old dotted key -> new one, for keys renamed in this release; the old name loads with a warning until the next
-DEPRECATED_KEYS = {"data.block_length": "data.seq_length"}
+DEPRECATED_KEYS = {old: r.new for old, r in renamed("recipe key").items()}  # adapt/deprecations.py
 
 
 def _deprecated_keys(cls) -> dict[str, str]:
@@ -282,8 +281,8 @@ def _deprecated_keys(cls) -> dict[str, str]:
 
 
 def _warn_renamed(old: str, new: str):
-    print(f"dlm-adapt: warning: {old} is deprecated, use {new} (the old name goes in the next release)",
-          file=sys.stderr)
+    removed_in = renamed("recipe key")[old].removed_in
+    print(f"dlm-adapt: warning: {old} is deprecated, use {new} (the old name goes in {removed_in})", file=sys.stderr)
 
 
 def _rename_deprecated(data: dict, cls, where: str, warn: bool = True):

@@ -27,6 +27,20 @@ from .sampling_masked_diffusion import (SCORES, Denoiser, Ranking, SamplingError
                                         denoise_span)
 from .transformers_compat import bidirectional_mask, drop_last_cached, full_cache, select_cache_rows
 
+
+def position_ids_from_padding(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counting real tokens only (padding repeats its neighbour's), so left padding moves no token."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def resolve_block_size(config, override: int | None = None, needed_by: str | None = None) -> int | None:
+    """The block size to use: `override` when given, else the checkpoint's `config.block_size` (None: a
+    full-sequence checkpoint). `needed_by` names what cannot run without one: None is then an error."""
+    block_size = override if override is not None else getattr(config, "block_size", None)
+    if block_size is None and needed_by is not None:
+        raise ValueError(f"{needed_by} needs a block size (config.block_size is None)")
+    return block_size
+
 # Implementations whose mask interface honours an arbitrary mask function; flash kernels take padding only and
 # would silently attend to later blocks.
 BLOCK_IMPLEMENTATIONS = ("eager", "sdpa")
@@ -100,7 +114,7 @@ def cached_block_mask(text_config, padding_mask, query_positions, block_size: in
     built here because transformers' builders size a mask by the cache's layer type, while block decoding keeps
     every position in every layer (`full_cache`). A padding query sees itself, so no row is fully masked."""
     kv, q = padding_mask.shape[1], query_positions.shape[1]
-    key_positions = (padding_mask.long().cumsum(-1) - 1).clamp_min(0)[:, None, :]
+    key_positions = position_ids_from_padding(padding_mask)[:, None, :]
     query_positions = query_positions.expand(padding_mask.shape[0], -1)[:, :, None]
     bq, bk = query_positions // block_size, key_positions // block_size
     keys = torch.arange(kv, device=padding_mask.device)
@@ -158,13 +172,11 @@ def two_l_layout(model, noisy_ids, clean_ids, attention_mask=None, block_size=No
     out in canvas order, L per row rather than 2L). `attention_mask` is the 2-D padding mask of the L tokens;
     positions count real tokens, as in `MaskedDiffusionLM.forward`. `block_size` defaults to the checkpoint's."""
     config = model.config
-    block_size = block_size if block_size is not None else config.block_size
-    if block_size is None:
-        raise ValueError("the 2L layout needs a block size (config.block_size is None)")
+    block_size = resolve_block_size(config, block_size, needed_by="the 2L layout")
     if noisy_ids.shape != clean_ids.shape:
         raise ValueError(f"noisy and clean ids differ in shape: {tuple(noisy_ids.shape)} vs {tuple(clean_ids.shape)}")
     padding = attention_mask if attention_mask is not None else torch.ones_like(noisy_ids)
-    positions = (padding.long().cumsum(-1) - 1).clamp_min(0)
+    positions = position_ids_from_padding(padding)
     _, positions2, mask = two_l_attention_mask(config.text_config, padding, positions, block_size, model.dtype,
                                                document_ids)
     index = canvas_index(positions, block_size, config.shift)
@@ -181,14 +193,15 @@ def canvas_logits(logits, index):
     return logits.gather(1, index.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
 
 
-def forward_2l(model, noisy_ids, clean_ids, attention_mask=None, block_size=None, document_ids=None, **kwargs):
-    """One forward of the 2L training layout: `noisy_ids` (x_t) and `clean_ids` (x_0), both (batch, L), run as one
-    sequence of 2L with the BD3-LM mask. Returns the decoder's output with L logits per row, each the one the
-    denoiser reads at inference (`canvas_index`), so the objective aligns them exactly as on a canvas."""
+def two_l_logits(model, noisy_ids, clean_ids, attention_mask=None, block_size=None, document_ids=None,
+                 forward=None):
+    """One forward of the 2L layout: `noisy_ids` (x_t) and `clean_ids` (x_0), both (batch, L), run as one sequence
+    of 2L with the BD3-LM mask. Returns L logits per row, each the one the denoiser reads at inference
+    (`canvas_index`), so the objective aligns them exactly as on a canvas. `forward` runs the layout's inputs: a
+    wrapper around `model` (a training engine's, PEFT's) during training; default `model` itself. Training, the
+    likelihood and the tests all take the 2L logits from here."""
     inputs, index = two_l_layout(model, noisy_ids, clean_ids, attention_mask, block_size, document_ids)
-    out = model.decoder(**inputs, **kwargs)
-    out.logits = canvas_logits(out.logits, index)
-    return out
+    return canvas_logits((forward if forward is not None else model)(**inputs).logits, index)
 
 
 # ------------------------------------------------------------------------------------------------ decoding
@@ -208,7 +221,7 @@ class BlockCacheDenoiser(Denoiser):
     def __init__(self, model, padding):
         super().__init__(model.config.shift)
         self.model, self.padding = model, padding
-        self.positions = (padding.long().cumsum(-1) - 1).clamp_min(0)
+        self.positions = position_ids_from_padding(padding)
         self.cache, self.cached, self.last = full_cache(), 0, None  # keys/values of canvas [0, cached)
         self.rows = torch.arange(len(padding), device=padding.device)  # the rows still computed, and cached
         self.cache_hits = self.positions_computed = 0
@@ -362,4 +375,4 @@ def block_diffusion_sample(make_denoiser, input_ids, *, block_size: int, mask_to
 
 __all__ = ["BLOCK_IMPLEMENTATIONS", "BlockCacheDenoiser", "block_attention_mask", "block_diffusion_sample",
            "cached_block_mask", "canvas_index", "canvas_logits",
-           "check_block_implementation", "forward_2l", "two_l_attention_mask", "two_l_layout"]
+           "check_block_implementation", "position_ids_from_padding", "resolve_block_size", "two_l_logits", "two_l_attention_mask", "two_l_layout"]

@@ -2,6 +2,9 @@
 # Imports nothing from beside it: transformers 5.5 copies only a remote config's direct relative imports.
 from transformers import AutoConfig, PreTrainedConfig
 
+# shift when a config does not say (no dlm-adapt checkpoint lacks it): the causal LM's alignment, as `convert` writes
+SHIFT_DEFAULT = True
+
 
 class MaskedDiffusionConfig(PreTrainedConfig):
     r"""
@@ -35,7 +38,7 @@ class MaskedDiffusionConfig(PreTrainedConfig):
     # the many remote-code configs written that way, while the declarative forms changed twice within 5.x.
     sub_configs = {"text_config": AutoConfig}
 
-    def __init__(self, text_config=None, mask_token_id=None, shift=True, bidirectional=True, provenance=None,
+    def __init__(self, text_config=None, mask_token_id=None, shift=SHIFT_DEFAULT, bidirectional=True, provenance=None,
                  block_size=None, drafter=None, **kwargs):
         if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int)
                                        or block_size < 1):

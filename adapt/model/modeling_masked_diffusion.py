@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 
-from .block_masked_diffusion import BlockCacheDenoiser, block_attention_mask, block_diffusion_sample, cached_block_mask
+from .block_masked_diffusion import (BlockCacheDenoiser, block_attention_mask, block_diffusion_sample, cached_block_mask,
+                                     position_ids_from_padding, resolve_block_size)
 from .configuration_masked_diffusion import MaskedDiffusionConfig
 from .sampling_masked_diffusion import Denoiser, SamplingError, _holes, check_sampling_options, diffusion_sample
 from .speculative_masked_diffusion import DrafterAdapter, speculative_sample
@@ -249,7 +250,7 @@ class MaskedDiffusionLM(PreTrainedModel):
                      entropy_bound=entropy_bound, sub_block=sub_block, kv_cache=kv_cache,
                      order_temperature=order_temperature or None, return_history=return_history or None,
                      schedule=None if schedule == "linear" else schedule))
-        block_size = getattr(self.config, "block_size", None)
+        block_size = resolve_block_size(self.config)
         check_sampling_options(kv_cache=kv_cache)  # the sampler checks the rest, once the defaults are resolved
         if block_size is not None and (kv_cache is not None or block_length not in (None, block_size)):
             raise SamplingError(f"a block-diffusion checkpoint decodes its own blocks of {block_size} with an exact KV "
@@ -395,11 +396,6 @@ class DualCacheDenoiser(PrefixCacheDenoiser):
 
 
 DENOISERS = {None: ModelDenoiser, "prefix": PrefixCacheDenoiser, "dual": DualCacheDenoiser}  # by kv_cache
-
-
-def position_ids_from_padding(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions counting real tokens only (padding repeats its neighbour's), so left padding moves no token."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
 def _first(token_id):

@@ -18,16 +18,16 @@ import torch
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
 
-from . import __version__
+from .. import __version__
 from .architectures import check_architecture
-from .checkpoint import DIFFUSION, detect
-from .config import DTYPES, ConvertOptions
+from ..checkpoint import DIFFUSION, detect
+from ..config import DTYPES, ConvertOptions
 from .drafter import drafter_spec, drafter_tensors
-from .errors import AdaptError, first_line
-from .sources import Source, resolve_source
-from .outputs import check_target, make_temp, publish, write_errors
-from .model import MaskedDiffusionConfig, write_remote_code
-from .safetensors_io import StoredTensor, dtype_code, read_shards, torch_dtype, write_safetensors
+from ..errors import AdaptError, first_line
+from ..sources import Source, resolve_source
+from ..outputs import check_target, make_temp, publish, write_errors
+from ..model import MaskedDiffusionConfig, write_remote_code
+from ..safetensors_io import StoredTensor, dtype_code, read_shards, torch_dtype, write_safetensors
 
 DEFAULT_MASK_TOKEN = "<|mask|>"
 PREFIX = "decoder."  # where MaskedDiffusionLM keeps the causal LM
@@ -43,7 +43,7 @@ def convert(source: str | Path, output: str | Path, **options) -> Path:
     to create; an existing non-empty one is refused unless it is a previous conversion output and `overwrite` is
     set. `options` are the fields of `adapt.config.ConvertOptions` (mask_token, shift, dtype, revision, gguf_file,
     trust_remote_code, overwrite, block_size, drafter, drafter_rank), documented there. With `drafter` the
-    checkpoint also holds an untrained drafter adapter for speculative decoding (`adapt.drafter`).
+    checkpoint also holds an untrained drafter adapter for speculative decoding (`adapt.conversion.drafter`).
     """
     o = ConvertOptions(**options)
     if not str(output).strip():

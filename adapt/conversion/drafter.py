@@ -5,7 +5,7 @@ is remote code: `model/speculative_masked_diffusion.py` (`DrafterAdapter`)."""
 import torch
 from transformers import AutoModelForCausalLM
 
-from .model.speculative_masked_diffusion import DrafterAdapter, drafter_targets
+from ..model.speculative_masked_diffusion import DrafterAdapter, drafter_targets
 
 SEED = 0  # a conversion is reproducible: the same source gives the same adapter
 

@@ -12,14 +12,15 @@ already reached the Hub are recognised and skipped. The card itself is `card`.
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from .card import build_card
-from .checkpoint import ADAPTER_FILES, NotDiffusionError, Validated, detect, validate, validate_adapter
-from .config import PushOptions, TrainConfig
-from .errors import AdaptError, first_line
-from .run_dir import training_record
+from .plan import Plan
+from ..checkpoint import ADAPTER_FILES, NotDiffusionError, Validated, detect, validate, validate_adapter
+from ..config import PushOptions
+from ..errors import AdaptError, first_line
+from ..training.run_dir import training_record
 
 # a failed commit POST is not retried by huggingface_hub; these are the waits before our further attempts
 COMMIT_RETRY_DELAYS = (1.0, 4.0)
@@ -53,20 +54,6 @@ class PushResult:
                     f"(branch {self.revision}) in one commit:\n{self.listing()}\n\n"
                     f"----- README.md -----\n{self.card}")
         return f"pushed {len(self.files)} files to {self.url} (branch {self.revision}): {self.commit_url}"
-
-
-@dataclass
-class Plan:
-    """What a push uploads, and what the card says about it."""
-
-    kind: str  # "checkpoint" or "adapter"
-    files: list[tuple[str, Path]]
-    checkpoint: Validated | None  # for an adapter: its base, when that is a local directory
-    adapter: dict | None = None
-    adapter_parameters: int = 0
-    training: TrainConfig | None = None  # the run's recorded config (SFTConfig for `dlm-adapt sft`)
-    metrics: list[dict] = field(default_factory=list)
-    readme: str | None = None
 
 
 def push_to_hub(directory: str | Path, repo_id: str, *, token: str | None = None, **options) -> PushResult:

@@ -8,7 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from .batch import Batch, as_batch
-from .errors import AdaptError
+from ..errors import AdaptError
+from ..model.block_masked_diffusion import resolve_block_size, two_l_logits
+from ..model.configuration_masked_diffusion import SHIFT_DEFAULT
 from .objective import ObjectiveConfig, sequence_losses
 
 
@@ -54,7 +56,7 @@ def elbo_draws(model, blocks: "torch.Tensor | Batch", *, mc_samples: int = 16, b
     """The draws behind `diffusion_elbo`: (values (rows, K) in nats per scored token of each row's draw, scored
     tokens per row (rows,), the block size used). A row's bound on its NLL is values.mean(1) · scored."""
     config = model.config
-    mask_id, shift = getattr(config, "mask_token_id", None), bool(getattr(config, "shift", False))
+    mask_id, shift = getattr(config, "mask_token_id", None), bool(getattr(config, "shift", SHIFT_DEFAULT))
     if mask_id is None:
         raise AdaptError("the model has no mask_token_id: not a diffusion model")
     try:
@@ -72,8 +74,7 @@ def elbo_draws(model, blocks: "torch.Tensor | Batch", *, mc_samples: int = 16, b
     scored = scorable.sum(1)
     if (scored == 0).any():
         raise AdaptError("a row has no tokens to score")
-    if block_size is None:
-        block_size = getattr(config, "block_size", None)
+    block_size = resolve_block_size(config, block_size)
     if block_size is not None:
         from .blocks import check_block_attention
 
@@ -136,10 +137,7 @@ def _denoise(model, x_t, x0, padding, block_size):
     diffusion one 2L forward whose earlier blocks are clean (`adapt.blocks`)."""
     if block_size is None:
         return model(input_ids=x_t, attention_mask=padding).logits
-    from .model.block_masked_diffusion import canvas_logits, two_l_layout
-
-    inputs, index = two_l_layout(model, x_t, x0, padding, block_size)
-    return canvas_logits(model(**inputs).logits, index)
+    return two_l_logits(model, x_t, x0, padding, block_size)
 
 
 @torch.no_grad()
@@ -155,13 +153,13 @@ def token_scores(model, batch: Batch, *, causal: bool = False, block_size: int |
     and compared with the argmax at its position. Block diffusion (`block_size`, default the checkpoint's) reads
     it from the 2L forward, as the ELBO does; at block size 1 it is the AR argmax."""
     config = model.config
-    mask_id, shift = config.mask_token_id, bool(getattr(config, "shift", False))
+    mask_id, shift = config.mask_token_id, bool(getattr(config, "shift", SHIFT_DEFAULT))
     ids, attention = batch.input_ids, batch.attention_mask
     scored = batch.maskable.clone() if batch.maskable is not None else torch.ones_like(ids, dtype=torch.bool)
     scored[:, 0] = False
     device = model_device(model)
-    if block_size is None and not causal:
-        block_size = getattr(config, "block_size", None)
+    if not causal:
+        block_size = resolve_block_size(config, block_size)
     was_training = model.training
     model.eval()
     logp = torch.zeros(ids.shape[0], dtype=torch.float64)

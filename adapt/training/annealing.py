@@ -10,36 +10,19 @@ plain bidirectional path, where sdpa needs no mask tensor at all without padding
 
 import copy
 import math
-from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-from .architectures import check_architecture
-from .errors import AdaptError
-from .model.modeling_masked_diffusion import position_ids_from_padding
-from .model.transformers_compat import causal_mask
-from .ranges import check_ranges
+from ..conversion.architectures import check_architecture
+from ..config.diffusion import AnnealConfig
+from ..errors import AdaptError
+from ..model.block_masked_diffusion import position_ids_from_padding
+from ..model.transformers_compat import causal_mask
 
 # Implementations whose mask interface honours an arbitrary mask function, as tested here. flash-attention
 # takes only causal/padding information and would silently drop the annealing mask (a DiffuLLaMA bug).
 ANNEALING_IMPLEMENTATIONS = ("eager", "sdpa")
-
-
-@dataclass
-class AnnealConfig:
-    """Attention-mask annealing from causal to bidirectional."""
-
-    mode: Literal["diffullama", "none"] = "diffullama"
-    """`diffullama`: random future visibility with probability = mask ratio; `none`: bidirectional from step 0."""
-    anneal_steps: int = 1000
-    """Optimizer steps until the mask ratio reaches 1."""
-    schedule: Literal["linear", "cosine"] = "linear"
-    """Ratio over steps: linear r = min(1, (step + 1)/anneal_steps), or a cosine ramp over the same steps."""
-
-    def __post_init__(self):
-        check_ranges(self, {"anneal_steps": "[1, inf)"})
 
 
 def mask_ratio(step: int, cfg: AnnealConfig) -> float:

@@ -4,9 +4,10 @@ resumes from, the metrics log it continues, and the one line that says what is s
 import json
 from pathlib import Path
 
-from . import checkpointing, outputs
-from .config import TrainConfig, run_config
-from .errors import AdaptError
+from .. import outputs
+from . import training_state
+from ..config import TrainConfig, run_config
+from ..errors import AdaptError
 
 
 def model_settings(cfg: TrainConfig) -> dict:
@@ -57,7 +58,7 @@ def resume_path(cfg: TrainConfig, root: Path) -> tuple[Path | None, list[tuple[P
     if cfg.resume is False:
         return None, []
     if cfg.resume is True:
-        found, skipped = checkpointing.newest_complete(root)
+        found, skipped = training_state.newest_complete(root)
         if found is None:
             why = f" ({skipped[0][0].name}: {skipped[0][1]})" if skipped else ""
             raise AdaptError(f"resume=true but {root} holds no complete checkpoint{why}; to start over, "
@@ -66,7 +67,7 @@ def resume_path(cfg: TrainConfig, root: Path) -> tuple[Path | None, list[tuple[P
     path = Path(cfg.resume)
     if not (path / "state.json").is_file():
         raise AdaptError(f"resume={cfg.resume}: not a dlm-adapt training checkpoint")
-    problem = checkpointing.verify(path)
+    problem = training_state.verify(path)
     if problem is not None:
         raise AdaptError(f"resume={cfg.resume}: the checkpoint is incomplete ({problem}); resume from an earlier "
                          "checkpoint, or set resume=true to pick the newest complete one")
@@ -79,7 +80,7 @@ def diverged(cfg: TrainConfig, step: int, what: str, ckpt_root: Path) -> str:
         fix = "float16 overflows: use model.dtype=bfloat16 or float32 (train.mixed_precision=bf16 or no)"
     else:
         fix = "lower train.lr (or set train.max_grad_norm)"
-    found = checkpointing.checkpoint_dirs(ckpt_root)
+    found = training_state.checkpoint_dirs(ckpt_root)
     kept = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was written"
     return f"training diverged at step {step}: {what}; {fix}. No final model was written; {kept}"
 

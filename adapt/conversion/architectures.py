@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from transformers import PreTrainedConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from .errors import AdaptError
+from ..errors import AdaptError
 
 
 @dataclass(frozen=True)

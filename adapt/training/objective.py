@@ -5,36 +5,11 @@ One t per sequence, t = (1 − ε)·u + ε. Each maskable token (not prompt, not
 the token at i, as in the AR model the weights come from. See REFERENCE §3–§4.
 """
 
-from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-from .ranges import check_ranges
-
-
-@dataclass
-class ObjectiveConfig:
-    """Options of the masked-diffusion loss."""
-
-    eps: float = 1e-3
-    """Smallest t: t = (1 − eps)·u + eps."""
-    t_sampling: Literal["iid", "antithetic"] = "iid"
-    """`antithetic`: low-discrepancy t across the batch, t_i from (u + i/B) mod 1 (MDLM); lower variance."""
-    normalization: Literal["masked", "all", "sequence"] = "masked"
-    """Divide the weighted loss sum by the masked tokens in the batch (DiffuLLaMA), by all maskable tokens
-    (LLaDA: an unbiased per-token ELBO), or per sequence by its maskable tokens, then average (LLaDA SFT)."""
-    weighting: Literal["inverse_t", "cart"] = "inverse_t"
-    """`inverse_t`: the ELBO weight 1/t. `cart` (Dream): weight a masked token by ½ Σ over clean positions i of
-    p(1 − p)^(|n − i| − 1), favouring tokens with clean neighbours."""
-    cart_p: float = 0.3
-    complementary: bool = False
-    """Also train on the complement mask of every sequence (Fast-dLLM v2): every maskable token is supervised
-    once per step; the batch is doubled."""
-
-    def __post_init__(self):
-        check_ranges(self, {"eps": "(0, 1)", "cart_p": "(0, 1)"})
+from ..config.diffusion import ObjectiveConfig
 
 
 def sample_t(batch: int, cfg: ObjectiveConfig, generator: torch.Generator | None = None, device=None) -> torch.Tensor:

@@ -19,22 +19,23 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, get_scheduler
 
-from . import checkpointing, distributed, outputs
+from .. import outputs
+from . import distributed, training_state
 from .annealing import annealed_attention_mask, check_annealing_supported, mask_ratio
 from .blocks import check_block_attention, documents
-from .checkpoint import detect
+from ..checkpoint import detect
 from .batch import Batch
-from .config import SFTConfig, SFTDataConfig, TrainConfig, to_dict
-from .convert import convert
+from ..config import SFTConfig, SFTDataConfig, TrainConfig, to_dict
+from ..conversion.convert import convert
 from .data import BlockLoader, build_datasets
-from .errors import AdaptError
+from ..errors import AdaptError
 from .likelihood import diffusion_elbo
-from .model.block_masked_diffusion import canvas_logits, two_l_layout
+from ..model.block_masked_diffusion import resolve_block_size, two_l_logits
 from .objective import diffusion_loss, first_loss_column, noised_batch
 from .run_dir import check_output, diverged, model_settings, resume_path, truncate_metrics
 from .sft_data import build_sft_datasets
-from .sources import hub_access
-from .train_model import (diffusion_model, is_diffusion_checkpoint, load_for_training, param_groups, save_final,
+from ..sources import hub_access
+from .model_io import (diffusion_model, is_diffusion_checkpoint, load_for_training, param_groups, save_final,
                           source_tokenizer)
 
 
@@ -89,7 +90,7 @@ class Recipe:
         if self.main and self.skipped:
             print(f"dlm-adapt: resuming from {self.resume_from.name}, the newest complete checkpoint; removing "
                   + "; ".join(f"{p.name}, which is incomplete ({why})" for p, why in self.skipped), file=sys.stderr)
-        if self.main and self.resume_from is not None and checkpointing.is_unverified(self.resume_from):
+        if self.main and self.resume_from is not None and training_state.is_unverified(self.resume_from):
             print(f"dlm-adapt: warning: {self.resume_from} was written by an older dlm-adapt without a manifest; "
                   "resuming from it without checking its files' sizes and checksums", file=sys.stderr)
         self.source = cfg.model.path
@@ -145,7 +146,7 @@ class Recipe:
         if self.sft:  # saved with OUTPUT/final, so `generate --chat` renders prompts exactly as training did
             self.tokenizer.chat_template = self.chat_template
         self.dlm = diffusion_model(self.model)
-        self.checkpoint_block = getattr(self.dlm.config, "block_size", None)
+        self.checkpoint_block = resolve_block_size(self.dlm.config)
         final_block = cfg.block.final_size(self.checkpoint_block)
         if final_block is not None:
             if cfg.anneal.mode != "none":
@@ -179,7 +180,7 @@ class Recipe:
                                                                                     bool(self.sharded))}
             if self.sharded:  # every rank reads the full tensors and keeps its shard of them
                 loaders["load_weights"] = lambda t: distributed.load_full_model_state(self.model, t)
-            state, rng = checkpointing.load(self.resume_from, self.accelerator.unwrap_model(self.model),
+            state, rng = training_state.load(self.resume_from, self.accelerator.unwrap_model(self.model),
                                             self.optimizer, self.scheduler, self.rank, **loaders)
             self.start_step = state["step"]
             self.loader.load_state(state["data"])
@@ -279,8 +280,8 @@ class Recipe:
         """Block diffusion: one forward over the noised and the clean sequence (`adapt.blocks`); packed
         documents do not attend to each other (SFT rows hold one sample each, padding aside)."""
         docs = None if self.sft else documents(x0, self.tokenizer.eos_token_id)
-        inputs, index = two_l_layout(self.dlm, x_t, x0, padding, self.block, docs)
-        return canvas_logits(self.model(**inputs).logits, index)  # through the wrapper (DDP, PEFT), not around it
+        # through the wrapper (DDP, PEFT), not around it
+        return two_l_logits(self.dlm, x_t, x0, padding, self.block, docs, forward=self.model)
 
     def evaluate(self) -> float:
         """Validation ELBO in nats per token: one low-discrepancy draw per row with a fixed seed, so every
@@ -326,9 +327,9 @@ class Recipe:
                 optimizer_state = distributed.full_optimizer_state(self.model, self.optimizer)
                 weights, optimizer = (lambda: (tensors, aliases)), (lambda: optimizer_state)
             else:
-                weights = lambda: checkpointing.trainable_state(acc.unwrap_model(self.model))  # noqa: E731
+                weights = lambda: training_state.trainable_state(acc.unwrap_model(self.model))  # noqa: E731
                 optimizer = self.optimizer.state_dict
-            checkpointing.save(self.ckpt_root, done, weights, optimizer, self.scheduler, {"data": self.loader.state()},
+            training_state.save(self.ckpt_root, done, weights, optimizer, self.scheduler, {"data": self.loader.state()},
                                rng, self.main, self.rank, acc.wait_for_everyone, cfg.save_total_limit)
         return stopping
 

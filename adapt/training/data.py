@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 
 from .batch import Batch
-from .config import DataConfig
-from .errors import AdaptError
+from ..config import DataConfig
+from ..errors import AdaptError
 
 _BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 _EXPECTED = {".txt": "UTF-8 text", ".json": "a JSON array of objects, or one JSON object per line",

@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from .errors import AdaptError
+from ..errors import AdaptError
 
 
 def enable_cpu_fsdp(accelerator):
@@ -67,7 +67,7 @@ def full_model_state(accelerator, model) -> dict:
 
 
 def trainable_state(accelerator, model) -> tuple[dict, dict]:
-    """`checkpointing.trainable_state` of a sharded model: (full trainable tensors, aliases) on the main process.
+    """`training_state.trainable_state` of a sharded model: (full trainable tensors, aliases) on the main process.
     Tied parameters are one Parameter under several names; the first name holds the tensor."""
     state = full_model_state(accelerator, model)
     tensors, aliases, seen = {}, {}, {}

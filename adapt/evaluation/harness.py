@@ -14,12 +14,13 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CAUSAL, NOT_A_MODEL, detect, is_diffusion_model, load
-from .config import METRICS, DataConfig, EvalOptions  # noqa: F401 (METRICS: its old home)
-from .data import load_documents, pack
-from .errors import AdaptError, first_line
-from .likelihood import causal_nll, diffusion_elbo, model_device, nll_after  # noqa: F401 (their old home)
-from .sampling import SamplingError
+from ..checkpoint import CAUSAL, NOT_A_MODEL, check_device, detect, is_diffusion_model, load
+from ..config import DataConfig, EvalOptions
+from ..training.data import load_documents, pack
+from ..errors import AdaptError, first_line
+from ..model.block_masked_diffusion import resolve_block_size
+from ..training.likelihood import causal_nll, diffusion_elbo, model_device, nll_after
+from ..sampling import SamplingError
 
 DIFFUSION, AUTOREGRESSIVE = "diffusion", "autoregressive"
 
@@ -193,15 +194,6 @@ def _pyplot():
 
 # ---------------------------------------------------------------------------------------------- evaluate
 
-def _check_device(device: str):
-    """A device this machine has, before anything is read or computed."""
-    try:
-        torch.empty(0, device=device)
-    except (RuntimeError, AssertionError, ValueError) as e:
-        raise AdaptError(f"--device {device} is not available here ({str(e).splitlines()[0]}); use cpu, or a "
-                         "device this machine has") from None
-
-
 IS_CAUSAL_ON_CAUSAL = "--is-causal scores a diffusion checkpoint as its causal self; a causal LM already is one"
 KV_CACHE_ON_CAUSAL = "--kv-cache is a diffusion checkpoint's decoding option; a causal LM has none to set"
 BLOCKS_ON_CAUSAL = "--block-size scores a diffusion checkpoint block-wise; a causal LM has no blocks"
@@ -220,7 +212,7 @@ def evaluate(model, data: str | None = None, *, tokenizer=None, **options) -> di
     if o.json:
         check_writable(o.json)  # before minutes of evaluation, not after
     if o.device is not None:
-        _check_device(o.device)
+        check_device(o.device)
     name = str(model) if isinstance(model, (str, Path)) else type(model).__name__
     spec = _model_spec(model) if isinstance(model, (str, Path)) else None  # bad paths fail before data is read
     if o.tasks:
@@ -247,7 +239,7 @@ def evaluate(model, data: str | None = None, *, tokenizer=None, **options) -> di
     if o.block_size is not None:
         if kind != DIFFUSION:
             raise AdaptError(BLOCKS_ON_CAUSAL)
-        trained = getattr(model.config, "block_size", None)
+        trained = resolve_block_size(model.config)
         if trained != o.block_size:  # labelled: the number is not the bound the checkpoint was trained for
             result_note = (f"scored with block size {o.block_size}; the checkpoint was trained "
                            + ("full-sequence" if trained is None else f"with block size {trained}"))

@@ -17,9 +17,9 @@ import sys
 import torch
 
 from .batch import Batch
-from .config import SFTDataConfig
+from ..config import SFTDataConfig
 from .data import check_data_files, hold_out, load_table
-from .errors import AdaptError
+from ..errors import AdaptError
 
 DEFAULT_CHAT_TEMPLATE = (
     "{% for message in messages %}"

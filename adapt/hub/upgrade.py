@@ -8,16 +8,13 @@ over the old one, so a file is always either wholly old or wholly new. Weight fi
 
 import json
 import os
-import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import UpgradeOptions
-from .errors import AdaptError
-
-_VERSION_LINE = re.compile(r'^DLM_ADAPT_VERSION = "([^"]+)"', re.M)
-
+from ..config import UpgradeOptions
+from ..checkpoint import code_version
+from ..errors import AdaptError
 
 @dataclass
 class UpgradeResult:
@@ -33,7 +30,7 @@ class UpgradeResult:
         return bool(self.changes)
 
     def report(self) -> str:
-        from . import __version__
+        from .. import __version__
 
         if not self.needed:
             return f"{self.directory} is up to date (remote code of dlm-adapt {__version__})"
@@ -44,19 +41,12 @@ class UpgradeResult:
                 f"{__version__}): would rewrite {files}; run: dlm-adapt upgrade {self.directory}")
 
 
-def code_version(directory: Path) -> str:
-    """The dlm-adapt release that wrote `directory`'s remote code (0.1.0 recorded no version in the code)."""
-    compat = directory / "transformers_compat.py"
-    found = _VERSION_LINE.search(compat.read_text()) if compat.is_file() else None
-    return found.group(1) if found else "0.1.0"
-
-
 def plan_upgrade(directory: str | Path) -> UpgradeResult:
     """What `upgrade` would rewrite in `directory`, without writing anything."""
-    from .model import MODEL_FILES, remote_code_fields
+    from ..model import MODEL_FILES, remote_code_fields
 
-    from . import __version__
-    from .model.transformers_compat import _release
+    from .. import __version__
+    from ..model.transformers_compat import _release
 
     directory = Path(directory).expanduser()
     config = _read_checkpoint_config(directory)
@@ -103,25 +93,8 @@ def upgrade(directory: str | Path, **options) -> UpgradeResult:
     return result
 
 
-def stale_code_warning(directory: Path) -> str | None:
-    """One line for users of a checkpoint whose remote code is older than this release's, else None."""
-    from .model import MODEL_FILES
-
-    if not (directory / "config.json").is_file():
-        return None
-    from . import __version__
-    from .model.transformers_compat import _release
-
-    stale = [f.name for f in MODEL_FILES if not (directory / f.name).is_file()
-             or (directory / f.name).read_bytes() != f.read_bytes()]
-    if not stale or _release(code_version(directory)) > _release(__version__):  # newer code: nothing to update
-        return None
-    return (f"{directory}'s remote code was written by dlm-adapt {code_version(directory)} and may not run with "
-            f"transformers alone on this transformers release; update it with: dlm-adapt upgrade {directory}")
-
-
 def _read_checkpoint_config(directory: Path) -> dict:
-    from .checkpoint import ADAPTER, DIFFUSION, detect
+    from ..checkpoint import ADAPTER, DIFFUSION, detect
 
     if not directory.is_dir():
         raise AdaptError(f"{directory} is not a directory; upgrade takes a dlm-adapt checkpoint directory")
@@ -148,7 +121,7 @@ def _read_checkpoint_config(directory: Path) -> dict:
 def _check_weights(directory: Path):
     """Upgrade rewrites code only; "upgraded" must not be said of a checkpoint whose weights cannot load. The
     safetensors headers are checked against the file sizes (no tensor is read)."""
-    from .safetensors_io import read_shards
+    from ..safetensors_io import read_shards
 
     try:
         read_shards(directory)
@@ -162,7 +135,7 @@ def _plan_pad_token(directory: Path, result: UpgradeResult):
     tok_file, gen_file = directory / "tokenizer_config.json", directory / "generation_config.json"
     if not tok_file.is_file():
         return
-    from .convert import padding_policy
+    from ..conversion.convert import padding_policy
 
     tok = json.loads(tok_file.read_text())
     updated = padding_policy(tok)
@@ -203,4 +176,4 @@ def _umask() -> int:
     return mask
 
 
-__all__ = ["UpgradeResult", "plan_upgrade", "stale_code_warning", "upgrade"]
+__all__ = ["UpgradeResult", "plan_upgrade", "upgrade"]

@@ -7,12 +7,12 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from . import outputs
-from .config import DTYPES, TrainConfig
-from .errors import AdaptError
-from .checkpoint import DIFFUSION, detect, load_model
-from .model import MaskedDiffusionConfig, MaskedDiffusionLM
-from .model.transformers_compat import enable_activation_checkpointing
+from .. import outputs
+from ..config import DTYPES, TrainConfig
+from ..errors import AdaptError
+from ..checkpoint import DIFFUSION, detect, load_model
+from ..model import MaskedDiffusionConfig, MaskedDiffusionLM
+from ..model.transformers_compat import enable_activation_checkpointing
 
 
 def is_diffusion_checkpoint(path: str) -> bool:

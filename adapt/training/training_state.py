@@ -13,12 +13,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .errors import AdaptError
-from .outputs import write_errors
+from ..checkpoint import TRAINING_STATE_FILES
+from ..errors import AdaptError
+from ..outputs import write_errors
 
 PREFIX = "step-"
 MANIFEST = "manifest.json"
-REQUIRED = ("state.json", "trainable.safetensors", "optimizer.pt", "scheduler.pt")
+REQUIRED = TRAINING_STATE_FILES
 _CHUNK = 16 << 20
 
 

@@ -1,4 +1,4 @@
-"""`dlm-adapt generate` / `adapt.generate.generate`: prompts in, decoded text and decoding statistics out."""
+"""`dlm-adapt generate` / `adapt.generate`: prompts in, decoded text and decoding statistics out."""
 
 import sys
 import threading
@@ -6,9 +6,9 @@ from pathlib import Path
 
 import torch
 
-from .errors import AdaptError
-from .checkpoint import load
-from .sampling import SamplingError, check_sampling_options
+from ..errors import AdaptError
+from ..checkpoint import load
+from . import SamplingError, check_sampling_options
 
 
 def generate(model, prompts: list[str], *, tokenizer=None, chat: bool = False, infill: bool = False,
@@ -103,7 +103,7 @@ def check_checkpoint_options(path, sampling: dict):
     """What a local checkpoint's config.json alone rules out, said before its weights load (the model's
     `diffusion_generate` says the same after): block options of a block-diffusion checkpoint, sub-blocks of a
     full-sequence one, a block larger than the model's positions."""
-    from .checkpoint import DIFFUSION, detect
+    from ..checkpoint import DIFFUSION, detect
 
     found = detect(path)
     if found.kind != DIFFUSION or not Path(path).expanduser().is_dir():

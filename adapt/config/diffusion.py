@@ -1,28 +1,49 @@
-"""Block diffusion in training (BD3-LM, Fast-dLLM v2, SDAR, LLaDA 2.0; REFERENCE §10): the block-size schedule,
-one t per block, and packed documents kept apart.
+"""The diffusion sections of a training recipe: `objective:` (the loss), `anneal:` (attention-mask annealing) and
+`block:` (block diffusion and its block-size schedule). The training modules that act on them are
+`adapt.training.objective`, `adapt.training.annealing` and `adapt.training.blocks`."""
 
-Text is cut into blocks of B tokens, generated left to right; inside a block, tokens are denoised in parallel. A
-training step sees every block as inference will, in one forward over the "2L" layout (the noised sequence x_t
-followed by the clean x_0, positions repeated), built by the remote code's `two_l_layout`
-(`model/block_masked_diffusion.py`), which the checkpoint's users get too:
-- a noised block sees itself (both ways) and the clean blocks before it;
-- a clean block sees itself and the clean blocks before it, never a noised token.
-
-Shift (Fast-dLLM v2): the logit at j−1 predicts token j. Inside a block that logit is the noised half's; for the
-first token of a block it is the last clean position of the block before (`canvas_index`), so the loss applies
-shift exactly as the sampler and the likelihood do. At B = 1 every logit comes from the clean half under a
-causal mask: the AR parent, exactly.
-"""
-
-import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-import torch
+from ..ranges import FieldError, check_ranges
 
-from .errors import AdaptError
-from .model.block_masked_diffusion import check_block_implementation
-from .ranges import FieldError, check_ranges
+
+@dataclass
+class ObjectiveConfig:
+    """Options of the masked-diffusion loss."""
+
+    eps: float = 1e-3
+    """Smallest t: t = (1 − eps)·u + eps."""
+    t_sampling: Literal["iid", "antithetic"] = "iid"
+    """`antithetic`: low-discrepancy t across the batch, t_i from (u + i/B) mod 1 (MDLM); lower variance."""
+    normalization: Literal["masked", "all", "sequence"] = "masked"
+    """Divide the weighted loss sum by the masked tokens in the batch (DiffuLLaMA), by all maskable tokens
+    (LLaDA: an unbiased per-token ELBO), or per sequence by its maskable tokens, then average (LLaDA SFT)."""
+    weighting: Literal["inverse_t", "cart"] = "inverse_t"
+    """`inverse_t`: the ELBO weight 1/t. `cart` (Dream): weight a masked token by ½ Σ over clean positions i of
+    p(1 − p)^(|n − i| − 1), favouring tokens with clean neighbours."""
+    cart_p: float = 0.3
+    complementary: bool = False
+    """Also train on the complement mask of every sequence (Fast-dLLM v2): every maskable token is supervised
+    once per step; the batch is doubled."""
+
+    def __post_init__(self):
+        check_ranges(self, {"eps": "(0, 1)", "cart_p": "(0, 1)"})
+
+
+@dataclass
+class AnnealConfig:
+    """Attention-mask annealing from causal to bidirectional."""
+
+    mode: Literal["diffullama", "none"] = "diffullama"
+    """`diffullama`: random future visibility with probability = mask ratio; `none`: bidirectional from step 0."""
+    anneal_steps: int = 1000
+    """Optimizer steps until the mask ratio reaches 1."""
+    schedule: Literal["linear", "cosine"] = "linear"
+    """Ratio over steps: linear r = min(1, (step + 1)/anneal_steps), or a cosine ramp over the same steps."""
+
+    def __post_init__(self):
+        check_ranges(self, {"anneal_steps": "[1, inf)"})
 
 
 @dataclass
@@ -71,28 +92,3 @@ class BlockConfig:
         if self.decay_to is not None:
             return self.decay_to
         return self.size if self.size is not None else checkpoint_size
-
-
-def block_t(rows: int, length: int, block_size: int, eps: float, generator=None, device=None) -> torch.Tensor:
-    """(rows, length) noise levels, one per block: a shifted lattice across a row's blocks, so each row's blocks
-    cover (0, 1) evenly while each block's t stays uniform; t = (1 − eps)·u + eps as in `objective.sample_t`."""
-    n = math.ceil(length / block_size)
-    offset = torch.rand(rows, 1, generator=generator, device=device)
-    u = (offset + torch.arange(n, device=offset.device) / n) % 1.0
-    u = u[:, torch.randperm(n, generator=generator, device=device)]  # no block position always gets the low t
-    t = (1 - eps) * u + eps
-    return t.repeat_interleave(block_size, dim=1)[:, :length]
-
-
-def documents(x0: torch.Tensor, eos_token_id: int) -> torch.Tensor:
-    """(rows, L) document index of each token of packed rows (documents joined by EOS; an EOS ends its own)."""
-    ends = (x0 == eos_token_id).long()
-    return ends.cumsum(1) - ends
-
-
-def check_block_attention(model):
-    """One clear error, before a step, for an attention implementation that cannot take the block mask."""
-    try:
-        check_block_implementation(model.config.text_config)
-    except ValueError as e:
-        raise AdaptError(str(e)) from None
