@@ -132,7 +132,7 @@ def load(path: str | Path, *, dtype: str | torch.dtype | None = None, device: st
         config = MaskedDiffusionConfig.from_pretrained(str(path), **revision_kw, **hub_access(path))
         tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False, config=config, **revision_kw,
                                                   **hub_access(path))
-    except (OSError, ValueError) as e:  # transformers explains a missing tokenizer in five lines
+    except (OSError, ValueError, ImportError) as e:  # a missing tokenizer: five lines (5.5.0: a protobuf ImportError)
         if hub_access(path):
             raise AdaptError(unreachable_message(str(path))) from e
         raise AdaptError(f"cannot load the tokenizer of {path} ({first_line(e)}); the checkpoint's tokenizer files "
