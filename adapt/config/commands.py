@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from ..deprecations import renamed
+from ..deprecations import take_renamed
 from ..errors import AdaptError
 
 METRICS = ("elbo", "infill", "steps_sweep")
@@ -173,13 +173,15 @@ class EvalOptions:
         "--tasks is given)"))
     metrics: Names = field(default=Names("elbo"), **_help(
         f"comma-separated, any of {', '.join(METRICS)}", metavar="M1,M2"))
-    mc_samples: int = field(default=16, **_help("Monte-Carlo draws per block for the ELBO"))
+    mc_samples: int = field(default=16, **_help("Monte-Carlo draws per sequence for the ELBO"))
     ar_parent: str | None = field(default=None, **_help(
         "causal LM that scores generated text (default: the checkpoint's provenance.source, if it loads from "
         "local files)"))
-    seq_length: int | None = field(default=None, **_help("tokens per packed block (default: 128)"))
+    seq_length: int | None = field(default=None, **_help("tokens per packed sequence (default: 128)"))
     block_length: int | None = field(default=None, **_help("deprecated name of --seq-length"))
-    num_blocks: int = field(default=64, **_help("blocks evaluated, from the start of the data"))
+    num_sequences: int | None = field(default=None, **_help(
+        "packed sequences evaluated, from the start of the data (default: 64)"))
+    num_blocks: int | None = field(default=None, **_help("deprecated name of --num-sequences"))
     batch_size: int = field(default=16, **_help("sequences per forward pass"))
     seed: int = field(default=0, **_help("seed of the Monte-Carlo draws and of the sweep's tasks"))
     device: str | None = field(default=None, **_help("e.g. cpu, cuda, cuda:1 (default: where the model loads)"))
@@ -189,8 +191,8 @@ class EvalOptions:
     split: str = field(default="validation", **_help("Hub dataset split"))
     hub_config: str | None = field(default=None, **_help("Hub dataset configuration name"))
     infill_span: int | None = field(default=None, **_help(
-        "tokens hidden in the middle of each block (default: a quarter of the block)"))
-    infill_examples: int = field(default=16, **_help("blocks used for infilling"))
+        "tokens hidden in the middle of each sequence (default: a quarter of the sequence)"))
+    infill_examples: int = field(default=16, **_help("sequences used for infilling"))
     sweep_length: int = field(default=16, **_help("tokens generated in the steps sweep"))
     sweep_steps: Ints | None = field(default=None, **_help(
         "comma-separated step counts, each from 1 to --sweep-length (default: 1, 2, 4, ... up to --sweep-length); a "
@@ -218,16 +220,16 @@ class EvalOptions:
         "lm-eval: score a diffusion checkpoint as its causal self (the exact AR likelihood; a sanity baseline)"))
 
     def __post_init__(self):
-        if self.block_length is not None:  # the CLI's --block-length arrives as seq_length (cli._eval)
-            kw = renamed("adapt.evaluate keyword")["block_length"]
-            if self.seq_length not in (None, self.block_length):
-                raise AdaptError(f"evaluate got both {kw.new} and {kw.old}; pass only {kw.new} "
-                                 f"({kw.old} is its deprecated name)")
-            warnings.warn(f"evaluate({kw.old}=) is deprecated: use {kw.new}= (the packing length; {kw.old} names "
-                          f"the decoding block; removed in {kw.removed_in})", FutureWarning, stacklevel=4)
-            self.seq_length, self.block_length = self.block_length, None
+        # the CLI's deprecated flags arrive under their new names (cli._eval); these are the Python keywords
+        take_renamed(self, "adapt.evaluate keyword",
+                     lambda kw: f"evaluate got both {kw.new} and {kw.old}; pass only {kw.new} ({kw.old} is its "
+                                "deprecated name)",
+                     lambda kw: warnings.warn(f"evaluate({kw.old}=) is deprecated: use {kw.new}= (removed in "
+                                              f"{kw.removed_in})", FutureWarning, stacklevel=6))
         if self.seq_length is None:
             self.seq_length = 128
+        if self.num_sequences is None:
+            self.num_sequences = 64
         self.metrics = Names(self.metrics)
         unknown = [m for m in self.metrics if m not in METRICS]
         if unknown or not self.metrics:
@@ -250,7 +252,7 @@ class EvalOptions:
             raise AdaptError(f"--include-path {self.include_path} is not a directory of task YAMLs")
         if self.sweep_steps is not None:
             self.sweep_steps = Ints(self.sweep_steps)
-        for name in ("mc_samples", "seq_length", "num_blocks", "batch_size", "infill_examples", "sweep_length",
+        for name in ("mc_samples", "seq_length", "num_sequences", "batch_size", "infill_examples", "sweep_length",
                      "sweep_examples", "block_size"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise AdaptError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -260,7 +262,7 @@ class EvalOptions:
                 raise AdaptError(f"sweep steps must be between 1 and --sweep-length ({self.sweep_length}), got "
                                  f"{', '.join(map(str, bad)) or '(none)'}")
         if self.seq_length < 2:
-            raise AdaptError("seq_length must be at least 2 (the first token of a block is context)")
+            raise AdaptError("seq_length must be at least 2 (the first token of a sequence is context)")
         if self.data is not None and self.block_size is not None and self.block_size > self.seq_length:
             # (lm-eval tasks alone score their own sequences, up to the model's positions)
             raise AdaptError(f"block_size ({self.block_size}) exceeds seq_length ({self.seq_length}): a block is "

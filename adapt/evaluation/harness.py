@@ -1,10 +1,10 @@
 """`dlm-adapt eval` / `adapt.evaluate(model, data, ...)`: likelihood, infilling and quality-against-steps for a
 diffusion checkpoint, and the same harness for a plain causal LM (its exact NLL, its left-context baseline).
 
-Comparability rule: text becomes the same packed blocks (`adapt.data.pack`) for either kind of model, and the
-first token of every block is context that is never scored. With shift nothing predicts it, and a causal model
-has nothing to predict it from; so an ELBO and an AR NLL on the same data score the same
-blocks × (seq_length − 1) tokens, each given the same block-local information.
+Comparability rule: text becomes the same packed sequences (`adapt.training.data.pack`) for either kind of model,
+and the first token of every sequence is context that is never scored. With shift nothing predicts it, and a causal
+model has nothing to predict it from; so an ELBO and an AR NLL on the same data score the same
+sequences × (seq_length − 1) tokens, each given the same sequence-local information.
 """
 
 import json
@@ -16,28 +16,29 @@ import torch
 
 from ..checkpoint import CAUSAL, NOT_A_MODEL, check_device, detect, is_diffusion_model, load
 from ..config import DataConfig, EvalOptions
+from ..deprecations import with_old_keys
 from ..training.data import load_documents, pack
 from ..errors import AdaptError, first_line
 from ..model.block_masked_diffusion import resolve_block_size
 from ..training.likelihood import causal_nll, diffusion_elbo, model_device, nll_after
 from ..sampling import SamplingError
 
-DIFFUSION, AUTOREGRESSIVE = "diffusion", "autoregressive"
+DIFFUSION = "diffusion"  # the other kind is checkpoint.CAUSAL, "causal"
 
 
 # ------------------------------------------------------------------------------------------------ infill
 
 @torch.no_grad()
-def infill(model, blocks: torch.Tensor, *, span: int | None = None, examples: int = 16, batch_size: int = 16,
+def infill(model, sequences: torch.Tensor, *, span: int | None = None, examples: int = 16, batch_size: int = 16,
            ar_scorer=None, ar_name: str | None = None, kv_cache: str | None = None) -> dict:
-    """Hide the middle `span` tokens of each block and fill them: a diffusion model with its `diffusion_generate`
+    """Hide the middle `span` tokens of each sequence and fill them: a diffusion model with its `diffusion_generate`
     (prefix and suffix visible, one token per pass, in its generation config's order: most confident first unless
     it says otherwise; `kv_cache` as there), a causal LM greedily from the prefix alone (the baseline that cannot
     see the suffix). A block-diffusion checkpoint fills the span block by block, each hole seeing its own block on
     both sides and the blocks before it, not later ones. `token_accuracy`: filled tokens equal to the original.
     `ar_parent_nll`: the AR scorer's NLL per token of the span and everything after it, so a fill that does not
     lead into the suffix is penalised too; `reference_ar_parent_nll` is the same on the original text."""
-    x = blocks[:examples]
+    x = sequences[:examples]
     length = x.shape[1]
     span = span if span is not None else max(1, length // 4)
     if not 1 <= span <= length - 2:
@@ -69,13 +70,13 @@ def infill(model, blocks: torch.Tensor, *, span: int | None = None, examples: in
 
 # ------------------------------------------------------------------------------------------- steps sweep
 
-def repeat_task(blocks: torch.Tensor, tokenizer, *, examples: int, length: int, seed: int, mask_id=None,
+def repeat_task(sequences: torch.Tensor, tokenizer, *, examples: int, length: int, seed: int, mask_id=None,
                 repeats: int = 2, pool: int = 64):
     """A copying task with a checkable answer: a random sequence of `length` frequent tokens shown `repeats`
     times (after BOS if the tokenizer has one); the answer is one more repetition. Tokens come from the most
     frequent ordinary tokens of the evaluation text, so they are ones the model has learnt. Returns
     (prompts (examples, P), answers (examples, length))."""
-    counts = torch.bincount(blocks.flatten(), minlength=int(blocks.max()) + 1)
+    counts = torch.bincount(sequences.flatten(), minlength=int(sequences.max()) + 1)
     for special in set(tokenizer.all_special_ids) | ({mask_id} if mask_id is not None else set()):
         if special < len(counts):
             counts[special] = 0
@@ -91,7 +92,7 @@ def repeat_task(blocks: torch.Tensor, tokenizer, *, examples: int, length: int, 
 
 
 @torch.no_grad()
-def steps_sweep(model, blocks: torch.Tensor, tokenizer, *, length: int = 16, steps: list[int] | None = None,
+def steps_sweep(model, sequences: torch.Tensor, tokenizer, *, length: int = 16, steps: list[int] | None = None,
                 examples: int = 32, prompt_tokens: int = 16, batch_size: int = 16, seed: int = 0,
                 ar_scorer=None, ar_name: str | None = None, kv_cache: str | None = None) -> dict:
     """Quality against the number of decoding passes for `length` new tokens (one block, temperature 0, the
@@ -104,12 +105,12 @@ def steps_sweep(model, blocks: torch.Tensor, tokenizer, *, length: int = 16, ste
     steps = sorted(set(steps or [2 ** i for i in range(int(math.log2(length)) + 1)]))
     if any(not 1 <= s <= length for s in steps):
         raise AdaptError(f"sweep steps must be between 1 and the sweep length {length}, got {steps}")
-    if blocks.shape[1] <= prompt_tokens:
-        raise AdaptError(f"blocks of {blocks.shape[1]} tokens are too short for {prompt_tokens}-token prompts")
+    if sequences.shape[1] <= prompt_tokens:
+        raise AdaptError(f"sequences of {sequences.shape[1]} tokens are too short for {prompt_tokens}-token prompts")
     diffusion = _kind(model) == DIFFUSION
-    task_prompts, answers = repeat_task(blocks, tokenizer, examples=examples, length=length, seed=seed,
+    task_prompts, answers = repeat_task(sequences, tokenizer, examples=examples, length=length, seed=seed,
                                         mask_id=getattr(model.config, "mask_token_id", None) if diffusion else None)
-    free_prompts = blocks[:examples, :prompt_tokens]
+    free_prompts = sequences[:examples, :prompt_tokens]
 
     def score(decode) -> dict:
         task = _batched(decode, task_prompts, batch_size)
@@ -205,7 +206,7 @@ def evaluate(model, data: str | None = None, *, tokenizer=None, **options) -> di
 
     `model`: a dlm-adapt checkpoint, a Hugging Face causal LM directory, a `.gguf` file, a Hub id, or a loaded
     model (then pass `tokenizer`). `data` and `options` are the fields of `adapt.config.EvalOptions`, documented
-    there: the text is packed into blocks of `seq_length` tokens and the first `num_blocks` are scored with
+    there: the text is packed into sequences of `seq_length` tokens and the first `num_sequences` are scored with
     `metrics` (a list or a comma-separated string of elbo, infill, steps_sweep). With `tasks`, the model also
     runs lm-evaluation-harness tasks (`run_tasks`); `data` is then optional."""
     o = EvalOptions(data=data, **options)
@@ -253,11 +254,9 @@ def evaluate(model, data: str | None = None, *, tokenizer=None, **options) -> di
     limit = _max_positions(model)
     if limit is not None and o.seq_length > limit:
         raise AdaptError(f"seq_length {o.seq_length} exceeds the model's {limit} positions")
-    blocks = pack(documents, tokenizer, o.seq_length, "evaluation", max_blocks=o.num_blocks)
-
-    # the result keeps its key "block_length": scripts read it, and it is the same packing length
-    result = {"model": name, "kind": kind, "data": str(o.data), "block_length": o.seq_length,
-              "blocks": blocks.shape[0], "seed": o.seed, "metrics": list(o.metrics)}
+    sequences = pack(documents, tokenizer, o.seq_length, "evaluation", max_rows=o.num_sequences)
+    result = {"model": name, "kind": kind, "data": str(o.data), "seq_length": o.seq_length,
+              "sequences": sequences.shape[0], "seed": o.seed, "metrics": list(o.metrics)}
     if result_note:
         result["block_size_note"] = result_note
     scorer, scorer_name = None, None
@@ -265,14 +264,15 @@ def evaluate(model, data: str | None = None, *, tokenizer=None, **options) -> di
         scorer, scorer_name = _ar_scorer(model, kind, o.ar_parent, o.device)
     try:
         if "elbo" in o.metrics:
-            result["elbo"] = (diffusion_elbo(model, blocks, mc_samples=o.mc_samples, batch_size=o.batch_size,
+            result["elbo"] = (diffusion_elbo(model, sequences, mc_samples=o.mc_samples, batch_size=o.batch_size,
                                              seed=o.seed, block_size=o.block_size)
-                              if kind == DIFFUSION else causal_nll(model, blocks, batch_size=o.batch_size))
+                              if kind == DIFFUSION else causal_nll(model, sequences, batch_size=o.batch_size))
+            result["elbo"] = with_old_keys(result["elbo"], "eval result JSON key")
         if "infill" in o.metrics:
-            result["infill"] = infill(model, blocks, span=o.infill_span, examples=o.infill_examples,
+            result["infill"] = infill(model, sequences, span=o.infill_span, examples=o.infill_examples,
                                       batch_size=o.batch_size, ar_scorer=scorer, ar_name=scorer_name, kv_cache=o.kv_cache)
         if "steps_sweep" in o.metrics:
-            result["steps_sweep"] = steps_sweep(model, blocks, tokenizer, length=o.sweep_length, steps=o.sweep_steps,
+            result["steps_sweep"] = steps_sweep(model, sequences, tokenizer, length=o.sweep_length, steps=o.sweep_steps,
                                                 examples=o.sweep_examples, batch_size=o.batch_size, seed=o.seed,
                                                 prompt_tokens=min(16, o.seq_length // 2), ar_scorer=scorer,
                                                 ar_name=scorer_name, kv_cache=o.kv_cache)
@@ -282,6 +282,7 @@ def evaluate(model, data: str | None = None, *, tokenizer=None, **options) -> di
         result["lm_eval"] = run_tasks(model, tokenizer, kind, o)
     if o.plot is not None:
         result["plot"] = str(plot_steps_sweep(result["steps_sweep"], o.plot, title=f"{name} ({kind})"))
+    result = with_old_keys(result, "eval result JSON key")  # "block_length" and "blocks" until their removal
     if o.json:
         write_json(result, o.json)
     return result
@@ -381,7 +382,7 @@ def _model_spec(model) -> tuple[str, str, str | None, int | None]:
     config = found.config or {}
     text = config.get("text_config") or config
     positions = text.get("max_position_embeddings") or text.get("n_positions")
-    return (AUTOREGRESSIVE if found.kind == CAUSAL else DIFFUSION), found.path, found.gguf_file, positions
+    return (CAUSAL if found.kind == CAUSAL else DIFFUSION), found.path, found.gguf_file, positions
 
 
 def _check_against_config(spec, o: EvalOptions, documents: bool):
@@ -434,7 +435,7 @@ def _ar_scorer(model, kind: str, ar_parent, device):
             raise AdaptError(f"--ar-parent {ar_parent} not found")
         scorer, _ = _load_causal(str(p.parent) if gguf else str(p), gguf, device)
         return scorer, str(ar_parent)
-    if kind == AUTOREGRESSIVE:
+    if kind == CAUSAL:
         return model, "self"
     provenance = getattr(model.config, "provenance", None) or {}
     source = provenance.get("source")
@@ -452,7 +453,7 @@ def _ar_scorer(model, kind: str, ar_parent, device):
 
 
 def _kind(model) -> str:
-    return DIFFUSION if is_diffusion_model(model) else AUTOREGRESSIVE
+    return DIFFUSION if is_diffusion_model(model) else CAUSAL
 
 
 def _max_positions(model) -> int | None:
