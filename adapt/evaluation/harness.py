@@ -22,6 +22,7 @@ from ..errors import AdaptError, first_line
 from ..model.block_masked_diffusion import resolve_block_size
 from ..training.likelihood import causal_nll, diffusion_elbo, model_device, nll_after
 from ..sampling import SamplingError
+from ..sources import load_causal
 
 DIFFUSION = "diffusion"  # the other kind is checkpoint.CAUSAL, "causal"
 
@@ -405,22 +406,12 @@ def _load(spec, device):
 
 
 def _load_causal(path: str, gguf: str | None, device, local_files_only: bool = False):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    kwargs = {"gguf_file": gguf} if gguf else {}
-    if local_files_only:
-        kwargs["local_files_only"] = True
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=False, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False, **kwargs)
-    except Exception as e:  # transformers raises ValueError/OSError/KeyError/ImportError for unloadable models
-        where = f"{path}/{gguf}" if gguf else path
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise AdaptError(f"{where} is neither a dlm-adapt diffusion checkpoint nor a causal LM transformers can "
-                         f"load: {first}") from e
-    if device is not None:
-        model.to(device)
-    return model.eval(), tokenizer
+        causal = load_causal(path, gguf_file=gguf, device=device, local_files_only=local_files_only)
+    except AdaptError as e:
+        raise AdaptError(f"{path} is neither a dlm-adapt diffusion checkpoint nor a causal LM transformers can load: "
+                         f"{e}") from e
+    return causal.model, causal.tokenizer
 
 
 def _ar_scorer(model, kind: str, ar_parent, device):
