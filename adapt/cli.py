@@ -47,8 +47,7 @@ def _generate(args):
         prompts += [ln for ln in text.splitlines() if ln.strip()]
     if o.infill:
         prompts.append(o.infill)
-    options = dict(chat=o.chat, infill=bool(o.infill), max_new_tokens=o.max_new_tokens, seed=o.seed,
-                   show_steps=o.show_steps, **o.sampling())
+    options = dict(chat=o.chat, infill=bool(o.infill), seed=o.seed, show_steps=o.show_steps, sampling=o.sampling())
     if o.stream:
         if o.json or o.infill:
             raise AdaptError(f"--stream prints text as it is decoded: it cannot be combined with "
@@ -59,7 +58,7 @@ def _generate(args):
         from .sampling.generate import check_options
 
         for prompt in prompts:
-            check_options(args.model, [prompt], streaming=True, **options)  # before the weights load
+            check_options(args.model, [prompt], o.sampling(), streaming=True)  # before the weights load
         model, tokenizer = load(args.model)
         for prompt in prompts:  # one at a time: a streamer takes one row
             generate(model, [prompt], tokenizer=tokenizer, streamer=TextStreamer(

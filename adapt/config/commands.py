@@ -7,7 +7,7 @@ Positional arguments (model, source, output, directory) are the functions' own a
 
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal
 
@@ -104,17 +104,12 @@ class ConvertOptions:
 
 
 @dataclass
-class GenerateOptions:
-    """`dlm-adapt generate MODEL`: prompts, then `diffusion_generate`'s options (unset: the checkpoint's
-    generation_config.json, else the sampler's default). `adapt.generate` takes the sampling fields as
-    keywords."""
+class SamplingOptions:
+    """The decoding settings, carried from the command line (`generate`'s flags), the Python API (`adapt.generate`'s
+    keywords), the lm-eval backend and a server to the sampler. Unset (None) fields are left to the checkpoint's
+    generation_config.json, else the sampler's default; `kwargs()` is the one place they become
+    `model.diffusion_generate`'s keywords (the remote code's public API, which takes plain keywords)."""
 
-    prompt: Texts | None = field(default=None, **_help(
-        "prompt text (repeatable; all prompts decode as one left-padded batch)", action="append"))
-    prompts_file: str | None = field(default=None, **_help("a UTF-8 file with one prompt per line"))
-    chat: bool = field(default=False, **_help("wrap each prompt in the tokenizer's chat template"))
-    infill: str | None = field(default=None, **_help(
-        "text whose mask-token strings (e.g. <|mask|>) are holes to fill", metavar="TEXT"))
     max_new_tokens: int | None = field(default=None, **_help(
         "tokens to generate (default: generation_config.json, which then decides --steps and --block-length too; "
         "128 for a fresh conversion)"))
@@ -138,7 +133,6 @@ class GenerateOptions:
     top_k: int | None = field(default=None, **_help("keep the k most likely tokens"))
     top_p: float | None = field(default=None, **_help("keep the smallest set of tokens with this probability"))
     min_new_tokens: int | None = field(default=None, **_help("forbid EOS before this many new tokens (default: 0)"))
-    seed: int | None = field(default=None, **_help("seed of the sampling generator"))
     kv_cache: str | None = field(default=None, **_help(
         "Fast-dLLM's approximate KV cache, refreshed once per block: later passes rerun the block and what "
         "follows it (prefix) or only the block (dual)", choices=SamplerChoices("KV_CACHES"), metavar="CACHE"))
@@ -147,21 +141,37 @@ class GenerateOptions:
         "the causal parent verifies them in one pass, so the output is the parent's own (greedy: its greedy text)"))
     draft_length: int | None = field(default=None, **_help(
         "--speculative: tokens drafted per pass (default: the checkpoint's block size)"))
+
+    def kwargs(self) -> dict:
+        """`diffusion_generate`'s keywords: the chosen options only, so the checkpoint decides the rest."""
+        chosen = {f.name: getattr(self, f.name) for f in fields(SamplingOptions)
+                  if getattr(self, f.name) is not None and f.name != "speculative"}
+        return dict(chosen, speculative=True) if self.speculative else chosen
+
+    def sampling(self) -> "SamplingOptions":
+        """These options alone (a subclass's other fields dropped)."""
+        return SamplingOptions(**{f.name: getattr(self, f.name) for f in fields(SamplingOptions)})
+
+
+@dataclass
+class GenerateOptions(SamplingOptions):
+    """`dlm-adapt generate MODEL`: prompts, then the decoding settings (`SamplingOptions`, whose fields come first
+    here). `adapt.generate` takes the same names as keywords."""
+
+    prompt: Texts | None = field(default=None, **_help(
+        "prompt text (repeatable; all prompts decode as one left-padded batch)", action="append"))
+    prompts_file: str | None = field(default=None, **_help("a UTF-8 file with one prompt per line"))
+    chat: bool = field(default=False, **_help("wrap each prompt in the tokenizer's chat template"))
+    infill: str | None = field(default=None, **_help(
+        "text whose mask-token strings (e.g. <|mask|>) are holes to fill", metavar="TEXT"))
+    seed: int | None = field(default=None, **_help("seed of the sampling generator"))
     show_steps: bool = field(default=False, **_help("print the canvas after every step (stderr)"))
     stream: bool = field(default=False, **_help(
         "print each block's text as soon as it is final (prompts decode one at a time)"))
     json: bool = field(default=False, **_help("one JSON object per prompt: text, tokens, nfe, ..."))
 
-    SAMPLING = ("steps", "block_length", "remasking", "threshold", "entropy_bound", "sub_block", "temperature",
-                "top_k", "top_p", "min_new_tokens", "kv_cache", "draft_length")
-
     def __post_init__(self):  # `--prompt a --prompt b` arrives as [Texts(a), Texts(b)]
         self.prompt = Texts(p for group in self.prompt or () for p in Texts(group))
-
-    def sampling(self) -> dict:
-        """The options handed to `diffusion_generate`; unset ones are left to the checkpoint."""
-        chosen = {k: getattr(self, k) for k in self.SAMPLING if getattr(self, k) is not None}
-        return dict(chosen, speculative=True) if self.speculative else chosen
 
 
 @dataclass

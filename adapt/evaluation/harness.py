@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import CAUSAL, NOT_A_MODEL, check_device, detect, is_diffusion_model, load
-from ..config import DataConfig, EvalOptions
+from ..config import DataConfig, EvalOptions, SamplingOptions
 from ..deprecations import with_old_keys
 from ..training.data import load_documents, pack
 from ..errors import AdaptError, first_line
@@ -458,8 +458,8 @@ def _max_positions(model) -> int | None:
 def _sample(model, ids, *, max_new_tokens: int, steps: int, kv_cache: str | None):
     """The model's own `diffusion_generate` at temperature 0, one block, no early stop at EOS (the checks compare
     fixed-length outputs); the rest as its generation config says."""
-    return model.diffusion_generate(ids.to(model_device(model)), max_new_tokens=max_new_tokens, steps=steps,
-                                    stop_at_eos=False, kv_cache=kv_cache)
+    options = SamplingOptions(max_new_tokens=max_new_tokens, steps=steps, kv_cache=kv_cache)
+    return model.diffusion_generate(ids.to(model_device(model)), stop_at_eos=False, **options.kwargs())
 
 
 @torch.no_grad()
