@@ -14,7 +14,7 @@ from transformers import GenerationConfig
 import adapt
 from adapt import AdaptError
 from adapt.cli import main
-from adapt.evaluation.harness import repeat_task
+from adapt.evaluation.decoding import repeat_task
 from adapt.training.likelihood import causal_nll, diffusion_elbo
 from adapt.model import MaskedDiffusionLM
 from tiny_models import tiny_tokenizer
