@@ -33,7 +33,8 @@ LONG_FUNCTIONS = {
     "adapt.model.block_masked_diffusion.block_diffusion_sample":
         "remote code (copied into every checkpoint): the block loop; split with the SamplingOptions work",
     "adapt.model.modeling_masked_diffusion.diffusion_generate":
-        "remote code: ~18 sampling options resolved one by one; shrinks when they travel as SamplingOptions",
+        "remote code: its keyword API (~18 options, documented in its docstring) is what checkpoints are called with; "
+        "SamplingOptions (outside model/) turns into it, and the option checks are shared (check_block_options)",
     "adapt.model.sampling_masked_diffusion.diffusion_sample":
         "remote code: the decoding core's loop; shrinks when its options travel as SamplingOptions",
     "adapt.model.speculative_masked_diffusion.speculative_sample":

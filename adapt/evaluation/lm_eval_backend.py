@@ -43,7 +43,7 @@ from ..training.batch import Batch
 from ..checkpoint import CAUSAL, check_device, detect, is_diffusion_model, load
 from ..config.commands import DTYPE_NAMES, SamplingOptions
 from ..errors import AdaptError
-from ..model.block_masked_diffusion import resolve_block_size
+from ..model.block_masked_diffusion import check_block_options, resolve_block_size
 from ..model.configuration_masked_diffusion import SHIFT_DEFAULT
 from ..training.likelihood import elbo_draws, model_device, token_scores
 from ..sampling import SamplingError, check_sampling_options
@@ -116,9 +116,10 @@ class DLMAdaptLM(TemplateLM):
                              "this one has shift=False, so it cannot give causal loglikelihoods: drop is_causal")
         if self.is_causal and block_size is not None:
             raise AdaptError("is_causal=True scores causally; block_size applies to the ELBO: give one of them")
-        if resolve_block_size(config) is not None and (block_length is not None or kv_cache is not None):
-            raise AdaptError(f"a block-diffusion checkpoint decodes its own blocks of {config.block_size} with an exact "
-                             "KV cache: leave block_length and kv_cache unset")
+        try:
+            check_block_options(resolve_block_size(config), block_length=block_length, kv_cache=kv_cache)
+        except SamplingError as e:
+            raise AdaptError(str(e)) from None
         self._device = model_device(self.model)
 
     @classmethod

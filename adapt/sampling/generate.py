@@ -10,6 +10,7 @@ import torch
 from ..config.commands import SamplingOptions
 from ..errors import AdaptError
 from ..checkpoint import load
+from ..model.block_masked_diffusion import check_block_options
 from . import SamplingError, check_sampling_options
 
 
@@ -118,15 +119,11 @@ def check_checkpoint_options(path, sampling: SamplingOptions):
     if block is not None and positions is not None and block > positions:
         raise AdaptError(f"{path} has block size {block}, more than its model's {positions} positions: no block "
                          f"can be decoded; convert or train it again with a block size of at most {positions}")
-    length, cache, sub = sampling.block_length, sampling.kv_cache, sampling.sub_block
-    if block is not None and (cache is not None or length not in (None, block)):
-        raise AdaptError(f"a block-diffusion checkpoint decodes its own blocks of {block} with an exact KV cache: "
-                         "leave block_length and kv_cache (--block-length, --kv-cache) unset")
-    if block is not None and sub is not None and block % sub:
-        raise AdaptError(f"sub_block ({sub}) must divide the block size ({block})")
-    if block is None and sub is not None:
-        raise AdaptError("sub_block divides the blocks of a block-diffusion checkpoint; this one is full-sequence: "
-                         "use block_length (--block-length) for semi-autoregressive blocks")
+    try:
+        check_block_options(block, block_length=sampling.block_length, kv_cache=sampling.kv_cache,
+                            sub_block=sampling.sub_block)
+    except SamplingError as e:
+        raise AdaptError(str(e)) from e
 
 
 def _check_speculative(sampling: SamplingOptions, infill: bool, show_steps: bool):
