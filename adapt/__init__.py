@@ -16,6 +16,7 @@ _EXPORTS = {
     "MaskedDiffusionConfig": "model",
     "MaskedDiffusionLM": "model",
     "SFTConfig": "config",
+    "SamplingOptions": "config",
     "TrainConfig": "config",
     "load_config": "config",
     "convert": "conversion.convert",

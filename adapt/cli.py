@@ -8,7 +8,7 @@ from pathlib import Path
 from transformers import HfArgumentParser
 
 from .config import ConvertOptions, EvalOptions, GenerateOptions, PushOptions, UpgradeOptions
-from .deprecations import renamed
+from .deprecations import take_renamed
 from .errors import AdaptError
 
 
@@ -47,8 +47,7 @@ def _generate(args):
         prompts += [ln for ln in text.splitlines() if ln.strip()]
     if o.infill:
         prompts.append(o.infill)
-    options = dict(chat=o.chat, infill=bool(o.infill), max_new_tokens=o.max_new_tokens, seed=o.seed,
-                   show_steps=o.show_steps, **o.sampling())
+    options = dict(chat=o.chat, infill=bool(o.infill), seed=o.seed, show_steps=o.show_steps, sampling=o.sampling())
     if o.stream:
         if o.json or o.infill:
             raise AdaptError(f"--stream prints text as it is decoded: it cannot be combined with "
@@ -59,7 +58,7 @@ def _generate(args):
         from .sampling.generate import check_options
 
         for prompt in prompts:
-            check_options(args.model, [prompt], streaming=True, **options)  # before the weights load
+            check_options(args.model, [prompt], o.sampling(), streaming=True)  # before the weights load
         model, tokenizer = load(args.model)
         for prompt in prompts:  # one at a time: a streamer takes one row
             generate(model, [prompt], tokenizer=tokenizer, streamer=TextStreamer(
@@ -89,12 +88,9 @@ def _eval(args):
 
     from .evaluation.harness import evaluate
 
-    flag = renamed("dlm-adapt eval flag")["--block-length"]
-    if args.block_length is not None:
-        if args.seq_length is not None:
-            raise AdaptError(f"{flag.old} is the deprecated name of {flag.new}; give only {flag.new}")
-        print(f"dlm-adapt: warning: {flag.old} is deprecated, use {flag.new}", file=sys.stderr)
-        args.seq_length, args.block_length = args.block_length, None
+    take_renamed(args, "dlm-adapt eval flag",
+                 lambda flag: f"{flag.old} is the deprecated name of {flag.new}; give only {flag.new}",
+                 lambda flag: print(f"dlm-adapt: warning: {flag.old} is deprecated, use {flag.new}", file=sys.stderr))
     options = EvalOptions(**_options(args, EvalOptions))  # checked, and defaults resolved, before anything loads
     print(json.dumps(evaluate(args.model, **dataclasses.asdict(options)), indent=2))
 
@@ -191,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
             ("repo_id", "Hub repo, namespace/name; created if missing"))
     command("eval", EvalOptions, _eval, "likelihood, infilling and steps-sweep metrics on held-out text",
             "Evaluate a diffusion checkpoint (Monte-Carlo ELBO, infilling, quality against decoding steps) or a "
-            "causal LM (exact NLL, left-context baseline) on the same packed blocks of text. Prints the result as "
+            "causal LM (exact NLL, left-context baseline) on the same packed sequences of text. Prints the result as "
             "JSON.", ("model", "a dlm-adapt checkpoint, a causal LM directory, a .gguf file, or a Hub id"))
     command("upgrade", UpgradeOptions, _upgrade, "update an older dlm-adapt checkpoint's remote code to this release",
             "Rewrite the remote-code files and outdated config fields of a checkpoint written by an earlier dlm-adapt "

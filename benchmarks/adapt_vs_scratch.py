@@ -1,6 +1,6 @@
 """Adaptation vs training from scratch on stories260K + TinyStories: validation ELBO against optimizer steps.
 
-Runs, all on the same validation blocks (the first 64 blocks of 128 tokens of valid.txt, token 0 of each block
+Runs, all on the same validation sequences (the first 64 sequences of 128 tokens of valid.txt, token 0 of each sequence
 as context, so every number scores the same 8128 tokens):
   (a) the AR parent's exact NLL;
   (b) the freshly converted model's ELBO (no training);
@@ -13,8 +13,8 @@ as context, so every number scores the same 8128 tokens):
       a schedule 1 → 2 → 4, block size 16 after 1 → 4 → 16 (each stage a tenth of the steps), and block size 4
       from step 1. Their ELBO is the block-wise bound (each block given the clean blocks before it).
 Every run is `adapt.train` with YAML overrides of the stories260k recipe. The curve is training's own `val_elbo`
-(one draw per block, fixed seed) plus the same estimate before step 1; the final row is `dlm-adapt eval`'s ELBO
-with --mc-samples draws per block and its standard error. Appends (or, on a rerun with the same steps and
+(one draw per sequence, fixed seed) plus the same estimate before step 1; the final row is `dlm-adapt eval`'s ELBO
+with --mc-samples draws per sequence and its standard error. Appends (or, on a rerun with the same steps and
 runs, replaces) a section of benchmarks/RESULTS.md and writes benchmarks/adapt_vs_scratch-STEPS.png.
 
     nice -n 10 python benchmarks/adapt_vs_scratch.py [--steps 2500] [--eval-steps 250] [--threads 1] [--only cdefghi]
@@ -41,7 +41,7 @@ SHARED = ROOT.parent / "shared"
 SOURCE = SHARED / "models" / "stories260K"
 TRAIN, VALID = SHARED / "data" / "tinystories" / "train.txt", SHARED / "data" / "tinystories" / "valid.txt"
 RECIPE = ROOT / "recipes" / "adaptation" / "stories260k.yaml"
-BLOCK, BLOCKS = 128, 64
+SEQ_LENGTH, SEQUENCES = 128, 64
 
 
 def runs(steps: int) -> dict:
@@ -87,22 +87,22 @@ def one_run(name: str, spec: dict, out: Path, args) -> dict:
     converted = out.with_name(out.name + "-start")  # the untrained conversion; train() makes its own OUTPUT/converted
     adapt.convert(source, converted, shift=spec["shift"], overwrite=True)
     model, tok = adapt.load(converted)
-    blocks = pack(load_documents(str(VALID), DataConfig()), tok, BLOCK, "validation", max_blocks=BLOCKS)
+    sequences = pack(load_documents(str(VALID), DataConfig()), tok, SEQ_LENGTH, "validation", max_rows=SEQUENCES)
     block = spec.get("block")  # the converted model scored as the block model it is about to become
-    step0 = diffusion_elbo(model, blocks, mc_samples=1, batch_size=16, seed=1234,
+    step0 = diffusion_elbo(model, sequences, mc_samples=1, batch_size=16, seed=1234,
                            block_size=block)["elbo_nats_per_token"]
-    start = diffusion_elbo(model, blocks, mc_samples=args.mc_samples, batch_size=16, seed=0, block_size=block)
+    start = diffusion_elbo(model, sequences, mc_samples=args.mc_samples, batch_size=16, seed=0, block_size=block)
     cfg = load_config(RECIPE, [f"output_dir={out}", f"model.path={source}", f"model.shift={spec['shift']}",
                                f"max_steps={args.steps}", f"eval_steps={args.eval_steps}", "save_steps=0",
                                "sample_steps=0", f"data.train={TRAIN}", f"data.validation={VALID}",
-                               f"data.seq_length={BLOCK}", f"data.max_eval_blocks={BLOCKS}", *args.override,
+                               f"data.seq_length={SEQ_LENGTH}", f"data.max_eval_sequences={SEQUENCES}", *args.override,
                                *spec["overrides"]])
     wall, cpu = time.perf_counter(), time.process_time()
     final = adapt.train(cfg)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     curve = {0: step0, **{r["step"]: r["val_elbo"] for r in records if "val_elbo" in r}}
-    final_eval = evaluate(str(final), str(VALID), seq_length=BLOCK, num_blocks=BLOCKS,
+    final_eval = evaluate(str(final), str(VALID), seq_length=SEQ_LENGTH, num_sequences=SEQUENCES,
                           mc_samples=args.mc_samples)["elbo"]
     print(f"[{name}] {wall:.0f} s wall, {cpu / 60:.1f} CPU-min, final ELBO {final_eval['elbo_nats_per_token']:.3f} "
           f"± {final_eval['stderr']:.3f}", file=sys.stderr)
@@ -130,7 +130,7 @@ def main():
     import adapt
 
     started = time.perf_counter()
-    ar = adapt.evaluate(str(SOURCE), str(VALID), seq_length=BLOCK, num_blocks=BLOCKS)["elbo"]
+    ar = adapt.evaluate(str(SOURCE), str(VALID), seq_length=SEQ_LENGTH, num_sequences=SEQUENCES)["elbo"]
     results = {}
     selected = runs(args.steps)
     if args.only:
@@ -157,10 +157,10 @@ def report(ar, results, args, total, command) -> str:
     lines = [heading(args), "",
              f"{datetime.date.today()}, {platform.machine()} CPU, torch {torch.__version__}, {args.threads} threads, "
              f"`nice -n 10` on a machine shared with other jobs. Command: `{command}` ({total / 60:.1f} min wall "
-             f"in all). Validation: the first {BLOCKS} blocks of {BLOCK} tokens of valid.txt, "
+             f"in all). Validation: the first {SEQUENCES} sequences of {SEQ_LENGTH} tokens of valid.txt, "
              f"{ar['tokens']} scored tokens. Training: recipes/adaptation/stories260k.yaml (batch 16 × 128 tokens, "
              f"lr 3e-3 cosine, full fine-tuning) for {args.steps} steps on train.txt "
-             f"({args.steps * 16 * BLOCK / 1e6:.2f} M tokens seen, ≈{args.steps * 16 / 772:.0f} epochs of its 772 blocks).",
+             f"({args.steps * 16 * SEQ_LENGTH / 1e6:.2f} M tokens seen, ≈{args.steps * 16 / 772:.0f} epochs of its 772 sequences).",
              "",
              f"(a) AR parent, exact NLL: **{nll:.3f}** nats/token (perplexity {ar['ppl']:.2f}).",
              "",
@@ -169,8 +169,8 @@ def report(ar, results, args, total, command) -> str:
                  for n, r in results.items()) + ".",
              "",
              "Validation ELBO (nats/token, upper bound on the NLL) against optimizer steps; step 0 is the converted, "
-             "untrained model, (b). Curve values: one draw per block; last row: "
-             f"{args.mc_samples} draws per block ± standard error.",
+             "untrained model, (b). Curve values: one draw per sequence; last row: "
+             f"{args.mc_samples} draws per sequence ± standard error.",
              "",
              "| step | " + " | ".join(names) + " |",
              "|---:|" + "---:|" * len(names)]

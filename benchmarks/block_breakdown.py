@@ -1,6 +1,6 @@
 """Where a block-diffusion model's ELBO comes from: cross-entropy per masked token with exactly l of every block's
 B tokens masked (l = 1..B), and of the block-start tokens, which are predicted from the clean blocks before them
-exactly as the AR parent predicts them. Same validation blocks as benchmarks/adapt_vs_scratch.py.
+exactly as the AR parent predicts them. Same validation sequences as benchmarks/adapt_vs_scratch.py.
 
     python benchmarks/block_breakdown.py MODEL_DIR [--block-size B]
 """
@@ -38,11 +38,11 @@ def main():
     torch.set_num_threads(1)
     model, tok = adapt.load(args.model)
     B = args.block_size or model.config.block_size
-    blocks = pack(load_documents(str(VALID), DataConfig()), tok, 128, "validation", max_blocks=64)
+    sequences = pack(load_documents(str(VALID), DataConfig()), tok, 128, "validation", max_rows=64)
     g = torch.Generator().manual_seed(0)
     for l in range(1, B + 1):
         total, count = 0.0, 0
-        for rows in blocks.split(16):
+        for rows in sequences.split(16):
             u = torch.rand(rows.shape, generator=g)
             u[:, 0] = 2.0  # context, never masked
             ranks = u.view(rows.shape[0], -1, B).argsort(-1).argsort(-1).view(rows.shape)
@@ -50,8 +50,8 @@ def main():
             ce = masked_ce(model, rows, masked, B)
             total, count = total + ce[masked[:, 1:]].sum().item(), count + int(masked[:, 1:].sum())
         print(f"{l} of {B} masked per block: {total / count:.3f} nats per masked token")
-    start = torch.arange(1, blocks.shape[1]) % B == 0
-    ce = torch.cat([masked_ce(model, rows, torch.ones_like(rows, dtype=torch.bool), B) for rows in blocks.split(16)])
+    start = torch.arange(1, sequences.shape[1]) % B == 0
+    ce = torch.cat([masked_ce(model, rows, torch.ones_like(rows, dtype=torch.bool), B) for rows in sequences.split(16)])
     print(f"block-start tokens (clean prefix only, as the AR parent): {ce[:, start].mean().item():.3f}")
 
 

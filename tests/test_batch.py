@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from adapt.training.batch import Batch, as_batch
-from adapt.training.data import BlockLoader, hold_out
+from adapt.training.data import SequenceLoader, hold_out
 from adapt.errors import AdaptError
 
 
@@ -74,7 +74,7 @@ def test_hold_out_refuses_to_hold_out_everything():
 
 def test_loader_order_is_the_same_over_a_batch_and_its_ids():
     ids = torch.arange(40).view(10, 4)
-    loader = BlockLoader(Batch(ids), 3, seed=5)
+    loader = SequenceLoader(Batch(ids), 3, seed=5)
     for epoch in range(2):
         order = torch.randperm(10, generator=torch.Generator().manual_seed(5 + epoch))
         for start in range(0, 9, 3):

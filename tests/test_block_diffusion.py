@@ -236,7 +236,7 @@ def test_block_checkpoint_loads_with_transformers_alone(tmp_path):
         torch.testing.assert_close(torch.tensor(got["logits"]), here, atol=1e-5, rtol=0)
     # the likelihood is the block-wise bound of the checkpoint's block size; training needs annealing off
     (tmp_path / "train.txt").write_text("\n\n".join(" ".join(f"w{i + j}" for j in range(12)) for i in range(40)))
-    elbo = adapt.evaluate(paths[0], str(tmp_path / "train.txt"), seq_length=12, num_blocks=2, mc_samples=2)["elbo"]
+    elbo = adapt.evaluate(paths[0], str(tmp_path / "train.txt"), seq_length=12, num_sequences=2, mc_samples=2)["elbo"]
     assert elbo["block_size"] == B and "block_size_note" not in elbo
     cfg = load_config(None, [f"output_dir={tmp_path / 'run'}", f"model.path={paths[0]}",
                              f"data.train={tmp_path / 'train.txt'}", "data.seq_length=12", "max_steps=1"])

@@ -157,7 +157,7 @@ def test_eval_at_block_size_1_is_the_parents_exact_nll_and_says_so(converted, tm
     source, dlm = converted("llama")
     data = tmp_path / "d.txt"
     data.write_text("\n".join(" ".join(f"w{(i * 7 + j) % 90}" for j in range(12)) for i in range(40)))
-    opts = dict(seq_length=16, num_blocks=6, sample_by="line")
+    opts = dict(seq_length=16, num_sequences=6, sample_by="line")
     parent = adapt.evaluate(str(source), str(data), **opts)["elbo"]["nll_nats_per_token"]
     result = adapt.evaluate(str(dlm), str(data), mc_samples=2, block_size=1, **opts)
     assert result["elbo"]["elbo_nats_per_token"] == pytest.approx(parent, abs=1e-4)

@@ -70,3 +70,23 @@ def test_remasking_choices_are_the_sampler_table(monkeypatch, capsys):
     assert "invalid choice: 'newest'" in capsys.readouterr().err
     monkeypatch.setattr(sampler, "REMASKING", (*sampler.REMASKING, "newest"))
     assert build_parser().parse_args(["generate", "m", "--remasking", "newest"]).remasking == "newest"
+
+
+def test_sampling_options_are_generate_flags_and_diffusion_generate_keywords():
+    """One dataclass carries the decoding settings: each is a `generate` flag and a keyword of the remote code's
+    `diffusion_generate`, and `kwargs()` hands over only the chosen ones (the checkpoint decides the rest)."""
+    import inspect
+
+    from adapt.config import SamplingOptions
+    from adapt.model import MaskedDiffusionLM
+
+    keywords = inspect.signature(MaskedDiffusionLM.diffusion_generate).parameters
+    flags = {f.name for f in dataclasses.fields(GenerateOptions)}
+    for f in dataclasses.fields(SamplingOptions):
+        assert f.name in keywords and f.name in flags, f.name
+    assert SamplingOptions().kwargs() == {}
+    assert SamplingOptions(steps=4, temperature=0.0, speculative=True).kwargs() == {
+        "steps": 4, "temperature": 0.0, "speculative": True}
+    args = build_parser().parse_args(["generate", "m", "--steps", "8", "--kv-cache", "prefix"])
+    parsed = GenerateOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(GenerateOptions)})
+    assert parsed.sampling() == SamplingOptions(steps=8, kv_cache="prefix")

@@ -151,6 +151,9 @@ def test_generate_speculative_from_the_cli_and_the_python_api(drafters, capsys):
     api = adapt.generate(model, ["w7 w8 w9"], tokenizer=tokenizer, max_new_tokens=8, speculative=True,
                                   draft_length=3)
     assert api[0]["tokens"] == row["tokens"] and api[0]["acceptance"] == row["acceptance"]
+    # the same settings as one SamplingOptions; a keyword beside it replaces its field
+    options = adapt.SamplingOptions(max_new_tokens=8, speculative=True, draft_length=2)
+    assert adapt.generate(model, ["w7 w8 w9"], tokenizer=tokenizer, sampling=options, draft_length=3) == api
 
 
 SPECULATIVE_ERRORS = {

@@ -14,7 +14,7 @@ from transformers import GenerationConfig
 import adapt
 from adapt import AdaptError
 from adapt.cli import main
-from adapt.evaluation.harness import repeat_task
+from adapt.evaluation.decoding import repeat_task
 from adapt.training.likelihood import causal_nll, diffusion_elbo
 from adapt.model import MaskedDiffusionLM
 from tiny_models import tiny_tokenizer
@@ -69,14 +69,14 @@ def test_uniform_logits_give_log_v_per_token_exactly(tmp_path):
     data = words_file(tmp_path / "d.txt")
     tok = tiny_tokenizer(mask_token=True)
     for k in (1, 4):
-        r = adapt.evaluate(uniform(), str(data), tokenizer=tok, mc_samples=k, seq_length=16, num_blocks=8,
+        r = adapt.evaluate(uniform(), str(data), tokenizer=tok, mc_samples=k, seq_length=16, num_sequences=8,
                            sample_by="line", batch_size=5)["elbo"]
         # every draw scores (1/l)·Σ over l masked tokens of log(V − 1) (a clean token is never [MASK], which is
         # excluded from the distribution): exactly log(V − 1) whatever l and the subset
         assert r["elbo_nats_per_token"] == pytest.approx(math.log(V - 1), abs=1e-6)
         assert r["tokens"] == 8 * 15 and (k == 1 and r["stderr"] is None or r["stderr"] < 1e-6)
     ar = adapt.evaluate(uniform(vocab=100, diffusion=False), str(data), tokenizer=tiny_tokenizer(), seq_length=16,
-                        num_blocks=8, sample_by="line")["elbo"]
+                        num_sequences=8, sample_by="line")["elbo"]
     assert ar["nll_nats_per_token"] == pytest.approx(math.log(100), abs=1e-6)
     assert ar["tokens"] == 8 * 15 and ar["stderr"] == 0.0 and ar["ppl"] == pytest.approx(100, rel=1e-5)
 
@@ -225,7 +225,7 @@ def test_steps_sweep_counts_token_and_sequence_errors(tmp_path):
     from adapt.training.data import load_documents, pack
     from adapt.config import DataConfig
 
-    blocks = pack(load_documents(str(data), DataConfig(sample_by="line")), tok, 16, "t", max_blocks=64)
+    blocks = pack(load_documents(str(data), DataConfig(sample_by="line")), tok, 16, "t", max_rows=64)
     _, answers = repeat_task(blocks, tok, examples=24, length=length, seed=7, mask_id=V - 1)
     right = answers % 3 != 0
     assert [p["steps"] for p in sweep["points"]] == [1, 2, 4]
@@ -272,7 +272,7 @@ def test_infill_and_sweep_decode_with_diffusion_generate_and_its_kv_cache(conver
     model = MaskedDiffusionLM.from_pretrained(dlm, bidirectional=False).eval()
     tok = AutoTokenizer.from_pretrained(dlm)
     data = words_file(tmp_path / "d.txt")
-    opts = dict(tokenizer=tok, metrics="infill,steps_sweep", seq_length=16, num_blocks=4, sample_by="line",
+    opts = dict(tokenizer=tok, metrics="infill,steps_sweep", seq_length=16, num_sequences=4, sample_by="line",
                 infill_examples=4, sweep_length=4, sweep_examples=4)
     plain = adapt.evaluate(model, str(data), **opts)
     cached = adapt.evaluate(model, str(data), kv_cache="prefix", **opts)
@@ -302,11 +302,15 @@ def test_ar_nll_and_converted_elbo_count_the_same_tokens(converted, tmp_path, sh
         dlm = tmp_path / "noshift"
         adapt.convert(src, dlm, shift=False)
     data = words_file(tmp_path / "d.txt")
-    opts = dict(seq_length=16, num_blocks=6, sample_by="line", mc_samples=2)
+    opts = dict(seq_length=16, num_sequences=6, sample_by="line", mc_samples=2)
     ar = adapt.evaluate(str(src), str(data), **opts)
     dm = adapt.evaluate(str(dlm), str(data), **opts)
-    assert ar["kind"] == "autoregressive" and dm["kind"] == "diffusion"
-    assert ar["elbo"]["tokens"] == dm["elbo"]["tokens"] == 6 * 15 and ar["blocks"] == dm["blocks"] == 6
+    assert ar["kind"] == "causal" and dm["kind"] == "diffusion"
+    assert ar["elbo"]["tokens"] == dm["elbo"]["tokens"] == 6 * 15 and ar["sequences"] == dm["sequences"] == 6
+    # the keys' old names are written beside the new ones until adapt/deprecations.py removes them
+    for r in (ar, dm):
+        assert ((r["blocks"], r["block_length"], r["elbo"]["blocks"])
+                == (r["sequences"], r["seq_length"], r["elbo"]["sequences"]) == (6, 16, 6))
     assert set(ar["elbo"]) >= {"nll_nats_per_token", "ppl", "stderr", "tokens"}
     assert set(dm["elbo"]) >= {"elbo_nats_per_token", "ppl_bound", "stderr", "tokens"}
     # a random tiny model: both near log V, so a wrong token count or unit would show as a large gap
@@ -319,8 +323,8 @@ def test_jsonl_and_txt_give_the_same_blocks(converted, tmp_path):
     txt = words_file(tmp_path / "d.txt")
     jsonl = tmp_path / "d.jsonl"
     jsonl.write_text("".join(json.dumps({"text": line}) + "\n" for line in txt.read_text().splitlines()))
-    a = adapt.evaluate(str(src), str(txt), seq_length=16, num_blocks=4, sample_by="line")
-    b = adapt.evaluate(str(src), str(jsonl), seq_length=16, num_blocks=4)
+    a = adapt.evaluate(str(src), str(txt), seq_length=16, num_sequences=4, sample_by="line")
+    b = adapt.evaluate(str(src), str(jsonl), seq_length=16, num_sequences=4)
     assert a["elbo"] == b["elbo"]
 
 
@@ -329,7 +333,7 @@ def test_cli_writes_json_and_plot(converted, tmp_path, capsys):
     data = words_file(tmp_path / "d.txt")
     out, png = tmp_path / "r" / "eval.json", tmp_path / "r" / "sweep.png"
     code = main(["eval", str(dlm), "--data", str(data), "--metrics", "elbo,infill,steps_sweep", "--mc-samples", "2",
-                 "--seq-length", "16", "--num-blocks", "4", "--sample-by", "line", "--infill-examples", "4",
+                 "--seq-length", "16", "--num-sequences", "4", "--sample-by", "line", "--infill-examples", "4",
                  "--sweep-length", "4", "--sweep-steps", "1,4", "--sweep-examples", "4", "--json", str(out),
                  "--plot", str(png)])
     assert code == 0, capsys.readouterr().err
@@ -386,15 +390,20 @@ def test_block_length_flag_and_keyword_are_deprecated_names_of_seq_length(monkey
     assert main(["eval", "m", "--data", "d.txt"]) == 0 and seen["seq_length"] == 128
     assert main(["eval", "m", "--data", "d.txt", "--block-length", "32", "--seq-length", "32"]) == 2
     assert "give only --seq-length" in capsys.readouterr().err
+    assert main(["eval", "m", "--data", "d.txt", "--num-blocks", "8"]) == 0 and seen["num_sequences"] == 8
+    assert capsys.readouterr().err == "dlm-adapt: warning: --num-blocks is deprecated, use --num-sequences\n"
+    assert main(["eval", "m", "--data", "d.txt"]) == 0 and seen["num_sequences"] == 64
+    assert main(["eval", "m", "--data", "d.txt", "--num-blocks", "8", "--num-sequences", "8"]) == 2
+    assert "give only --num-sequences" in capsys.readouterr().err
 
 
 def test_evaluate_block_length_keyword_still_works_with_a_warning(tmp_path):
     data = words_file(tmp_path / "d.txt")
-    with pytest.warns(FutureWarning, match="use seq_length="):
-        old = adapt.evaluate(uniform(), str(data), tokenizer=tiny_tokenizer(mask_token=True), block_length=16, num_blocks=4,
-                             sample_by="line", mc_samples=2)
-    new = adapt.evaluate(uniform(), str(data), tokenizer=tiny_tokenizer(mask_token=True), seq_length=16, num_blocks=4,
-                         sample_by="line", mc_samples=2)
+    with pytest.warns(FutureWarning, match="use seq_length="), pytest.warns(FutureWarning, match="use num_sequences="):
+        old = adapt.evaluate(uniform(), str(data), tokenizer=tiny_tokenizer(mask_token=True), block_length=16,
+                             num_blocks=4, sample_by="line", mc_samples=2)
+    new = adapt.evaluate(uniform(), str(data), tokenizer=tiny_tokenizer(mask_token=True), seq_length=16,
+                         num_sequences=4, sample_by="line", mc_samples=2)
     assert old == new
     with pytest.raises(AdaptError, match="both seq_length and block_length"):
         adapt.evaluate(uniform(), str(data), tokenizer=tiny_tokenizer(mask_token=True), seq_length=32, block_length=16)

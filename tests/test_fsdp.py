@@ -54,7 +54,7 @@ def torchrun(tmp_path, runs: list[list[str]]) -> subprocess.Popen:
 
 def _base(setup, out, *extra):
     return [f"output_dir={out}", f"model.path={setup / 'dlm'}", f"data.train={setup / 'train.txt'}",
-            "data.seq_length=16", "data.max_eval_blocks=8", "train.lr=3e-3", "anneal.anneal_steps=3",
+            "data.seq_length=16", "data.max_eval_sequences=8", "train.lr=3e-3", "anneal.anneal_steps=3",
             "model.attn_implementation=eager", "objective.normalization=all", *extra]
 
 

@@ -352,7 +352,7 @@ def _train_setup(root: Path):
     (root / "recipe.yaml").write_text(yaml.safe_dump({
         "max_steps": 4, "eval_steps": 2, "save_steps": 0,
         "model": {"path": str(root / "causal"), "attn_implementation": "eager"},
-        "data": {"train": str(root / "train.txt"), "seq_length": 16, "max_eval_blocks": 4},
+        "data": {"train": str(root / "train.txt"), "seq_length": 16, "max_eval_sequences": 4},
         "anneal": {"anneal_steps": 2}, "train": {"batch_size": 4, "gradient_accumulation_steps": 2, "lr": 3e-3}}))
 
 
@@ -367,7 +367,7 @@ def test_card_after_train_summarises_the_run(tmp_path, capsys):
     elbo = [m for m in metrics if "val_elbo" in m][-1]
     assert "## Adaptation training" in card and "No training record" not in card
     assert "| steps | 4 optimizer steps |" in card
-    assert "512 per process (4 steps × 4 blocks × 2 accumulation × 16 tokens)" in card
+    assert "512 per process (4 steps × 4 sequences × 2 accumulation × 16 tokens)" in card
     assert "annealed from causal to bidirectional over 2 steps" in card
     assert f"{elbo['val_elbo']:.4f} nats/token at step 4" in card
     assert "`train.txt` (local file)" in card and "full fine-tuning" in card

@@ -103,7 +103,7 @@ def _tiny_run(path: Path, cls, stand_ins, data: Path, out: Path):
         block = recipe.block  # a row holds at least one whole block (a longer block is refused)
         length = max([16, *(s for s in (block.size, block.decay_to, *block.schedule) if s is not None)])
         overrides += [f"data.train={data / 'train.txt'}", "data.hub_config=", f"data.seq_length={length}",
-                      "data.max_eval_blocks=2"]
+                      "data.max_eval_sequences=2"]
     cfg = load_config(path, overrides, cls=cls)
     assert (cfg.train.method, cfg.model.dtype, cfg.train.mixed_precision) == (
         "lora" if recipe.train.method == "qlora" else recipe.train.method, recipe.model.dtype,

@@ -100,7 +100,7 @@ def adapted(stories, tmp_path_factory):
     cfg = load_config(recipe, [f"output_dir={out}", f"model.path={converted}", "max_steps=60",
                                "eval_steps=60", "save_steps=0", "sample_steps=0", "anneal.anneal_steps=20",
                                f"data.train={data / 'train.txt'}", f"data.validation={data / 'valid.txt'}",
-                               "data.max_eval_blocks=32"])
+                               "data.max_eval_sequences=32"])
     model, tok = adapt.load(converted)
     _, val = build_datasets(cfg.data, tok, 512, cfg.train.seed)
     before = diffusion_elbo(model, val[:32], mc_samples=1, batch_size=16, seed=1234)["elbo_nats_per_token"]
@@ -142,7 +142,7 @@ def test_offline_run_prints_only_its_own_progress(job, tmp_path):
     if job == "train":
         data = SHARED / "data" / "tinystories"
         argv = [str(root / "recipes" / "adaptation" / "stories260k.yaml"), f"data.train={data / 'train.txt'}",
-                f"data.validation={data / 'valid.txt'}", "data.seq_length=32", "data.max_eval_blocks=2"]
+                f"data.validation={data / 'valid.txt'}", "data.seq_length=32", "data.max_eval_sequences=2"]
     else:
         argv = [str(root / "recipes" / "sft" / "stories260k-tiny.yaml"),
                 f"data.train={root / 'recipes' / 'sft' / 'data' / 'tiny-chat.jsonl'}", "data.max_eval_samples=2"]

@@ -19,6 +19,7 @@ import adapt
 from adapt import AdaptError
 from adapt.training import training_state as checkpointing
 from adapt.config import load_config
+from adapt.config.recipes import run_config
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,7 @@ def setup(tmp_path_factory, converted):
 
 def _cfg(setup, out, *overrides, model="dlm"):
     base = [f"output_dir={out}", f"model.path={setup / model}", f"data.train={setup / 'train.txt'}",
-            "data.seq_length=16", "data.max_eval_blocks=8", "train.batch_size=4", "train.lr=3e-3",
+            "data.seq_length=16", "data.max_eval_sequences=8", "train.batch_size=4", "train.lr=3e-3",
             "max_steps=6", "eval_steps=3", "save_steps=0", "anneal.anneal_steps=4", "model.attn_implementation=eager"]
     return load_config(None, base + list(overrides))
 
@@ -325,6 +326,22 @@ def test_old_block_length_key_loads_with_one_warning(tmp_path, capsys):
         load_config(None, ["data.seq_length=32", "data.block_length=32"])
     with pytest.raises(AdaptError, match="unknown config key 'data.block_length'"):  # SFT data never had one
         load_config(None, ["data.block_length=32"], cls=adapt.SFTConfig)
+
+
+def test_old_max_eval_blocks_key_loads_with_one_warning(tmp_path, capsys):
+    warning = ("dlm-adapt: warning: data.max_eval_blocks is deprecated, use data.max_eval_sequences (the old name "
+               "goes in 0.7.0)\n")
+    old = tmp_path / "old.yaml"
+    old.write_text("data:\n  max_eval_blocks: 8\n")
+    assert load_config(old).data.max_eval_sequences == 8
+    assert capsys.readouterr().err == warning
+    assert load_config(None, ["data.max_eval_blocks=6"]).data.max_eval_sequences == 6
+    assert capsys.readouterr().err == warning
+    with pytest.raises(AdaptError, match="set both data.max_eval_blocks and data.max_eval_sequences"):
+        load_config(None, ["data.max_eval_sequences=4", "data.max_eval_blocks=4"])
+    # a run recorded before the rename reads back silently
+    assert run_config({"data": {"max_eval_blocks": 5}}).data.max_eval_sequences == 5
+    assert capsys.readouterr().err == ""
 
 
 def test_block_diffusion_run_follows_its_schedule_and_resumes_bit_exactly(setup, tmp_path):

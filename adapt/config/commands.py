@@ -7,11 +7,11 @@ Positional arguments (model, source, output, directory) are the functions' own a
 
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal
 
-from ..deprecations import renamed
+from ..deprecations import take_renamed
 from ..errors import AdaptError
 
 METRICS = ("elbo", "infill", "steps_sweep")
@@ -104,17 +104,12 @@ class ConvertOptions:
 
 
 @dataclass
-class GenerateOptions:
-    """`dlm-adapt generate MODEL`: prompts, then `diffusion_generate`'s options (unset: the checkpoint's
-    generation_config.json, else the sampler's default). `adapt.generate` takes the sampling fields as
-    keywords."""
+class SamplingOptions:
+    """The decoding settings, carried from the command line (`generate`'s flags), the Python API (`adapt.generate`'s
+    keywords), the lm-eval backend and a server to the sampler. Unset (None) fields are left to the checkpoint's
+    generation_config.json, else the sampler's default; `kwargs()` is the one place they become
+    `model.diffusion_generate`'s keywords (the remote code's public API, which takes plain keywords)."""
 
-    prompt: Texts | None = field(default=None, **_help(
-        "prompt text (repeatable; all prompts decode as one left-padded batch)", action="append"))
-    prompts_file: str | None = field(default=None, **_help("a UTF-8 file with one prompt per line"))
-    chat: bool = field(default=False, **_help("wrap each prompt in the tokenizer's chat template"))
-    infill: str | None = field(default=None, **_help(
-        "text whose mask-token strings (e.g. <|mask|>) are holes to fill", metavar="TEXT"))
     max_new_tokens: int | None = field(default=None, **_help(
         "tokens to generate (default: generation_config.json, which then decides --steps and --block-length too; "
         "128 for a fresh conversion)"))
@@ -138,7 +133,6 @@ class GenerateOptions:
     top_k: int | None = field(default=None, **_help("keep the k most likely tokens"))
     top_p: float | None = field(default=None, **_help("keep the smallest set of tokens with this probability"))
     min_new_tokens: int | None = field(default=None, **_help("forbid EOS before this many new tokens (default: 0)"))
-    seed: int | None = field(default=None, **_help("seed of the sampling generator"))
     kv_cache: str | None = field(default=None, **_help(
         "Fast-dLLM's approximate KV cache, refreshed once per block: later passes rerun the block and what "
         "follows it (prefix) or only the block (dual)", choices=SamplerChoices("KV_CACHES"), metavar="CACHE"))
@@ -147,21 +141,37 @@ class GenerateOptions:
         "the causal parent verifies them in one pass, so the output is the parent's own (greedy: its greedy text)"))
     draft_length: int | None = field(default=None, **_help(
         "--speculative: tokens drafted per pass (default: the checkpoint's block size)"))
+
+    def kwargs(self) -> dict:
+        """`diffusion_generate`'s keywords: the chosen options only, so the checkpoint decides the rest."""
+        chosen = {f.name: getattr(self, f.name) for f in fields(SamplingOptions)
+                  if getattr(self, f.name) is not None and f.name != "speculative"}
+        return dict(chosen, speculative=True) if self.speculative else chosen
+
+    def sampling(self) -> "SamplingOptions":
+        """These options alone (a subclass's other fields dropped)."""
+        return SamplingOptions(**{f.name: getattr(self, f.name) for f in fields(SamplingOptions)})
+
+
+@dataclass
+class GenerateOptions(SamplingOptions):
+    """`dlm-adapt generate MODEL`: prompts, then the decoding settings (`SamplingOptions`, whose fields come first
+    here). `adapt.generate` takes the same names as keywords."""
+
+    prompt: Texts | None = field(default=None, **_help(
+        "prompt text (repeatable; all prompts decode as one left-padded batch)", action="append"))
+    prompts_file: str | None = field(default=None, **_help("a UTF-8 file with one prompt per line"))
+    chat: bool = field(default=False, **_help("wrap each prompt in the tokenizer's chat template"))
+    infill: str | None = field(default=None, **_help(
+        "text whose mask-token strings (e.g. <|mask|>) are holes to fill", metavar="TEXT"))
+    seed: int | None = field(default=None, **_help("seed of the sampling generator"))
     show_steps: bool = field(default=False, **_help("print the canvas after every step (stderr)"))
     stream: bool = field(default=False, **_help(
         "print each block's text as soon as it is final (prompts decode one at a time)"))
     json: bool = field(default=False, **_help("one JSON object per prompt: text, tokens, nfe, ..."))
 
-    SAMPLING = ("steps", "block_length", "remasking", "threshold", "entropy_bound", "sub_block", "temperature",
-                "top_k", "top_p", "min_new_tokens", "kv_cache", "draft_length")
-
     def __post_init__(self):  # `--prompt a --prompt b` arrives as [Texts(a), Texts(b)]
         self.prompt = Texts(p for group in self.prompt or () for p in Texts(group))
-
-    def sampling(self) -> dict:
-        """The options handed to `diffusion_generate`; unset ones are left to the checkpoint."""
-        chosen = {k: getattr(self, k) for k in self.SAMPLING if getattr(self, k) is not None}
-        return dict(chosen, speculative=True) if self.speculative else chosen
 
 
 @dataclass
@@ -173,13 +183,15 @@ class EvalOptions:
         "--tasks is given)"))
     metrics: Names = field(default=Names("elbo"), **_help(
         f"comma-separated, any of {', '.join(METRICS)}", metavar="M1,M2"))
-    mc_samples: int = field(default=16, **_help("Monte-Carlo draws per block for the ELBO"))
+    mc_samples: int = field(default=16, **_help("Monte-Carlo draws per sequence for the ELBO"))
     ar_parent: str | None = field(default=None, **_help(
         "causal LM that scores generated text (default: the checkpoint's provenance.source, if it loads from "
         "local files)"))
-    seq_length: int | None = field(default=None, **_help("tokens per packed block (default: 128)"))
+    seq_length: int | None = field(default=None, **_help("tokens per packed sequence (default: 128)"))
     block_length: int | None = field(default=None, **_help("deprecated name of --seq-length"))
-    num_blocks: int = field(default=64, **_help("blocks evaluated, from the start of the data"))
+    num_sequences: int | None = field(default=None, **_help(
+        "packed sequences evaluated, from the start of the data (default: 64)"))
+    num_blocks: int | None = field(default=None, **_help("deprecated name of --num-sequences"))
     batch_size: int = field(default=16, **_help("sequences per forward pass"))
     seed: int = field(default=0, **_help("seed of the Monte-Carlo draws and of the sweep's tasks"))
     device: str | None = field(default=None, **_help("e.g. cpu, cuda, cuda:1 (default: where the model loads)"))
@@ -189,8 +201,8 @@ class EvalOptions:
     split: str = field(default="validation", **_help("Hub dataset split"))
     hub_config: str | None = field(default=None, **_help("Hub dataset configuration name"))
     infill_span: int | None = field(default=None, **_help(
-        "tokens hidden in the middle of each block (default: a quarter of the block)"))
-    infill_examples: int = field(default=16, **_help("blocks used for infilling"))
+        "tokens hidden in the middle of each sequence (default: a quarter of the sequence)"))
+    infill_examples: int = field(default=16, **_help("sequences used for infilling"))
     sweep_length: int = field(default=16, **_help("tokens generated in the steps sweep"))
     sweep_steps: Ints | None = field(default=None, **_help(
         "comma-separated step counts, each from 1 to --sweep-length (default: 1, 2, 4, ... up to --sweep-length); a "
@@ -218,16 +230,16 @@ class EvalOptions:
         "lm-eval: score a diffusion checkpoint as its causal self (the exact AR likelihood; a sanity baseline)"))
 
     def __post_init__(self):
-        if self.block_length is not None:  # the CLI's --block-length arrives as seq_length (cli._eval)
-            kw = renamed("adapt.evaluate keyword")["block_length"]
-            if self.seq_length not in (None, self.block_length):
-                raise AdaptError(f"evaluate got both {kw.new} and {kw.old}; pass only {kw.new} "
-                                 f"({kw.old} is its deprecated name)")
-            warnings.warn(f"evaluate({kw.old}=) is deprecated: use {kw.new}= (the packing length; {kw.old} names "
-                          f"the decoding block; removed in {kw.removed_in})", FutureWarning, stacklevel=4)
-            self.seq_length, self.block_length = self.block_length, None
+        # the CLI's deprecated flags arrive under their new names (cli._eval); these are the Python keywords
+        take_renamed(self, "adapt.evaluate keyword",
+                     lambda kw: f"evaluate got both {kw.new} and {kw.old}; pass only {kw.new} ({kw.old} is its "
+                                "deprecated name)",
+                     lambda kw: warnings.warn(f"evaluate({kw.old}=) is deprecated: use {kw.new}= (removed in "
+                                              f"{kw.removed_in})", FutureWarning, stacklevel=6))
         if self.seq_length is None:
             self.seq_length = 128
+        if self.num_sequences is None:
+            self.num_sequences = 64
         self.metrics = Names(self.metrics)
         unknown = [m for m in self.metrics if m not in METRICS]
         if unknown or not self.metrics:
@@ -250,7 +262,7 @@ class EvalOptions:
             raise AdaptError(f"--include-path {self.include_path} is not a directory of task YAMLs")
         if self.sweep_steps is not None:
             self.sweep_steps = Ints(self.sweep_steps)
-        for name in ("mc_samples", "seq_length", "num_blocks", "batch_size", "infill_examples", "sweep_length",
+        for name in ("mc_samples", "seq_length", "num_sequences", "batch_size", "infill_examples", "sweep_length",
                      "sweep_examples", "block_size"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise AdaptError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -260,7 +272,7 @@ class EvalOptions:
                 raise AdaptError(f"sweep steps must be between 1 and --sweep-length ({self.sweep_length}), got "
                                  f"{', '.join(map(str, bad)) or '(none)'}")
         if self.seq_length < 2:
-            raise AdaptError("seq_length must be at least 2 (the first token of a block is context)")
+            raise AdaptError("seq_length must be at least 2 (the first token of a sequence is context)")
         if self.data is not None and self.block_size is not None and self.block_size > self.seq_length:
             # (lm-eval tasks alone score their own sequences, up to the model's positions)
             raise AdaptError(f"block_size ({self.block_size}) exceeds seq_length ({self.seq_length}): a block is "

@@ -61,11 +61,11 @@ class DataConfig:
     seq_length: int = 256
     """Tokens per packed training sequence (documents joined with EOS in between). Was `block_length`, a name
     now kept for the decoding block; the old key still loads, with a warning, for one release."""
-    max_eval_blocks: int = 64
+    max_eval_sequences: int = 64
 
     def __post_init__(self):
         check_ranges(self, {"validation_fraction": "[0, 1)", "seq_length": "[2, inf)",
-                            "max_eval_blocks": "[1, inf)"})
+                            "max_eval_sequences": "[1, inf)"})
 
 
 @dataclass
@@ -141,7 +141,7 @@ class LoraOptions:
 class TrainOptions:
     method: Literal["full", "lora", "qlora"] = "full"
     batch_size: int = 8
-    """Blocks per device per micro-step."""
+    """Packed sequences per device per micro-step."""
     gradient_accumulation_steps: int = 1
     lr: float = 1e-4
     attention_lr: float | None = None

@@ -6,25 +6,22 @@ conversion leaves nothing that looks like a checkpoint, and an existing OUTPUT s
 complete. Only a previous conversion output is ever replaced (see `outputs`).
 """
 
-import copy
 import json
-import pickle
-import re
 import shutil
 import sys
 from pathlib import Path
 
 import torch
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
 
 from .. import __version__
 from .architectures import check_architecture
 from ..checkpoint import DIFFUSION, detect
 from ..config import DTYPES, ConvertOptions
 from .drafter import drafter_spec, drafter_tensors
-from ..errors import AdaptError, first_line
-from ..sources import Source, resolve_source
+from ..errors import AdaptError
+from ..sources import Source, load_causal, resolve_source
 from ..outputs import check_target, make_temp, publish, write_errors
 from ..model import MaskedDiffusionConfig, write_remote_code
 from ..safetensors_io import StoredTensor, dtype_code, read_shards, torch_dtype, write_safetensors
@@ -56,20 +53,16 @@ def convert(source: str | Path, output: str | Path, **options) -> Path:
     replace = check_target(output, "convert", o.overwrite, {"source": src.directory}, ADVICE)
     _refuse_diffusion_source(src, source)
 
-    config = _load_config(src, o.trust_remote_code)
-    check_architecture(config)
-    positions = getattr(config, "max_position_embeddings", None)
-    if o.block_size is not None and positions is not None and o.block_size > positions:
-        raise AdaptError(f"block size {o.block_size} exceeds the model's {positions} positions "
-                         f"(max_position_embeddings): no block could be decoded; use --block-size {positions} or less")
-    tokenizer = _load_tokenizer(src, o.trust_remote_code)
+    streamed = src.gguf_file is None and _has_safetensors(src.directory)
+    # GGUF and pickle-free non-safetensors sources: transformers loads (dequantises) the model once
+    causal = load_causal(src, trust_remote_code=o.trust_remote_code, weights=not streamed, dtype="auto",
+                         check=lambda config: _check_config(config, o.block_size))
+    config, tokenizer = causal.config, causal.tokenizer
 
     tmp = make_temp(output, "convert")
     try:
         with write_errors(output):
-            streamed = src.gguf_file is None and _has_safetensors(src.directory)
-            writer = (_StreamedWeights(src.directory, config) if streamed
-                      else _LoadedWeights(src, config, o.trust_remote_code))
+            writer = _StreamedWeights(src.directory, config) if streamed else _LoadedWeights(causal.model)
             pad_case = ensure_pad_token(tokenizer)
             mask_id, case = choose_mask_token(tokenizer, writer.vocab_rows, o.mask_token)
             drafter = drafter_spec(writer.config, o.drafter_rank) if o.drafter else None
@@ -220,20 +213,13 @@ def _refuse_diffusion_source(src: Source, source):
                          "to train it further")
 
 
-def _load_config(src: Source, trust_remote_code: bool):
-    try:
-        return AutoConfig.from_pretrained(src.directory, gguf_file=src.gguf_file, trust_remote_code=trust_remote_code)
-    except (ValueError, OSError, KeyError, RuntimeError) as e:
-        raise AdaptError(f"cannot read the model config in {src.directory}: {first_line(e)}") from e
-
-
-def _load_tokenizer(src: Source, trust_remote_code: bool) -> PreTrainedTokenizerBase:
-    try:
-        return AutoTokenizer.from_pretrained(src.directory, gguf_file=src.gguf_file,
-                                             trust_remote_code=trust_remote_code)
-    except (ValueError, OSError, KeyError, TypeError, ImportError) as e:  # older releases: ImportError (protobuf)
-        raise AdaptError(f"cannot load a tokenizer from {src.directory} (the mask token must go into it): "
-                         f"{first_line(e)}") from e
+def _check_config(config, block_size: int | None):
+    """What the source's config alone rules out, said before its tokenizer and weights load."""
+    check_architecture(config)
+    positions = getattr(config, "max_position_embeddings", None)
+    if block_size is not None and positions is not None and block_size > positions:
+        raise AdaptError(f"block size {block_size} exceeds the model's {positions} positions "
+                         f"(max_position_embeddings): no block could be decoded; use --block-size {positions} or less")
 
 
 def _has_safetensors(directory: Path) -> bool:
@@ -353,25 +339,10 @@ def _transform(stored: StoredTensor, new_rows: int, dtype: torch.dtype | None):
 
 
 class _LoadedWeights:
-    """GGUF or pickle-free non-safetensors sources: transformers loads (dequantises) the model once."""
+    """A source that transformers loaded whole (`load_causal`): GGUF (dequantised) or pickle-free non-safetensors."""
 
-    def __init__(self, src: Source, config, trust_remote_code: bool):
-        try:
-            # the config already read: a GGUF source is otherwise parsed once more just for it (~10 s for 135M)
-            self.model = AutoModelForCausalLM.from_pretrained(
-                src.directory, gguf_file=src.gguf_file, trust_remote_code=trust_remote_code, dtype="auto",
-                config=copy.deepcopy(config)
-            )
-        except ImportError as e:
-            raise AdaptError(f"{first_line(e)} (GGUF support: pip install 'dlm-adapt[gguf]')") from e
-        except pickle.UnpicklingError as e:  # torch.load(weights_only=True) met something that is not tensors
-            found = re.search(r"GLOBAL (\S+)", str(e))
-            what = f"calls {found.group(1)}" if found else "holds more than tensors"
-            raise AdaptError(f"refusing the pickled weights in {src.directory}: unpickling them {what}, which "
-                             "dlm-adapt never runs; use a safetensors copy of the model from a source you trust"
-                             ) from None
-        except (OSError, ValueError, RuntimeError) as e:
-            raise AdaptError(f"cannot load the weights in {src.directory}: {first_line(e)}") from e
+    def __init__(self, model):
+        self.model = model
         self.config = self.model.config
         self.vocab_rows = self.model.get_input_embeddings().weight.shape[0]
 

@@ -1,198 +1,26 @@
 """`dlm-adapt eval` / `adapt.evaluate(model, data, ...)`: likelihood, infilling and quality-against-steps for a
 diffusion checkpoint, and the same harness for a plain causal LM (its exact NLL, its left-context baseline).
 
-Comparability rule: text becomes the same packed blocks (`adapt.data.pack`) for either kind of model, and the
-first token of every block is context that is never scored. With shift nothing predicts it, and a causal model
-has nothing to predict it from; so an ELBO and an AR NLL on the same data score the same
-blocks × (seq_length − 1) tokens, each given the same block-local information.
+Comparability rule: text becomes the same packed sequences (`adapt.training.data.pack`) for either kind of model,
+and the first token of every sequence is context that is never scored. With shift nothing predicts it, and a causal
+model has nothing to predict it from; so an ELBO and an AR NLL on the same data score the same
+sequences × (seq_length − 1) tokens, each given the same sequence-local information.
 """
 
 import json
-import math
 import os
 from pathlib import Path
 
-import torch
-
-from ..checkpoint import CAUSAL, NOT_A_MODEL, check_device, detect, is_diffusion_model, load
+from ..checkpoint import CAUSAL, NOT_A_MODEL, check_device, detect, load
 from ..config import DataConfig, EvalOptions
+from ..deprecations import with_old_keys
 from ..training.data import load_documents, pack
 from ..errors import AdaptError, first_line
 from ..model.block_masked_diffusion import resolve_block_size
-from ..training.likelihood import causal_nll, diffusion_elbo, model_device, nll_after
+from ..training.likelihood import causal_nll, diffusion_elbo
 from ..sampling import SamplingError
-
-DIFFUSION, AUTOREGRESSIVE = "diffusion", "autoregressive"
-
-
-# ------------------------------------------------------------------------------------------------ infill
-
-@torch.no_grad()
-def infill(model, blocks: torch.Tensor, *, span: int | None = None, examples: int = 16, batch_size: int = 16,
-           ar_scorer=None, ar_name: str | None = None, kv_cache: str | None = None) -> dict:
-    """Hide the middle `span` tokens of each block and fill them: a diffusion model with its `diffusion_generate`
-    (prefix and suffix visible, one token per pass, in its generation config's order: most confident first unless
-    it says otherwise; `kv_cache` as there), a causal LM greedily from the prefix alone (the baseline that cannot
-    see the suffix). A block-diffusion checkpoint fills the span block by block, each hole seeing its own block on
-    both sides and the blocks before it, not later ones. `token_accuracy`: filled tokens equal to the original.
-    `ar_parent_nll`: the AR scorer's NLL per token of the span and everything after it, so a fill that does not
-    lead into the suffix is penalised too; `reference_ar_parent_nll` is the same on the original text."""
-    x = blocks[:examples]
-    length = x.shape[1]
-    span = span if span is not None else max(1, length // 4)
-    if not 1 <= span <= length - 2:
-        raise AdaptError(f"infill span must be between 1 and seq_length − 2 ({length - 2}), got {span}")
-    start = (length - span) // 2
-    device = model_device(model)
-    filled = []
-    diffusion = _kind(model) == DIFFUSION
-    for lo in range(0, x.shape[0], batch_size):
-        rows = x[lo:lo + batch_size].to(device)
-        if diffusion:
-            holes = rows.clone()
-            holes[:, start:start + span] = model.config.mask_token_id
-            out = _sample(model, holes, max_new_tokens=0, steps=span, kv_cache=kv_cache)
-        else:
-            out = torch.cat([rows[:, :start], _greedy(model, rows[:, :start], span), rows[:, start + span:]], 1)
-        filled.append(out.cpu())
-    filled = torch.cat(filled)
-    hit = filled[:, start:start + span] == x[:, start:start + span]
-    result = {"method": "diffusion" if diffusion else "left_context_greedy", "examples": x.shape[0], "span": span,
-              "span_start": start, "token_accuracy": hit.double().mean().item(),
-              "span_exact_match": hit.all(1).double().mean().item(), "ar_parent": ar_name,
-              "ar_parent_nll": None, "reference_ar_parent_nll": None}
-    if ar_scorer is not None:
-        result["ar_parent_nll"] = nll_after(ar_scorer, filled, start, batch_size)
-        result["reference_ar_parent_nll"] = nll_after(ar_scorer, x, start, batch_size)
-    return result
-
-
-# ------------------------------------------------------------------------------------------- steps sweep
-
-def repeat_task(blocks: torch.Tensor, tokenizer, *, examples: int, length: int, seed: int, mask_id=None,
-                repeats: int = 2, pool: int = 64):
-    """A copying task with a checkable answer: a random sequence of `length` frequent tokens shown `repeats`
-    times (after BOS if the tokenizer has one); the answer is one more repetition. Tokens come from the most
-    frequent ordinary tokens of the evaluation text, so they are ones the model has learnt. Returns
-    (prompts (examples, P), answers (examples, length))."""
-    counts = torch.bincount(blocks.flatten(), minlength=int(blocks.max()) + 1)
-    for special in set(tokenizer.all_special_ids) | ({mask_id} if mask_id is not None else set()):
-        if special < len(counts):
-            counts[special] = 0
-    candidates = counts.sort(descending=True, stable=True).indices[: min(pool, int((counts > 0).sum()))]
-    if len(candidates) < 2:
-        raise AdaptError("the evaluation text has fewer than 2 distinct ordinary tokens: no copying task possible")
-    g = torch.Generator().manual_seed(seed)
-    answers = candidates[torch.randint(len(candidates), (examples, length), generator=g)]
-    prompts = answers.repeat(1, repeats)
-    if tokenizer.bos_token_id is not None:
-        prompts = torch.cat([torch.full((examples, 1), tokenizer.bos_token_id), prompts], 1)
-    return prompts, answers
-
-
-@torch.no_grad()
-def steps_sweep(model, blocks: torch.Tensor, tokenizer, *, length: int = 16, steps: list[int] | None = None,
-                examples: int = 32, prompt_tokens: int = 16, batch_size: int = 16, seed: int = 0,
-                ar_scorer=None, ar_name: str | None = None, kv_cache: str | None = None) -> dict:
-    """Quality against the number of decoding passes for `length` new tokens (one block, temperature 0, the
-    generation config's order: most confident first unless it says otherwise; `kv_cache` as in
-    `diffusion_generate`). Sequence level: exact match on `repeat_task`; token level: that task's token accuracy and
-    the AR scorer's NLL of free continuations of `prompt_tokens`-token prompts from the text. Token quality
-    saturates with few steps while whole-sequence correctness needs more (REFERENCE §7): the two error curves
-    show that gap. `reference`: the AR scorer (or the causal model evaluated) decoding greedily, one token per
-    forward."""
-    steps = sorted(set(steps or [2 ** i for i in range(int(math.log2(length)) + 1)]))
-    if any(not 1 <= s <= length for s in steps):
-        raise AdaptError(f"sweep steps must be between 1 and the sweep length {length}, got {steps}")
-    if blocks.shape[1] <= prompt_tokens:
-        raise AdaptError(f"blocks of {blocks.shape[1]} tokens are too short for {prompt_tokens}-token prompts")
-    diffusion = _kind(model) == DIFFUSION
-    task_prompts, answers = repeat_task(blocks, tokenizer, examples=examples, length=length, seed=seed,
-                                        mask_id=getattr(model.config, "mask_token_id", None) if diffusion else None)
-    free_prompts = blocks[:examples, :prompt_tokens]
-
-    def score(decode) -> dict:
-        task = _batched(decode, task_prompts, batch_size)
-        free = _batched(decode, free_prompts, batch_size)
-        hit = task == answers
-        row = {"task_token_accuracy": hit.double().mean().item(), "task_exact_match": hit.all(1).double().mean().item(),
-               "ar_parent_nll": None, "distinct_tokens": _distinct(free)}
-        if ar_scorer is not None:
-            text = torch.cat([free_prompts, free], 1)
-            row["ar_parent_nll"] = nll_after(ar_scorer, text, prompt_tokens, batch_size)
-        return row
-
-    points = []
-    if diffusion:
-        for s in steps:
-            points.append({"steps": s, "tokens_per_step": length / s,
-                           **score(lambda p, s=s: _sample(model, p, max_new_tokens=length, steps=s,
-                                                          kv_cache=kv_cache)[:, p.shape[1]:])})
-    reference_model = model if not diffusion else ar_scorer
-    reference = None
-    if reference_model is not None:
-        reference = {"method": "ar_greedy", "model": ar_name if diffusion else "self",
-                     **score(lambda p: _greedy(reference_model, p, length))}
-    return {"task": "repeat", "length": length, "examples": examples, "prompt_tokens": prompt_tokens,
-            "ar_parent": ar_name, "points": points, "reference": reference}
-
-
-def plot_steps_sweep(sweep: dict, path: str | Path, title: str = "") -> Path:
-    """Two panels: task token error and sequence error against steps; AR-parent NLL of free text against steps.
-    Dashed lines: the AR reference."""
-    plt = _pyplot()
-    points, ref = sweep["points"], sweep["reference"]
-    steps = [p["steps"] for p in points]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    left.plot(steps, [1 - p["task_token_accuracy"] for p in points], "o-", color="tab:blue",
-              label="token error (1 − token accuracy)")
-    left.plot(steps, [1 - p["task_exact_match"] for p in points], "s-", color="tab:red",
-              label="sequence error (1 − exact match)")
-    if ref is not None:
-        left.axhline(1 - ref["task_token_accuracy"], color="tab:blue", ls="--", lw=1, label="AR greedy, token")
-        left.axhline(1 - ref["task_exact_match"], color="tab:red", ls="--", lw=1, label="AR greedy, sequence")
-    left.set_ylim(-0.03, 1.03)
-    left.set_ylabel("error rate")
-    left.set_title(f"repeat task, {sweep['length']} tokens, {sweep['examples']} examples")
-    nll = [p["ar_parent_nll"] for p in points]
-    if any(v is not None for v in nll):
-        right.plot(steps, nll, "o-", color="tab:green", label="diffusion")
-    if ref is not None and ref["ar_parent_nll"] is not None:
-        right.axhline(ref["ar_parent_nll"], color="tab:green", ls="--", lw=1, label="AR greedy")
-    if not any(v is not None for v in nll) and (ref is None or ref["ar_parent_nll"] is None):
-        right.text(0.5, 0.5, "no AR parent to score with", ha="center", transform=right.transAxes)
-    right.set_ylabel("AR-parent NLL of generated tokens (nats)")
-    right.set_title(f"free continuation, {sweep['length']} tokens")
-    for ax in (left, right):
-        if steps:
-            ax.set_xscale("log", base=2)
-            ax.set_xticks(steps, [str(s) for s in steps])
-        ax.set_xlabel("decoding steps (forward passes)")
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-def _pyplot():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as e:
-        raise AdaptError("--plot needs matplotlib: pip install 'dlm-adapt[eval]'") from e
-    return plt
-
-
-# ---------------------------------------------------------------------------------------------- evaluate
+from ..sources import load_causal
+from .decoding import DIFFUSION, infill, kind_of, load_pyplot, plot_steps_sweep, steps_sweep
 
 IS_CAUSAL_ON_CAUSAL = "--is-causal scores a diffusion checkpoint as its causal self; a causal LM already is one"
 KV_CACHE_ON_CAUSAL = "--kv-cache is a diffusion checkpoint's decoding option; a causal LM has none to set"
@@ -205,7 +33,7 @@ def evaluate(model, data: str | None = None, *, tokenizer=None, **options) -> di
 
     `model`: a dlm-adapt checkpoint, a Hugging Face causal LM directory, a `.gguf` file, a Hub id, or a loaded
     model (then pass `tokenizer`). `data` and `options` are the fields of `adapt.config.EvalOptions`, documented
-    there: the text is packed into blocks of `seq_length` tokens and the first `num_blocks` are scored with
+    there: the text is packed into sequences of `seq_length` tokens and the first `num_sequences` are scored with
     `metrics` (a list or a comma-separated string of elbo, infill, steps_sweep). With `tasks`, the model also
     runs lm-evaluation-harness tasks (`run_tasks`); `data` is then optional."""
     o = EvalOptions(data=data, **options)
@@ -218,7 +46,7 @@ def evaluate(model, data: str | None = None, *, tokenizer=None, **options) -> di
     if o.tasks:
         _lm_eval_backend()  # a missing eval extra fails before anything loads
     if o.plot is not None:
-        _pyplot()  # and so does a missing matplotlib, rather than after the sweep
+        load_pyplot()  # and so does a missing matplotlib, rather than after the sweep
     documents = None
     if o.data is not None:
         documents = _quietly(load_documents, o.data, DataConfig(text_column=o.text_column, sample_by=o.sample_by,
@@ -232,47 +60,59 @@ def evaluate(model, data: str | None = None, *, tokenizer=None, **options) -> di
         raise AdaptError("pass the tokenizer with a loaded model")
     elif o.device is not None:
         model.to(o.device)
-    kind = _kind(model)
+    kind = kind_of(model)
+    note = _check_against_model(model, kind, o)
+    if documents is None:
+        result = {"model": name, "kind": kind, "seed": o.seed, "lm_eval": run_tasks(model, tokenizer, kind, o)}
+    else:
+        result = _score_text(model, tokenizer, kind, documents, o, name, note)
+    if o.json:
+        write_json(result, o.json)
+    return result
+
+
+def _check_against_model(model, kind: str, o: EvalOptions) -> str | None:
+    """What the loaded model rules out; returns the note a block size other than the trained one puts on the result."""
     if o.kv_cache is not None and kind != DIFFUSION:
         raise AdaptError(KV_CACHE_ON_CAUSAL)
-    result_note = None
+    note = None
     if o.block_size is not None:
         if kind != DIFFUSION:
             raise AdaptError(BLOCKS_ON_CAUSAL)
         trained = resolve_block_size(model.config)
         if trained != o.block_size:  # labelled: the number is not the bound the checkpoint was trained for
-            result_note = (f"scored with block size {o.block_size}; the checkpoint was trained "
-                           + ("full-sequence" if trained is None else f"with block size {trained}"))
+            note = (f"scored with block size {o.block_size}; the checkpoint was trained "
+                    + ("full-sequence" if trained is None else f"with block size {trained}"))
     if o.is_causal and kind != DIFFUSION:  # a loaded model
         raise AdaptError(IS_CAUSAL_ON_CAUSAL)
-    if documents is None:
-        result = {"model": name, "kind": kind, "seed": o.seed, "lm_eval": run_tasks(model, tokenizer, kind, o)}
-        if o.json:
-            write_json(result, o.json)
-        return result
+    return note
+
+
+def _score_text(model, tokenizer, kind: str, documents: list[str], o: EvalOptions, name: str,
+                note: str | None) -> dict:
+    """`o.metrics` on the packed sequences of `documents` (then lm-eval's tasks and the plot, if asked)."""
     limit = _max_positions(model)
     if limit is not None and o.seq_length > limit:
         raise AdaptError(f"seq_length {o.seq_length} exceeds the model's {limit} positions")
-    blocks = pack(documents, tokenizer, o.seq_length, "evaluation", max_blocks=o.num_blocks)
-
-    # the result keeps its key "block_length": scripts read it, and it is the same packing length
-    result = {"model": name, "kind": kind, "data": str(o.data), "block_length": o.seq_length,
-              "blocks": blocks.shape[0], "seed": o.seed, "metrics": list(o.metrics)}
-    if result_note:
-        result["block_size_note"] = result_note
+    sequences = pack(documents, tokenizer, o.seq_length, "evaluation", max_rows=o.num_sequences)
+    result = {"model": name, "kind": kind, "data": str(o.data), "seq_length": o.seq_length,
+              "sequences": sequences.shape[0], "seed": o.seed, "metrics": list(o.metrics)}
+    if note:
+        result["block_size_note"] = note
     scorer, scorer_name = None, None
     if "infill" in o.metrics or "steps_sweep" in o.metrics:
         scorer, scorer_name = _ar_scorer(model, kind, o.ar_parent, o.device)
     try:
         if "elbo" in o.metrics:
-            result["elbo"] = (diffusion_elbo(model, blocks, mc_samples=o.mc_samples, batch_size=o.batch_size,
+            result["elbo"] = (diffusion_elbo(model, sequences, mc_samples=o.mc_samples, batch_size=o.batch_size,
                                              seed=o.seed, block_size=o.block_size)
-                              if kind == DIFFUSION else causal_nll(model, blocks, batch_size=o.batch_size))
+                              if kind == DIFFUSION else causal_nll(model, sequences, batch_size=o.batch_size))
+            result["elbo"] = with_old_keys(result["elbo"], "eval result JSON key")
         if "infill" in o.metrics:
-            result["infill"] = infill(model, blocks, span=o.infill_span, examples=o.infill_examples,
+            result["infill"] = infill(model, sequences, span=o.infill_span, examples=o.infill_examples,
                                       batch_size=o.batch_size, ar_scorer=scorer, ar_name=scorer_name, kv_cache=o.kv_cache)
         if "steps_sweep" in o.metrics:
-            result["steps_sweep"] = steps_sweep(model, blocks, tokenizer, length=o.sweep_length, steps=o.sweep_steps,
+            result["steps_sweep"] = steps_sweep(model, sequences, tokenizer, length=o.sweep_length, steps=o.sweep_steps,
                                                 examples=o.sweep_examples, batch_size=o.batch_size, seed=o.seed,
                                                 prompt_tokens=min(16, o.seq_length // 2), ar_scorer=scorer,
                                                 ar_name=scorer_name, kv_cache=o.kv_cache)
@@ -282,9 +122,7 @@ def evaluate(model, data: str | None = None, *, tokenizer=None, **options) -> di
         result["lm_eval"] = run_tasks(model, tokenizer, kind, o)
     if o.plot is not None:
         result["plot"] = str(plot_steps_sweep(result["steps_sweep"], o.plot, title=f"{name} ({kind})"))
-    if o.json:
-        write_json(result, o.json)
-    return result
+    return with_old_keys(result, "eval result JSON key")  # "block_length" and "blocks" until their removal
 
 
 def _lm_eval_backend():
@@ -381,7 +219,7 @@ def _model_spec(model) -> tuple[str, str, str | None, int | None]:
     config = found.config or {}
     text = config.get("text_config") or config
     positions = text.get("max_position_embeddings") or text.get("n_positions")
-    return (AUTOREGRESSIVE if found.kind == CAUSAL else DIFFUSION), found.path, found.gguf_file, positions
+    return (CAUSAL if found.kind == CAUSAL else DIFFUSION), found.path, found.gguf_file, positions
 
 
 def _check_against_config(spec, o: EvalOptions, documents: bool):
@@ -404,22 +242,12 @@ def _load(spec, device):
 
 
 def _load_causal(path: str, gguf: str | None, device, local_files_only: bool = False):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    kwargs = {"gguf_file": gguf} if gguf else {}
-    if local_files_only:
-        kwargs["local_files_only"] = True
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=False, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False, **kwargs)
-    except Exception as e:  # transformers raises ValueError/OSError/KeyError/ImportError for unloadable models
-        where = f"{path}/{gguf}" if gguf else path
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise AdaptError(f"{where} is neither a dlm-adapt diffusion checkpoint nor a causal LM transformers can "
-                         f"load: {first}") from e
-    if device is not None:
-        model.to(device)
-    return model.eval(), tokenizer
+        causal = load_causal(path, gguf_file=gguf, device=device, local_files_only=local_files_only)
+    except AdaptError as e:
+        raise AdaptError(f"{path} is neither a dlm-adapt diffusion checkpoint nor a causal LM transformers can load: "
+                         f"{e}") from e
+    return causal.model, causal.tokenizer
 
 
 def _ar_scorer(model, kind: str, ar_parent, device):
@@ -434,7 +262,7 @@ def _ar_scorer(model, kind: str, ar_parent, device):
             raise AdaptError(f"--ar-parent {ar_parent} not found")
         scorer, _ = _load_causal(str(p.parent) if gguf else str(p), gguf, device)
         return scorer, str(ar_parent)
-    if kind == AUTOREGRESSIVE:
+    if kind == CAUSAL:
         return model, "self"
     provenance = getattr(model.config, "provenance", None) or {}
     source = provenance.get("source")
@@ -451,37 +279,7 @@ def _ar_scorer(model, kind: str, ar_parent, device):
     return scorer, source
 
 
-def _kind(model) -> str:
-    return DIFFUSION if is_diffusion_model(model) else AUTOREGRESSIVE
-
-
 def _max_positions(model) -> int | None:
     config = model.config
     text = getattr(config, "text_config", None) or config
     return getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
-
-
-# ------------------------------------------------------------------------------------------------ decode
-
-def _sample(model, ids, *, max_new_tokens: int, steps: int, kv_cache: str | None):
-    """The model's own `diffusion_generate` at temperature 0, one block, no early stop at EOS (the checks compare
-    fixed-length outputs); the rest as its generation config says."""
-    return model.diffusion_generate(ids.to(model_device(model)), max_new_tokens=max_new_tokens, steps=steps,
-                                    stop_at_eos=False, kv_cache=kv_cache)
-
-
-@torch.no_grad()
-def _greedy(model, prompt: torch.Tensor, n: int) -> torch.Tensor:
-    """n greedy tokens from a causal LM, EOS included as an ordinary token (spans of packed text contain EOS)."""
-    ids = prompt.to(model_device(model))
-    for _ in range(n):
-        ids = torch.cat([ids, model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)], 1)
-    return ids[:, prompt.shape[1]:].to(prompt.device)
-
-
-def _batched(decode, prompts: torch.Tensor, batch_size: int) -> torch.Tensor:
-    return torch.cat([decode(prompts[i:i + batch_size]).cpu() for i in range(0, prompts.shape[0], batch_size)])
-
-
-def _distinct(tokens: torch.Tensor) -> float:
-    return sum(len(set(row.tolist())) / len(row) for row in tokens) / len(tokens)

@@ -19,6 +19,7 @@ Requests are scored in fixed groups of `GROUP` (longest first), so a request's d
 requests run with it, never on `batch_size`: the same task, limit and seed give the same numbers run to run.
 """
 
+import dataclasses
 import importlib
 import json
 import math
@@ -40,9 +41,9 @@ except ImportError as e:  # the eval extra is not installed
 
 from ..training.batch import Batch
 from ..checkpoint import CAUSAL, check_device, detect, is_diffusion_model, load
-from ..config.commands import DTYPE_NAMES
+from ..config.commands import DTYPE_NAMES, SamplingOptions
 from ..errors import AdaptError
-from ..model.block_masked_diffusion import resolve_block_size
+from ..model.block_masked_diffusion import check_block_options, resolve_block_size
 from ..model.configuration_masked_diffusion import SHIFT_DEFAULT
 from ..training.likelihood import elbo_draws, model_device, token_scores
 from ..sampling import SamplingError, check_sampling_options
@@ -87,8 +88,9 @@ class DLMAdaptLM(TemplateLM):
         except SamplingError as e:
             raise AdaptError(str(e)) from None
         self.mc_samples, self.seed, self.block_size, self.is_causal = mc_samples, int(seed), block_size, bool(is_causal)
-        self.steps, self.block_length, self.threshold = steps, block_length, threshold
-        self.kv_cache, self.remasking, self._max_length = kv_cache, remasking, max_length
+        self.sampling = SamplingOptions(steps=steps, block_length=block_length, threshold=threshold,
+                                        kv_cache=kv_cache, remasking=remasking)
+        self._max_length = max_length
         if device is not None:  # lm-eval's command line defaults to cuda:0
             check_device(device, "device")
         if isinstance(pretrained, (str, Path)):
@@ -114,9 +116,10 @@ class DLMAdaptLM(TemplateLM):
                              "this one has shift=False, so it cannot give causal loglikelihoods: drop is_causal")
         if self.is_causal and block_size is not None:
             raise AdaptError("is_causal=True scores causally; block_size applies to the ELBO: give one of them")
-        if resolve_block_size(config) is not None and (block_length is not None or kv_cache is not None):
-            raise AdaptError(f"a block-diffusion checkpoint decodes its own blocks of {config.block_size} with an exact "
-                             "KV cache: leave block_length and kv_cache unset")
+        try:
+            check_block_options(resolve_block_size(config), block_length=block_length, kv_cache=kv_cache)
+        except SamplingError as e:
+            raise AdaptError(str(e)) from None
         self._device = model_device(self.model)
 
     @classmethod
@@ -276,10 +279,10 @@ class DLMAdaptLM(TemplateLM):
         until = [until] if isinstance(until, str) else list(until)
         wanted = int(options.get("max_gen_toks", self.max_gen_toks))
         temperature = float(options.get("temperature", 0.0) or 0.0) if options.get("do_sample", False) else 0.0
-        n, block_length = wanted, self.block_length
+        n, block_length = wanted, self.sampling.block_length
         if block_length:  # whole blocks are decoded; the tokens past max_gen_toks are dropped
             n = math.ceil(wanted / block_length) * block_length
-        steps = self.steps or n
+        steps = self.sampling.steps or n
         blocks = n // block_length if block_length else 1
         steps = math.ceil(steps / blocks) * blocks
         if n >= self.max_length:
@@ -291,13 +294,13 @@ class DLMAdaptLM(TemplateLM):
         ids, attention = self._padded(prompts, left=True)
         width = ids.shape[1]
         device = self._device
-        sampling = {"top_k": options.get("top_k"), "top_p": options.get("top_p")} if temperature > 0 else {}
+        sampling = dataclasses.replace(self.sampling, max_new_tokens=n, steps=steps, temperature=temperature,
+                                       **({"top_k": options.get("top_k"), "top_p": options.get("top_p")}
+                                          if temperature > 0 else {}))
         generator = torch.Generator(device=device).manual_seed(self.seed) if temperature > 0 else None
         try:
-            out = self.model.diffusion_generate(ids.to(device), attention_mask=attention.to(device), max_new_tokens=n,
-                                                steps=steps, block_length=block_length, threshold=self.threshold,
-                                                kv_cache=self.kv_cache, remasking=self.remasking,
-                                                temperature=temperature, generator=generator, **sampling)
+            out = self.model.diffusion_generate(ids.to(device), attention_mask=attention.to(device),
+                                                generator=generator, **sampling.kwargs())
         except SamplingError as e:
             raise AdaptError(str(e)) from e
         texts = []

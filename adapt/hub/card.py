@@ -316,7 +316,7 @@ def _training_section(plan: Plan) -> list[str]:
                                  f"{data.eos_padding}"))
     if isinstance(steps, int):
         rows.append(("tokens seen", f"{steps * batch * ga * length:,} per process ({steps} steps × {batch} "
-                                    f"{'samples' if sft else 'blocks'} × {ga} accumulation × {length} tokens); the "
+                                    f"{'samples' if sft else 'sequences'} × {ga} accumulation × {length} tokens); the "
                                     "number of data-parallel processes is not recorded: multiply by it"))
     rows += [
         ("attention annealing", annealing),
@@ -340,7 +340,7 @@ def _training_section(plan: Plan) -> list[str]:
         text = f"{last['val_elbo']:.4f} nats/token at step {last['step']}"
         if len(evals) > 1:
             text += f" (first evaluation: {evals[0]['val_elbo']:.4f} at step {evals[0]['step']})"
-        held_out = f"{data.max_eval_samples} held-out samples" if sft else f"{data.max_eval_blocks} held-out blocks"
+        held_out = f"{data.max_eval_samples} held-out samples" if sft else f"{data.max_eval_sequences} held-out sequences"
         rows.append(("final validation ELBO", f"{text}; Monte-Carlo bound on up to {held_out}"))
     else:
         rows.append(("final validation ELBO", "not recorded (no evaluation step, or no metrics.jsonl)"))

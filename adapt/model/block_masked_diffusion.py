@@ -41,6 +41,20 @@ def resolve_block_size(config, override: int | None = None, needed_by: str | Non
         raise ValueError(f"{needed_by} needs a block size (config.block_size is None)")
     return block_size
 
+def check_block_options(block_size: int | None, *, block_length=None, kv_cache=None, sub_block=None):
+    """What a checkpoint's block size (None: full-sequence) rules out among the decoding options, as `SamplingError`;
+    `diffusion_generate`, `adapt.generate` (from config.json, before the weights load) and the lm-eval backend ask
+    here."""
+    if block_size is not None and (kv_cache is not None or block_length not in (None, block_size)):
+        raise SamplingError(f"a block-diffusion checkpoint decodes its own blocks of {block_size} with an exact KV "
+                            "cache: leave block_length and kv_cache (--block-length, --kv-cache) unset")
+    if block_size is not None and sub_block is not None and block_size % sub_block:
+        raise SamplingError(f"sub_block ({sub_block}) must divide the block size ({block_size})")
+    if block_size is None and sub_block is not None:
+        raise SamplingError("sub_block divides the blocks of a block-diffusion checkpoint; this one is full-sequence: "
+                            "use block_length (--block-length) for semi-autoregressive blocks")
+
+
 # Implementations whose mask interface honours an arbitrary mask function; flash kernels take padding only and
 # would silently attend to later blocks.
 BLOCK_IMPLEMENTATIONS = ("eager", "sdpa")

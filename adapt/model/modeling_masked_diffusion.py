@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 
 from .block_masked_diffusion import (BlockCacheDenoiser, block_attention_mask, block_diffusion_sample, cached_block_mask,
-                                     position_ids_from_padding, resolve_block_size)
+                                     check_block_options, position_ids_from_padding, resolve_block_size)
 from .configuration_masked_diffusion import MaskedDiffusionConfig
 from .sampling_masked_diffusion import Denoiser, SamplingError, _holes, check_sampling_options, diffusion_sample
 from .speculative_masked_diffusion import DrafterAdapter, speculative_sample
@@ -252,12 +252,7 @@ class MaskedDiffusionLM(PreTrainedModel):
                      schedule=None if schedule == "linear" else schedule))
         block_size = resolve_block_size(self.config)
         check_sampling_options(kv_cache=kv_cache)  # the sampler checks the rest, once the defaults are resolved
-        if block_size is not None and (kv_cache is not None or block_length not in (None, block_size)):
-            raise SamplingError(f"a block-diffusion checkpoint decodes its own blocks of {block_size} with an exact KV "
-                                f"cache: leave block_length and kv_cache (--block-length, --kv-cache) unset")
-        if block_size is None and sub_block is not None:
-            raise SamplingError("sub_block divides the blocks of a block-diffusion checkpoint; this one is "
-                                "full-sequence: use block_length (--block-length) for semi-autoregressive blocks")
+        check_block_options(block_size, block_length=block_length, kv_cache=kv_cache, sub_block=sub_block)
         gen = self.generation_config
         from_config = max_new_tokens is None
         n = int(getattr(gen, "max_new_tokens", None) or 128) if from_config else int(max_new_tokens)

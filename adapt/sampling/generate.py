@@ -1,33 +1,37 @@
 """`dlm-adapt generate` / `adapt.generate`: prompts in, decoded text and decoding statistics out."""
 
+import dataclasses
 import sys
 import threading
 from pathlib import Path
 
 import torch
 
+from ..config.commands import SamplingOptions
 from ..errors import AdaptError
 from ..checkpoint import load
+from ..model.block_masked_diffusion import check_block_options
 from . import SamplingError, check_sampling_options
 
 
 def generate(model, prompts: list[str], *, tokenizer=None, chat: bool = False, infill: bool = False,
-             max_new_tokens: int | None = None, show_steps: bool = False, seed: int | None = None, streamer=None,
-             **sampling) -> list[dict]:
+             show_steps: bool = False, seed: int | None = None, streamer=None, sampling: SamplingOptions | None = None,
+             **options) -> list[dict]:
     """Decode each prompt (batched, left-padded). `model` is a loaded model or a checkpoint path. With
-    `infill`, each prompt is a text whose mask-token strings are holes to fill. `max_new_tokens` and the
-    `diffusion_generate` options in `sampling` default to the checkpoint's generation_config.json. Every option is
-    checked before a model loads. `streamer` (e.g. transformers' `TextStreamer`; one prompt) gets each block's
+    `infill`, each prompt is a text whose mask-token strings are holes to fill. The decoding settings are
+    `sampling` (`adapt.config.SamplingOptions`) and/or its fields as keywords in `options` (`max_new_tokens=64`,
+    `steps=...`; a keyword replaces the field); unset ones default to the checkpoint's generation_config.json.
+    Every option is checked before a model loads. `streamer` (e.g. transformers' `TextStreamer`; one prompt) gets each block's
     tokens as soon as they are final. Returns one dict per prompt: `prompt`, `text` (the generated part, or the
     filled text for infilling), `tokens`, the row's own `nfe` (forward passes it needed: the same as decoding it
     alone) and `tokens_per_forward`; block-diffusion checkpoints add the batch's `cache_hits` and
     `positions_computed` (see `SamplingOutput`); speculative decoding (`speculative=True`, `draft_length`) adds the
     row's `rounds` (draft + verify, two passes each) and `acceptance`, per draft position the fraction of rounds
     in which the parent accepted it."""
-    if sampling.get("speculative") or sampling.get("draft_length") is not None:
-        _check_speculative(sampling, infill, show_steps)
-    n = check_options(model, prompts, infill=infill, max_new_tokens=max_new_tokens, streaming=streamer is not None,
-                      **sampling)
+    o = dataclasses.replace(sampling or SamplingOptions(), **options)
+    if o.speculative or o.draft_length is not None:
+        _check_speculative(o, infill, show_steps)
+    n = check_options(model, prompts, o, infill=infill, streaming=streamer is not None)
     if isinstance(model, (str, Path)):
         model, tokenizer = load(model)
     if tokenizer is None:
@@ -48,8 +52,8 @@ def generate(model, prompts: list[str], *, tokenizer=None, chat: bool = False, i
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     try:
         out = model.diffusion_generate(batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
-                                       max_new_tokens=n, generator=generator, return_dict_in_generate=True,
-                                       return_history=show_steps, streamer=streamer, **sampling)
+                                       generator=generator, return_dict_in_generate=True, return_history=show_steps,
+                                       streamer=streamer, **dict(o.kwargs(), max_new_tokens=n))
     except SamplingError as e:
         raise AdaptError(str(e)) from e
     if show_steps:
@@ -76,10 +80,11 @@ def generate(model, prompts: list[str], *, tokenizer=None, chat: bool = False, i
     return results
 
 
-def check_options(model, prompts: list[str], *, infill: bool = False, max_new_tokens: int | None = None,
-                  streaming: bool = False, **sampling) -> int | None:
+def check_options(model, prompts: list[str], sampling: SamplingOptions, *, infill: bool = False,
+                  streaming: bool = False) -> int | None:
     """`generate`'s checks that need no weights (the options, and a checkpoint path's config.json); returns the
     number of new tokens to ask the sampler for (0 when infilling, None: the checkpoint's)."""
+    max_new_tokens = sampling.max_new_tokens
     if max_new_tokens is not None and max_new_tokens < 0:
         raise AdaptError(f"--max-new-tokens must be 0 or more, got {max_new_tokens}")
     if max_new_tokens == 0 and not infill:  # the output is the new tokens alone
@@ -91,7 +96,7 @@ def check_options(model, prompts: list[str], *, infill: bool = False, max_new_to
         raise AdaptError("streaming decodes one prompt, with new tokens (no --infill): give one prompt per call")
     n = 0 if infill else max_new_tokens
     try:
-        check_sampling_options(max_new_tokens=n, **sampling)
+        check_sampling_options(**dict(sampling.kwargs(), max_new_tokens=n))
     except SamplingError as e:
         raise AdaptError(str(e)) from e
     if isinstance(model, (str, Path)):
@@ -99,7 +104,7 @@ def check_options(model, prompts: list[str], *, infill: bool = False, max_new_to
     return n
 
 
-def check_checkpoint_options(path, sampling: dict):
+def check_checkpoint_options(path, sampling: SamplingOptions):
     """What a local checkpoint's config.json alone rules out, said before its weights load (the model's
     `diffusion_generate` says the same after): block options of a block-diffusion checkpoint, sub-blocks of a
     full-sequence one, a block larger than the model's positions."""
@@ -114,21 +119,17 @@ def check_checkpoint_options(path, sampling: dict):
     if block is not None and positions is not None and block > positions:
         raise AdaptError(f"{path} has block size {block}, more than its model's {positions} positions: no block "
                          f"can be decoded; convert or train it again with a block size of at most {positions}")
-    length, cache, sub = sampling.get("block_length"), sampling.get("kv_cache"), sampling.get("sub_block")
-    if block is not None and (cache is not None or length not in (None, block)):
-        raise AdaptError(f"a block-diffusion checkpoint decodes its own blocks of {block} with an exact KV cache: "
-                         "leave block_length and kv_cache (--block-length, --kv-cache) unset")
-    if block is not None and sub is not None and block % sub:
-        raise AdaptError(f"sub_block ({sub}) must divide the block size ({block})")
-    if block is None and sub is not None:
-        raise AdaptError("sub_block divides the blocks of a block-diffusion checkpoint; this one is full-sequence: "
-                         "use block_length (--block-length) for semi-autoregressive blocks")
+    try:
+        check_block_options(block, block_length=sampling.block_length, kv_cache=sampling.kv_cache,
+                            sub_block=sampling.sub_block)
+    except SamplingError as e:
+        raise AdaptError(str(e)) from e
 
 
-def _check_speculative(sampling: dict, infill: bool, show_steps: bool):
+def _check_speculative(sampling: SamplingOptions, infill: bool, show_steps: bool):
     """Speculative decoding's own bad inputs, one line each, before a model loads."""
-    k = sampling.get("draft_length")
-    if not sampling.get("speculative"):
+    k = sampling.draft_length
+    if not sampling.speculative:
         raise AdaptError("--draft-length is the speculative drafter's: add --speculative")
     if k is not None and k < 1:
         raise AdaptError(f"--draft-length must be at least 1 (tokens drafted per pass), got {k}")

@@ -1,6 +1,6 @@
 """`Batch`: rows of token ids with the masks that say which tokens may be noised and which are real.
 
-Packed pretraining blocks carry no masks (every token is maskable and real), so they cost no more memory than
+Packed pretraining sequences carry no masks (every token is maskable and real), so they cost no more memory than
 their ids; SFT rows carry both (the prompt is never noised, padding is never attended to). Training, the
 training-time ELBO and the sample log all read a `Batch`, never a bare tensor whose shape says what it holds.
 """

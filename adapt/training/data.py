@@ -1,5 +1,5 @@
 """Pretraining-style data: documents from local files or the Hub through `datasets`, tokenised and packed into
-fixed-length blocks with EOS between documents; a validation split held out at document level."""
+fixed-length sequences with EOS between documents; a validation split held out at document level."""
 
 import contextlib
 import json
@@ -148,25 +148,25 @@ def load_documents(spec: str, cfg: DataConfig) -> list[str]:
     return [t for t in ds[cfg.text_column] if t and t.strip()]
 
 
-def pack(documents: list[str], tokenizer, seq_length: int, what: str, max_blocks: int | None = None) -> torch.Tensor:
-    """(N, seq_length) LongTensor: documents tokenised, joined with EOS, cut into full blocks; with
-    `max_blocks`, the first max_blocks blocks (tokenising no more documents than they need)."""
+def pack(documents: list[str], tokenizer, seq_length: int, what: str, max_rows: int | None = None) -> torch.Tensor:
+    """(N, seq_length) LongTensor: documents tokenised, joined with EOS, cut into full sequences;
+    with `max_rows`, the first max_rows of them (tokenising no more documents than they need)."""
     eos = tokenizer.eos_token_id
     if eos is None:
         raise AdaptError("the tokenizer has no EOS token to separate packed documents")
     stream = []
-    chunk = 1000 if max_blocks is None else 64
+    chunk = 1000 if max_rows is None else 64
     for start in range(0, len(documents), chunk):
-        if max_blocks is not None and len(stream) >= max_blocks * seq_length:
+        if max_rows is not None and len(stream) >= max_rows * seq_length:
             break
         for ids in tokenizer(documents[start:start + chunk], add_special_tokens=False)["input_ids"]:
             stream.extend(ids)
             stream.append(eos)
     n = len(stream) // seq_length
-    if max_blocks is not None:
-        n = min(n, max_blocks)
+    if max_rows is not None:
+        n = min(n, max_rows)
     if n == 0:
-        raise AdaptError(f"{what} data yields no full block of {seq_length} tokens ({len(stream)} tokens in "
+        raise AdaptError(f"{what} data yields no full sequence of {seq_length} tokens ({len(stream)} tokens in "
                          f"{len(documents)} documents); add data or lower data.seq_length")
     return torch.tensor(stream[: n * seq_length], dtype=torch.long).view(n, seq_length)
 
@@ -199,16 +199,16 @@ def build_datasets(cfg: DataConfig, tokenizer, max_positions: int | None, seed: 
             Batch(pack(val_docs, tokenizer, cfg.seq_length, "validation")))
 
 
-class BlockLoader:
-    """Deterministic order over packed blocks: epoch e uses permutation seed+e, and the position (epoch, index)
+class SequenceLoader:
+    """Deterministic order over packed sequences: epoch e uses permutation seed+e, and the position (epoch, index)
     is all a checkpoint needs to continue exactly. Every process draws the same global batch and keeps its
     slice, so data order does not depend on the number of processes."""
 
-    def __init__(self, blocks: Batch, global_batch: int, seed: int, rank: int = 0, world: int = 1):
-        if global_batch > len(blocks):
-            raise AdaptError(f"the global batch ({global_batch} blocks) is larger than the training set "
-                             f"({len(blocks)} blocks); lower train.batch_size or add data")
-        self.blocks, self.global_batch, self.seed = blocks, global_batch, seed
+    def __init__(self, sequences: Batch, global_batch: int, seed: int, rank: int = 0, world: int = 1):
+        if global_batch > len(sequences):
+            raise AdaptError(f"the global batch ({global_batch} sequences) is larger than the training set "
+                             f"({len(sequences)} sequences); lower train.batch_size or add data")
+        self.sequences, self.global_batch, self.seed = sequences, global_batch, seed
         self.rank, self.world = rank, world
         self.epoch, self.index = 0, 0
         self._order = None
@@ -216,17 +216,17 @@ class BlockLoader:
     def _permutation(self):
         if self._order is None:
             g = torch.Generator().manual_seed(self.seed + self.epoch)
-            self._order = torch.randperm(len(self.blocks), generator=g)
+            self._order = torch.randperm(len(self.sequences), generator=g)
         return self._order
 
     def next(self) -> Batch:
         """This process's slice of the next global batch."""
-        if self.index + self.global_batch > len(self.blocks):  # drop the ragged end, start the next epoch
+        if self.index + self.global_batch > len(self.sequences):  # drop the ragged end, start the next epoch
             self.epoch, self.index, self._order = self.epoch + 1, 0, None
         ids = self._permutation()[self.index:self.index + self.global_batch]
         self.index += self.global_batch
         per = self.global_batch // self.world
-        return self.blocks[ids[self.rank * per:(self.rank + 1) * per]]
+        return self.sequences[ids[self.rank * per:(self.rank + 1) * per]]
 
     def state(self) -> dict:
         return {"epoch": self.epoch, "index": self.index}

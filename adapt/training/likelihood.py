@@ -1,5 +1,5 @@
 """Likelihood of text under a diffusion checkpoint (the Monte-Carlo ELBO, an upper bound on its NLL) and under a
-causal LM (the exact NLL). Both score the same tokens of a packed block: all but the first, which is context
+causal LM (the exact NLL). Both score the same tokens of a packed sequence: all but the first, which is context
 (see `adapt.evaluate`). Training's validation loss, `dlm-adapt eval` and the benchmarks call these."""
 
 import math
@@ -15,43 +15,43 @@ from .objective import ObjectiveConfig, sequence_losses
 
 
 @torch.no_grad()
-def diffusion_elbo(model, blocks: "torch.Tensor | Batch", *, mc_samples: int = 16, batch_size: int = 16,
+def diffusion_elbo(model, sequences: "torch.Tensor | Batch", *, mc_samples: int = 16, batch_size: int = 16,
                    seed: int = 0, block_size: int | None = None) -> dict:
     """Monte-Carlo ELBO (an upper bound on the NLL) in nats per scored token.
 
-    `blocks` are packed text, a (rows, L) tensor of token ids, scored on tokens 1..L−1 with token 0 as context;
+    `sequences` are packed text, a (rows, L) tensor of token ids, scored on tokens 1..L−1 with token 0 as context;
     or an `adapt.batch.Batch`, scored on its maskable tokens (SFT rows: the answer tokens only) from 1 on.
 
     Each draw picks a number of masked tokens l uniform on 1..N (N = the row's scored tokens), masks a uniform
     subset of that size and scores (1/l)·Σ CE over it. This is the continuous-time 1/t ELBO with t integrated out
     (∫ Binomial(N, t)(l)/t dt = 1/l; LLaDA's estimator), with lower variance, and exact per draw for a model
-    whose predictions ignore the context. The l's are low-discrepancy: draw k of block b uses
-    u = (k + (o_k + b/B) mod 1)/K, stratified over the K draws of a block and a shifted lattice across blocks
-    (the antithetic t of MDLM); with K = 1 that is the one-draw-per-block estimate used during training.
+    whose predictions ignore the context. The l's are low-discrepancy: draw k of row r uses
+    u = (k + (o_k + r/R) mod 1)/K, stratified over the K draws of a row and a shifted lattice across rows
+    (the antithetic t of MDLM); with K = 1 that is the one-draw-per-row estimate used during training.
     Rows are weighted by their scored tokens, so the result is per token, not per row.
 
     Block diffusion (`block_size`, default the checkpoint's `config.block_size`): the bound is a sum over
     diffusion blocks, each one's masked-diffusion bound given the clean blocks before it, all blocks of a row in
-    one 2L forward (`adapt.blocks`). Each block draws its own mask count l uniform on 1..N_block, stratified as
+    one 2L forward (`adapt.training.blocks`). Each block draws its own mask count l uniform on 1..N_block, stratified as
     above across (row, block) pairs. At block size 1 every token is masked with its clean prefix visible: the
     exact AR NLL.
 
-    `stderr` is the Monte-Carlo standard error for this fixed text, from the within-block spread of the K draws
+    `stderr` is the Monte-Carlo standard error for this fixed text, from the within-row spread of the K draws
     taken as independent. Stratification makes the real error smaller when the score depends on the mask count
     (3x smaller for the context-dependent model in tests/test_eval.py); for a context-free model it is exact.
     """
-    values, scored, block_size = elbo_draws(model, blocks, mc_samples=mc_samples, batch_size=batch_size, seed=seed,
+    values, scored, block_size = elbo_draws(model, sequences, mc_samples=mc_samples, batch_size=batch_size, seed=seed,
                                             block_size=block_size)
     k_draws = values.shape[1]
     weight = scored.double() / scored.sum()
     elbo = (values.mean(1) * weight).sum().item()
     stderr = (values.var(1) * weight ** 2).sum().div(k_draws).sqrt().item() if k_draws > 1 else None
     return {"elbo_nats_per_token": elbo, "ppl_bound": exp_or_inf(elbo), "stderr": stderr, "tokens": int(scored.sum()),
-            "blocks": values.shape[0], "mc_samples": k_draws, "seed": seed, "block_size": block_size}
+            "sequences": values.shape[0], "mc_samples": k_draws, "seed": seed, "block_size": block_size}
 
 
 @torch.no_grad()
-def elbo_draws(model, blocks: "torch.Tensor | Batch", *, mc_samples: int = 16, batch_size: int = 16, seed: int = 0,
+def elbo_draws(model, sequences: "torch.Tensor | Batch", *, mc_samples: int = 16, batch_size: int = 16, seed: int = 0,
                block_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor, int | None]:
     """The draws behind `diffusion_elbo`: (values (rows, K) in nats per scored token of each row's draw, scored
     tokens per row (rows,), the block size used). A row's bound on its NLL is values.mean(1) · scored."""
@@ -60,15 +60,15 @@ def elbo_draws(model, blocks: "torch.Tensor | Batch", *, mc_samples: int = 16, b
     if mask_id is None:
         raise AdaptError("the model has no mask_token_id: not a diffusion model")
     try:
-        batch = as_batch(blocks)
+        batch = as_batch(sequences)
     except TypeError as e:
         raise AdaptError(f"diffusion_elbo: {e}") from None
     ids, attention = batch.input_ids, batch.attention_mask
     scorable = (torch.ones_like(ids, dtype=torch.bool) if batch.maskable is None else batch.maskable.clone())
     scorable[:, 0] = False  # nothing predicts position 0 under shift (and for SFT it is prompt anyway)
-    n_blocks, length = ids.shape
+    n_rows, length = ids.shape
     if length < 2:
-        raise AdaptError("blocks need at least 2 tokens (the first is context)")
+        raise AdaptError("sequences need at least 2 tokens (the first is context)")
     if mc_samples < 1 or batch_size < 1:
         raise AdaptError("mc_samples and batch_size must be at least 1")
     scored = scorable.sum(1)
@@ -82,26 +82,26 @@ def elbo_draws(model, blocks: "torch.Tensor | Batch", *, mc_samples: int = 16, b
     # a "segment" is what draws one mask count: the whole row, or one diffusion block of it
     segment = torch.zeros(length, dtype=torch.long) if block_size is None else torch.arange(length) // block_size
     n_seg = int(segment[-1]) + 1
-    per_segment = torch.zeros(n_blocks, n_seg, dtype=torch.long).index_add_(1, segment, scorable.long())
+    per_segment = torch.zeros(n_rows, n_seg, dtype=torch.long).index_add_(1, segment, scorable.long())
     k_draws = mc_samples
     g = torch.Generator().manual_seed(seed)
     offsets = torch.rand(k_draws, generator=g, dtype=torch.float64)
-    cells = n_blocks * n_seg
+    cells = n_rows * n_seg
     lattice = (offsets[None, :] + torch.arange(cells, dtype=torch.float64)[:, None] / cells) % 1.0
-    u = ((torch.arange(k_draws, dtype=torch.float64)[None, :] + lattice) / k_draws).view(n_blocks, n_seg, k_draws)
+    u = ((torch.arange(k_draws, dtype=torch.float64)[None, :] + lattice) / k_draws).view(n_rows, n_seg, k_draws)
     size = per_segment[:, :, None]
     counts = torch.minimum((u * size).long(), (size - 1).clamp_min(0)) + 1  # (rows, segments, K): 1..N_segment
     counts = counts.masked_fill(size == 0, 0)  # a segment with nothing to score (block 0 at B = 1) masks nothing
     device = model_device(model)
     cfg = ObjectiveConfig(weighting="inverse_t")
-    values = torch.empty(n_blocks, k_draws, dtype=torch.float64)
-    noise, drawn = {}, 0  # subset draws made block by block: results do not depend on batch_size
+    values = torch.empty(n_rows, k_draws, dtype=torch.float64)
+    noise, drawn = {}, 0  # subset draws made row by row: results do not depend on batch_size
 
     was_training = model.training
     model.eval()
     try:
-        for start in range(0, n_blocks * k_draws, batch_size):
-            rows = torch.arange(start, min(start + batch_size, n_blocks * k_draws))
+        for start in range(0, n_rows * k_draws, batch_size):
+            rows = torch.arange(start, min(start + batch_size, n_rows * k_draws))
             b, k = rows // k_draws, rows % k_draws
             while drawn <= int(b[-1]):
                 noise[drawn] = torch.rand((k_draws, length), generator=g)
@@ -134,7 +134,7 @@ def _segment_ranks(draws: torch.Tensor, segment: torch.Tensor, n_seg: int) -> to
 
 def _denoise(model, x_t, x0, padding, block_size):
     """Logits at every position of x_t as inference computes them: one forward over the canvas, or for block
-    diffusion one 2L forward whose earlier blocks are clean (`adapt.blocks`)."""
+    diffusion one 2L forward whose earlier blocks are clean (`adapt.training.blocks`)."""
     if block_size is None:
         return model(input_ids=x_t, attention_mask=padding).logits
     return two_l_logits(model, x_t, x0, padding, block_size)
@@ -203,12 +203,12 @@ def _aligned_scores(logits, x0, shift: bool, mask_id: int):
 
 
 @torch.no_grad()
-def causal_nll(model, blocks: torch.Tensor, *, batch_size: int = 16) -> dict:
-    """Exact NLL of a causal LM in nats per token over tokens 1..L−1 of each block (the ELBO's tokens)."""
-    nll = _token_nll(model, blocks, batch_size)
+def causal_nll(model, sequences: torch.Tensor, *, batch_size: int = 16) -> dict:
+    """Exact NLL of a causal LM in nats per token over tokens 1..L−1 of each sequence (the ELBO's tokens)."""
+    nll = _token_nll(model, sequences, batch_size)
     value = nll.double().mean().item()
     return {"nll_nats_per_token": value, "ppl": exp_or_inf(value), "stderr": 0.0, "tokens": nll.numel(),
-            "blocks": blocks.shape[0]}
+            "sequences": sequences.shape[0]}
 
 
 def nll_after(model, ids: torch.Tensor, start: int, batch_size: int) -> float:

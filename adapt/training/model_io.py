@@ -9,10 +9,11 @@ from transformers import AutoTokenizer
 
 from .. import outputs
 from ..config import DTYPES, TrainConfig
-from ..errors import AdaptError
+from ..errors import AdaptError, first_line
 from ..checkpoint import DIFFUSION, detect, load_model
 from ..model import MaskedDiffusionConfig, MaskedDiffusionLM
 from ..model.transformers_compat import enable_activation_checkpointing
+from ..sources import load_causal
 
 
 def is_diffusion_checkpoint(path: str) -> bool:
@@ -89,21 +90,16 @@ def param_groups(model, opt):
 def source_tokenizer(cfg: TrainConfig, source: str, diffusion_source: bool):
     """The tokenizer and position limit of the model to train, read before any conversion. For a diffusion
     checkpoint this is the tokenizer training keeps; a causal source's is replaced by its converted one."""
-    from transformers import AutoConfig
-
-    extra = {"gguf_file": cfg.model.gguf_file} if cfg.model.gguf_file else {}
-    src = Path(source)
-    if src.suffix == ".gguf" and src.is_file():
-        source, extra = str(src.parent), {"gguf_file": src.name}
     try:
         if diffusion_source:  # our config passed on: AutoConfig would need remote code for our model type
-            extra["config"] = MaskedDiffusionConfig.from_pretrained(source)
-            config = extra["config"].text_config
+            config = MaskedDiffusionConfig.from_pretrained(source)
+            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False, config=config)
+            config = config.text_config
         else:
-            config = AutoConfig.from_pretrained(source, trust_remote_code=False, **extra)
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False, **extra)
-    except (OSError, ValueError, KeyError) as e:
-        raise AdaptError(f"cannot load model.path={cfg.model.path}: {str(e).splitlines()[0]}") from e
+            causal = load_causal(source, gguf_file=cfg.model.gguf_file, weights=False)
+            config, tokenizer = causal.config, causal.tokenizer
+    except (OSError, ValueError, KeyError, AdaptError) as e:
+        raise AdaptError(f"cannot load model.path={cfg.model.path}: {first_line(e)}") from e
     return tokenizer, getattr(config, "max_position_embeddings", None)
 
 

@@ -27,7 +27,7 @@ from ..checkpoint import detect
 from .batch import Batch
 from ..config import SFTConfig, SFTDataConfig, TrainConfig, to_dict
 from ..conversion.convert import convert
-from .data import BlockLoader, build_datasets
+from .data import SequenceLoader, build_datasets
 from ..errors import AdaptError
 from .likelihood import diffusion_elbo
 from ..model.block_masked_diffusion import resolve_block_size, two_l_logits
@@ -114,7 +114,7 @@ class Recipe:
                 cfg.data, self.tokenizer, max_positions, cfg.train.seed)
         else:
             self.train_data, val = build_datasets(cfg.data, self.tokenizer, max_positions, cfg.train.seed)
-            self.val_data = val[: cfg.data.max_eval_blocks]
+            self.val_data = val[: cfg.data.max_eval_sequences]
 
     def setup_output(self):
         """Claim OUTPUT (its marker), starting over if overwrite=true, and convert a causal source into
@@ -157,7 +157,7 @@ class Recipe:
         self.block = None  # the block size of the latest step (the schedule moves it)
         check_annealing_supported(self.dlm, cfg.anneal)
         self.global_batch = cfg.train.batch_size * self.world
-        self.loader = BlockLoader(self.train_data, self.global_batch, cfg.train.seed, self.rank, self.world)
+        self.loader = SequenceLoader(self.train_data, self.global_batch, cfg.train.seed, self.rank, self.world)
 
     def setup_optimizer(self):
         train = self.cfg.train
@@ -372,11 +372,11 @@ def _finite_weights(accelerator, model) -> bool:
 
 
 @torch.no_grad()
-def _write_samples(dlm, tokenizer, val_blocks: Batch, path: Path, step: int, bar, write: bool = True,
+def _write_samples(dlm, tokenizer, val_sequences: Batch, path: Path, step: int, bar, write: bool = True,
                    prompt_len: int = 8, new: int = 24):
     """A few decodes into samples.log: continuations of validation text, or answers to validation prompts."""
     device = next(dlm.parameters()).device
-    rows = val_blocks[:2]
+    rows = val_sequences[:2]
     if rows.maskable is not None:  # SFT: each sample's prompt is everything before its first answer token
         prompts = [ids[: int(trained.nonzero()[0])] for ids, trained in zip(rows.input_ids, rows.maskable)
                    if trained.any()]
