@@ -24,10 +24,8 @@ def generate(model, prompts: list[str], *, tokenizer=None, chat: bool = False, i
     `positions_computed` (see `SamplingOutput`); speculative decoding (`speculative=True`, `draft_length`) adds the
     row's `rounds` (draft + verify, two passes each) and `acceptance`, per draft position the fraction of rounds
     in which the parent accepted it."""
-    if sampling.get("speculative") or sampling.get("draft_length") is not None:
-        _check_speculative(sampling, infill, show_steps)
     n = check_options(model, prompts, infill=infill, max_new_tokens=max_new_tokens, streaming=streamer is not None,
-                      **sampling)
+                      show_steps=show_steps, **sampling)
     if isinstance(model, (str, Path)):
         model, tokenizer = load(model)
     if tokenizer is None:
@@ -77,9 +75,12 @@ def generate(model, prompts: list[str], *, tokenizer=None, chat: bool = False, i
 
 
 def check_options(model, prompts: list[str], *, infill: bool = False, max_new_tokens: int | None = None,
-                  streaming: bool = False, **sampling) -> int | None:
+                  streaming: bool = False, show_steps: bool = False, **sampling) -> int | None:
     """`generate`'s checks that need no weights (the options, and a checkpoint path's config.json); returns the
-    number of new tokens to ask the sampler for (0 when infilling, None: the checkpoint's)."""
+    number of new tokens to ask the sampler for (0 when infilling, None: the checkpoint's). `dlm-adapt serve`
+    checks each request with it too."""
+    if sampling.get("speculative") or sampling.get("draft_length") is not None:
+        _check_speculative(sampling, infill, show_steps)
     if max_new_tokens is not None and max_new_tokens < 0:
         raise AdaptError(f"--max-new-tokens must be 0 or more, got {max_new_tokens}")
     if max_new_tokens == 0 and not infill:  # the output is the new tokens alone
