@@ -35,7 +35,7 @@ def checkpoints(tmp_path_factory):
     save_tiny_source(root / "src", "llama")
     adapt.convert(root / "src", root / "full")
     adapt.convert(root / "src", root / "block", block_size=4)
-    return root
+    return {"full": adapt.load(root / "full")[0], "block": adapt.load(root / "block")[0]}
 
 
 def _batch(model):
@@ -49,7 +49,7 @@ def _batch(model):
 
 @pytest.mark.parametrize("mode", ["full", "block", "speculative"])
 def test_each_row_streams_its_own_tokens(checkpoints, mode):
-    model, _ = adapt.load(checkpoints / ("full" if mode == "full" else "block"))
+    model = checkpoints["full" if mode == "full" else "block"]
     ids, mask = _batch(model)
     options = dict(max_new_tokens=12, speculative=True) if mode == "speculative" else dict(max_new_tokens=12, steps=6)
     if mode == "full":
@@ -68,7 +68,7 @@ def test_each_row_streams_its_own_tokens(checkpoints, mode):
 
 @pytest.mark.parametrize("mode", ["full", "block", "speculative"])
 def test_a_cancelled_row_stops_and_the_others_do_not_change(checkpoints, mode):
-    model, _ = adapt.load(checkpoints / ("full" if mode == "full" else "block"))
+    model = checkpoints["full" if mode == "full" else "block"]
     ids, mask = _batch(model)
     options = dict(max_new_tokens=16, min_new_tokens=16)
     options.update(speculative=True, draft_length=2) if mode == "speculative" else options.update(
@@ -82,7 +82,7 @@ def test_a_cancelled_row_stops_and_the_others_do_not_change(checkpoints, mode):
 
 
 def test_a_list_of_streamers_must_have_one_per_row(checkpoints):
-    model, _ = adapt.load(checkpoints / "block")
+    model = checkpoints["block"]
     ids, mask = _batch(model)
     with pytest.raises(SamplingError, match="one streamer per row"):
         model.diffusion_generate(ids, attention_mask=mask, streamer=[Collect()], max_new_tokens=4)

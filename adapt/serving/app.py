@@ -56,36 +56,34 @@ def build_server(model, *, tokenizer=None, **options):
     app = create_app(model, tokenizer, o, name, checkpoint=path)
     config = uvicorn.Config(app, host=o.host, port=o.port, log_level=o.log_level,
                             timeout_graceful_shutdown=o.shutdown_timeout, access_log=o.log_level == "debug")
-    server = _Server(config)
+    server = _server(config)
     server.served_name, server.batcher = name, app.state.batcher
     return server
 
 
-class _Server:
+def _server(config):
     """uvicorn's Server, except that a signal ends `run()` normally (exit status 0: a requested stop is not a
     failure; uvicorn itself raises the signal again once it has shut down) and stops the batcher taking jobs."""
+    import uvicorn
 
-    def __new__(cls, config):
-        import uvicorn
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            previous = {s: signal.signal(s, self.handle_exit) for s in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for s, handler in previous.items():
+                    signal.signal(s, handler)
 
-        class Server(uvicorn.Server):
-            @contextlib.contextmanager
-            def capture_signals(self):
-                if threading.current_thread() is not threading.main_thread():
-                    yield
-                    return
-                previous = {s: signal.signal(s, self.handle_exit) for s in (signal.SIGINT, signal.SIGTERM)}
-                try:
-                    yield
-                finally:
-                    for s, handler in previous.items():
-                        signal.signal(s, handler)
+        def handle_exit(self, sig, frame):
+            self.batcher.stop_accepting()
+            super().handle_exit(sig, frame)
 
-            def handle_exit(self, sig, frame):
-                self.batcher.stop_accepting()
-                super().handle_exit(sig, frame)
-
-        return Server(config)
+    return Server(config)
 
 
 def create_app(model, tokenizer, options: ServeOptions, name: str, checkpoint=None):
