@@ -77,7 +77,8 @@ def test_a_cancelled_row_stops_and_the_others_do_not_change(checkpoints, mode):
     streams = [Collect(cancel_after=1), Collect(), None]
     cut = model.diffusion_generate(ids, attention_mask=mask, streamer=streams, return_dict_in_generate=True,
                                    **options)
-    assert cut.row_nfe[0] < whole.row_nfe[0]  # the cancelled row stopped early
+    assert cut.row_nfe[0] < whole.row_nfe[0]  # the cancelled row stopped early, and was handed nothing after
+    assert len(streams[0].puts) == 2 and model.config.mask_token_id not in streams[0].new_tokens()
     assert torch.equal(cut.sequences[1:], whole.sequences[1:]) and torch.equal(cut.row_nfe[1:], whole.row_nfe[1:])
 
 

@@ -372,8 +372,9 @@ class Stream:
                 self.sent[row] += len(chunk)
 
     def stopped(self, done: torch.Tensor) -> torch.Tensor:
-        """`done`, plus the rows whose streamer was cancelled."""
+        """`done`, plus the rows whose streamer was cancelled (which get nothing more)."""
         gone = [bool(getattr(s, "cancelled", False)) for s in self.rows]
+        self.over = [over or g for over, g in zip(self.over, gone)]
         return done | torch.tensor(gone, device=done.device) if any(gone) else done
 
     def end(self):
