@@ -1,5 +1,5 @@
-"""Load on `dlm-adapt serve`: N concurrent clients (the official `openai` client, one thread each) send a fixed number of
-completion requests to a real server (`dlm-adapt serve`, a subprocess on 127.0.0.1); against the same workload
+"""Load on `dlm-adapt serve`: N concurrent clients (the official `openai` client, one thread each) send a fixed
+number of completion requests to a real server (`dlm-adapt serve`, a subprocess on 127.0.0.1); against the same workload
 decoded in this process one request at a time through `adapt.generate` (one `diffusion_generate` call per prompt),
 the way an application without a server decodes.
 
@@ -137,11 +137,13 @@ def main():
     lines = [f"# Serving under load (benchmarks/serve_load.py)", "",
              f"{datetime.date.today()}, {platform.machine()} CPU, torch {torch.__version__}, {a.threads} threads "
              f"(server and sequential each). {a.note}".rstrip(), "",
-             f"Model: `{model_dir.name}` ({'stories260K converted with --block-size 4, untrained' if not a.model else a.model}). "
+             f"Model: `{model_dir.name}` "
+             f"({a.model or 'stories260K converted with --block-size 4, untrained'}). "
              f"{n} completion requests (TinyStories validation openings, 8 words), max_tokens {a.max_tokens}, greedy, "
              f"the checkpoint's decoding settings; server --max-batch-size {a.max_batch_size}. Medians of "
              f"{a.rounds} rounds, sequential and server alternating. Server exit status after SIGTERM: {code}.", "",
-             "| workload | requests/s | tokens/s | latency p50 (s) | latency p99 (s) | failed | same text as sequential |",
+             "| workload | requests/s | tokens/s | latency p50 (s) | latency p99 (s) | failed "
+             "| same text as sequential |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for name, rps, tps, p50, p99, failed, same in rows:
         lines.append(f"| {name} | {rps:.2f} | {tps:.1f} | {p50:.3f} | {'' if p99 is None else f'{p99:.3f}'} | "

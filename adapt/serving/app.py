@@ -42,7 +42,8 @@ def build_server(model, *, tokenizer=None, **options):
         import fastapi  # noqa: F401
         import uvicorn
     except ImportError as e:
-        raise AdaptError(f"serving needs the serve extra ({e.name} is missing): pip install 'dlm-adapt[serve]'") from None
+        raise AdaptError(f"serving needs the serve extra ({e.name} is missing): pip install 'dlm-adapt[serve]'") \
+            from None
     path = model if isinstance(model, (str, Path)) else None
     if path is not None:
         from ..checkpoint import load
@@ -223,7 +224,8 @@ async def _sse(request, job: Job, head: dict, chat: bool, include_usage: bool):
 
     try:
         if chat:
-            yield f"data: {json.dumps(dict(head, object=kind, choices=[{'index': 0, 'delta': {'role': 'assistant', 'content': ''}, 'finish_reason': None}]))}\n\n"
+            role = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+            yield f"data: {json.dumps(dict(head, object=kind, choices=[role]))}\n\n"
         while True:
             event, value = await _next_event(request, job)
             if event == "gone":
