@@ -264,6 +264,8 @@ def test_python_api_with_a_loaded_tiny_model(converted):
         status, answer = running.raw("POST", "/v1/chat/completions", json.dumps(dict(
             model="tiny", messages=[{"role": "user", "content": "a"}])).encode())
         assert status == 400 and answer["error"]["code"] == "no_chat_template"
+        with pytest.raises(AdaptError, match="cannot listen on 127.0.0.1"):  # one line, before a model loads
+            build_server(model, tokenizer=tokenizer, port=running.port)
     finally:
         running.stop()
 

@@ -44,6 +44,7 @@ def build_server(model, *, tokenizer=None, **options):
     except ImportError as e:
         raise AdaptError(f"serving needs the serve extra ({e.name} is missing): pip install 'dlm-adapt[serve]'") \
             from None
+    _check_address(o.host, o.port)  # before the model loads
     path = model if isinstance(model, (str, Path)) else None
     if path is not None:
         from ..checkpoint import load
@@ -60,6 +61,19 @@ def build_server(model, *, tokenizer=None, **options):
     server = _server(config)
     server.served_name, server.batcher = name, app.state.batcher
     return server
+
+
+def _check_address(host: str, port: int):
+    """One line for an address in use (or not this machine's), instead of uvicorn's log after the model loaded."""
+    import socket
+
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((host, port))
+    except OSError as e:
+        raise AdaptError(f"cannot listen on {host}:{port} ({e.strerror}): choose another --port or --host") from None
 
 
 def _server(config):
