@@ -147,9 +147,9 @@ class Batcher:
                 self._decode(batch)
             except Exception:  # a bug must not stop the server: every job of the batch gets a 500
                 log.exception("decoding a batch of %d failed", len(batch))
+                self.stats["requests_failed"] += len(batch)
                 for job in batch:
                     job.send("error", (500, "internal error while decoding; see the server's log"))
-                self.stats["requests_failed"] += len(batch)
             finally:
                 with self.lock:
                     self.running = []
@@ -189,8 +189,8 @@ class Batcher:
                 for job in batch:
                     self._decode([job])
                 return
-            batch[0].send("error", (400, str(e)))
             self.stats["requests_failed"] += 1
+            batch[0].send("error", (400, str(e)))
             return
         self.stats["batches"] += 1
         self.stats["max_batch_size_seen"] = max(self.stats["max_batch_size_seen"], len(batch))
@@ -200,8 +200,8 @@ class Batcher:
             if job.cancelled:
                 self.stats["requests_cancelled"] += 1
                 continue
+            self.stats["requests_served"] += 1  # before the answer: a client reading /health after it sees it
             job.send("done", result)
-            self.stats["requests_served"] += 1
 
     def _generate(self, batch: list[Job]) -> list[dict]:
         tokenizer, first = self.tokenizer, batch[0]
