@@ -24,6 +24,7 @@ _EXPORTS = {
     "generate": "sampling.generate",
     "load": "checkpoint",
     "push_to_hub": "hub.push",
+    "serve": "serving.app",
     "sft": "training.recipe",
     "train": "training.recipe",
     "upgrade": "hub.upgrade",

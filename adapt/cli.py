@@ -7,7 +7,7 @@ from pathlib import Path
 
 from transformers import HfArgumentParser
 
-from .config import ConvertOptions, EvalOptions, GenerateOptions, PushOptions, UpgradeOptions
+from .config import ConvertOptions, EvalOptions, GenerateOptions, PushOptions, ServeOptions, UpgradeOptions
 from .deprecations import take_renamed
 from .errors import AdaptError
 
@@ -67,6 +67,15 @@ def _generate(args):
     results = generate(args.model, prompts, **options)
     for r in results:
         print(json.dumps(r) if o.json else r["text"])
+
+
+def _serve(args):
+    import logging
+
+    from .serving.app import serve
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s: %(message)s")
+    serve(args.model, **_options(args, ServeOptions))
 
 
 def _upgrade(args):
@@ -195,6 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
             "replaced atomically and weight files stay byte-identical. Works on convert outputs, OUTPUT/final and "
             "OUTPUT/checkpoints/step-N. Push the directory again to update a Hub repo.",
             ("directory", "a dlm-adapt checkpoint directory"))
+    command("serve", ServeOptions, _serve, "serve a checkpoint over an OpenAI-compatible HTTP API",
+            "Load MODEL once and serve /v1/completions, /v1/chat/completions (streaming as server-sent events), "
+            "/v1/models and /health; requests that arrive together decode as one batch. Needs the serve extra "
+            "(pip install 'dlm-adapt[serve]'). Ctrl-C or SIGTERM stops it.",
+            ("model", "a dlm-adapt checkpoint directory or Hub id"))
     return parser
 
 

@@ -6,10 +6,10 @@ import dataclasses
 import pytest
 
 from adapt.cli import build_parser
-from adapt.config import ConvertOptions, EvalOptions, GenerateOptions, PushOptions, UpgradeOptions
+from adapt.config import ConvertOptions, EvalOptions, GenerateOptions, PushOptions, ServeOptions, UpgradeOptions
 
 COMMANDS = {"convert": ConvertOptions, "generate": GenerateOptions, "eval": EvalOptions, "push": PushOptions,
-            "upgrade": UpgradeOptions}
+            "upgrade": UpgradeOptions, "serve": ServeOptions}
 
 
 def _subparser(name):
@@ -34,7 +34,7 @@ def test_parsed_defaults_are_the_dataclass_defaults():
     """One home per default: what the CLI passes when no flag is given is what the Python API assumes."""
     for command, options in COMMANDS.items():
         positionals = {"convert": ["s", "o"], "generate": ["m"], "eval": ["m", "--data", "d"], "push": ["d", "r/x"],
-                       "upgrade": ["d"]}[command]
+                       "upgrade": ["d"], "serve": ["m"]}[command]
         args = build_parser().parse_args([command, *positionals])
         parsed = options(**{f.name: getattr(args, f.name) for f in dataclasses.fields(options)})
         expected = options(**({"data": "d"} if command == "eval" else {}))

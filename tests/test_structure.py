@@ -23,6 +23,7 @@ FLOORS = [
     ("adapt.conversion",),
     ("adapt.training",),
     ("adapt.sampling",),
+    ("adapt.serving",),
     ("adapt.evaluation",),
     ("adapt.hub",),
     ("adapt.cli", "adapt.__main__", "adapt.lm_eval_backend"),  # entry points

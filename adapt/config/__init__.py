@@ -3,8 +3,8 @@
 - `recipes`: training and SFT (`TrainConfig`, `SFTConfig` and their sections), loaded from YAML recipes with
   `dotted.key=value` overrides (`load_config`), recorded in each run's OUTPUT/config.json (`to_dict`, `run_config`).
 - `commands`: the one-shot commands' options (`ConvertOptions`, `GenerateOptions`, `EvalOptions`, `PushOptions`,
-  `UpgradeOptions`), from which `dlm-adapt` generates its flags and `--help`; `SamplingOptions`, the decoding
-  settings every front end hands to the sampler.
+  `UpgradeOptions`, `ServeOptions`), from which `dlm-adapt` generates its flags and `--help`; `SamplingOptions`, the
+  decoding settings every front end hands to the sampler.
 
 Names resolve on first use, so the command line parses without importing torch (which `recipes` needs).
 """
@@ -12,7 +12,7 @@ Names resolve on first use, so the command line parses without importing torch (
 import importlib
 
 _COMMANDS = ("METRICS", "DTYPE_NAMES", "ConvertOptions", "EvalOptions", "GenerateOptions", "Ints", "Names",
-             "PushOptions", "SamplerChoices", "SamplingOptions", "Texts", "UpgradeOptions")
+             "PushOptions", "SamplerChoices", "SamplingOptions", "ServeOptions", "Texts", "UpgradeOptions")
 _RECIPES = ("DEPRECATED_KEYS", "DTYPES", "RUN_KINDS", "DataConfig", "LoraOptions", "ModelConfig", "SFTConfig",
             "SFTDataConfig", "TrainConfig", "TrainOptions", "from_dict", "load_config", "run_config", "to_dict")
 __all__ = [*_COMMANDS, *_RECIPES]

@@ -1,4 +1,4 @@
-"""Options of the one-shot commands (convert, generate, eval, push, upgrade): one documented dataclass each.
+"""Options of the commands (convert, generate, eval, push, upgrade, serve): one documented dataclass each.
 
 `dlm-adapt` builds its flags and `--help` from these fields with `transformers.HfArgumentParser`, and the Python
 functions take the same names as keywords. A field's `help` is its documentation. `None` means "not chosen": the
@@ -336,3 +336,41 @@ class UpgradeOptions:
 
     check: bool = field(default=False, **_help(
         "only report whether an upgrade is needed (exit 1 if so); write nothing"))
+
+
+@dataclass
+class ServeOptions:
+    """`dlm-adapt serve MODEL` = `adapt.serve(model, **options)`: an OpenAI-compatible server. Requests choose their
+    decoding settings (max_tokens, temperature, ... and dlm-adapt's steps, threshold, remasking, ...)."""
+
+    host: str = field(default="127.0.0.1", **_help(
+        "address to bind (0.0.0.0: every interface; then also set --api-key)"))
+    port: int = field(default=8000, **_help("TCP port"))
+    model_name: str | None = field(default=None, **_help(
+        "the model id clients send (default: the checkpoint directory's name)"))
+    max_batch_size: int = field(default=8, **_help(
+        "requests decoded together in one left-padded batch (those that arrive together with the same settings)"))
+    max_queue: int = field(default=64, **_help("requests waiting beyond that; more are answered 429"))
+    batch_wait_ms: float = field(default=5.0, **_help(
+        "how long the model worker waits for more requests before it starts a batch (milliseconds)"))
+    api_key: str | None = field(default=None, **_help(
+        "require `Authorization: Bearer KEY` on /v1/ routes (default: the DLM_ADAPT_API_KEY environment variable, "
+        "else none)", metavar="KEY"))
+    chat_template: str | None = field(default=None, **_help(
+        "a Jinja chat template file for a tokenizer without one (/v1/chat/completions needs one)", metavar="FILE"))
+    shutdown_timeout: float = field(default=10.0, **_help(
+        "on Ctrl-C / SIGTERM: seconds running requests may take to finish before they are cancelled"))
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = field(default="info", **_help(
+        "uvicorn's log level (debug adds the access log: methods, paths and statuses, never texts)"))
+
+    def __post_init__(self):
+        for name in ("max_batch_size", "max_queue"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise AdaptError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        if not 0 <= self.port <= 65535:
+            raise AdaptError(f"--port must be between 0 and 65535, got {self.port}")
+        if self.batch_wait_ms < 0 or self.shutdown_timeout < 0:
+            raise AdaptError("--batch-wait-ms and --shutdown-timeout must be 0 or more")
+        if self.chat_template is not None and not Path(self.chat_template).is_file():
+            raise AdaptError(f"--chat-template {self.chat_template} not found (a file holding a Jinja template)")

@@ -368,8 +368,10 @@ def block_diffusion_sample(make_denoiser, input_ids, *, block_size: int, mask_to
                 tokens = canvas.gather(1, gather)
                 done = _finish_rows(tokens, 0, eos_token_id, mask_token_id, done)
                 canvas.scatter_(1, gather, tokens)
-            stream.final(canvas[0, gather[0, : max(0, min(n, sub_end - int(offset[0] + lengths[0])))]])
-        done |= needed <= k + 1 - first
+            ready = (sub_end - offset - lengths).clamp(0, n)  # per row, its new tokens decoded so far
+            stream.final([canvas[r, gather[r, : int(ready[r])]] for r in range(batch)] if streamer is not None
+                         else None)
+        done = stream.stopped(done | (needed <= k + 1 - first))
         if done.all():
             break
         denoiser.finished(done)

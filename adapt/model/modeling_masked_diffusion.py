@@ -231,7 +231,8 @@ class MaskedDiffusionLM(PreTrainedModel):
         (`block_diffusion_sample`); there `sub_block` commits each block's tokens that many at a time, left to right
         (Fast-dLLM v2), and generation ends at the block where every row's EOS is committed.
         `streamer` (e.g. transformers' `TextStreamer` / `TextIteratorStreamer`; one prompt) receives the prompt,
-        then each block's new tokens as soon as they are final, up to EOS.
+        then each block's new tokens as soon as they are final, up to EOS; a list of streamers streams every row
+        to its own (None: not that row), and a row whose streamer's `cancelled` turns true stops (`Stream`).
         `speculative=True` (a block-diffusion checkpoint, ideally a drafter one): the drafter drafts `draft_length`
         tokens (default: the block size) per pass and the causal parent verifies them, so the output is the parent's
         own: greedy, token for token its `generate(do_sample=False)`; with a temperature, distributed exactly as its

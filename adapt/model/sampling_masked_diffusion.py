@@ -341,31 +341,46 @@ def commit_rule(steps_per_block: int, schedule: str, threshold: float | None, en
 
 
 class Stream:
-    """Hands `streamer` (transformers' streamer protocol: `put(ids)`, `end()`) a row's new tokens as they become
-    final, up to its EOS; the prompt first, as `generate` does (a `TextStreamer(skip_prompt=True)` skips it)."""
+    """Hands streamers (transformers' streamer protocol: `put(ids)`, `end()`) new tokens as they become final, up
+    to EOS; the prompt first, as `generate` does (a `TextStreamer(skip_prompt=True)` skips it). `streamer` is one
+    streamer (batch size 1) or a list with one per row (None: that row is not streamed), e.g. a server's requests
+    decoded as one batch. A row's streamer whose `cancelled` attribute turns true (its client left) stops that row:
+    `stopped` adds it to the rows that are done."""
 
     def __init__(self, streamer, prompt: torch.LongTensor, eos_token_id: int | None):
-        self.streamer, self.eos, self.sent, self.over = streamer, eos_token_id, 0, False
-        if streamer is not None:
-            if prompt.shape[0] != 1:
-                raise SamplingError(f"streaming decodes one prompt at a time (batch size 1, as transformers' "
-                                    f"streamers take), got {prompt.shape[0]}")
-            streamer.put(prompt.cpu())
+        self.eos, self.rows = eos_token_id, list(streamer) if isinstance(streamer, (list, tuple)) else [streamer]
+        if isinstance(streamer, (list, tuple)) and len(self.rows) != prompt.shape[0]:
+            raise SamplingError(f"one streamer per row: got {len(self.rows)} streamers for {prompt.shape[0]} rows")
+        if streamer is not None and not isinstance(streamer, (list, tuple)) and prompt.shape[0] != 1:
+            raise SamplingError(f"streaming decodes one prompt at a time (batch size 1, as transformers' "
+                                f"streamers take; or a list of streamers, one per row), got {prompt.shape[0]}")
+        self.sent, self.over = [0] * len(self.rows), [s is None for s in self.rows]
+        for row, s in enumerate(self.rows):
+            if s is not None:
+                s.put(prompt[row: row + 1].cpu())
 
-    def final(self, new_tokens: torch.LongTensor):
-        """`new_tokens`: the row's first new tokens, all final."""
-        if self.streamer is None or self.over:
-            return
-        chunk = new_tokens[self.sent:]
-        if self.eos is not None and (chunk == self.eos).any():
-            chunk, self.over = chunk[: int((chunk == self.eos).nonzero()[0, 0]) + 1], True
-        if len(chunk):
-            self.streamer.put(chunk.cpu())
-            self.sent += len(chunk)
+    def final(self, new_tokens):
+        """`new_tokens`: per row (a 2-D tensor, or a list of 1-D ones), the row's first new tokens, all final."""
+        for row, s in enumerate(self.rows):
+            if self.over[row]:
+                continue
+            chunk = new_tokens[row][self.sent[row]:]
+            if self.eos is not None and (chunk == self.eos).any():
+                chunk, self.over[row] = chunk[: int((chunk == self.eos).nonzero()[0, 0]) + 1], True
+            if len(chunk):
+                s.put(chunk.cpu())
+                self.sent[row] += len(chunk)
+
+    def stopped(self, done: torch.Tensor) -> torch.Tensor:
+        """`done`, plus the rows whose streamer was cancelled (which get nothing more)."""
+        gone = [bool(getattr(s, "cancelled", False)) for s in self.rows]
+        self.over = [over or g for over, g in zip(self.over, gone)]
+        return done | torch.tensor(gone, device=done.device) if any(gone) else done
 
     def end(self):
-        if self.streamer is not None:
-            self.streamer.end()
+        for s in self.rows:
+            if s is not None:
+                s.end()
 
 
 # ------------------------------------------------------------------------------------------------------ loop
@@ -450,7 +465,8 @@ def diffusion_sample(
                      mask_token_id=mask_token_id, commit=commit, choose=choose, rank=rank, out=out)
         if eos_token_id is not None and n:
             done = _finish_rows(canvas, prompt_len, eos_token_id, mask_token_id, done)
-        stream.final(canvas[0, prompt_len:end])
+        stream.final(canvas[:, prompt_len:end])
+        done = stream.stopped(done)
         if done.all():
             break
     stream.end()

@@ -406,7 +406,10 @@ def speculative_sample(model, input_ids: torch.LongTensor, *, max_new_tokens: in
             if len(new[r]) < n and (eos_token_id is None or new[r][-1] != eos_token_id):
                 still.append(i)
                 parent_next.append([new[r][-1]])
-        stream.final(torch.tensor(new[0], dtype=input_ids.dtype))
+        stream.final([torch.tensor(t, dtype=input_ids.dtype) for t in new] if streamer is not None else None)
+        gone = stream.stopped(torch.zeros(batch, dtype=torch.bool))  # rows whose client left stop here
+        parent_next = [t for i, t in zip(still, parent_next) if not gone[rows[i]]]
+        still = [i for i in still if not gone[rows[i]]]
         if len(still) < b:
             keep_rows = torch.tensor(still, dtype=torch.long, device=device)
             parent.select(keep_rows)

@@ -29,9 +29,7 @@ def generate(model, prompts: list[str], *, tokenizer=None, chat: bool = False, i
     row's `rounds` (draft + verify, two passes each) and `acceptance`, per draft position the fraction of rounds
     in which the parent accepted it."""
     o = dataclasses.replace(sampling or SamplingOptions(), **options)
-    if o.speculative or o.draft_length is not None:
-        _check_speculative(o, infill, show_steps)
-    n = check_options(model, prompts, o, infill=infill, streaming=streamer is not None)
+    n = check_options(model, prompts, o, infill=infill, streaming=streamer is not None, show_steps=show_steps)
     if isinstance(model, (str, Path)):
         model, tokenizer = load(model)
     if tokenizer is None:
@@ -81,9 +79,12 @@ def generate(model, prompts: list[str], *, tokenizer=None, chat: bool = False, i
 
 
 def check_options(model, prompts: list[str], sampling: SamplingOptions, *, infill: bool = False,
-                  streaming: bool = False) -> int | None:
+                  streaming: bool = False, show_steps: bool = False) -> int | None:
     """`generate`'s checks that need no weights (the options, and a checkpoint path's config.json); returns the
-    number of new tokens to ask the sampler for (0 when infilling, None: the checkpoint's)."""
+    number of new tokens to ask the sampler for (0 when infilling, None: the checkpoint's). `dlm-adapt serve`
+    checks each request with it too."""
+    if sampling.speculative or sampling.draft_length is not None:
+        _check_speculative(sampling, infill, show_steps)
     max_new_tokens = sampling.max_new_tokens
     if max_new_tokens is not None and max_new_tokens < 0:
         raise AdaptError(f"--max-new-tokens must be 0 or more, got {max_new_tokens}")
