@@ -96,6 +96,10 @@ def test_gradients_reach_the_adapter_only(tmp_path):
     model = _trained(_with_drafter(model))
     model.decoder.requires_grad_(False)
     text = torch.tensor([TEXT])
+    with torch.no_grad():  # decoding's path (A^T and s B^T prepared once) gives the training path's logits
+        frozen, _ = drafter_training_logits(model, text, None, torch.tensor([[2, 7]]), K)
+    student, _ = drafter_training_logits(model, text, None, torch.tensor([[2, 7]]), K)
+    torch.testing.assert_close(student.detach(), frozen, atol=1e-5, rtol=0)
     grads = _adapter_grads(model, text)
     names = [name for name, _ in model.drafter.named_parameters()]
     assert sorted(grads) == sorted(names) and all(g.abs().sum() > 0 for g in grads.values())

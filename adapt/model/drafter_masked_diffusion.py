@@ -113,6 +113,7 @@ class DrafterAdapter(nn.Module):
         sites.append((decoder.get_input_embeddings(), self._embedding_hook))
         self._sites, self._handles = sites, []
         self._start = self._gate = None  # the gate of the forward under way: a column (int) or (batch, seq, 1)
+        self._frozen = {}  # without gradients: per projection (A^T, s B^T), prepared once per `acting`
 
     @contextlib.contextmanager
     def acting(self, start: int | None = None):
@@ -120,13 +121,16 @@ class DrafterAdapter(nn.Module):
         nested = bool(self._handles)
         if not nested:
             self._handles = [module.register_forward_hook(hook) for module, hook in self._sites]
+            if not torch.is_grad_enabled():  # decoding: the weights stay as they are while the hooks run
+                self._frozen = {key: (pair.A.T.contiguous(), (pair.B * self.scale).T.contiguous())
+                                for key, pair in self.lora.items()}
         previous, self._start = self._start, start
         try:
             yield
         finally:
             self._start = previous
             if not nested:  # an outer `acting` keeps the last gate: a backward inside it recomputes with it
-                self._gate = None
+                self._gate, self._frozen = None, {}
                 for handle in self._handles:
                     handle.remove()
                 self._handles = []
@@ -145,11 +149,20 @@ class DrafterAdapter(nn.Module):
             gate = self._gate
             if gate is None:
                 return output
-            weights = self.lora[key]._parameters
-            a, b = weights["A"], weights["B"]
             x = args[0]
             if x.dim() != 3:
                 raise ValueError(f"the drafter's gate needs (batch, seq, features) inputs; {key} got {tuple(x.shape)}")
+            frozen = self._frozen.get(key)
+            if (isinstance(gate, int) and frozen is not None and x.dtype == output.dtype == frozen[0].dtype
+                    and not torch.is_grad_enabled()):  # decoding's path: the fewest operations per projection
+                at, bt = frozen
+                if x.shape[0] == 1:
+                    output[0, gate:].addmm_(x[0, gate:] @ at, bt)
+                else:
+                    output[:, gate:] += (x[:, gate:] @ at) @ bt
+                return output
+            weights = self.lora[key]._parameters
+            a, b = weights["A"], weights["B"]
             if isinstance(gate, int):  # the masks are the trailing columns
                 delta = ((x[:, gate:].to(a.dtype) @ a.T) @ b.T * self.scale).to(output.dtype)
                 if torch.is_grad_enabled():
