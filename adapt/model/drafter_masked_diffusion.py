@@ -27,6 +27,7 @@ a key of the query's own group if |pos_q - pos_k| <= window (block diffusion's r
 """
 
 import contextlib
+import functools
 import math
 
 import torch
@@ -208,29 +209,34 @@ def group_logit_index(draft_length: int, shift: bool) -> torch.Tensor:
     return torch.arange(draft_length) + 1 - int(shift)
 
 
+def _seen(real, positions, groups, limits, queries: int, window):
+    """`draft_attention_mask`'s rule as a boolean (batch, queries, K): True where a query sees a key."""
+    kv = real.shape[1]
+    kp, kg = positions[:, None, :], groups[:, None, :]
+    qp, qg, ql = positions[:, kv - queries:, None], groups[:, kv - queries:, None], limits[:, kv - queries:, None]
+    clean = (kg < 0) & (kp <= ql) & real.bool()[:, None, :]
+    own = (kg >= 0) & (kg == qg)
+    if window is not None:
+        distance = qp - kp
+        clean, own = clean & (distance < window), own & (distance.abs() <= window)
+    keys = torch.arange(kv, device=real.device)
+    return clean | own | (keys == keys[kv - queries:, None])
+
+
+def _as_mask(seen, text_config, dtype):
+    if text_config._attn_implementation == "sdpa":
+        return seen[:, None]
+    additive = torch.zeros(seen.shape, dtype=dtype, device=seen.device)  # eager adds the mask to its scores
+    return additive.masked_fill(~seen, torch.finfo(dtype).min)[:, None]
+
+
 def draft_attention_mask(text_config, real, positions, groups, limits, queries: int, dtype):
     """The attention mask of a forward of clean columns and groups of masks (module docstring). Per key column,
     (batch, K) or (1, K): `real` (0: padding or a rolled-back column), `positions`, `groups` (-1 clean, g >= 0 the
     g-th group of masks), `limits` (a clean column: its own position; a mask: the last clean position its group
     sees). The last `queries` columns are the forward's queries. A padding query sees itself (no empty row)."""
-    kv = real.shape[1]
-    kp, kg, kr = positions[:, None, :], groups[:, None, :], real.bool()[:, None, :]
-    qp, qg, ql = positions[:, kv - queries:, None], groups[:, kv - queries:, None], limits[:, kv - queries:, None]
-    clean = (kg < 0) & (kp <= ql) & kr
-    own = (kg >= 0) & (kg == qg)
-    keys = torch.arange(kv, device=real.device)
-    itself = keys == keys[kv - queries:, None]
-    distance = qp - kp
-
-    def build(window):
-        seen = (clean | own) if window is None else (clean & (distance < window) | own & (distance.abs() <= window))
-        seen = seen | itself
-        if text_config._attn_implementation == "sdpa":
-            return seen[:, None]
-        additive = torch.zeros(seen.shape, dtype=dtype, device=seen.device)  # eager adds the mask to its scores
-        return additive.masked_fill(~seen, torch.finfo(dtype).min)[:, None]
-
-    return _per_layer_kind(text_config, build)
+    return _per_layer_kind(text_config, lambda window: _as_mask(
+        _seen(real, positions, groups, limits, queries, window), text_config, dtype))
 
 
 def _mask_columns(limits, draft_length: int):
@@ -243,32 +249,70 @@ def _mask_columns(limits, draft_length: int):
     return positions, groups, limits.repeat_interleave(m, dim=1)
 
 
+class _RoundLayout:
+    """What a fused round of w clean columns and g groups of k + 1 masks computes from its shape alone, once: the
+    logits kept, the groups of its columns, and the attention among its own columns when none is padding
+    (positions relative to the first clean one), per window. Decoding's rounds after the first all have one shape."""
+
+    def __init__(self, w: int, g: int, k: int, shift: bool, device):
+        m = k + 1
+        limits = torch.arange(w - g, w, device=device)[None]
+        mask_positions, mask_groups, mask_limits = _mask_columns(limits, k)
+        self.offsets = (mask_positions - limits.repeat_interleave(m, dim=1))[0]
+        self.groups = torch.cat([torch.full((1, w), -1, dtype=torch.long, device=device), mask_groups], 1)
+        self.positions = torch.cat([torch.arange(w, device=device)[None], mask_positions], 1)
+        self.limits = torch.cat([torch.arange(w, device=device)[None], mask_limits], 1)
+        index = group_logit_index(k, shift).to(device)
+        self.keep = torch.cat([limits[0], (w + torch.arange(g, device=device)[:, None] * m + index).flatten()])
+        self._own = {}
+
+    def own(self, window):
+        if window not in self._own:
+            q = self.positions.shape[1]
+            self._own[window] = _seen(torch.ones_like(self.positions), self.positions, self.groups, self.limits, q,
+                                      window)
+        return self._own[window]
+
+
+@functools.lru_cache(maxsize=32)
+def _round_layout(w: int, g: int, k: int, shift: bool, device: str) -> _RoundLayout:
+    return _RoundLayout(w, g, k, shift, torch.device(device))
+
+
 def fused_forward(model, cache, clean_ids, clean_mask, drafted: int, draft_length: int):
     """One fused round over the parent's `cache` (a `HoleyCache`: keys/values of the text so far and their
-    padding mask): the clean tokens not yet cached, `clean_ids` (batch, w) with padding `clean_mask`, run causally
-    (the parent; their keys/values are appended), and after the clean column of each of the last `drafted` + 1
-    clean tokens a group of `draft_length` + 1 masks (the drafter). Returns the parent's logits at those
-    `drafted` + 1 columns (batch, drafted + 1, V) and each group's drafts' logits (batch, drafted + 1, k, V). The
-    cache keeps the clean columns (the caller rolls back rejected drafts); the masks' keys/values never stay."""
-    k, m, w, g = draft_length, draft_length + 1, clean_ids.shape[1], drafted + 1
-    batch, device = clean_ids.shape[0], clean_ids.device
-    real = torch.cat([cache.mask, clean_mask], 1)
+    padding mask): the clean tokens not yet cached, `clean_ids` (batch, w) with padding `clean_mask` (None: none),
+    run causally (the parent; their keys/values are appended), and after the clean column of each of the last
+    `drafted` + 1 clean tokens a group of `draft_length` + 1 masks (the drafter). Returns the parent's logits at
+    those `drafted` + 1 columns (batch, drafted + 1, V) and each group's drafts' logits (batch, drafted + 1, k, V).
+    The cache keeps the clean columns (the caller rolls back rejected drafts); the masks' keys/values never stay."""
+    k, m, (batch, w), g = draft_length, draft_length + 1, clean_ids.shape, drafted + 1
+    layout = _round_layout(w, g, k, bool(model.config.shift), str(clean_ids.device))
+    cached = cache.mask.shape[1]
+    real = torch.cat([cache.mask, clean_mask if clean_mask is not None else cache.mask.new_ones((batch, w))], 1)
     positions = position_ids_from_padding(real)
-    limits = positions[:, real.shape[1] - g:]
-    mask_positions, mask_groups, mask_limits = _mask_columns(limits, k)
-    clean_groups = torch.full((1, real.shape[1]), -1, dtype=torch.long, device=device)
-    all_positions = torch.cat([positions, mask_positions], 1)
-    attention = draft_attention_mask(
-        model.config.text_config, torch.cat([real, real.new_ones((batch, g * m))], 1), all_positions,
-        torch.cat([clean_groups.expand(batch, -1), mask_groups], 1), torch.cat([positions, mask_limits], 1),
-        w + g * m, model.dtype)
-    index = group_logit_index(k, model.config.shift).to(device)
-    keep = torch.cat([torch.arange(w - g, w, device=device), (w + torch.arange(g, device=device)[:, None] * m
-                                                              + index).flatten()])
+    limits = positions[:, cached + w - g:]
+    all_positions = torch.cat([positions, limits.repeat_interleave(m, dim=1) + layout.offsets], 1)
+    text_config, queries = model.config.text_config, w + g * m
+    if clean_mask is None:  # the round's own columns: the layout's; the cache: every real column (in the window)
+        query_positions = all_positions[:, cached:, None]
+
+        def build(window):
+            seen = cache.mask.bool()[:, None, :].expand(batch, queries, cached)
+            if window is not None:
+                seen = seen & (query_positions - positions[:, None, :cached] < window)
+            return _as_mask(torch.cat([seen, layout.own(window).expand(batch, -1, -1)], 2), text_config, model.dtype)
+
+        attention = _per_layer_kind(text_config, build)
+    else:
+        groups = torch.cat([torch.full((1, cached), -1, dtype=torch.long, device=real.device), layout.groups], 1)
+        attention = draft_attention_mask(
+            text_config, torch.cat([real, real.new_ones((batch, g * m))], 1), all_positions, groups.expand(batch, -1),
+            torch.cat([positions, limits.repeat_interleave(m, dim=1)], 1), queries, model.dtype)
     ids = torch.cat([clean_ids, clean_ids.new_full((batch, g * m), model.config.mask_token_id)], 1)
     with drafting(model, start=w):
-        logits = model(input_ids=ids, attention_mask=attention, position_ids=all_positions[:, -(w + g * m):],
-                       past_key_values=cache.kv, use_cache=True, logits_to_keep=keep).logits
+        logits = model(input_ids=ids, attention_mask=attention, position_ids=all_positions[:, cached:],
+                       past_key_values=cache.kv, use_cache=True, logits_to_keep=layout.keep).logits
     drop_last_cached(cache.kv, g * m)
     cache.mask = real
     return logits[:, :g], logits[:, g:].unflatten(1, (g, k))

@@ -90,7 +90,8 @@ class TokenChoice:
 
     def logits(self, logits, new_index):
         """`new_index` (batch, n): the index among the row's new tokens of the token each logit predicts."""
-        logits = logits.to(torch.float64, copy=True)
+        # greedy keeps the logits' dtype: the argmax is the same, the copy cheaper
+        logits = logits.to(torch.float64 if self.temperature else logits.dtype, copy=True)
         logits[..., self.mask_token_id] = -math.inf
         if self.eos_token_id is not None and self.min_new_tokens:
             logits[..., self.eos_token_id] = logits[..., self.eos_token_id].masked_fill(
@@ -196,7 +197,7 @@ def _round(model, cache, clean_ids, clean_mask, drafts, q, choice, produced, k):
     drafts accepted, the parent's own next token, and the next drafts with their distribution."""
     b, d = drafts.shape
     ids = torch.cat([clean_ids, drafts], 1)
-    mask = torch.cat([clean_mask, clean_mask.new_ones((b, d))], 1)
+    mask = None if clean_mask is None else torch.cat([clean_mask, clean_mask.new_ones((b, d))], 1)
     verify_logits, group_logits = fused_forward(model, cache, ids, mask, d, k)
     steps = torch.arange(d + 1, device=ids.device)
     if choice.temperature != 0 and q is None:  # the prefill round verifies nothing
@@ -243,7 +244,7 @@ def speculative_sample(model, input_ids: torch.LongTensor, *, max_new_tokens: in
     new = [[] for _ in range(batch)]
     rows = list(range(batch))  # the rows still decoding, in cache order
     cache = HoleyCache(batch, device)
-    clean_ids, clean_mask = input_ids, real.long()
+    clean_ids, clean_mask = input_ids, None if real.all() else real.long()  # None: no padding
     drafts, q = input_ids.new_zeros((batch, 0)), None
     out = SpeculativeOutput(sequences=input_ids, nfe=0, row_nfe=torch.zeros(batch, dtype=torch.long),
                             row_committed=torch.zeros(batch, dtype=torch.long), draft_length=k,
@@ -272,14 +273,14 @@ def speculative_sample(model, input_ids: torch.LongTensor, *, max_new_tokens: in
                 out.committed_per_step[-1] += len(tokens)
                 if len(new[r]) < n and (eos_token_id is None or new[r][-1] != eos_token_id):
                     still.append(i)
-            stream.final(torch.tensor(new[0], dtype=input_ids.dtype))
-            clean_ids, drafts, q = following[:, None], next_drafts, next_q
+            if streamer is not None:
+                stream.final(torch.tensor(new[0], dtype=input_ids.dtype))
+            clean_ids, clean_mask, drafts, q = following[:, None], None, next_drafts, next_q
             if len(still) < len(rows):
                 keep = torch.tensor(still, dtype=torch.long, device=device)
                 cache.select(keep)
                 rows = [rows[i] for i in still]
                 clean_ids, drafts, q = clean_ids[keep], drafts[keep], None if q is None else q[keep]
-            clean_mask = torch.ones_like(clean_ids, dtype=torch.long)
     stream.end()
 
     sequences = torch.full((batch, prompt_len + n), eos_token_id if eos_token_id is not None else mask_id,
