@@ -114,7 +114,8 @@ class DrafterAdapter(nn.Module):
         sites.append((decoder.get_input_embeddings(), self._embedding_hook))
         self._sites, self._handles = sites, []
         self._start = self._gate = None  # the gate of the forward under way: a column (int) or (batch, seq, 1)
-        self._frozen = {}  # without gradients: per projection (A^T, s B^T), prepared once per `acting`
+        self._frozen = {}  # without gradients: per projection, prepared once per `acting` (`_freeze`)
+        self._shared = (None, None, None, None)  # (input, siblings' A^T, their product, input version)
 
     @contextlib.contextmanager
     def acting(self, start: int | None = None):
@@ -123,18 +124,32 @@ class DrafterAdapter(nn.Module):
         if not nested:
             self._handles = [module.register_forward_hook(hook) for module, hook in self._sites]
             if not torch.is_grad_enabled():  # decoding: the weights stay as they are while the hooks run
-                self._frozen = {key: (pair.A.T.contiguous(), (pair.B * self.scale).T.contiguous())
-                                for key, pair in self.lora.items()}
+                self._frozen = self._freeze()
         previous, self._start = self._start, start
         try:
             yield
         finally:
             self._start = previous
             if not nested:  # an outer `acting` keeps the last gate: a backward inside it recomputes with it
-                self._gate, self._frozen = None, {}
+                self._gate, self._frozen, self._shared = None, {}, (None, None, None, None)
                 for handle in self._handles:
                     handle.remove()
                 self._handles = []
+
+    def _freeze(self) -> dict:
+        """Per projection (A^T of its siblings', its columns there, s B^T): projections of one module with one input
+        width (q, k, v, o; gate, up) often read one input, whose product with all their A's is then one matmul
+        (`_lora_hook` reuses it when the input is the very same tensor)."""
+        siblings = {}
+        for key in self.lora:
+            siblings.setdefault((key.rpartition("__")[0], self.lora[key].A.shape[1]), []).append(key)
+        frozen = {}
+        for keys in siblings.values():
+            at = torch.cat([self.lora[key].A.T for key in keys], 1).contiguous()
+            rank = self.lora[keys[0]].A.shape[0]
+            for i, key in enumerate(keys):
+                frozen[key] = (at, i * rank, (i + 1) * rank, (self.lora[key].B * self.scale).T.contiguous())
+        return frozen
 
     def reset_parameters(self, generator: torch.Generator | None = None):
         """LoRA's start (as peft's): A uniform in +-1/sqrt(in) (Kaiming, a = sqrt(5)), B and the mask delta zero."""
@@ -156,11 +171,16 @@ class DrafterAdapter(nn.Module):
             frozen = self._frozen.get(key)
             if (isinstance(gate, int) and frozen is not None and x.dtype == output.dtype == frozen[0].dtype
                     and not torch.is_grad_enabled()):  # decoding's path: the fewest operations per projection
-                at, bt = frozen
+                at, lo, hi, bt = frozen
+                shared = self._shared  # a sibling's product serves if its input is this very tensor, unchanged
+                if shared[0] is not x or shared[1] is not at or shared[3] != x._version:
+                    self._shared = shared = (x, at, x[0, gate:] @ at if x.shape[0] == 1 else x[:, gate:] @ at,
+                                             x._version)
+                xa = shared[2][..., lo:hi]
                 if x.shape[0] == 1:
-                    output[0, gate:].addmm_(x[0, gate:] @ at, bt)
+                    output[0, gate:].addmm_(xa, bt)
                 else:
-                    output[:, gate:] += (x[:, gate:] @ at) @ bt
+                    output[:, gate:] += xa @ bt
                 return output
             weights = self.lora[key]._parameters
             a, b = weights["A"], weights["B"]
@@ -174,6 +194,7 @@ class DrafterAdapter(nn.Module):
         return hook
 
     def _embedding_hook(self, module, args, output):
+        self._shared = (None, None, None, None)  # a new forward
         if self._start is not None:
             self._gate = self._start if self._start < output.shape[1] else None
             if self._gate is None:
