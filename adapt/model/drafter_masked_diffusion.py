@@ -40,7 +40,8 @@ PROJECTION_TYPES = ("Linear", "Conv1D")  # GPT-2 keeps its projections in transf
 ROUTERS = ("gate", "router")  # MoE routers: a LoRA there would change which experts run, not what they compute
 # `config.drafter["reads"]`: what the drafter's masks attend to. "parent_cache": the clean context computed causally
 # by the parent (one cache). dlm-adapt 0.5.1 wrote no such field: its drafters read their own block-causal cache, but
-# every one it wrote is untrained (LoRA B and the [MASK] row zero), which drafts the same under either design.
+# every one it wrote is untrained (LoRA B and the [MASK] row zero): nothing in it was learned for that layout, so it
+# runs here as an untrained drafter of this design (and the text is the parent's either way).
 DESIGN = "parent_cache"
 
 
