@@ -39,7 +39,7 @@ def _decoded_groups(model, text, cached, drafted):
     first = text[:, :cached]
     _, prefill = fused_forward(model, cache, first, torch.ones_like(first), 0, K)
     clean = text[:, cached: cached + 1 + drafted]
-    verify, groups = fused_forward(model, cache, clean, torch.ones_like(clean), drafted, K)
+    verify, groups = fused_forward(model, cache, clean, None, drafted, K)  # as decoding's later rounds: no padding
     cuts = [cached + 1] + [cached + 2 + j for j in range(drafted + 1)]  # a group after position p drafts at p + 2
     return verify, torch.cat([prefill, groups], 1), cuts
 

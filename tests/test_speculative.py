@@ -8,7 +8,7 @@ import torch
 
 import adapt
 from adapt.model import MaskedDiffusionConfig, MaskedDiffusionLM
-from adapt.model.drafter_masked_diffusion import drafter_targets, fused_forward
+from adapt.model.drafter_masked_diffusion import drafter_targets, drafter_training_logits, fused_forward
 from adapt.model.speculative_masked_diffusion import HoleyCache
 from adapt.sampling import SamplingError
 from tiny_models import ARCHS, save_tiny_source, tiny_config
@@ -115,7 +115,7 @@ def test_statistics_count_what_happened(sources):
 def test_rolled_back_entries_leave_the_cache_exact(sources, arch):
     """Verify 3 drafts, keep 1 (row 0) and 2 (row 1): the next round's parent logits are those of a fresh causal
     forward over the kept text, both for the entry every row rejects (cropped) and for one only row 0 rejects (a
-    hole); the masks of both rounds leave nothing behind."""
+    hole); the masks of both rounds leave nothing behind, and the drafts are the training view's."""
     _, model = sources(arch)
     model = _trained(_with_drafter(model))
     ids, mask = _batch(PROMPTS[:2])
@@ -128,11 +128,15 @@ def test_rolled_back_entries_leave_the_cache_exact(sources, arch):
         assert cache.mask.shape[1] == ids.shape[1] + 2 and cache.mask.sum(1).tolist() == [len(PROMPTS[0]) + 1,
                                                                                           len(PROMPTS[1]) + 2]
         nxt = torch.tensor([[60, 61], [70, 71]])
-        got, _ = fused_forward(model, cache, nxt, torch.ones_like(nxt), 1, 2)
+        got, groups = fused_forward(model, cache, nxt, None, 1, 2)  # no padding: decoding's rounds after the first
         for row, kept in enumerate(([40], [50, 51])):
-            text = torch.tensor([list(PROMPTS[row]) + kept + nxt[row].tolist()])
-            fresh = model(text, is_causal=True).logits[0, -2:]
+            text = list(PROMPTS[row]) + kept + nxt[row].tolist()
+            fresh = model(torch.tensor([text]), is_causal=True).logits[0, -2:]
             torch.testing.assert_close(got[row], fresh, atol=1e-5, rtol=0)
+            # the drafts too: the group after each clean token is the training view's at that cut
+            student, _ = drafter_training_logits(model, torch.tensor([text + [90, 91, 92]]), None,
+                                                 torch.tensor([[len(text), len(text) + 1]]), 2)
+            torch.testing.assert_close(groups[row], student[0], atol=1e-5, rtol=0)
 
 
 def test_bad_speculative_options_are_refused(sources, tmp_path):
