@@ -12,16 +12,17 @@ targets checked into benchmarks/RESULTS.md (or --out).
     python benchmarks/decode.py --model runs/quickstart/adapted/final --chat heldout.jsonl --new 32 --quick
     python benchmarks/decode.py --model DIR --device cuda --dtype bfloat16
     python benchmarks/decode.py --block-model runs/stories260k-block/final   # block-diffusion rows in the same table
-    python benchmarks/decode.py --speculative runs/stories-drafter   # speculative decoding: its own table
+    python benchmarks/decode.py --speculative runs/stories-drafter --threads 1   # speculative decoding: its own table
 A missing `--model .../final` is trained first with the stories260K recipe (about half a minute on CPU), a missing
 `--block-model .../final` with the stories260k-block one (a few minutes). The AR
 parent is the model's `provenance.source` (or --ar-parent); prompts come from ../shared/data/tinystories.
 
-`--speculative DIR` (a drafter or block-diffusion checkpoint; a missing DIR is converted from stories260K with
-`--drafter --block-size 4`, untrained) writes its own table instead: per draft length, tokens per forward (every
-pass counted: drafts and verifications) and per verification, acceptance per draft position, time per token ÷ the
-AR parent's KV-cached greedy `generate` (batch 1 and batched), and the share of prompts whose output is identical
-to the parent's greedy text (it must read 100%).
+`--speculative DIR` (a drafter or block-diffusion checkpoint, trained or not; a missing DIR is converted from
+stories260K with `--drafter --block-size 4`, untrained) writes its own table instead: per draft length, tokens per
+forward (every forward counted: one per round, plus the prefill), accepted drafts per round and acceptance per draft
+position, pass cost ÷ an AR step, time per token ÷ the AR parent's KV-cached greedy `generate` (batch 1 and batched;
+medians of interleaved pairs), and the share of prompts whose output is identical to the parent's greedy text (it
+must read 100%). Time it with `--threads 1`.
 """
 
 import argparse
@@ -272,8 +273,19 @@ def continuation(args, tok, ar, settings):
     return "continuation", header, results
 
 
+def interleaved_ratio(decode, reference, groups, repeats):
+    """Median over `repeats` rounds of (time of `decode` ÷ time of `reference`) over `groups`, the two timed one
+    after the other in each round, so that load on the machine hits both alike."""
+    ratios = []
+    for _ in range(repeats):
+        ratios.append(median_seconds(lambda: [decode(g) for g in groups], 1)
+                      / median_seconds(lambda: [reference(g) for g in groups], 1))
+    return statistics.median(ratios)
+
+
 def speculative(args):
-    """Speculative decoding with `args.speculative` (converted first if missing) against its AR parent."""
+    """Speculative decoding with `args.speculative` (converted first if missing; an already trained drafter is
+    used as it is) against its AR parent."""
     import adapt
     from adapt.evaluation.harness import DIFFUSION, _ar_scorer
 
@@ -284,6 +296,8 @@ def speculative(args):
     if ar is None:
         raise SystemExit(f"{args.speculative} names no local AR parent in provenance.source: pass --ar-parent")
     ar.to(dlm.dtype)
+    adapter = getattr(dlm, "drafter", None)
+    trained = adapter is not None and any(bool(pair.B.any()) for pair in adapter.lora.values())
     texts = [t for t in (SHARED / "data/tinystories/valid.txt").read_text().split("\n\n") if t.strip()]
     rows = [tok(t).input_ids[: args.prompt_tokens] for t in texts]
     prompts = torch.tensor([r for r in rows if len(r) == args.prompt_tokens][: args.prompts], device=args.device)
@@ -294,10 +308,10 @@ def speculative(args):
 
     ar_gen = ar_decode(prompts)[:, prompts.shape[1]:]
     ar_alone = torch.cat([ar_decode(p[None])[:, prompts.shape[1]:] for p in prompts])
+    alone_groups, batch_groups = [p[None] for p in prompts], [prompts]
     ar_time = {alone: seconds_per_token(ar_decode, prompts, n, args.repeats, alone) for alone in (True, False)}
-    lengths = [int(k) for k in args.draft_lengths.split(",")]
     results = []
-    for k in lengths:
+    for k in [int(k) for k in args.draft_lengths.split(",")]:
         def decode(p, k=k):
             return dlm.diffusion_generate(p, max_new_tokens=n, stop_at_eos=False, speculative=True, draft_length=k,
                                           return_dict_in_generate=True)
@@ -305,14 +319,16 @@ def speculative(args):
         outs = [decode(p[None]) for p in prompts]
         gen = torch.cat([o.sequences[:, prompts.shape[1]:] for o in outs])
         batched = decode(prompts).sequences[:, prompts.shape[1]:]
-        identical = (gen == ar_alone).all(1).double().mean().item()
-        identical_batched = (batched == ar_gen).all(1).double().mean().item()
         nfe = sum(o.nfe for o in outs)
-        acceptance = torch.cat([o.acceptance for o in outs]).mean(0).tolist()
-        ratio = {alone: seconds_per_token(decode, prompts, n, args.repeats, alone) / ar_time[alone]
-                 for alone in (True, False)}
-        results.append((k, gen.numel() / nfe, 2 * gen.numel() / nfe, acceptance, ratio[True], ratio[False],
-                        identical, identical_batched))
+        rounds = sum(int(o.row_rounds.sum()) for o in outs)
+        accepted = torch.cat([o.row_accepted_at for o in outs]).sum(0)
+        ratio = {alone: interleaved_ratio(decode, ar_decode, groups, args.repeats)
+                 for alone, groups in ((True, alone_groups), (False, batch_groups))}
+        results.append(dict(k=k, tpf=gen.numel() / nfe, per_round=float(accepted.sum()) / rounds,
+                            acceptance=(accepted.double() / rounds).tolist(), alone=ratio[True],
+                            batched=ratio[False], pass_cost=ratio[True] * gen.numel() / nfe,
+                            same=(gen == ar_alone).all(1).double().mean().item(),
+                            same_batched=(batched == ar_gen).all(1).double().mean().item()))
     title = f"# Speculative decoding, {Path(ar_name).name} drafter (benchmarks/decode.py --speculative)"
     provenance = dlm.config.provenance or {}
     lines = [
@@ -321,26 +337,30 @@ def speculative(args):
         + (torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{platform.machine()} CPU")
         + f", torch {torch.__version__}, {torch.get_num_threads()} threads, {dlm.dtype}. Drafter: "
         f"`{args.speculative}` (block size {dlm.config.block_size}, "
-        + ("drafter adapter" if getattr(dlm, "drafter", None) is not None else "no adapter")
+        + (("trained" if trained else "untrained") + " drafter adapter" if adapter is not None else "no adapter")
         + f", converted by dlm-adapt {provenance.get('converter_version', '?')}), parent `{Path(ar_name).name}`. "
         f"{len(prompts)} validation stories cut to {args.prompt_tokens} tokens, {n} new tokens each, greedy, no EOS "
-        f"stop. AR parent: {ar_time[True] * 1e3:.3f} ms per token alone, {ar_time[False] * 1e3:.3f} ms per token "
-        f"in a batch of {len(prompts)}. Times are medians of {args.repeats} runs; ratios < 1 mean faster than the "
-        "parent. Every forward is counted: a round is one drafter pass and one parent pass (not fused).",
+        f"stop. AR parent (KV-cached `generate`): {ar_time[True] * 1e3:.3f} ms per token alone, "
+        f"{ar_time[False] * 1e3:.3f} ms per token in a batch of {len(prompts)}. Time ratios are medians of "
+        f"{args.repeats} interleaved pairs (speculative, then the parent, on the same prompts); < 1 means faster "
+        "than the parent. Every forward is counted: one per round (the parent verifies the last drafts and the "
+        "drafter drafts the next ones in the same forward), plus the prompt's prefill (which drafts only). "
+        "Accepted per round: mean accepted drafts per verifying round (a round also yields the parent's own token). "
+        "Pass cost: time per forward ÷ time per AR step, batch 1 (time per token ÷ AR × tokens per forward).",
         "",
-        "| draft length | tokens / forward | tokens / verification | acceptance by draft position | time per token "
-        "÷ AR, batch 1 | time per token ÷ AR, batched | time per pass ÷ AR step, batch 1 | identical to the parent's "
+        "| draft length | tokens / forward | accepted per round | acceptance by draft position | pass cost ÷ AR "
+        "step, batch 1 | time per token ÷ AR, batch 1 | time per token ÷ AR, batched | identical to the parent's "
         "greedy text (alone, batched) |",
         "|---:|---:|---:|---|---:|---:|---:|---:|",
     ]
-    # alone, time per token = time per pass / tokens per pass: what a pass (drafter or parent) costs next to an AR step
-    lines += [f"| {k} | {tpf:.2f} | {tpv:.2f} | {' / '.join(f'{a:.0%}' for a in acc)} | {r1:.2f} | {rb:.2f} | "
-              f"{r1 * tpf:.2f} | {same:.0%}, {same_b:.0%} |" for k, tpf, tpv, acc, r1, rb, same, same_b in results]
-    best = max(results, key=lambda r: r[1])
+    lines += [f"| {r['k']} | {r['tpf']:.2f} | {r['per_round']:.2f} | "
+              f"{' / '.join(f'{a:.0%}' for a in r['acceptance'])} | {r['pass_cost']:.2f} | {r['alone']:.2f} | "
+              f"{r['batched']:.2f} | {r['same']:.0%}, {r['same_batched']:.0%} |" for r in results]
+    best = max(results, key=lambda r: r["tpf"])
     lines += ["", f"Targets (issue 25, after distillation): ≥ 2.5 tokens per forward and ≤ 0.5× the parent's time "
-              f"per token at batch 1 at the parent's quality. Best here: draft length {best[0]}, {best[1]:.2f} tokens "
-              f"per forward, {best[4]:.2f}× the parent's time: "
-              + ("met" if best[1] >= 2.5 and best[4] <= 0.5 else "not met") + "."]
+              f"per token at batch 1 at the parent's quality. Best here: draft length {best['k']}, {best['tpf']:.2f} "
+              f"tokens per forward, {best['alone']:.2f}× the parent's time: "
+              + ("met" if best["tpf"] >= 2.5 and best["alone"] <= 0.5 else "not met") + "."]
     write_section(args.out, title, "\n".join(lines) + "\n")
     print("\n".join(lines))
 
