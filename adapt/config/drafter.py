@@ -31,7 +31,8 @@ class DrafterConfig:
     None: the row is covered (cuts every draft length from a random offset, about L / draft length groups)."""
     rank: int = 16
     """The adapter's LoRA rank when `model.path` is a causal source, converted with `--drafter` by the run (alpha =
-    2 x rank); a drafter checkpoint keeps its own."""
+    2 x rank; the parent stored in `model.dtype`); a drafter checkpoint keeps its own rank, and its parent's dtype
+    must be `model.dtype` (the parent reaches OUTPUT/final byte for byte)."""
 
     def __post_init__(self):
         check_ranges(self, {"temperature": "(0, inf)", "groups": "[1, inf)", "rank": "[1, inf)"})

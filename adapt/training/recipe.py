@@ -140,7 +140,8 @@ class Recipe:
                 model = self.cfg.model
                 convert(self.source, converted, mask_token=model.mask_token, shift=model.shift,
                         gguf_file=model.gguf_file, block_size=self.cfg.block.final_size(None),
-                        drafter=bool(self.drafter), drafter_rank=self.cfg.drafter.rank)
+                        drafter=bool(self.drafter), drafter_rank=self.cfg.drafter.rank,
+                        **({"dtype": model.dtype} if self.drafter else {}))  # a drafter's parent: kept as stored
             self.accelerator.wait_for_everyone()
             self.source = str(converted)
 
