@@ -20,6 +20,7 @@ import torch
 from .attention import check_attn_implementation
 from .errors import AdaptError, first_line
 from .model import CODE_FILES, MaskedDiffusionConfig, MaskedDiffusionLM, remote_code_fields, write_remote_code
+from .model.drafter_masked_diffusion import DrafterError
 from .sources import _HUB_ID, hub_access, unreachable_message
 
 DIFFUSION = "diffusion"  # a dlm-adapt checkpoint: config.json of model_type masked_diffusion_lm
@@ -155,6 +156,8 @@ def load_model(path: str | Path, attn_implementation: str | None = None, **kwarg
     except OSError as e:  # a Hub id that is not there (or not reachable), missing weight files
         raise AdaptError(unreachable_message(str(path)) if access else f"cannot load model {path}: {first_line(e)}"
                          ) from e
+    except DrafterError as e:  # a drafter of a design this code does not run
+        raise AdaptError(f"{path}: {e}") from e
     except Exception as e:
         if type(e).__name__ == "SafetensorError":  # a weight file cut short or overwritten
             raise AdaptError(f"the weights of {path} are corrupt or truncated ({first_line(e)}); convert or "

@@ -1,13 +1,15 @@
 """Speculative decoding (`diffusion_generate(..., speculative=True)`): whatever the drafter proposes, greedy output
 is the causal source's `generate(do_sample=False)` token for token, alone and in a left-padded batch, for every
-architecture and draft lengths 1, 2, 4, 8; the KV caches are rolled back exactly; every forward is counted."""
+architecture and draft lengths 1, 2, 4, 8; the parent's KV cache (the only one) is rolled back exactly; every
+forward (one per round: verify and draft fused) is counted."""
 
 import pytest
 import torch
 
 import adapt
 from adapt.model import MaskedDiffusionConfig, MaskedDiffusionLM
-from adapt.model.speculative_masked_diffusion import HoleyCache, drafter_targets
+from adapt.model.drafter_masked_diffusion import drafter_targets, fused_forward
+from adapt.model.speculative_masked_diffusion import HoleyCache
 from adapt.sampling import SamplingError
 from tiny_models import ARCHS, save_tiny_source, tiny_config
 
@@ -86,7 +88,7 @@ def test_greedy_is_the_source_generate_alone_and_batched(sources, arch):
                 got = drafter.diffusion_generate(torch.tensor([prompt]), max_new_tokens=N, speculative=True,
                                                  draft_length=k, return_dict_in_generate=True)
                 assert _new(got.sequences[0], len(prompt), eos) == want, (k, prompt)
-                assert got.nfe == 2 * int(got.row_rounds[0]) == int(got.row_nfe[0])
+                assert got.nfe == int(got.row_rounds[0]) + 1 == int(got.row_nfe[0])  # one forward per round
                 assert int(got.row_committed[0]) == len(want)
             got = drafter.diffusion_generate(ids, attention_mask=mask, max_new_tokens=N, speculative=True,
                                              draft_length=k)
@@ -95,14 +97,15 @@ def test_greedy_is_the_source_generate_alone_and_batched(sources, arch):
 
 
 def test_statistics_count_what_happened(sources):
-    """Each round is two forwards (draft, verify) and yields its accepted drafts plus the parent's token; a draft
-    position counts as accepted only with every position before it."""
+    """Each round is one forward; the first (the prompt's prefill) only drafts and yields the parent's first token,
+    each later one verifies the drafts and yields the accepted ones plus the parent's token; a draft position
+    counts as accepted only with every position before it."""
     _, model = sources("llama")
     got = model.diffusion_generate(torch.tensor([PROMPTS[0]]), max_new_tokens=N, speculative=True, draft_length=4,
                                    return_dict_in_generate=True, stop_at_eos=False)
     rounds, accepted = int(got.row_rounds[0]), got.row_accepted_at[0]
-    assert got.nfe == 2 * rounds
-    assert int(accepted.sum()) + rounds >= N > int(accepted.sum()) + rounds - 5  # the last round may overshoot
+    assert got.nfe == rounds + 1 == int(got.row_nfe[0]) == len(got.committed_per_step)
+    assert int(accepted.sum()) + rounds + 1 >= N > int(accepted.sum()) + rounds + 1 - 5  # the last may overshoot
     assert all(accepted[i] >= accepted[i + 1] for i in range(3))
     assert got.tokens_per_forward == pytest.approx(N / got.nfe)
     torch.testing.assert_close(got.acceptance[0], accepted.double() / rounds)
@@ -110,20 +113,22 @@ def test_statistics_count_what_happened(sources):
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
 def test_rolled_back_entries_leave_the_cache_exact(sources, arch):
-    """Verify 3 drafts, keep 1 (row 0) and 2 (row 1): the next pass gives the logits of a fresh causal forward over
-    the kept text, both for the entry every row rejects (cropped) and for one only row 0 rejects (a hole)."""
+    """Verify 3 drafts, keep 1 (row 0) and 2 (row 1): the next round's parent logits are those of a fresh causal
+    forward over the kept text, both for the entry every row rejects (cropped) and for one only row 0 rejects (a
+    hole); the masks of both rounds leave nothing behind."""
     _, model = sources(arch)
+    model = _trained(_with_drafter(model))
     ids, mask = _batch(PROMPTS[:2])
     drafts = torch.tensor([[40, 41, 42], [50, 51, 52]])
-    cache = HoleyCache(model, 2, 1, ids.device)
+    cache = HoleyCache(2, ids.device)
     with torch.no_grad():
-        cache.forward(torch.cat([ids, drafts], 1), torch.cat([mask, torch.ones_like(drafts)], 1),
-                      torch.arange(1))
+        fused_forward(model, cache, torch.cat([ids, drafts], 1), torch.cat([mask, torch.ones_like(drafts)], 1), 3, 2)
+        assert cache.kv.get_seq_length() == cache.mask.shape[1] == ids.shape[1] + 3
         cache.truncate(3, torch.tensor([1, 2]))
-        assert cache.mask.shape[1] == ids.shape[1] + 2 and cache.real.tolist() == [len(PROMPTS[0]) + 1,
-                                                                                 len(PROMPTS[1]) + 2]
+        assert cache.mask.shape[1] == ids.shape[1] + 2 and cache.mask.sum(1).tolist() == [len(PROMPTS[0]) + 1,
+                                                                                          len(PROMPTS[1]) + 2]
         nxt = torch.tensor([[60, 61], [70, 71]])
-        got = cache.forward(nxt, torch.ones_like(nxt), torch.arange(2))
+        got, _ = fused_forward(model, cache, nxt, torch.ones_like(nxt), 1, 2)
         for row, kept in enumerate(([40], [50, 51])):
             text = torch.tensor([list(PROMPTS[row]) + kept + nxt[row].tolist()])
             fresh = model(text, is_causal=True).logits[0, -2:]

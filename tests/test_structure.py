@@ -38,8 +38,8 @@ LONG_FUNCTIONS = {
         "remote code: the decoding core's loop; shrinks when its options travel as SamplingOptions",
     "adapt.evaluation.harness.evaluate": "one branch per metric; to split into a function per metric",
     "adapt.model.speculative_masked_diffusion.speculative_sample":
-        "remote code: draft, verify and roll back in one loop (written beside the restructure); to split into a "
-        "round function when its options travel as SamplingOptions",
+        "remote code: the rounds' bookkeeping (commit, EOS, rows leaving) around `_round`; shrinks when its "
+        "options travel as SamplingOptions",
 }
 # module: why it stays longer than MAX_MODULE_LINES
 LONG_MODULES = {

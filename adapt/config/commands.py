@@ -143,10 +143,11 @@ class GenerateOptions:
         "Fast-dLLM's approximate KV cache, refreshed once per block: later passes rerun the block and what "
         "follows it (prefix) or only the block (dual)", choices=SamplerChoices("KV_CACHES"), metavar="CACHE"))
     speculative: bool = field(default=False, **_help(
-        "speculative decoding (a drafter or block-diffusion checkpoint): the drafter drafts tokens in one pass, "
-        "the causal parent verifies them in one pass, so the output is the parent's own (greedy: its greedy text)"))
+        "speculative decoding (a drafter or block-diffusion checkpoint): one forward per round, in which the causal "
+        "parent verifies the last drafts and the drafter drafts the next ones, so the output is the parent's own "
+        "(greedy: its greedy text)"))
     draft_length: int | None = field(default=None, **_help(
-        "--speculative: tokens drafted per pass (default: the checkpoint's block size)"))
+        "--speculative: tokens drafted per round (default: the checkpoint's block size)"))
     show_steps: bool = field(default=False, **_help("print the canvas after every step (stderr)"))
     stream: bool = field(default=False, **_help(
         "print each block's text as soon as it is final (prompts decode one at a time)"))

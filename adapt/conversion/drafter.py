@@ -1,20 +1,21 @@
 """The drafter adapter a `dlm-adapt convert --drafter` checkpoint starts with: its shape (`config.drafter`) and its
 initial tensors, written beside the parent's untouched weights. The adapter itself, and what it does at inference,
-is remote code: `model/speculative_masked_diffusion.py` (`DrafterAdapter`)."""
+is remote code: `model/drafter_masked_diffusion.py` (`DrafterAdapter`)."""
 
 import torch
 from transformers import AutoModelForCausalLM
 
-from ..model.speculative_masked_diffusion import DrafterAdapter, drafter_targets
+from ..model.drafter_masked_diffusion import DESIGN, DrafterAdapter, drafter_targets
 
 SEED = 0  # a conversion is reproducible: the same source gives the same adapter
 
 
 def drafter_spec(text_config, rank: int) -> dict:
-    """`config.drafter` for this decoder: LoRA rank, alpha (2 x rank) and the projections it acts on."""
+    """`config.drafter` for this decoder: LoRA rank, alpha (2 x rank), the projections it acts on, and what its
+    masks read (`DESIGN`: the parent's cache)."""
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(text_config)
-    return {"rank": rank, "alpha": 2 * rank, "targets": drafter_targets(skeleton)}
+    return {"rank": rank, "alpha": 2 * rank, "targets": drafter_targets(skeleton), "reads": DESIGN}
 
 
 def drafter_tensors(text_config, spec: dict, mask_token_id: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:

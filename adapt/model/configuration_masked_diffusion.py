@@ -28,7 +28,8 @@ class MaskedDiffusionConfig(PreTrainedConfig):
             and causal between blocks. `None` (the default) is full-sequence diffusion.
         drafter (`dict`, *optional*):
             A drafter checkpoint (speculative decoding): the drafter adapter's shape, {"rank", "alpha", "targets"}
-            (see `speculative_masked_diffusion.DrafterAdapter`). Needs `block_size`, the drafter's blocks.
+            (see `drafter_masked_diffusion.DrafterAdapter`), and "reads": what its masks attend to
+            ("parent_cache"; absent in 0.5.1 checkpoints). Needs `block_size`, the default draft length.
         provenance (`dict`, *optional*):
             Where the weights came from: source, revision, converter version, how the mask token was chosen.
     """

@@ -12,7 +12,8 @@ from .block_masked_diffusion import (BlockCacheDenoiser, block_attention_mask, b
                                      position_ids_from_padding, resolve_block_size)
 from .configuration_masked_diffusion import MaskedDiffusionConfig
 from .sampling_masked_diffusion import Denoiser, SamplingError, _holes, check_sampling_options, diffusion_sample
-from .speculative_masked_diffusion import DrafterAdapter, speculative_sample
+from .drafter_masked_diffusion import DrafterAdapter
+from .speculative_masked_diffusion import speculative_sample
 from .transformers_compat import (attention_support_flags, cache_kwarg, decoder_class, drop_last_cached,
                                   explain_newer_transformers, output_cache, select_cache_positions, set_causal)
 
@@ -27,6 +28,7 @@ AUTO_MAP = {
 CODE_FILES = (
     "block_masked_diffusion.py",
     "configuration_masked_diffusion.py",
+    "drafter_masked_diffusion.py",
     "modeling_masked_diffusion.py",
     "sampling_masked_diffusion.py",
     "speculative_masked_diffusion.py",
@@ -232,12 +234,12 @@ class MaskedDiffusionLM(PreTrainedModel):
         (Fast-dLLM v2), and generation ends at the block where every row's EOS is committed.
         `streamer` (e.g. transformers' `TextStreamer` / `TextIteratorStreamer`; one prompt) receives the prompt,
         then each block's new tokens as soon as they are final, up to EOS.
-        `speculative=True` (a block-diffusion checkpoint, ideally a drafter one): the drafter drafts `draft_length`
-        tokens (default: the block size) per pass and the causal parent verifies them, so the output is the parent's
-        own: greedy, token for token its `generate(do_sample=False)`; with a temperature, distributed exactly as its
-        sampling with the same temperature, top_k and top_p (`speculative_sample`). Off by default, also for a
-        drafter checkpoint. Returns a `SpeculativeOutput` with `return_dict_in_generate=True` (adds per-row
-        `.row_rounds` and `.acceptance` per draft position).
+        `speculative=True` (a block-diffusion checkpoint, ideally a drafter one): one forward per round, in which
+        the causal parent verifies the last `draft_length` drafts (default: the block size) and the drafter drafts
+        the next ones, so the output is the parent's own: greedy, token for token its `generate(do_sample=False)`;
+        with a temperature, distributed exactly as its sampling with the same temperature, top_k and top_p
+        (`speculative_sample`). Off by default, also for a drafter checkpoint. Returns a `SpeculativeOutput` with
+        `return_dict_in_generate=True` (adds per-row `.row_rounds` and `.acceptance` per draft position).
         Returns a LongTensor (batch, prompt_len + max_new_tokens), or a `SamplingOutput` (`.sequences`, `.nfe`,
         `.committed_per_step`, `.history`, per-row `.row_nfe` and `.row_committed`) with
         `return_dict_in_generate=True`.

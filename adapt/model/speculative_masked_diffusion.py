@@ -1,138 +1,39 @@
 # Written into every converted checkpoint as remote code: imports only torch and transformers.
-"""Speculative decoding with the AR parent's exact output (REFERENCE §14: Uno, Leviathan et al. 2023).
+"""Speculative decoding with the AR parent's exact output (REFERENCE §14: Uno, TiDAR, Leviathan et al. 2023).
 
-One checkpoint holds two models over the same weights:
+One checkpoint holds two models over the same weights: the **parent**, the converted decoder run causally with the
+adapter off, which reproduces the source causal LM's logits exactly (invariant 1), and the **drafter**, the same
+decoder with the gated drafter adapter on at [MASK] positions (`drafter_masked_diffusion`). Clean tokens are the
+parent's everywhere, so there is one KV cache, the parent's, and each round is ONE forward (`fused_forward`):
 
-- the **parent**: the converted decoder run causally (`is_causal=True`, adapter off), which reproduces the source
-  causal LM's logits exactly (invariant 1);
-- the **drafter**: the same decoder in block-diffusion mode (`config.block_size`), with the drafter adapter on when
-  the checkpoint has one (`DrafterAdapter`: LoRA on the decoder's projections plus a [MASK] embedding row, applied
-  by hooks, so no peft is needed).
+- the clean tokens not yet cached, the last committed token y and the current drafts d1..dk, run causally: the
+  parent's logits there verify d1..dk and give its own next token;
+- in the same forward, for every acceptance length j = 0..k, a group of k + 1 masks after d_j (the first at the
+  position of the parent's next token, which is not chosen yet) drafts the k tokens after that one (TiDAR: a partial
+  acceptance wastes no pass). The group for the acceptance that happens supplies the next round's drafts.
 
-Each round the drafter fills K [MASK] tokens after the text in one pass, then the parent runs once, causally, over
-the drafted tokens against its exact KV cache. Greedy: the longest prefix of drafts equal to the parent's argmax
-is accepted, then the parent's own next token. Sampling: draft i is accepted with probability min(1, p/q), the
-first rejected one replaced by a sample of the normalised residual max(0, p - q) (`acceptance`, `residual`), so the
-output is distributed exactly as the parent's sampling with the same temperature, top-k and top-p
-(`token_distribution`, transformers' order: temperature, then top-k, then top-p). Whatever the drafter proposes,
-the output is the parent's: a bad drafter costs speed, never quality.
+The first round runs the prompt (prefill) with one group after it and no drafts. Greedy: the longest prefix of
+drafts equal to the parent's argmax is accepted, then the parent's own next token. Sampling: draft i is accepted
+with probability min(1, p/q), the first rejected one replaced by a sample of the normalised residual max(0, p - q)
+(`acceptance`, `residual`), so the output is distributed exactly as the parent's sampling with the same
+temperature, top-k and top-p (`token_distribution`, transformers' order: temperature, then top-k, then top-p).
+Whatever the drafter proposes, the output is the parent's: a bad drafter costs speed, never quality.
 
-Both caches are `HoleyCache`s: a transformers cache plus the padding mask of its columns. Positions count real
-columns, and attention goes through `cached_block_mask` (block size 1 for the parent: causal; the drafter's block
-size for the drafter), which decides by position id, window included. A rolled-back entry is cropped when every
-row rejected it, and otherwise becomes a hole (mask 0) that no query sees: rows of a batch accept different
-counts, and each row computes exactly what it would alone.
+The cache is a `HoleyCache`: a transformers cache plus the padding mask of its columns. Positions count real
+columns. The masks' keys/values are dropped after the forward; a rejected draft's entry is cropped when every row
+rejected it, and otherwise becomes a hole (mask 0) that no query sees: rows of a batch accept different counts, and
+each row computes exactly what it would alone.
 """
 
-import contextlib
 import math
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
-from .block_masked_diffusion import cached_block_mask, check_block_implementation
+from .block_masked_diffusion import check_block_implementation
+from .drafter_masked_diffusion import drafting, fused_forward
 from .sampling_masked_diffusion import SamplingError, SamplingOutput, Stream, _holes
 from .transformers_compat import drop_last_cached, full_cache, select_cache_rows
-
-PROJECTION_TYPES = ("Linear", "Conv1D")  # GPT-2 keeps its projections in transformers' Conv1D (weight in x out)
-ROUTERS = ("gate", "router")  # MoE routers: a LoRA there would change which experts run, not what they compute
-
-
-# ------------------------------------------------------------------------------------------------ the adapter
-
-def drafter_targets(decoder) -> list[str]:
-    """The names (last component) of the decoder's projections a drafter adapter acts on: every linear layer but
-    the LM head and MoE routers."""
-    head = decoder.get_output_embeddings()
-    names = {name.rsplit(".", 1)[-1] for name, module in decoder.named_modules()
-             if type(module).__name__ in PROJECTION_TYPES and module is not head}
-    return sorted(names - set(ROUTERS))
-
-
-def _features(module) -> tuple[int, int]:
-    if type(module).__name__ == "Conv1D":
-        return module.weight.shape[0], module.weight.shape[1]
-    return module.in_features, module.out_features
-
-
-class LoraPair(nn.Module):
-    def __init__(self, in_features: int, out_features: int, rank: int, dtype=None):
-        super().__init__()
-        self.A = nn.Parameter(torch.zeros(rank, in_features, dtype=dtype))
-        self.B = nn.Parameter(torch.zeros(out_features, rank, dtype=dtype))
-
-
-class DrafterAdapter(nn.Module):
-    """The drafter's weights beside the untouched parent: per targeted projection W a LoRA pair (W x + s B A x,
-    s = alpha / rank), and `mask_delta`, added to the input embedding at [MASK] tokens (after any embedding
-    scale), the drafter's own [MASK] row. They act only inside `drafting(model)`, which attaches the hooks;
-    outside it no hook is attached and the model is the parent, bit for bit. `spec` is `config.drafter`: {"rank", "alpha", "targets"}. B starts at zero, so an
-    untrained adapter drafts as the block-diffusion conversion itself does."""
-
-    def __init__(self, decoder, spec: dict, mask_token_id: int):
-        super().__init__()
-        rank, targets = int(spec["rank"]), set(spec["targets"])
-        self.scale = float(spec["alpha"]) / rank
-        self.mask_token_id = mask_token_id
-        dtype = decoder.get_input_embeddings().weight.dtype
-        self.lora = nn.ModuleDict()
-        sites = []  # (decoder module, its hook): a plain list, so the decoder's modules are not registered twice
-        for name, module in decoder.named_modules():
-            if type(module).__name__ in PROJECTION_TYPES and name.rsplit(".", 1)[-1] in targets:
-                key = name.replace(".", "__")
-                self.lora[key] = LoraPair(*_features(module), rank, dtype)
-                sites.append((module, self._lora_hook(key)))
-        if not len(self.lora):
-            raise ValueError(f"the drafter adapter's targets {sorted(targets)} match no projection of the decoder")
-        hidden = decoder.get_input_embeddings().weight.shape[1]
-        self.mask_delta = nn.Parameter(torch.zeros(hidden, dtype=dtype))
-        sites.append((decoder.get_input_embeddings(), self._embedding_hook))
-        self._sites, self._handles = sites, []
-
-    def attach(self):
-        """Hook the adapter into the decoder (idempotent). Detached, the decoder carries no trace of it."""
-        if not self._handles:
-            self._handles = [module.register_forward_hook(hook) for module, hook in self._sites]
-
-    def detach(self):
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-
-    def reset_parameters(self, generator: torch.Generator | None = None):
-        """LoRA's start (as peft's): A uniform in +-1/sqrt(in) (Kaiming, a = sqrt(5)), B and the mask delta zero."""
-        with torch.no_grad():
-            for pair in self.lora.values():
-                bound = 1 / math.sqrt(pair.A.shape[1])
-                pair.A.copy_(torch.rand(pair.A.shape, generator=generator, dtype=torch.float32) * 2 * bound - bound)
-                pair.B.zero_()
-            self.mask_delta.zero_()
-
-    def _lora_hook(self, key):
-        def hook(module, args, output):
-            weights = self.lora[key]._parameters
-            a, b = weights["A"], weights["B"]
-            return output + ((args[0].to(a.dtype) @ a.T) @ b.T * self.scale).to(output.dtype)
-        return hook
-
-    def _embedding_hook(self, module, args, output):
-        masked = (args[0] == self.mask_token_id)[..., None]
-        return output + masked * self.mask_delta.to(output.dtype)
-
-
-@contextlib.contextmanager
-def drafting(model):
-    """The drafter adapter on (if the model has one) for the forwards inside."""
-    adapter = getattr(model, "drafter", None)
-    if adapter is None:
-        yield
-        return
-    adapter.attach()
-    try:
-        yield
-    finally:
-        adapter.detach()
 
 
 # ------------------------------------------------------------------------------------------------ the rule
@@ -230,38 +131,20 @@ def verdict(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, u: torch.Ten
     k = drafts.shape[1]
     rows = torch.arange(len(drafts), device=drafts.device)
     accepted = (u < acceptance(p[:, :k], q, drafts)).long().cumprod(1).sum(1)
-    q_next = torch.cat([q, torch.zeros_like(q[:, :1])], 1)  # residual(p, 0) = p
+    q_next = torch.cat([q, torch.zeros_like(p[:, :1])], 1)  # residual(p, 0) = p
     return accepted, residual(p[rows, accepted], q_next[rows, accepted])
 
 
-# ------------------------------------------------------------------------------------------------ caches
+# ------------------------------------------------------------------------------------------------ the cache
 
 class HoleyCache:
-    """A KV cache whose columns carry a padding mask: 1 a real token, 0 left padding or a rolled-back entry (a
-    hole). Queries attend by `cached_block_mask`, positions counting real columns only, so a hole changes no
-    output. `block_size` 1 is causal attention."""
+    """The parent's KV cache, whose columns carry a padding mask: 1 a real token, 0 left padding or a rolled-back
+    entry (a hole). Queries attend by position id (`draft_attention_mask`), positions counting real columns only,
+    so a hole changes no output."""
 
-    def __init__(self, model, batch: int, block_size: int, device):
-        self.model, self.block_size = model, block_size
+    def __init__(self, batch: int, device):
         self.kv = full_cache()
         self.mask = torch.zeros((batch, 0), dtype=torch.long, device=device)
-
-    @property
-    def real(self) -> torch.Tensor:
-        return self.mask.sum(1)
-
-    def forward(self, ids, mask, keep):
-        """Run `ids` (batch, w) with padding `mask` after the cached columns; their keys/values are appended.
-        Returns the logits at pass columns `keep`. The mask alone decides attention (the model's `is_causal`
-        switch only matters where no mask is given), so nothing is toggled between the two models' passes."""
-        full = torch.cat([self.mask, mask], 1)
-        positions = (full.cumsum(-1) - 1).clamp_min(0)[:, -ids.shape[1]:]
-        attention = cached_block_mask(self.model.config.text_config, full, positions, self.block_size,
-                                      self.model.dtype)
-        out = self.model(input_ids=ids, attention_mask=attention, position_ids=positions, past_key_values=self.kv,
-                         use_cache=True, logits_to_keep=keep)
-        self.mask = full
-        return out.logits
 
     def truncate(self, trailing: int, kept: torch.Tensor):
         """Of the last `trailing` columns, row r keeps its first `kept[r]`: columns no row keeps are removed from
@@ -280,30 +163,21 @@ class HoleyCache:
         self.mask = self.mask[rows]
 
 
-def _left_padded(rows: list[list[int]], like: torch.Tensor):
-    width = max(map(len, rows))
-    ids = torch.zeros((len(rows), width), dtype=like.dtype, device=like.device)
-    mask = torch.zeros((len(rows), width), dtype=torch.long, device=like.device)
-    for r, row in enumerate(rows):
-        if row:
-            ids[r, width - len(row):] = torch.tensor(row, dtype=like.dtype)
-            mask[r, width - len(row):] = 1
-    return ids, mask
-
-
 # ------------------------------------------------------------------------------------------------ the loop
 
 @dataclass
 class SpeculativeOutput(SamplingOutput):
     draft_length: int = 0
     row_rounds: torch.LongTensor | None = None
-    """Per row, the draft-and-verify rounds it took part in (two forwards each: `row_nfe`)."""
+    """Per row, the rounds that verified its drafts: every forward it took part in but the first (the prompt's
+    prefill, which only drafts). `row_nfe` counts them all: one forward per round."""
     row_accepted_at: torch.LongTensor | None = None
     """(batch, draft_length): per row, the rounds in which the parent accepted draft position i."""
 
     @property
     def acceptance(self) -> torch.Tensor:
-        """(batch, draft_length): per row, the fraction of rounds in which draft position i was accepted."""
+        """(batch, draft_length): per row, the fraction of verifying rounds in which draft position i was
+        accepted."""
         return self.row_accepted_at.double() / self.row_rounds.clamp_min(1)[:, None]
 
 
@@ -317,20 +191,38 @@ def check_speculative(model, draft_length: int):
     check_block_implementation(model.config.text_config)
 
 
+def _round(model, cache, clean_ids, clean_mask, drafts, q, choice, produced, k):
+    """One fused forward: verify `drafts` (drawn from `q`; None when greedy), draft the next k. Returns per row the
+    drafts accepted, the parent's own next token, and the next drafts with their distribution."""
+    b, d = drafts.shape
+    ids = torch.cat([clean_ids, drafts], 1)
+    mask = torch.cat([clean_mask, clean_mask.new_ones((b, d))], 1)
+    verify_logits, group_logits = fused_forward(model, cache, ids, mask, d, k)
+    steps = torch.arange(d + 1, device=ids.device)
+    if choice.temperature != 0 and q is None:  # the prefill round verifies nothing
+        q = torch.zeros((b, 0, verify_logits.shape[-1]), dtype=torch.float64, device=ids.device)
+    accepted, following = choice.verify(verify_logits, produced[:, None] + steps, drafts, q)
+    cache.truncate(d, accepted)  # drafts past the accepted ones: rolled back
+    chosen = group_logits[torch.arange(b, device=ids.device), accepted]  # the group after the last accepted draft
+    drafts, q = choice.draft(chosen, (produced + accepted + 1)[:, None] + torch.arange(k, device=ids.device))
+    return accepted, following, drafts, q
+
+
 def speculative_sample(model, input_ids: torch.LongTensor, *, max_new_tokens: int, draft_length: int | None = None,
                        attention_mask: torch.Tensor | None = None, temperature: float = 0.0,
                        top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
                        min_new_tokens: int = 0, max_positions: int | None = None,
                        generator: torch.Generator | None = None, streamer=None) -> SpeculativeOutput:
-    """Decode `max_new_tokens` tokens after each (left-padded) prompt: the drafter proposes `draft_length` tokens
-    (default: the block size) in one pass, the parent verifies them in one causal pass (module docstring). A row
-    stops at its EOS (the rest of it becomes EOS) or after `max_new_tokens`; finished rows leave both caches.
-    Every forward is counted: `nfe` (batch), `row_nfe` (two per round a row took part in), and per row the rounds
-    and the acceptance per draft position. Returns (batch, prompt_len + max_new_tokens) in `.sequences`."""
+    """Decode `max_new_tokens` tokens after each (left-padded) prompt, `draft_length` (default: the block size)
+    drafted per round and verified by the parent in the next, one forward per round (module docstring). A row
+    stops at its EOS (the rest of it becomes EOS) or after `max_new_tokens`; finished rows leave the cache. Every
+    forward is counted: `nfe` (batch), `row_nfe` (the forwards a row took part in: its rounds, prefill included),
+    per row the verifying rounds and the acceptance per draft position. Returns (batch, prompt_len +
+    max_new_tokens) in `.sequences`."""
     config = model.config
     k = config.block_size if draft_length is None else draft_length
     check_speculative(model, k)
-    mask_id, shift, n = config.mask_token_id, int(config.shift), max_new_tokens
+    mask_id, n = config.mask_token_id, max_new_tokens
     if n < 1:
         raise SamplingError(f"speculative decoding makes new tokens: max_new_tokens must be at least 1, got {n}")
     if _holes(input_ids, mask_id, attention_mask).any():
@@ -339,84 +231,55 @@ def speculative_sample(model, input_ids: torch.LongTensor, *, max_new_tokens: in
     batch, prompt_len = input_ids.shape
     if prompt_len == 0:
         raise SamplingError("the prompt needs at least one token (e.g. BOS)")
-    if max_positions is not None and prompt_len + n + k - 1 > max_positions:
-        raise SamplingError(f"prompt ({prompt_len}) + max_new_tokens ({n}) + draft length ({k}) - 1 exceeds the "
-                            f"model's {max_positions} positions")
+    if max_positions is not None and prompt_len + n + 2 * k > max_positions:
+        raise SamplingError(f"prompt ({prompt_len}) + max_new_tokens ({n}) + twice the draft length ({k}) exceeds "
+                            f"the model's {max_positions} positions (a round drafts up to 2 x {k} + 1 positions ahead)")
     real = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
     if not real[:, -1].all():
         raise SamplingError("pad prompts on the left (attention_mask 0 only before a row's tokens)")
     device = input_ids.device
     choice = TokenChoice(mask_id, temperature, top_k, top_p, eos_token_id, min_new_tokens, generator)
     stream = Stream(streamer, input_ids, eos_token_id)
-
-    prompts = [input_ids[r][real[r]].tolist() for r in range(batch)]
     new = [[] for _ in range(batch)]
     rows = list(range(batch))  # the rows still decoding, in cache order
-    parent = HoleyCache(model, batch, 1, device)
-    drafter = HoleyCache(model, batch, config.block_size, device)
-    parent_ids, parent_mask = input_ids, real.long()
-    drafter_ids, drafter_mask = input_ids, real.long()
+    cache = HoleyCache(batch, device)
+    clean_ids, clean_mask = input_ids, real.long()
+    drafts, q = input_ids.new_zeros((batch, 0)), None
     out = SpeculativeOutput(sequences=input_ids, nfe=0, row_nfe=torch.zeros(batch, dtype=torch.long),
                             row_committed=torch.zeros(batch, dtype=torch.long), draft_length=k,
                             row_rounds=torch.zeros(batch, dtype=torch.long),
                             row_accepted_at=torch.zeros((batch, k), dtype=torch.long))
-    while rows:
-        b = len(rows)
-        produced = torch.tensor([len(new[r]) for r in rows], device=device)
-        # the index among the row's new tokens of the token each logit predicts: drafts 0..k-1, then the next
-        new_index = produced[:, None] + torch.arange(k + 1, device=device)[None]
-
-        # draft: k masks after each row's text, in one block-diffusion pass with the adapter on
-        w = drafter_ids.shape[1]
-        ids = torch.cat([drafter_ids, drafter_ids.new_full((b, k), mask_id)], 1)
-        mask = torch.cat([drafter_mask, drafter_mask.new_ones((b, k))], 1)
-        keep = torch.arange(w - shift, w + k - shift, device=device)  # with shift the logit before predicts
-        total = drafter.real + drafter_mask.sum(1)  # the row's text, once this pass has run
-        with drafting(model):
-            draft_logits = drafter.forward(ids, mask, keep)
-        drafts, q = choice.draft(draft_logits, new_index[:, :k])
-        # keep the keys/values of whole blocks only: the text's last partial block saw the masks (and sees other
-        # tokens next time), so it is run again; being right-aligned, it and the masks are trailing columns
-        whole = total // config.block_size * config.block_size
-        drafter.truncate(w + k, w - (total - whole))
-
-        # verify: the parent, causally, over the drafts against its exact cache
-        w = parent_ids.shape[1]
-        ids = torch.cat([parent_ids, drafts], 1)
-        mask = torch.cat([parent_mask, parent_mask.new_ones((b, k))], 1)
-        verify_logits = parent.forward(ids, mask, torch.arange(w - 1, w + k, device=device))
-        accepted, following = choice.verify(verify_logits, new_index, drafts, q)
-        parent.truncate(k, accepted)  # drafts past the accepted ones: rolled back
-
-        out.nfe += 2
-        out.committed_per_step += [0, 0]
-        still, parent_next = [], []
-        for i, r in enumerate(rows):
-            a = int(accepted[i])
-            out.row_rounds[r] += 1
-            out.row_nfe[r] += 2
-            out.row_accepted_at[r, :a] += 1
-            tokens = drafts[i, :a].tolist() + [int(following[i])]
-            if eos_token_id is not None and eos_token_id in tokens:
-                tokens = tokens[: tokens.index(eos_token_id) + 1]
-            tokens = tokens[: n - len(new[r])]
-            new[r] += tokens
-            out.row_committed[r] += len(tokens)
-            out.committed_per_step[-1] += len(tokens)
-            if len(new[r]) < n and (eos_token_id is None or new[r][-1] != eos_token_id):
-                still.append(i)
-                parent_next.append([new[r][-1]])
-        stream.final(torch.tensor(new[0], dtype=input_ids.dtype))
-        if len(still) < b:
-            keep_rows = torch.tensor(still, dtype=torch.long, device=device)
-            parent.select(keep_rows)
-            drafter.select(keep_rows)
-            rows = [rows[i] for i in still]
-        if not rows:
-            break
-        parent_ids, parent_mask = _left_padded(parent_next, input_ids)
-        text = [prompts[r] + new[r] for r in rows]
-        drafter_ids, drafter_mask = _left_padded([t[int(c):] for t, c in zip(text, drafter.real)], input_ids)
+    with drafting(model):  # the hooks stay attached for the whole loop; each forward gates its own masks
+        while rows:
+            produced = torch.tensor([len(new[r]) for r in rows], device=device)
+            verified = drafts.shape[1] > 0
+            accepted, following, next_drafts, next_q = _round(model, cache, clean_ids, clean_mask, drafts, q,
+                                                              choice, produced, k)
+            out.nfe += 1
+            out.committed_per_step.append(0)
+            still = []
+            for i, (r, a, y, proposed) in enumerate(zip(rows, accepted.tolist(), following.tolist(),
+                                                        drafts.tolist())):
+                out.row_nfe[r] += 1
+                out.row_rounds[r] += verified
+                out.row_accepted_at[r, :a] += 1
+                tokens = proposed[:a] + [y]
+                if eos_token_id is not None and eos_token_id in tokens:
+                    tokens = tokens[: tokens.index(eos_token_id) + 1]
+                tokens = tokens[: n - len(new[r])]
+                new[r] += tokens
+                out.row_committed[r] += len(tokens)
+                out.committed_per_step[-1] += len(tokens)
+                if len(new[r]) < n and (eos_token_id is None or new[r][-1] != eos_token_id):
+                    still.append(i)
+            stream.final(torch.tensor(new[0], dtype=input_ids.dtype))
+            clean_ids, drafts, q = following[:, None], next_drafts, next_q
+            if len(still) < len(rows):
+                keep = torch.tensor(still, dtype=torch.long, device=device)
+                cache.select(keep)
+                rows = [rows[i] for i in still]
+                clean_ids, drafts, q = clean_ids[keep], drafts[keep], None if q is None else q[keep]
+            clean_mask = torch.ones_like(clean_ids, dtype=torch.long)
     stream.end()
 
     sequences = torch.full((batch, prompt_len + n), eos_token_id if eos_token_id is not None else mask_id,
@@ -428,5 +291,5 @@ def speculative_sample(model, input_ids: torch.LongTensor, *, max_new_tokens: in
     return out
 
 
-__all__ = ["DrafterAdapter", "HoleyCache", "SpeculativeOutput", "TokenChoice", "acceptance", "check_speculative",
-           "drafter_targets", "drafting", "residual", "speculative_sample", "token_distribution", "verdict"]
+__all__ = ["HoleyCache", "SpeculativeOutput", "TokenChoice", "acceptance", "check_speculative", "residual",
+           "speculative_sample", "token_distribution", "verdict"]

@@ -22,8 +22,8 @@ def generate(model, prompts: list[str], *, tokenizer=None, chat: bool = False, i
     filled text for infilling), `tokens`, the row's own `nfe` (forward passes it needed: the same as decoding it
     alone) and `tokens_per_forward`; block-diffusion checkpoints add the batch's `cache_hits` and
     `positions_computed` (see `SamplingOutput`); speculative decoding (`speculative=True`, `draft_length`) adds the
-    row's `rounds` (draft + verify, two passes each) and `acceptance`, per draft position the fraction of rounds
-    in which the parent accepted it."""
+    row's `rounds` (the rounds that verified drafts, one forward each; `nfe` = rounds + 1 with the prompt's
+    prefill) and `acceptance`, per draft position the fraction of those rounds in which the parent accepted it."""
     if sampling.get("speculative") or sampling.get("draft_length") is not None:
         _check_speculative(sampling, infill, show_steps)
     n = check_options(model, prompts, infill=infill, max_new_tokens=max_new_tokens, streaming=streamer is not None,
