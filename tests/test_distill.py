@@ -73,11 +73,14 @@ def test_draft_statistics_per_position_and_tokens_per_round():
 
 
 @pytest.mark.parametrize("groups", [None, 3])
-def test_cuts_leave_a_clean_token_before_and_fit_the_row(groups):
+def test_cuts_leave_two_clean_tokens_before_and_fit_the_row(groups):
+    # a group drafts tokens cut..cut+k-1 given those before cut - 1 (drafter_training_logits): 2 <= cut <= length - k
     g = torch.Generator().manual_seed(0)
     for _ in range(20):
         cuts, valid = draft_cuts(torch.tensor([16, 10]), 16, 4, groups, g)
-        assert (cuts >= 1).all() and (cuts + 4 <= 16).all()
-        assert valid[0].all() and torch.equal(valid[1], cuts[1][:, None] + torch.arange(4) < 10)
+        assert (cuts >= 2).all() and (cuts[0] + 4 <= 16).all() and (cuts[1] + 4 <= 10).all()
+        assert valid[0].all() and valid.shape == cuts.shape + (4,)
     cuts, _ = draft_cuts(torch.tensor([16]), 16, 4, None, g)
     assert cuts.shape == (1, 3) and (cuts.diff() == 4).all()  # covering: every k tokens from one offset
+    seen = {tuple(draft_cuts(torch.tensor([16]), 16, 4, None, g)[0][0].tolist()) for _ in range(50)}
+    assert seen == {(2, 6, 10), (3, 7, 11), (4, 8, 12)}  # every offset whose last group fits

@@ -21,32 +21,37 @@ from ..checkpoint import detect
 from ..config import DTYPES, TrainConfig
 from .data import hold_out, load_documents
 from .distill import distill_loss, draft_statistics, summarize
-from .drafter_logits_interim import drafter_training_logits
 from ..errors import AdaptError
+from ..model.drafter_masked_diffusion import drafter_training_logits, drafting
 from ..safetensors_io import read_shards, torch_dtype
 
 SELF_DISTILL_FILE = "self_distill.safetensors"
 EVAL_SEED = 1234  # every validation drafts the same groups: the curve moves only with the drafter
 
 
+FIRST_CUT = 2  # a group drafts the tokens from its cut on, given the text before cut - 1 (`drafter_training_logits`)
+
+
 def draft_cuts(lengths: torch.Tensor, width: int, k: int, groups: int | None, generator: torch.Generator):
-    """(cuts (batch, G), valid (batch, G, k)): where each group's drafts start, and which drafted tokens exist
-    (token cut + i inside the row's `lengths`). `groups` None covers each row: cuts every k tokens from a random
-    offset in [1, k]; else `groups` cuts drawn uniformly in [1, width - k]."""
-    batch = len(lengths)
-    if width - k < 1:
-        raise AdaptError(f"a training row of {width} tokens is too short to draft {k} tokens after at least one: "
-                         f"lower the draft length (block.size) below {width}, or lengthen the rows")
+    """(cuts (batch, G), valid (batch, G, k)): where each group's k drafted tokens start, in [2, length - k] of each
+    row, and which groups count (a row shorter than `width` clamps the cuts past its end, and they do not count).
+    `groups` None covers each row: cuts every k tokens from a random offset in [2, k + 1]; else `groups` cuts drawn
+    uniformly in [2, width - k]."""
+    batch, low = len(lengths), FIRST_CUT
+    if width - k < low:
+        raise AdaptError(f"a training row of {width} tokens is too short to draft {k} tokens after {low}: lower the "
+                         f"draft length (block.size) to at most {width - low}, or lengthen the rows")
     if groups is None:
-        count = max(1, (width - k) // k)
-        span = min(k, width - k - k * (count - 1))  # the offsets that keep the last group inside the row
-        offset = torch.randint(1, span + 1, (batch, 1), generator=generator)
+        count = max(1, (width - k - low) // k + 1)
+        span = min(k, width - k - low - k * (count - 1) + 1)  # the offsets that keep the last group inside the row
+        offset = torch.randint(low, low + span, (batch, 1), generator=generator)
         cuts = offset + k * torch.arange(count)[None]
     else:
-        cuts = torch.randint(1, width - k + 1, (batch, groups), generator=generator)
+        cuts = torch.randint(low, width - k + 1, (batch, groups), generator=generator)
     cuts = cuts.to(lengths.device)
-    valid = cuts[:, :, None] + torch.arange(k, device=lengths.device) < lengths[:, None, None]
-    return cuts, valid
+    last = (lengths[:, None] - k).clamp_min(low)
+    valid = (cuts <= last) & (lengths[:, None] >= low + k)
+    return torch.minimum(cuts, last), valid[:, :, None].expand(-1, -1, k)
 
 
 def _without(logits: torch.Tensor, token: int) -> torch.Tensor:
@@ -54,12 +59,13 @@ def _without(logits: torch.Tensor, token: int) -> torch.Tensor:
     return logits.float().masked_fill(torch.arange(logits.shape[-1], device=logits.device) == token, -torch.inf)
 
 
-def distilled_logits(model, batch: Batch, k: int, groups: int | None, generator: torch.Generator):
-    """(student, teacher, valid, real tokens) for one batch: draft groups drawn with `generator`."""
+def distilled_logits(model, batch: Batch, k: int, groups: int | None, generator: torch.Generator, forward=None):
+    """(student, teacher, valid, real tokens) for one batch: draft groups drawn with `generator`; one forward of
+    the clean rows and every group (`drafter_training_logits`), through `forward` (a training wrapper) if given."""
     ids = batch.input_ids
     padding = batch.attention_mask if batch.attention_mask is not None else torch.ones_like(ids)
     cuts, valid = draft_cuts(padding.sum(1), ids.shape[1], k, groups, generator)
-    student, teacher = drafter_training_logits(model, ids, padding, cuts, k)
+    student, teacher = drafter_training_logits(model, ids, padding, cuts, k, forward=forward)
     mask_id = model.config.mask_token_id
     return _without(student, mask_id), _without(teacher, mask_id), valid, int(padding.sum())
 
@@ -121,9 +127,10 @@ class DrafterRun:
             recipe.train_data, recipe.val_data = self_distill(recipe, self.generate)
 
     def micro_step(self, recipe, batch: Batch, sync) -> tuple[float, int]:
-        with sync, recipe.accelerator.autocast():
+        # the backward inside `drafting` too: recomputed (checkpointed) layers must see the adapter and its gate
+        with sync, recipe.accelerator.autocast(), drafting(recipe.dlm, start=batch.input_ids.shape[1]):
             student, teacher, valid, tokens = distilled_logits(recipe.dlm, batch, recipe.block, self.cfg.groups,
-                                                               recipe.noise)
+                                                               recipe.noise, forward=recipe.model)
             loss = distill_loss(student, teacher, self.cfg.loss, self.cfg.temperature, valid)
             recipe.accelerator.backward(loss / recipe.cfg.train.gradient_accumulation_steps)
         return loss.detach().float().item(), tokens
