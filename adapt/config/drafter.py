@@ -52,8 +52,8 @@ class GenerateDataConfig:
     new_tokens: int = 112
     temperature: float = 0.0
     """0: greedy continuations (what greedy speculative decoding verifies); above 0, sampled ones."""
-    batch_size: int = 64
-    """Prompts per `generate` call."""
+    batch_size: int = 256
+    """Prompts per `generate` call (larger batches amortise its per-token overhead, which dominates small models)."""
 
     def __post_init__(self):
         check_ranges(self, {"prompts": "[0, inf)", "prompt_length": "[1, inf)", "new_tokens": "[1, inf)",

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from .batch import Batch
 from ..checkpoint import detect
@@ -227,6 +228,18 @@ def self_distill(recipe, g) -> tuple[Batch, Batch]:
     return Batch(rows["train"]), Batch(rows["validation"])
 
 
+class _Never(LogitsProcessor):
+    """A logits processor: `token` is never produced (transformers' `suppress_tokens` does the same through
+    `isin` over the vocabulary at every step, a third of the time of a small model's generation)."""
+
+    def __init__(self, token: int):
+        self.token = token
+
+    def __call__(self, input_ids, scores):
+        scores[:, self.token] = -torch.inf
+        return scores
+
+
 @torch.no_grad()
 def _continue(recipe, prompts: torch.Tensor, g, stream: int) -> torch.Tensor:
     """The parent's (adapter off, causal) continuations of `prompts`, `g.new_tokens` each, [MASK] never produced
@@ -243,8 +256,7 @@ def _continue(recipe, prompts: torch.Tensor, g, stream: int) -> torch.Tensor:
             sampled = {"do_sample": True, "temperature": g.temperature, "top_k": None, "top_p": None} \
                 if g.temperature > 0 else {"do_sample": False}
             out.append(decoder.generate(part, attention_mask=torch.ones_like(part), max_new_tokens=g.new_tokens,
-                                        min_new_tokens=g.new_tokens, eos_token_id=None,
-                                        pad_token_id=dlm.config.mask_token_id,
-                                        suppress_tokens=[dlm.config.mask_token_id], **sampled).cpu())
+                                        eos_token_id=None, pad_token_id=dlm.config.mask_token_id,
+                                        logits_processor=LogitsProcessorList([_Never(dlm.config.mask_token_id)]), **sampled).cpu())
     dlm.train(was_training)
     return torch.cat(out).contiguous()
