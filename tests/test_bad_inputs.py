@@ -122,6 +122,8 @@ SFT = ["sft", "{ws}/recipe.yaml", "model.path={ws}/dlm", "data.chat_template=def
        "train.batch_size=2", "max_steps=1", "eval_steps=0", "save_steps=0", "output_dir={ws}/run"]
 TRAIN = ["train", "{ws}/recipe.yaml", "model.path={ws}/dlm", "data.train={ws}/train.txt", "data.seq_length=8",
          "train.batch_size=2", "max_steps=1", "eval_steps=0", "save_steps=0"]
+DRAFTER = [*TRAIN, "model.path={ws}/models/src", "output_dir={ws}/run", "drafter.enabled=true", "anneal.mode=none",
+           "block.size=4", "data.generate.prompts=4", "data.generate.prompt_length=4", "data.generate.new_tokens=12"]
 
 # name: (argv, exit code, phrase in the error line, paths kept byte-identical, paths that must not exist)
 CASES = {
@@ -167,6 +169,22 @@ CASES = {
                                                           "must end at block.size", [], ["run"]),
     "train blocks while annealing": ([*TRAIN, "output_dir={ws}/run", "block.size=4"], 2,
                                      "must be none with block diffusion", [], ["run"]),
+    # drafter training (issue 25): each refused before anything is written
+    "train a drafter of a diffusion checkpoint without one": ([*DRAFTER, "model.path={ws}/dlm"], 2,
+                                                              "without a drafter adapter", [], ["run"]),
+    "train a drafter with draft length 0": ([*DRAFTER, "block.size=0"], 2, r"'block.size' must be in \[1, inf\)", [],
+                                            ["run"]),
+    "train a drafter at temperature 0": ([*DRAFTER, "drafter.temperature=0"], 2,
+                                         r"'drafter.temperature' must be in \(0, inf\)", [], ["run"]),
+    "train a drafter with LoRA on the parent": ([*DRAFTER, "train.method=lora"], 2,
+                                                "must be full in a drafter run", [], ["run"]),
+    "generate data without a drafter run": ([*TRAIN, "output_dir={ws}/run", "data.generate.prompts=4"], 2,
+                                            "set drafter.enabled=true", [], ["run"]),
+    "generate data from text without enough prompts": ([*DRAFTER, "data.generate.prompts=1000"], 2,
+                                                       "needs 1000 training prompts of 4 tokens", SRC_FILES, ["run"]),
+    "generate data past the model's positions": ([*DRAFTER, "data.generate.new_tokens=100"], 2,
+                                                 "exceeds the model's 64 positions", [], ["run"]),
+    "train a drafter with sft": ([*SFT, "drafter.enabled=true"], 2, "not `dlm-adapt sft`", [], ["run"]),
     "eval with block size 0": (["eval", "{ws}/dlm", "--data", "{ws}/train.txt", "--block-size", "0"], 2,
                                "block_size must be at least 1", [], []),
     "train with max_steps=-5": ([*TRAIN, "output_dir={ws}/run", "max_steps=-5"], 2,

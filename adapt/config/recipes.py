@@ -18,6 +18,7 @@ from ..errors import AdaptError
 from ..ranges import FieldError, check_ranges
 from .commands import DTYPE_NAMES
 from .diffusion import AnnealConfig, BlockConfig, ObjectiveConfig
+from .drafter import DrafterConfig, GenerateDataConfig, check_drafter_sections
 
 
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
@@ -62,6 +63,8 @@ class DataConfig:
     """Tokens per packed training sequence (documents joined with EOS in between). Was `block_length`, a name
     now kept for the decoding block; the old key still loads, with a warning, for one release."""
     max_eval_sequences: int = 64
+    generate: GenerateDataConfig = field(default_factory=GenerateDataConfig)
+    """Drafter runs: train on the parent's own continuations of training-text prompts (`adapt.config.drafter`)."""
 
     def __post_init__(self):
         check_ranges(self, {"validation_fraction": "[0, 1)", "seq_length": "[2, inf)",
@@ -191,8 +194,11 @@ class TrainConfig:
     or `block.size` has a block size."""
     train: TrainOptions = field(default_factory=TrainOptions)
     lora: LoraOptions = field(default_factory=LoraOptions)
+    drafter: DrafterConfig = field(default_factory=DrafterConfig)
+    """Drafter training: distil the frozen parent into a drafter checkpoint's adapter (`adapt.config.drafter`)."""
 
     def __post_init__(self):
+        check_drafter_sections(self.drafter, self.data, self.train.method)
         if self.block.size is not None and self.anneal.mode != "none":
             raise FieldError("anneal.mode", "must be none with block diffusion (block.size is set): the block "
                                             "schedule replaces annealing, starting from the AR model at block size 1")

@@ -103,7 +103,9 @@ def source_tokenizer(cfg: TrainConfig, source: str, diffusion_source: bool):
     return tokenizer, getattr(config, "max_position_embeddings", None)
 
 
-def save_final(cfg: TrainConfig, model, tokenizer, source: str, final: Path):
+def save_final(cfg: TrainConfig, model, tokenizer, source: str, final: Path, check=None):
+    """Write OUTPUT/final through a temporary sibling; `check(written)`, if given, may refuse it before it is
+    renamed into place."""
     tmp = final.parent / ".final-tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -122,6 +124,8 @@ def save_final(cfg: TrainConfig, model, tokenizer, source: str, final: Path):
                     model = full
                 model.merge_and_unload().save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
+        if check:
+            check(tmp)
     except AdaptError:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -28,6 +28,7 @@ from .batch import Batch
 from ..config import SFTConfig, SFTDataConfig, TrainConfig, to_dict
 from ..conversion.convert import convert
 from .data import SequenceLoader, build_datasets
+from .drafter_training import DrafterRun
 from ..errors import AdaptError
 from .likelihood import diffusion_elbo
 from ..model.block_masked_diffusion import resolve_block_size, two_l_logits
@@ -96,12 +97,15 @@ class Recipe:
         self.source = cfg.model.path
         if not self.source:
             raise AdaptError("model.path is not set")
+        self.drafter = DrafterRun(cfg) if cfg.drafter.enabled else None  # drafter training: training/drafter_training
 
     def setup_data(self):
         """Tokenise the training and validation data with the source's tokenizer: data problems surface before
         anything is converted or written."""
         cfg = self.cfg
         self.diffusion_source = is_diffusion_checkpoint(self.source)
+        if self.drafter:
+            self.drafter.check_source(self.source, self.diffusion_source)
         self.tokenizer, max_positions = source_tokenizer(cfg, self.source, self.diffusion_source)
         if self.diffusion_source:  # block.size unset: the checkpoint's own block size is trained
             block, row = cfg.block.final_size(detect(self.source).config.get("block_size")), _row_length(cfg)
@@ -112,6 +116,9 @@ class Recipe:
         if self.sft:
             self.train_data, self.val_data, self.chat_template = build_sft_datasets(
                 cfg.data, self.tokenizer, max_positions, cfg.train.seed)
+        elif self.drafter and cfg.data.generate.prompts:  # prompts now; the parent's continuations in setup_model
+            self.train_data, self.val_data = self.drafter.prompts(cfg.data, self.tokenizer, max_positions,
+                                                                  cfg.train.seed)
         else:
             self.train_data, val = build_datasets(cfg.data, self.tokenizer, max_positions, cfg.train.seed)
             self.val_data = val[: cfg.data.max_eval_sequences]
@@ -132,7 +139,9 @@ class Recipe:
             if self.main and not (converted / "config.json").exists():
                 model = self.cfg.model
                 convert(self.source, converted, mask_token=model.mask_token, shift=model.shift,
-                        gguf_file=model.gguf_file, block_size=self.cfg.block.final_size(None))
+                        gguf_file=model.gguf_file, block_size=self.cfg.block.final_size(None),
+                        drafter=bool(self.drafter), drafter_rank=self.cfg.drafter.rank,
+                        **({"dtype": model.dtype} if self.drafter else {}))  # a drafter's parent: kept as stored
             self.accelerator.wait_for_everyone()
             self.source = str(converted)
 
@@ -157,6 +166,8 @@ class Recipe:
         self.block = None  # the block size of the latest step (the schedule moves it)
         check_annealing_supported(self.dlm, cfg.anneal)
         self.global_batch = cfg.train.batch_size * self.world
+        if self.drafter:  # freezes the parent; with data.generate, the parent writes the training text now
+            self.drafter.prepare(self)
         self.loader = SequenceLoader(self.train_data, self.global_batch, cfg.train.seed, self.rank, self.world)
 
     def setup_optimizer(self):
@@ -208,7 +219,7 @@ class Recipe:
             record = self.train_step(step)
             done = record["step"]
             if cfg.eval_steps and (done % cfg.eval_steps == 0 or done == cfg.max_steps):
-                record["val_elbo"] = self.evaluate()
+                record.update(self.drafter.evaluate(self) if self.drafter else {"val_elbo": self.evaluate()})
             self.log(record, bar)
             # a sharded model decodes with every rank taking part in each forward; the main one writes
             if (self.main or self.sharded) and cfg.sample_steps and done % cfg.sample_steps == 0:
@@ -254,6 +265,8 @@ class Recipe:
     def _micro_step(self, batch: Batch, ratio: float, sync) -> tuple[float, int]:
         """Forward and backward of this process's rows of one global batch: (loss, real tokens seen)."""
         cfg, dlm = self.cfg, self.dlm
+        if self.drafter:
+            return self.drafter.micro_step(self, batch, sync)
         rows = slice(self.rank * cfg.train.batch_size, (self.rank + 1) * cfg.train.batch_size)
         x0, maskable, padding = batch.split()
         per_block = self.block if cfg.block.noise == "block" else None
@@ -299,7 +312,7 @@ class Recipe:
 
     def log(self, record: dict, bar):
         cfg = self.cfg
-        if not self.main or not (record["step"] % cfg.log_steps == 0 or "val_elbo" in record):
+        if not self.main or not (record["step"] % cfg.log_steps == 0 or "val_elbo" in record or "val_tv" in record):
             return
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -344,7 +357,8 @@ class Recipe:
             if self.main:
                 model = self._unsharded_copy(state)
         if self.main:
-            save_final(self.cfg, model, self.tokenizer, self.source, final)
+            save_final(self.cfg, model, self.tokenizer, self.source, final,
+                       check=self.drafter and (lambda written: self.drafter.check_final(self.source, written)))
         self.accelerator.wait_for_everyone()
         return final
 

@@ -1,0 +1,262 @@
+"""Drafter training (`drafter.enabled` in a recipe; issue 25, REFERENCE §14): distil the frozen parent into the
+drafter adapter of a drafter checkpoint, so that speculative decoding accepts more of its drafts.
+
+`Recipe` (training/recipe.py) runs the steps as for any run (Accelerate, checkpoints and resume, metrics.jsonl,
+OUTPUT/final); `DrafterRun` is what differs: the checkpoint must hold a drafter adapter (a causal source is
+converted with `--drafter`), only `model.drafter` trains, the training text may be the parent's own continuations
+of training-text prompts (`data.generate`), a step distils the parent's next-token distributions into the drafter's
+at random draft groups (`adapt.training.distill`), validation reports the expected acceptance per draft position,
+and OUTPUT/final must hold the parent's tensors byte for byte as the source has them.
+"""
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from .batch import Batch
+from ..checkpoint import detect
+from ..config import DTYPES, TrainConfig
+from .data import hold_out, load_documents
+from .distill import distill_loss, draft_statistics, summarize
+from ..errors import AdaptError
+from ..model.drafter_masked_diffusion import drafter_training_logits, drafting
+from ..safetensors_io import read_shards, torch_dtype
+
+SELF_DISTILL_FILE = "self_distill.safetensors"
+EVAL_SEED = 1234  # every validation drafts the same groups: the curve moves only with the drafter
+
+
+FIRST_CUT = 2  # a group drafts the tokens from its cut on, given the text before cut - 1 (`drafter_training_logits`)
+
+
+def draft_cuts(lengths: torch.Tensor, width: int, k: int, groups: int | None, generator: torch.Generator):
+    """(cuts (batch, G), valid (batch, G, k)): where each group's k drafted tokens start, in [2, length - k] of each
+    row, and which groups count (a row shorter than `width` clamps the cuts past its end, and they do not count).
+    `groups` None covers each row: cuts every k tokens from a random offset in [2, k + 1]; else `groups` cuts drawn
+    uniformly in [2, width - k]."""
+    batch, low = len(lengths), FIRST_CUT
+    if width - k < low:
+        raise AdaptError(f"a training row of {width} tokens is too short to draft {k} tokens after {low}: lower the "
+                         f"draft length (block.size) to at most {width - low}, or lengthen the rows")
+    if groups is None:
+        count = max(1, (width - k - low) // k + 1)
+        span = min(k, width - k - low - k * (count - 1) + 1)  # the offsets that keep the last group inside the row
+        offset = torch.randint(low, low + span, (batch, 1), generator=generator)
+        cuts = offset + k * torch.arange(count)[None]
+    else:
+        cuts = torch.randint(low, width - k + 1, (batch, groups), generator=generator)
+    cuts = cuts.to(lengths.device)
+    last = (lengths[:, None] - k).clamp_min(low)
+    valid = (cuts <= last) & (lengths[:, None] >= low + k)
+    return torch.minimum(cuts, last), valid[:, :, None].expand(-1, -1, k)
+
+
+def _without(logits: torch.Tensor, token: int) -> torch.Tensor:
+    """Neither model produces `token` ([MASK]) when decoding (`TokenChoice`): zero probability for both here."""
+    return logits.float().masked_fill(torch.arange(logits.shape[-1], device=logits.device) == token, -torch.inf)
+
+
+def distilled_logits(model, batch: Batch, k: int, groups: int | None, generator: torch.Generator, forward=None):
+    """(student, teacher, valid, real tokens) for one batch: draft groups drawn with `generator`; one forward of
+    the clean rows and every group (`drafter_training_logits`), through `forward` (a training wrapper) if given."""
+    ids = batch.input_ids
+    padding = batch.attention_mask if batch.attention_mask is not None else torch.ones_like(ids)
+    cuts, valid = draft_cuts(padding.sum(1), ids.shape[1], k, groups, generator)
+    student, teacher = drafter_training_logits(model, ids, padding, cuts, k, forward=forward)
+    mask_id = model.config.mask_token_id
+    return _without(student, mask_id), _without(teacher, mask_id), valid, int(padding.sum())
+
+
+class DrafterRun:
+    """The drafter side of a `Recipe` (see the module docstring); each method is called from the recipe step of
+    the same name."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg.drafter
+        self.generate = cfg.data.generate
+
+    def check_source(self, source: str, diffusion_source: bool):
+        """A diffusion checkpoint must carry a drafter adapter (a causal source gets one when converted)."""
+        if diffusion_source and not detect(source).config.get("drafter"):
+            raise AdaptError(f"model.path {source} is a diffusion checkpoint without a drafter adapter: drafter "
+                             "training needs `dlm-adapt convert SRC OUT --drafter --block-size K`, or model.path set "
+                             "to the causal source (the run converts it with a drafter)")
+
+    def prompts(self, data, tokenizer, max_positions: int | None, seed: int) -> tuple[Batch, Batch]:
+        """data.generate: (training prompts, validation prompts), each the first `prompt_length` tokens of a
+        document (training documents, and held-out or validation ones); generation replaces them with rows."""
+        g = self.generate
+        if max_positions is not None and g.prompt_length + g.new_tokens > max_positions:
+            raise AdaptError(f"data.generate.prompt_length + new_tokens ({g.prompt_length + g.new_tokens}) exceeds the "
+                             f"model's {max_positions} positions; lower them")
+        if not data.train:
+            raise AdaptError("data.train is not set: data.generate takes its prompts from the training text")
+        docs = load_documents(data.train, data)
+        if data.validation:
+            val_docs = load_documents(data.validation, data)
+        else:
+            docs, val_docs = hold_out(docs, data.validation_fraction, seed, data.train, "documents")
+        train = _first_tokens(docs, tokenizer, g.prompt_length, g.prompts)
+        val = _first_tokens(val_docs, tokenizer, g.prompt_length, data.max_eval_sequences)
+        if len(train) < g.prompts or not len(val):
+            what, have = ("training", len(train)) if len(train) < g.prompts else ("validation", 0)
+            raise AdaptError(f"data.generate needs {g.prompts if what == 'training' else 1} {what} prompts of "
+                             f"{g.prompt_length} tokens, but the {what} text has {have} documents that long: lower "
+                             "data.generate.prompts or prompt_length, or add text")
+        return Batch(train), Batch(val)
+
+    def prepare(self, recipe):
+        """Freeze the parent, check what the run needs, and write or reuse the self-distillation data."""
+        dlm = recipe.dlm
+        if recipe.world > 1:
+            raise AdaptError("drafter training runs in one process for now (one GPU, or CPU): launch without "
+                             "accelerate's multi-process configs")
+        if getattr(dlm, "drafter", None) is None:  # a converted causal source always has one
+            raise AdaptError(f"{recipe.source} has no drafter adapter")
+        stored = _parent_dtype(recipe.source)
+        if stored is not None and stored != dlm.dtype:
+            name = next(n for n, d in DTYPES.items() if d == stored)
+            raise AdaptError(f"model.dtype={recipe.cfg.model.dtype}, but the parent is stored in {name}: a drafter run "
+                             f"keeps the parent's weights byte for byte; set model.dtype={name}")
+        for name, p in dlm.named_parameters():
+            p.requires_grad_(name.startswith("drafter."))
+        if self.generate.prompts:
+            recipe.train_data, recipe.val_data = self_distill(recipe, self.generate)
+
+    def micro_step(self, recipe, batch: Batch, sync) -> tuple[float, int]:
+        # the backward inside `drafting` too: recomputed (checkpointed) layers must see the adapter and its gate
+        with sync, recipe.accelerator.autocast(), drafting(recipe.dlm, start=batch.input_ids.shape[1]):
+            student, teacher, valid, tokens = distilled_logits(recipe.dlm, batch, recipe.block, self.cfg.groups,
+                                                               recipe.noise, forward=recipe.model)
+            loss = distill_loss(student, teacher, self.cfg.loss, self.cfg.temperature, valid)
+            recipe.accelerator.backward(loss / recipe.cfg.train.gradient_accumulation_steps)
+        return loss.detach().float().item(), tokens
+
+    @torch.no_grad()
+    def evaluate(self, recipe) -> dict:
+        """Validation: the loss, TV, and per draft position the expected acceptance (sampling at
+        `drafter.temperature`, and greedy), with the tokens one round would yield (`distill.draft_statistics`)."""
+        dlm, size, generator = recipe.dlm, recipe.cfg.train.batch_size, torch.Generator().manual_seed(EVAL_SEED)
+        device, sums, loss, count = recipe.accelerator.device, None, 0.0, 0
+        was_training = dlm.training
+        dlm.eval()
+        for start in range(0, len(recipe.val_data), size):
+            batch = recipe.val_data[start:start + size].to(device)
+            student, teacher, valid, _ = distilled_logits(dlm, batch, recipe.block, self.cfg.groups, generator)
+            part = draft_statistics(student, teacher, self.cfg.temperature, valid)
+            sums = part if sums is None else {key: sums[key] + part[key] for key in sums}
+            loss += float(distill_loss(student, teacher, self.cfg.loss, self.cfg.temperature, valid)) * len(batch)
+            count += len(batch)
+        dlm.train(was_training)
+        return {"val_loss": loss / count, **summarize(sums)}
+
+    def check_final(self, source: str, written):
+        """OUTPUT/final (being written at `written`) holds every tensor of the parent exactly as the source
+        stores it (dtype, shape, bytes): only `drafter.*` tensors may differ."""
+        check_parent_untouched(source, written)
+
+
+def check_parent_untouched(source, written):
+    def stored(directory):
+        return {name: t for shard in read_shards(Path(directory)).values() for name, t in shard.items()}
+
+    before, after = stored(source), stored(written)
+    parent = {name for name in before if not name.startswith("drafter.")}
+    missing = parent - after.keys()
+    changed = sorted(name for name in parent - missing if (before[name].dtype, before[name].shape) != (
+        after[name].dtype, after[name].shape) or not torch.equal(_bytes(before[name]), _bytes(after[name])))
+    if missing or changed:
+        raise AdaptError(f"the drafter run would change the parent's weights ({len(missing)} missing, {len(changed)} "
+                         f"changed, e.g. {sorted(missing)[:1] or changed[:1]}); OUTPUT/final was not written")
+
+
+def _bytes(stored) -> torch.Tensor:
+    return stored.load().reshape(-1).view(torch.uint8)
+
+
+def _parent_dtype(source) -> torch.dtype | None:
+    """The dtype of the parent's floating-point tensors as stored (None if mixed)."""
+    kinds = {torch_dtype(t.dtype) for shard in read_shards(Path(source)).values() for name, t in shard.items()
+             if not name.startswith("drafter.")}
+    floats = {d for d in kinds if d.is_floating_point}
+    return floats.pop() if len(floats) == 1 else None
+
+
+def _first_tokens(docs: list[str], tokenizer, length: int, limit: int) -> torch.Tensor:
+    rows = []
+    for start in range(0, len(docs), 256):
+        for ids in tokenizer(docs[start:start + 256])["input_ids"]:
+            if len(ids) >= length:
+                rows.append(ids[:length])
+        if len(rows) >= limit:
+            break
+    return torch.tensor(rows[:limit], dtype=torch.long).reshape(-1, length)
+
+
+# ------------------------------------------------------------------------------------------------ self-distillation
+
+def self_distill(recipe, g) -> tuple[Batch, Batch]:
+    """The parent's continuations of the training and validation prompts, generated once into
+    OUTPUT/self_distill.safetensors (a resumed run reads them back; other settings are refused)."""
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+
+    path = recipe.out / SELF_DISTILL_FILE
+    settings = json.dumps({"prompts": g.prompts, "prompt_length": g.prompt_length, "new_tokens": g.new_tokens,
+                           "temperature": g.temperature, "validation_prompts": len(recipe.val_data),
+                           "seed": recipe.cfg.train.seed}, sort_keys=True)
+    if recipe.main and not path.is_file():
+        started = time.perf_counter()
+        rows = {"train": _continue(recipe, recipe.train_data.input_ids, g, 0),
+                "validation": _continue(recipe, recipe.val_data.input_ids, g, 1)}
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(rows, str(tmp), metadata={"dlm_adapt_generate": settings})
+        tmp.rename(path)
+        print(f"dlm-adapt: wrote the parent's continuations of {g.prompts} prompts ({g.new_tokens} tokens each) to "
+              f"{path} in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    recipe.accelerator.wait_for_everyone()
+    with safe_open(str(path), "pt") as f:
+        written = (f.metadata() or {}).get("dlm_adapt_generate")
+    if written != settings:
+        raise AdaptError(f"{path} was generated with other data.generate settings ({written}, now {settings}): restore "
+                         "them, or start over with overwrite=true")
+    rows = load_file(str(path))
+    return Batch(rows["train"]), Batch(rows["validation"])
+
+
+class _Never(LogitsProcessor):
+    """A logits processor: `token` is never produced (transformers' `suppress_tokens` does the same through
+    `isin` over the vocabulary at every step, a third of the time of a small model's generation)."""
+
+    def __init__(self, token: int):
+        self.token = token
+
+    def __call__(self, input_ids, scores):
+        scores[:, self.token] = -torch.inf
+        return scores
+
+
+@torch.no_grad()
+def _continue(recipe, prompts: torch.Tensor, g, stream: int) -> torch.Tensor:
+    """The parent's (adapter off, causal) continuations of `prompts`, `g.new_tokens` each, [MASK] never produced
+    (as in speculative decoding), EOS not stopping a row (the parent writes on, as it would if asked for more)."""
+    dlm = recipe.dlm
+    decoder, device = dlm.decoder, recipe.accelerator.device
+    was_training = dlm.training
+    dlm.eval()
+    out = []
+    with torch.random.fork_rng(devices=[]), dlm._attention(True):  # the run's own random streams stay put
+        torch.manual_seed(recipe.cfg.train.seed + stream)
+        for start in range(0, len(prompts), g.batch_size):
+            part = prompts[start:start + g.batch_size].to(device)
+            sampled = {"do_sample": True, "temperature": g.temperature, "top_k": None, "top_p": None} \
+                if g.temperature > 0 else {"do_sample": False}
+            out.append(decoder.generate(part, attention_mask=torch.ones_like(part), max_new_tokens=g.new_tokens,
+                                        eos_token_id=None, pad_token_id=dlm.config.mask_token_id,
+                                        logits_processor=LogitsProcessorList([_Never(dlm.config.mask_token_id)]), **sampled).cpu())
+    dlm.train(was_training)
+    return torch.cat(out).contiguous()
