@@ -19,10 +19,6 @@ class Renamed:
 
 
 RENAMED = (
-    # the packing length was called block_length; "block" is the diffusion/decoding block only
-    Renamed("data.block_length", "data.seq_length", "recipe key (YAML, key=value)", "0.6.0"),
-    Renamed("--block-length", "--seq-length", "dlm-adapt eval flag", "0.6.0"),
-    Renamed("block_length", "seq_length", "adapt.evaluate keyword", "0.6.0"),
     # packed rows of text are sequences; "block" is the diffusion/decoding block only
     Renamed("data.max_eval_blocks", "data.max_eval_sequences", "recipe key (YAML, key=value)", "0.7.0"),
     Renamed("--num-blocks", "--num-sequences", "dlm-adapt eval flag", "0.7.0"),

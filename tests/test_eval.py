@@ -378,18 +378,15 @@ def test_bad_input_is_one_clear_error(converted, tmp_path, capsys, case):
     assert "Traceback" not in stderr and re.search(message, err[0]), err[0]
 
 
-def test_block_length_flag_and_keyword_are_deprecated_names_of_seq_length(monkeypatch, capsys):
+def test_num_blocks_flag_is_a_deprecated_name_of_num_sequences_and_block_length_is_gone(monkeypatch, capsys):
     import importlib
 
     evaluate_module = importlib.import_module("adapt.evaluation.harness")
     seen = {}
     monkeypatch.setattr(evaluate_module, "evaluate", lambda model, data, **kw: seen.update(kw) or {"ok": 1})
-    assert main(["eval", "m", "--data", "d.txt", "--block-length", "32"]) == 0
-    assert seen["seq_length"] == 32
-    assert capsys.readouterr().err == "dlm-adapt: warning: --block-length is deprecated, use --seq-length\n"
     assert main(["eval", "m", "--data", "d.txt"]) == 0 and seen["seq_length"] == 128
-    assert main(["eval", "m", "--data", "d.txt", "--block-length", "32", "--seq-length", "32"]) == 2
-    assert "give only --seq-length" in capsys.readouterr().err
+    assert main(["eval", "m", "--data", "d.txt", "--block-length", "32"]) == 2  # removed in 0.6.0
+    assert "--block-length" in capsys.readouterr().err and "block_length" not in seen
     assert main(["eval", "m", "--data", "d.txt", "--num-blocks", "8"]) == 0 and seen["num_sequences"] == 8
     assert capsys.readouterr().err == "dlm-adapt: warning: --num-blocks is deprecated, use --num-sequences\n"
     assert main(["eval", "m", "--data", "d.txt"]) == 0 and seen["num_sequences"] == 64
@@ -397,13 +394,13 @@ def test_block_length_flag_and_keyword_are_deprecated_names_of_seq_length(monkey
     assert "give only --num-sequences" in capsys.readouterr().err
 
 
-def test_evaluate_block_length_keyword_still_works_with_a_warning(tmp_path):
+def test_evaluate_num_blocks_keyword_still_works_with_a_warning(tmp_path):
     data = words_file(tmp_path / "d.txt")
-    with pytest.warns(FutureWarning, match="use seq_length="), pytest.warns(FutureWarning, match="use num_sequences="):
-        old = adapt.evaluate(uniform(), str(data), tokenizer=tiny_tokenizer(mask_token=True), block_length=16,
+    with pytest.warns(FutureWarning, match="use num_sequences="):
+        old = adapt.evaluate(uniform(), str(data), tokenizer=tiny_tokenizer(mask_token=True), seq_length=16,
                              num_blocks=4, sample_by="line", mc_samples=2)
     new = adapt.evaluate(uniform(), str(data), tokenizer=tiny_tokenizer(mask_token=True), seq_length=16,
                          num_sequences=4, sample_by="line", mc_samples=2)
     assert old == new
-    with pytest.raises(AdaptError, match="both seq_length and block_length"):
-        adapt.evaluate(uniform(), str(data), tokenizer=tiny_tokenizer(mask_token=True), seq_length=32, block_length=16)
+    with pytest.raises(AdaptError, match="both num_sequences and num_blocks"):
+        adapt.evaluate(uniform(), str(data), tokenizer=tiny_tokenizer(mask_token=True), num_sequences=4, num_blocks=4)

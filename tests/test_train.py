@@ -305,27 +305,11 @@ def test_hub_dataset_name_goes_through_datasets(setup, tmp_path, monkeypatch):
     assert ("someorg/stories", "small", "train") in calls
 
 
-def test_old_block_length_key_loads_with_one_warning(tmp_path, capsys):
-    warning = ("dlm-adapt: warning: data.block_length is deprecated, use data.seq_length (the old name goes in "
-               "0.6.0)\n")
-    old = tmp_path / "old.yaml"
-    old.write_text("data:\n  block_length: 32\n")
-    assert load_config(old).data.seq_length == 32
-    assert capsys.readouterr().err == warning
-    assert load_config(None, ["data.block_length=24"]).data.seq_length == 24
-    assert capsys.readouterr().err == warning
-    assert load_config(old, ["data.seq_length=48"]).data.seq_length == 48  # an override replaces the file's value
-    capsys.readouterr()
+def test_block_length_recipe_key_is_gone_in_0_6_0(tmp_path):
+    """data.block_length was the packing length's name until 0.6.0; now it is an unknown key, one line."""
+    with pytest.raises(AdaptError, match="unknown config key 'data.block_length'"):
+        load_config(None, ["data.block_length=32"])
     assert load_config(None, ["data.seq_length=40"]).data.seq_length == 40
-    assert capsys.readouterr().err == ""
-    both = tmp_path / "both.yaml"
-    both.write_text("data:\n  block_length: 32\n  seq_length: 32\n")
-    with pytest.raises(AdaptError, match="sets both data.block_length and data.seq_length"):
-        load_config(both)
-    with pytest.raises(AdaptError, match="set both data.block_length and data.seq_length"):
-        load_config(None, ["data.seq_length=32", "data.block_length=32"])
-    with pytest.raises(AdaptError, match="unknown config key 'data.block_length'"):  # SFT data never had one
-        load_config(None, ["data.block_length=32"], cls=adapt.SFTConfig)
 
 
 def test_old_max_eval_blocks_key_loads_with_one_warning(tmp_path, capsys):

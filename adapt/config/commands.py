@@ -189,7 +189,6 @@ class EvalOptions:
         "causal LM that scores generated text (default: the checkpoint's provenance.source, if it loads from "
         "local files)"))
     seq_length: int | None = field(default=None, **_help("tokens per packed sequence (default: 128)"))
-    block_length: int | None = field(default=None, **_help("deprecated name of --seq-length"))
     num_sequences: int | None = field(default=None, **_help(
         "packed sequences evaluated, from the start of the data (default: 64)"))
     num_blocks: int | None = field(default=None, **_help("deprecated name of --num-sequences"))

@@ -60,8 +60,8 @@ class DataConfig:
     sample_by: Literal["line", "paragraph", "document"] = "paragraph"
     """How a .txt file splits into documents (blank-line-separated paragraphs by default)."""
     seq_length: int = 256
-    """Tokens per packed training sequence (documents joined with EOS in between). Was `block_length`, a name
-    now kept for the decoding block; the old key still loads, with a warning, for one release."""
+    """Tokens per packed training sequence (documents joined with EOS in between). Called `block_length` before
+    0.6.0, a name now kept for the decoding block."""
     max_eval_sequences: int = 64
     generate: GenerateDataConfig = field(default_factory=GenerateDataConfig)
     """Drafter runs: train on the parent's own continuations of training-text prompts (`adapt.config.drafter`)."""
@@ -276,7 +276,7 @@ DEPRECATED_KEYS = {old: r.new for old, r in renamed("recipe key").items()}  # ad
 
 
 def _deprecated_keys(cls) -> dict[str, str]:
-    """The renames that apply to `cls` (SFT data never had a block_length, so there it stays an unknown key)."""
+    """The renames that apply to `cls` (SFT data has no max_eval_sequences, so there the old key stays an unknown one)."""
     found = {}
     for old, new in DEPRECATED_KEYS.items():
         section, leaf = new.split(".")
