@@ -62,3 +62,14 @@ def require_shared():
     if not STORIES.is_dir():
         pytest.skip(f"real-model test needs ../shared/models/stories260K beside the checkout ({STORIES} not found)")
     return STORIES
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """For files that run several Accelerate runs in one process: Accelerate keeps the first Accelerator's state
+    (mixed precision among it) for the whole process unless it is reset."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)

@@ -36,15 +36,7 @@ def stand_in(model_path: str) -> str:
     raise AssertionError(f"no tiny stand-in for model.path={model_path}: add its architecture to STAND_INS")
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    # one process runs recipes of different mixed precision (and other test files before them); Accelerate keeps
-    # the first Accelerator's for the whole process unless its state is reset
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 @pytest.fixture(scope="module")
