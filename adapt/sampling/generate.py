@@ -102,6 +102,8 @@ def check_options(model, prompts: list[str], sampling: SamplingOptions, *, infil
         raise AdaptError(str(e)) from e
     if isinstance(model, (str, Path)):
         check_checkpoint_options(model, sampling)
+    elif getattr(getattr(model, "config", None), "model_type", None) == "masked_diffusion_lm":
+        _check_block_options(getattr(model.config, "block_size", None), sampling)  # a server checks each request
     return n
 
 
@@ -120,6 +122,10 @@ def check_checkpoint_options(path, sampling: SamplingOptions):
     if block is not None and positions is not None and block > positions:
         raise AdaptError(f"{path} has block size {block}, more than its model's {positions} positions: no block "
                          f"can be decoded; convert or train it again with a block size of at most {positions}")
+    _check_block_options(block, sampling)
+
+
+def _check_block_options(block: int | None, sampling: SamplingOptions):
     try:
         check_block_options(block, block_length=sampling.block_length, kv_cache=sampling.kv_cache,
                             sub_block=sampling.sub_block)

@@ -55,7 +55,7 @@ def build_server(model, *, tokenizer=None, **options):
     if o.chat_template is not None:
         tokenizer.chat_template = Path(o.chat_template).read_text(encoding="utf-8")
     name = o.model_name or (Path(path).name if path is not None else "dlm-adapt")
-    app = create_app(model, tokenizer, o, name, checkpoint=path)
+    app = create_app(model, tokenizer, o, name)
     config = uvicorn.Config(app, host=o.host, port=o.port, log_level=o.log_level,
                             timeout_graceful_shutdown=o.shutdown_timeout, access_log=o.log_level == "debug")
     server = _server(config)
@@ -101,7 +101,7 @@ def _server(config):
     return Server(config)
 
 
-def create_app(model, tokenizer, options: ServeOptions, name: str, checkpoint=None):
+def create_app(model, tokenizer, options: ServeOptions, name: str):
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse
     from starlette.exceptions import HTTPException
@@ -116,7 +116,7 @@ def create_app(model, tokenizer, options: ServeOptions, name: str, checkpoint=No
                                 batch_wait=options.batch_wait_ms / 1000)
     key = options.api_key or os.environ.get("DLM_ADAPT_API_KEY")
     started = time.time()
-    app.state.served = _Served(model, tokenizer, options, name, checkpoint, app.state.batcher)
+    app.state.served = _Served(model, tokenizer, options, name, app.state.batcher)
 
     @app.exception_handler(APIError)
     async def api_error(request, e: APIError):
@@ -165,7 +165,6 @@ class _Served:
     tokenizer: object
     options: ServeOptions
     name: str
-    checkpoint: object
     batcher: Batcher
 
 
@@ -174,13 +173,12 @@ async def _complete(served: _Served, request, cls, chat: bool):
     from fastapi.responses import JSONResponse, StreamingResponse
 
     model, tokenizer, name, options = served.model, served.tokenizer, served.name, served.options
-    checkpoint = served.checkpoint
     body = parse(await request.body(), cls)
     if body.model != name:
         raise APIError(404, f"model {body.model!r} is not served here; this server serves {name!r}",
                        param="model", code="model_not_found")
     sampling = sampling_options(body)
-    n = check_request(checkpoint if checkpoint is not None else model, body, sampling)
+    n = check_request(model, body, sampling)  # the loaded model's config: no file read per request
     ids = _prompt_ids(tokenizer, body, chat)
     _check_context(model, ids, n, sampling, _context_length(model))
     stops = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())

@@ -111,9 +111,9 @@ def sampling_options(request: _Request) -> SamplingOptions:
                            speculative=bool(request.speculative), draft_length=request.draft_length)
 
 
-def check_request(checkpoint, request: _Request, sampling: SamplingOptions) -> int | None:
-    """`generate`'s own checks (the same words as the CLI's errors, as 400s); `checkpoint` is the served path (its
-    config.json rules out block options) or the model. Returns max_new_tokens."""
+def check_request(model, request: _Request, sampling: SamplingOptions) -> int | None:
+    """`generate`'s own checks (the same words as the CLI's errors, as 400s) against the served model's config.
+    Returns max_new_tokens."""
     n = max_new_tokens(request)
     if n is not None and n < 1:
         raise APIError(400, f"max_tokens must be at least 1, got {n}", param="max_tokens", code="invalid_value")
@@ -121,7 +121,7 @@ def check_request(checkpoint, request: _Request, sampling: SamplingOptions) -> i
     if len(stops) > 4 or not all(stops):
         raise APIError(400, "stop takes up to 4 non-empty strings", param="stop", code="invalid_value")
     try:
-        check_options(checkpoint, ["-"], dataclasses.replace(sampling, max_new_tokens=n))
+        check_options(model, ["-"], dataclasses.replace(sampling, max_new_tokens=n))
     except AdaptError as e:
         raise APIError(400, str(e), code="invalid_value") from None
     return n
