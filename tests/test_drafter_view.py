@@ -1,5 +1,5 @@
-"""The drafter's training view (`drafter_training_logits`): one forward over clean sequences and groups of masks,
-with decoding's attention and gate. The student is exactly what decoding drafts from for the same prefix; the
+"""The drafter's training view (`drafter_training_logits`): clean sequences and groups of masks, with decoding's
+attention and gate. The student is exactly what decoding drafts from for the same prefix; the
 teacher is the parent's causal logits given the true prefix; padding changes neither; gradients reach the adapter."""
 
 import pytest
@@ -91,6 +91,8 @@ def _adapter_grads(model, text):
 
 
 def test_gradients_reach_the_adapter_only(tmp_path):
+    """The two passes (clean tokens into the parent's cache without gradients, then the masks) and the one forward
+    that activation checkpointing needs give the same gradients, and only to the adapter."""
     save_tiny_source(tmp_path / "src", "llama")
     model, _ = adapt.load(adapt.convert(tmp_path / "src", tmp_path / "dlm", block_size=4), attn_implementation="eager")
     model = _trained(_with_drafter(model))

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from .block_masked_diffusion import _per_layer_kind, position_ids_from_padding
-from .transformers_compat import drop_last_cached
+from .transformers_compat import checkpointing_drops_cache, drop_last_cached, full_cache
 
 PROJECTION_TYPES = ("Linear", "Conv1D")  # GPT-2 keeps its projections in transformers' Conv1D (weight in x out)
 ROUTERS = ("gate", "router")  # MoE routers: a LoRA there would change which experts run, not what they compute
@@ -341,19 +341,23 @@ def fused_forward(model, cache, clean_ids, clean_mask, drafted: int, draft_lengt
 
 
 def drafter_training_logits(model, input_ids, attention_mask, cuts, draft_length: int, *, forward=None):
-    """The training view of the fused round: one forward over the clean sequences `input_ids` (batch, L) (padding
-    `attention_mask`, left, right or none; positions count real tokens) run causally with the adapter off, and G
+    """The training view of the fused round over the clean sequences `input_ids` (batch, L) (padding
+    `attention_mask`, left, right or none; positions count real tokens), run causally with the adapter off, and G
     groups of `draft_length` + 1 masks per row, the adapter on, with the attention of decoding
     (`draft_attention_mask`). `cuts` (batch, G): group g of row r drafts the tokens at positions cut, ...,
     cut + k - 1 given the tokens before cut - 1 (the token at cut - 1 is the parent's own next token, which a fused
     round has not chosen yet: the group's first mask stands there). Needs 2 <= cut <= length - k per row.
+
+    As in decoding, the clean tokens run first, without gradients, into the parent's KV cache, and the masks then
+    run against it: the backward covers the masks alone (the clean columns hold no trainable weight). Under
+    activation checkpointing, which drops a KV cache, both run in one forward (the same logits).
 
     Returns (student, teacher), each (batch, G, k, V): the drafter's logits for those tokens (shift applied: index i
     predicts the token at cut + i; exactly the logits decoding drafts from, `fused_forward`) and the parent's
     causal next-token logits for the same tokens given the true prefix (detached). The student's gradients reach
     the adapter (and the decoder's weights only if they require grad: freeze them). With activation checkpointing,
     run the backward inside `drafting(model)` too, so that the recomputed layers see the adapter and its gate.
-    `forward`: a wrapper around `model` (a training engine's) to run the forward with; default `model`."""
+    `forward`: a wrapper around `model` (a training engine's) to run the masks' forward with; default `model`."""
     k, (batch, length), g = draft_length, input_ids.shape, cuts.shape[1]
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"draft length must be at least 1, got {k!r}")
@@ -365,30 +369,55 @@ def drafter_training_logits(model, input_ids, attention_mask, cuts, draft_length
     device, m = input_ids.device, k + 1
     positions = position_ids_from_padding(padding)
     mask_positions, mask_groups, mask_limits = _mask_columns(cuts - 2, k)
-    clean_groups = torch.full((batch, length), -1, dtype=torch.long, device=device)
-    all_positions = torch.cat([positions, mask_positions], 1)
-    attention = draft_attention_mask(
-        model.config.text_config, torch.cat([padding, padding.new_ones((batch, g * m))], 1), all_positions,
-        torch.cat([clean_groups, mask_groups], 1), torch.cat([positions, mask_limits], 1), length + g * m,
-        model.dtype)
+    keys = (torch.cat([padding, padding.new_ones((batch, g * m))], 1), torch.cat([positions, mask_positions], 1),
+            torch.cat([torch.full((batch, length), -1, dtype=torch.long, device=device), mask_groups], 1),
+            torch.cat([positions, mask_limits], 1))  # real, positions, groups, limits of every column
     # the clean column of each position: real columns first, in order
     column_of = torch.sort((padding == 0).long(), dim=1, stable=True).indices
     predicted = cuts[:, :, None] + torch.arange(k, device=device)  # (batch, G, k): the tokens drafted
     teacher_cols = column_of.gather(1, (predicted - 1).flatten(1)).view(batch, g, k)
-    student_cols = (length + torch.arange(g, device=device)[:, None] * m
-                    + group_logit_index(k, model.config.shift).to(device))[None].expand(batch, -1, -1)
-    needed = torch.cat([teacher_cols.flatten(), student_cols.flatten()])
-    keep = torch.unique(needed)  # sorted: the logits computed, the same columns for every row
-    ids = torch.cat([input_ids, input_ids.new_full((batch, g * m), model.config.mask_token_id)], 1)
+    student_cols = (torch.arange(g, device=device)[:, None] * m + group_logit_index(k, model.config.shift).to(device))
+    masks = input_ids.new_full((batch, g * m), model.config.mask_token_id)
+    if checkpointing_drops_cache(model):
+        teacher, student = _one_forward(model, input_ids, masks, keys, teacher_cols, student_cols, forward)
+    else:
+        teacher, student = _two_passes(model, input_ids, masks, keys, teacher_cols, student_cols, forward)
+    return student.view(batch, g, k, -1), teacher.view(batch, g, k, -1).detach()
+
+
+def _picked(logits, keep, cols):
+    """The logits of columns `cols` (batch, ...) from a forward that kept the sorted columns `keep`."""
+    at = torch.searchsorted(keep, cols.flatten(1).contiguous())
+    return logits.gather(1, at[..., None].expand(-1, -1, logits.shape[-1]))
+
+
+def _two_passes(model, input_ids, masks, keys, teacher_cols, student_cols, forward):
+    (real, positions, groups, limits), length = keys, input_ids.shape[1]
+    text_config, keep = model.config.text_config, torch.unique(teacher_cols)
+    with torch.no_grad(), drafting(model, start=length):  # the parent: the adapter is off on every clean column
+        clean = draft_attention_mask(text_config, real[:, :length], positions[:, :length], groups[:, :length],
+                                     limits[:, :length], length, model.dtype)
+        cache = full_cache()  # sliding-window layers keep every key: the mask applies the window
+        out = model(input_ids=input_ids, attention_mask=clean, position_ids=positions[:, :length],
+                    past_key_values=cache, use_cache=True, logits_to_keep=keep)
+    attention = draft_attention_mask(text_config, real, positions, groups, limits, masks.shape[1], model.dtype)
+    with drafting(model, start=0):
+        student = (forward or model)(input_ids=masks, attention_mask=attention, position_ids=positions[:, length:],
+                                     past_key_values=cache, use_cache=True,
+                                     logits_to_keep=student_cols.flatten()).logits
+    return _picked(out.logits, keep, teacher_cols), student
+
+
+def _one_forward(model, input_ids, masks, keys, teacher_cols, student_cols, forward):
+    (real, positions, groups, limits), length = keys, input_ids.shape[1]
+    attention = draft_attention_mask(model.config.text_config, real, positions, groups, limits, real.shape[1],
+                                     model.dtype)
+    keep = torch.unique(torch.cat([teacher_cols.flatten(), length + student_cols.flatten()]))  # sorted
     with drafting(model, start=length):
-        logits = (forward or model)(input_ids=ids, attention_mask=attention, position_ids=all_positions,
-                                    logits_to_keep=keep).logits
-
-    def pick(cols):
-        at = torch.searchsorted(keep, cols.flatten(1).contiguous())
-        return logits.gather(1, at[..., None].expand(-1, -1, logits.shape[-1])).view(batch, g, k, -1)
-
-    return pick(student_cols), pick(teacher_cols).detach()
+        logits = (forward or model)(input_ids=torch.cat([input_ids, masks], 1), attention_mask=attention,
+                                    position_ids=positions, logits_to_keep=keep).logits
+    batch = len(input_ids)
+    return _picked(logits, keep, teacher_cols), _picked(logits, keep, (length + student_cols)[None].expand(batch, -1, -1))
 
 
 __all__ = ["DESIGN", "DrafterAdapter", "DrafterError", "check_drafter_spec", "draft_attention_mask",

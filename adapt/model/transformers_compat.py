@@ -149,6 +149,13 @@ def enable_activation_checkpointing(model):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
+def checkpointing_drops_cache(model) -> bool:
+    """Whether a forward of `model` now would run its layers under activation checkpointing, which drops a given KV
+    cache (transformers' `GradientCheckpointingLayer`: the backward's recompute would otherwise append to it twice)."""
+    return model.training and torch.is_grad_enabled() and any(
+        getattr(module, "gradient_checkpointing", False) is True for module in model.modules())
+
+
 def full_cache():
     """An empty KV cache whose every layer keeps every position, sliding-window layers included (the attention
     mask, not the cache, then applies the window; `DynamicCache(config=...)` would trim sliding layers)."""
@@ -177,6 +184,6 @@ def bidirectional_mask(**kwargs):
     return create_bidirectional_mask(**kwargs)
 
 
-__all__ = ["DLM_ADAPT_VERSION", "TESTED_TRANSFORMERS", "attention_support_flags", "bidirectional_mask", "cache_kwarg",
+__all__ = ["DLM_ADAPT_VERSION", "TESTED_TRANSFORMERS", "attention_support_flags", "bidirectional_mask", "cache_kwarg", "checkpointing_drops_cache",
            "causal_mask", "decoder_class", "drop_last_cached", "explain_newer_transformers", "full_cache",
            "is_api_drift", "newer_than_tested", "output_cache", "select_cache_positions", "set_causal"]
