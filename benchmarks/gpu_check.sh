@@ -4,7 +4,10 @@
 #   2. the decode benchmark: full-sequence and block-diffusion rows of stories260K vs its AR parent (both models are
 #      trained first if missing: runs/stories/final, runs/stories260k-block/final);
 #   3. the training-step benchmark (throughput and memory ÷ a causal step);
-#   4. FSDP2 on one GPU in bf16 against a plain run, with a stop and resume (benchmarks/fsdp_compare.py).
+#   4. FSDP2 on one GPU in bf16 against a plain run, with a stop and resume (benchmarks/fsdp_compare.py);
+#   5. speculative decoding (issue 25): the stories260K and SmolLM2-135M-Instruct drafters (their recipes run first
+#      on this GPU if runs/*-drafter/final is missing; SmolLM2 needs the `gguf` package), greedy, bf16, batch 1 and
+#      16, draft lengths 2 and 4: tokens per forward, time per token ÷ the parent's, output identical to the parent's.
 # Needs dlm-adapt importable (pip install -e ".[dev]", or PYTHONPATH=.) and ../shared (models/stories260K,
 # data/tinystories).
 #   bash benchmarks/gpu_check.sh [OUT_DIR]        # default: runs/gpu-check; the tables go to OUT_DIR/*.md
@@ -36,3 +39,13 @@ $LAUNCH --config_file recipes/accelerate/fsdp.yaml -m adapt train $C output_dir=
 $LAUNCH --config_file recipes/accelerate/fsdp.yaml -m adapt train ${C/resume=false/resume=true} output_dir="$OUT/fsdp2" >> "$OUT/resume.log" 2>&1
 python3 benchmarks/fsdp_compare.py "$OUT" | tee "$OUT/fsdp.txt"
 echo "[fsdp: ${SECONDS}s]"
+# 5. speculative decoding: drafters trained first if missing (a few minutes each on a GPU)
+SECONDS=0
+for NAME in stories260k smollm2-135m; do
+  DRAFTER=runs/$NAME-drafter
+  [ -f "$DRAFTER/final/config.json" ] || python3 -m adapt train recipes/adaptation/$NAME-drafter.yaml \
+    > "$OUT/$NAME-drafter.log" 2>&1
+  python3 benchmarks/decode.py --device cuda --dtype bfloat16 --speculative "$DRAFTER/final" --draft-lengths 2,4 \
+    --prompts 16 --new 64 --out "$OUT/speculative.md" | tail -n 6
+done
+echo "[speculative: ${SECONDS}s]"
