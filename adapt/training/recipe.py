@@ -88,6 +88,7 @@ class Recipe:
         if self.sharded == "deepspeed" and (checkpoints or cfg.resume is not False):
             raise AdaptError("training checkpoints (save_steps, stop_after, resume) are not supported under DeepSpeed "
                              "yet: set save_steps=0 and no stop_after, or launch with recipes/accelerate/fsdp.yaml")
+        check_trains_here(cfg.model.attn_implementation, acc.device)  # before any model, data or output
         self.main, self.rank, self.world = acc.is_main_process, acc.process_index, acc.num_processes
         if self.main and self.skipped:
             print(f"dlm-adapt: resuming from {self.resume_from.name}, the newest complete checkpoint; removing "
@@ -166,7 +167,6 @@ class Recipe:
             check_block_attention(self.dlm)
         self.block = None  # the block size of the latest step (the schedule moves it)
         check_annealing_supported(self.dlm, cfg.anneal)
-        check_trains_here(self.dlm.config.text_config._attn_implementation, self.accelerator.device)
         self.global_batch = cfg.train.batch_size * self.world
         if self.drafter:  # freezes the parent; with data.generate, the parent writes the training text now
             self.drafter.prepare(self)
