@@ -410,6 +410,7 @@ def block_diffusion_sample(make_denoiser, input_ids, *, block_size: int, mask_to
     return out
 
 
-__all__ = ["BLOCK_IMPLEMENTATIONS", "BlockCacheDenoiser", "DENSE_IMPLEMENTATIONS", "flex_block_mask", "block_attention_mask", "block_diffusion_sample",
-           "cached_block_mask", "canvas_index", "canvas_logits",
-           "check_block_implementation", "position_ids_from_padding", "resolve_block_size", "two_l_logits", "two_l_attention_mask", "two_l_layout"]
+__all__ = ["BLOCK_IMPLEMENTATIONS", "BlockCacheDenoiser", "DENSE_IMPLEMENTATIONS", "block_attention_mask",
+           "block_diffusion_sample", "cached_block_mask", "canvas_index", "canvas_logits", "check_block_implementation",
+           "flex_block_mask", "position_ids_from_padding", "resolve_block_size", "two_l_logits", "two_l_attention_mask",
+           "two_l_layout"]
