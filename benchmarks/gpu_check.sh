@@ -3,7 +3,9 @@
 #   1. block decoding's exactness (benchmarks/gpu_exactness.py): B = 1 = the AR parent's generate, cached = uncached;
 #   2. the decode benchmark: full-sequence and block-diffusion rows of stories260K vs its AR parent (both models are
 #      trained first if missing: runs/stories/final, runs/stories260k-block/final);
-#   3. the training-step benchmark (throughput and memory ÷ a causal step);
+#   3. the training-step benchmark (throughput and memory ÷ a causal step), sdpa and flex attention side by side;
+#   3b. flex attention, compiled, against sdpa in float32 (benchmarks/flex_check.py): every mask, loss and gradients;
+#       and a flex training run stopped and resumed (bit-exact losses) on stories260K;
 #   4. FSDP2 on one GPU in bf16 against a plain run, with a stop and resume (benchmarks/fsdp_compare.py);
 #   5. speculative decoding (issue 25): the stories260K and SmolLM2-135M-Instruct drafters (their recipes run first
 #      on this GPU if runs/*-drafter/final is missing; SmolLM2 needs the `gguf` package), greedy, bf16, batch 1 and
@@ -25,8 +27,22 @@ python3 benchmarks/decode.py --device cuda --dtype bfloat16 --quick --block-mode
   --prompts 16 --new 64 --out "$OUT/decode.md" | tail -n 25
 echo "[decode: ${SECONDS}s]"
 SECONDS=0
-python3 benchmarks/train_step.py --device cuda --repeats 5 | tee "$OUT/train_step.txt"
+python3 benchmarks/train_step.py --device cuda --repeats 5 --flex | tee "$OUT/train_step.txt"
 echo "[train step: ${SECONDS}s]"
+SECONDS=0
+python3 benchmarks/flex_check.py --device cuda | tee "$OUT/flex_check.txt" || echo "flex check FAILED (see above)"
+F="recipes/adaptation/stories260k.yaml model.path=../shared/models/stories260K max_steps=8 save_steps=4 eval_steps=0
+   sample_steps=0 model.attn_implementation=flex_attention anneal.anneal_steps=6"
+python3 -m adapt train $F output_dir="$OUT/flex-straight" resume=false > "$OUT/flex.log" 2>&1
+python3 -m adapt train $F output_dir="$OUT/flex-split" resume=false stop_after=4 >> "$OUT/flex.log" 2>&1
+python3 -m adapt train $F output_dir="$OUT/flex-split" resume=true >> "$OUT/flex.log" 2>&1
+python3 - "$OUT" <<'PY' | tee -a "$OUT/flex_check.txt"
+import json, sys
+losses = [[json.loads(l)["loss"] for l in open(f"{sys.argv[1]}/flex-{run}/metrics.jsonl") if '"loss"' in l]
+          for run in ("straight", "split")]
+print("flex training resume:", "bit-exact" if losses[0] == losses[1] and len(losses[0]) == 8 else "DIFFERS", losses)
+PY
+echo "[flex: ${SECONDS}s]"
 # 4. FSDP2 on one GPU, bf16 mixed precision (recipes/accelerate/fsdp.yaml): vs a plain run, stop at 6 + resume to
 #    12, the finals loaded with transformers alone (benchmarks/fsdp_compare.py)
 SECONDS=0

@@ -146,7 +146,7 @@ def test_eager_and_sdpa_agree(arch):
     torch.testing.assert_close(sdpa[1, 5:], eager[1, 5:], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("impl", ["flex_attention", "flash_attention_2"])
+@pytest.mark.parametrize("impl", ["flash_attention_2", "flash_attention_3"])
 def test_implementations_without_the_mask_are_refused(impl):
     model = _model(tiny_config("llama", 100))
     model.config.text_config._attn_implementation = impl  # set directly: these may not be installed here

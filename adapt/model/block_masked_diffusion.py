@@ -13,7 +13,9 @@ window, which full-sequence mode uses). So B = 1 is exactly the AR parent and B 
 in every layer type.
 
 The masks are built by transformers' own `create_bidirectional_mask` with an `and_mask_function`, so sdpa gets a
-boolean and eager an additive mask, with padding combined the standard way. flex/flash attention cannot take it.
+boolean and eager an additive mask, flex attention a BlockMask (which skips the tiles the rule masks out: most of
+the 2L layout's), with padding combined the standard way. One rule per layout (`rule(batch, q, kv, window)`) feeds
+all three. Flash attention cannot take it (it honours padding only).
 """
 
 import math
@@ -56,16 +58,18 @@ def check_block_options(block_size: int | None, *, block_length=None, kv_cache=N
 
 
 # Implementations whose mask interface honours an arbitrary mask function; flash kernels take padding only and
-# would silently attend to later blocks.
-BLOCK_IMPLEMENTATIONS = ("eager", "sdpa")
+# would silently attend to later blocks. DENSE_IMPLEMENTATIONS: those that take a dense 4-D mask (what masks built
+# by hand for other layouts, such as a drafter's fused round, are).
+BLOCK_IMPLEMENTATIONS = ("eager", "sdpa", "flex_attention")
+DENSE_IMPLEMENTATIONS = ("eager", "sdpa")
 LAYER_KINDS = ("full_attention", "sliding_attention")
 
 
-def check_block_implementation(text_config):
+def check_block_implementation(text_config, supported=BLOCK_IMPLEMENTATIONS):
     impl = text_config._attn_implementation
-    if impl not in BLOCK_IMPLEMENTATIONS:
+    if impl not in supported:
         raise ValueError(f"attention implementation '{impl}' cannot take the block-diffusion mask (block-causal "
-                         f"attention); load the model with attn_implementation in {BLOCK_IMPLEMENTATIONS}")
+                         f"attention); load the model with attn_implementation in {supported}")
 
 
 def _per_layer_kind(text_config, build):
@@ -137,12 +141,29 @@ def cached_block_mask(text_config, padding_mask, query_positions, block_size: in
 
     def build(window):
         seen = (bk <= bq) & _in_window(query_positions - key_positions, bk == bq, window) & real | itself
+        if text_config._attn_implementation == "flex_attention":
+            return flex_block_mask(seen)
         if text_config._attn_implementation == "sdpa":
             return seen[:, None]
         additive = torch.zeros(seen.shape, dtype=dtype, device=seen.device)  # eager adds the mask to its scores
         return additive.masked_fill(~seen, torch.finfo(dtype).min)[:, None]
 
     return _per_layer_kind(text_config, build)
+
+
+def flex_block_mask(seen: torch.Tensor):
+    """A flex-attention BlockMask equal to the dense (batch, q, kv) boolean `seen` (True: attend). `seen` is padded
+    with False to whole tiles, so the mask function never reads past it whatever tile a kernel evaluates."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    batch, q, kv = seen.shape
+    tile = 128  # create_block_mask's default BLOCK_SIZE, passed explicitly
+    padded = torch.nn.functional.pad(seen, (0, -kv % tile, 0, -q % tile))
+
+    def visible(batch_idx, head_idx, q_idx, kv_idx):
+        return padded[batch_idx, q_idx, kv_idx]
+
+    return create_block_mask(visible, batch, None, q, kv, device=seen.device, BLOCK_SIZE=tile)
 
 
 def two_l_attention_mask(text_config, padding_mask, position_ids, block_size: int, dtype, document_ids=None):
@@ -389,6 +410,7 @@ def block_diffusion_sample(make_denoiser, input_ids, *, block_size: int, mask_to
     return out
 
 
-__all__ = ["BLOCK_IMPLEMENTATIONS", "BlockCacheDenoiser", "block_attention_mask", "block_diffusion_sample",
-           "cached_block_mask", "canvas_index", "canvas_logits",
-           "check_block_implementation", "position_ids_from_padding", "resolve_block_size", "two_l_logits", "two_l_attention_mask", "two_l_layout"]
+__all__ = ["BLOCK_IMPLEMENTATIONS", "BlockCacheDenoiser", "DENSE_IMPLEMENTATIONS", "block_attention_mask",
+           "block_diffusion_sample", "cached_block_mask", "canvas_index", "canvas_logits", "check_block_implementation",
+           "flex_block_mask", "position_ids_from_padding", "resolve_block_size", "two_l_logits", "two_l_attention_mask",
+           "two_l_layout"]

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .block_masked_diffusion import check_block_implementation
+from .block_masked_diffusion import DENSE_IMPLEMENTATIONS, check_block_implementation
 from .drafter_masked_diffusion import drafting, fused_forward
 from .sampling_masked_diffusion import SamplingError, SamplingOutput, Stream, _holes
 from .transformers_compat import drop_last_cached, full_cache, select_cache_rows
@@ -189,7 +189,7 @@ def check_speculative(model, draft_length: int):
                             "causal source with --drafter --block-size K (or use a block-diffusion checkpoint)")
     if isinstance(draft_length, bool) or not isinstance(draft_length, int) or draft_length < 1:
         raise SamplingError(f"draft length must be at least 1, got {draft_length!r}")
-    check_block_implementation(model.config.text_config)
+    check_block_implementation(model.config.text_config, DENSE_IMPLEMENTATIONS)  # the fused round's mask is dense
 
 
 def _round(model, cache, clean_ids, clean_mask, drafts, q, choice, produced, k):

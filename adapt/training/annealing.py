@@ -4,8 +4,11 @@ At mask ratio r every future key j > i is visible to query i with probability r,
 shared by the batch, heads and layers; the causal part is always visible. The masks are built by
 transformers' own builders (`create_causal_mask`, `create_sliding_window_causal_mask`) with an
 `or_mask_function`, so each attention implementation gets the format it honours (boolean for sdpa, additive
-float for eager) and padding is combined the standard way. At r = 1 nothing is built: the model runs its
-plain bidirectional path, where sdpa needs no mask tensor at all without padding.
+float for eager, a BlockMask for flex attention, which skips the tiles nothing sees) and padding is combined the
+standard way. The draw itself is one (L, L) boolean (not per row, never float per row).
+
+The two ends build nothing (`annealed_inputs`): at r = 0 the model runs its own causal path (sdpa's fused causal
+kernel without padding), at r = 1 its plain bidirectional path, where sdpa needs no mask tensor without padding.
 """
 
 import copy
@@ -22,7 +25,7 @@ from ..model.transformers_compat import causal_mask
 
 # Implementations whose mask interface honours an arbitrary mask function, as tested here. flash-attention
 # takes only causal/padding information and would silently drop the annealing mask (a DiffuLLaMA bug).
-ANNEALING_IMPLEMENTATIONS = ("eager", "sdpa")
+ANNEALING_IMPLEMENTATIONS = ("eager", "sdpa", "flex_attention")
 
 
 def mask_ratio(step: int, cfg: AnnealConfig) -> float:
@@ -39,16 +42,34 @@ def check_annealing_supported(model, cfg: AnnealConfig):
                          f"attn_implementation in {ANNEALING_IMPLEMENTATIONS}, or set anneal.mode=none")
 
 
+def annealed_inputs(model, padding_mask: torch.Tensor, ratio: float, generator=None) -> dict:
+    """The attention keywords of `model(...)` at mask ratio `ratio`: `attention_mask` (see
+    `annealed_attention_mask`), and `is_causal=True` at ratio 0, where the model's own causal mask is exactly the
+    annealing mask and no mask (and no random draw) is needed."""
+    if ratio <= 0.0:
+        return dict(attention_mask=padding_mask, is_causal=True)
+    return dict(attention_mask=annealed_attention_mask(model, padding_mask, ratio, generator))
+
+
+def _future(length: int, ratio: float, generator, device) -> torch.Tensor:
+    """(L, L) booleans: key j > i visible to query i with probability `ratio` (the causal part is added by the
+    builder). The uniform draw is the one earlier releases made, so a run's noise stream is unchanged."""
+    draw = torch.rand(length, length, generator=generator, device=generator.device if generator else device)
+    future = draw < ratio
+    del draw
+    return future.triu_(1).to(device)
+
+
 def annealed_attention_mask(model, padding_mask: torch.Tensor, ratio: float, generator=None):
-    """The `attention_mask` argument for `model(...)` at mask ratio `ratio`: a prebuilt mask (one 4-D tensor, or
-    a dict per layer type for decoders that take one), or the 2-D padding mask itself when ratio is 1."""
+    """The `attention_mask` argument for `model(...)` at mask ratio `ratio`: a prebuilt mask (one 4-D tensor or
+    BlockMask, or a dict per layer type for decoders that take one), or the 2-D padding mask itself when ratio
+    is 1."""
     if ratio >= 1.0:
         return padding_mask
     config = model.config.text_config
     batch, length = padding_mask.shape
     device = padding_mask.device
-    future = torch.rand(length, length, generator=generator, device=generator.device if generator else device)
-    future = ((future < ratio) & torch.ones(length, length, dtype=torch.bool, device=future.device).triu(1)).to(device)
+    future = _future(length, ratio, generator, device)
     causal = copy.copy(config)
     causal.is_causal = True  # build on top of the causal mask; the model itself stays bidirectional
     embeds = torch.empty(batch, length, 0, dtype=model.dtype, device=device)

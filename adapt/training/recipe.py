@@ -21,8 +21,9 @@ from transformers import AutoTokenizer, get_scheduler
 
 from .. import outputs
 from . import distributed, training_state
-from .annealing import annealed_attention_mask, check_annealing_supported, mask_ratio
+from .annealing import annealed_inputs, check_annealing_supported, mask_ratio
 from .blocks import check_block_attention, documents
+from ..attention import check_trains_here
 from ..checkpoint import detect
 from .batch import Batch
 from ..config import SFTConfig, SFTDataConfig, TrainConfig, to_dict
@@ -87,6 +88,7 @@ class Recipe:
         if self.sharded == "deepspeed" and (checkpoints or cfg.resume is not False):
             raise AdaptError("training checkpoints (save_steps, stop_after, resume) are not supported under DeepSpeed "
                              "yet: set save_steps=0 and no stop_after, or launch with recipes/accelerate/fsdp.yaml")
+        check_trains_here(cfg.model.attn_implementation, acc.device)  # before any model, data or output
         self.main, self.rank, self.world = acc.is_main_process, acc.process_index, acc.num_processes
         if self.main and self.skipped:
             print(f"dlm-adapt: resuming from {self.resume_from.name}, the newest complete checkpoint; removing "
@@ -275,10 +277,10 @@ class Recipe:
         padding = padding.repeat(x_t.shape[0] // padding.shape[0], 1)  # complementary masks double the batch
         with sync, self.accelerator.autocast():
             if self.block is None:
-                attention = annealed_attention_mask(dlm, padding, ratio, self.noise)
+                attention = annealed_inputs(dlm, padding, ratio, self.noise)  # mask, or the causal/full path
                 positions = torch.arange(x_t.shape[1], device=x_t.device).expand_as(x_t)  # rows are right-padded
                 first = first_loss_column(maskable, dlm.config.shift)  # SFT: no LM head over the prompts
-                logits = self.model(input_ids=x_t, attention_mask=attention, position_ids=positions,
+                logits = self.model(input_ids=x_t, **attention, position_ids=positions,
                                     logits_to_keep=torch.arange(first, x_t.shape[1], device=x_t.device)).logits
                 x0_, masked, maskable = x0_[:, first:], masked[:, first:], maskable[:, first:]
                 t = t[:, first:] if t.dim() == 2 else t
