@@ -18,8 +18,8 @@ class FieldError(AdaptError):
         self.key, self.problem = key, problem
         super().__init__(self.message())
 
-    def message(self, prefix: str = "") -> str:
-        return f"config key '{prefix}{self.key}' {self.problem}"
+    def message(self, prefix: str = "", what: str = "config key") -> str:
+        return f"{what} '{prefix}{self.key}' {self.problem}"
 
 
 class RangeError(FieldError):

@@ -193,7 +193,7 @@ def test_eval_tasks_writes_lm_evals_results_beside_ours(converted, tasks, tmp_pa
 
 
 @pytest.mark.parametrize("args, message", [
-    ({"mc_sample": 4}, "unknown dlm-adapt model arg mc_sample"),
+    ({"mc_sample": 4}, "unknown model arg 'mc_sample' \\(known: batch_size, block_length"),
     ({"is_causal": True, "shift": False}, "cannot give causal loglikelihoods"),
     ({"source": True}, "is a causal LM, not a dlm-adapt checkpoint: score it with --model hf"),
 ])
@@ -248,10 +248,9 @@ def test_bad_batch_size_from_lm_evals_command_line_is_one_line(converted, tasks,
     assert lm_eval_cli(["run", "--model", "dlm-adapt", "--model_args", f"pretrained={dlm},batch_size=-1",
                         "--tasks", "toy_mc", "--include_path", str(tasks), "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("dlm-adapt: error: model arg batch_size must be a positive integer, "
-                                               "got -1"), err
+    assert err == ["dlm-adapt: error: model arg 'batch_size' must be in [1, inf), got -1"], err
     # what lm-eval's command line hands over beside the model args (its own --batch_size, 1 by default)
-    with pytest.raises(AdaptError, match="batch_size 'auto' is not supported"):
+    with pytest.raises(AdaptError, match="model arg 'batch_size' must be int, got 'auto' \\(batch_size: forward rows"):
         DLMAdaptLM.create_from_arg_string(f"pretrained={dlm},batch_size=auto", {"batch_size": 1, "device": None})
     lm = DLMAdaptLM.create_from_arg_obj({"pretrained": str(dlm), "batch_size": 4}, {"batch_size": 1})
     assert lm.batch_size_rows == 4

@@ -31,13 +31,6 @@ FLOORS = [
 
 # "module.function": why it stays longer than MAX_FUNCTION_LINES (each one a candidate for splitting)
 LONG_FUNCTIONS = {
-    "adapt.model.block_masked_diffusion.block_diffusion_sample":
-        "remote code (copied into every checkpoint): the block loop; split with the SamplingOptions work",
-    "adapt.model.modeling_masked_diffusion.diffusion_generate":
-        "remote code: its keyword API (~18 options, documented in its docstring) is what checkpoints are called with; "
-        "SamplingOptions (outside model/) turns into it, and the option checks are shared (check_block_options)",
-    "adapt.model.sampling_masked_diffusion.diffusion_sample":
-        "remote code: the decoding core's loop; shrinks when its options travel as SamplingOptions",
     "adapt.model.speculative_masked_diffusion.speculative_sample":
         "remote code: the rounds' bookkeeping (commit, EOS, rows leaving) around `_round`; shrinks when its "
         "options travel as SamplingOptions",

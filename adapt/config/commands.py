@@ -9,10 +9,11 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from ..deprecations import take_renamed
 from ..errors import AdaptError
+from ..ranges import FieldError, check_ranges
 
 METRICS = ("elbo", "infill", "steps_sweep")
 DTYPE_NAMES = ("float32", "bfloat16", "float16")  # torch dtypes by name (`recipes.DTYPES`)
@@ -67,17 +68,29 @@ class Ints(Names):
 
 
 @dataclass
-class ConvertOptions:
-    """`dlm-adapt convert SOURCE OUTPUT` = `adapt.convert(source, output, **options)`."""
+class SourceOptions:
+    """How a causal source becomes a diffusion checkpoint, wherever it is converted: `dlm-adapt convert`
+    (`ConvertOptions`) and a recipe's `model:` section (`recipes.ModelConfig`, used when `model.path` is a causal
+    source, converted into OUTPUT/converted first)."""
 
     mask_token: str = field(default="auto", **_help(
         "'auto' (an existing mask token, else a spare embedding row, else a new <|mask|>), a token in the "
         "vocabulary, or a token id"))
     shift: bool = field(default=True, **_help("keep the AR alignment: logit i-1 predicts token i"))
+    gguf_file: str | None = field(default=None, **_help("GGUF file name inside SOURCE (a directory or Hub repo)"))
+
+    def source_options(self) -> dict:
+        """These fields alone, as `adapt.convert`'s keywords (a subclass's other fields dropped)."""
+        return {f.name: getattr(self, f.name) for f in fields(SourceOptions)}
+
+
+@dataclass
+class ConvertOptions(SourceOptions):
+    """`dlm-adapt convert SOURCE OUTPUT` = `adapt.convert(source, output, **options)`."""
+
     dtype: Literal[("auto", *DTYPE_NAMES)] = field(default="auto", **_help(
         "weight dtype of the output ('auto': the source's)"))
     revision: str | None = field(default=None, **_help("Hub revision (branch, tag or commit) of SOURCE"))
-    gguf_file: str | None = field(default=None, **_help("GGUF file name inside SOURCE (a directory or Hub repo)"))
     trust_remote_code: bool = field(default=False, **_help(
         "allow the source's own Python code for its config and tokenizer"))
     overwrite: bool = field(default=False, **_help("replace OUTPUT if dlm-adapt wrote it"))
@@ -173,6 +186,57 @@ class GenerateOptions(SamplingOptions):
 
     def __post_init__(self):  # `--prompt a --prompt b` arrives as [Texts(a), Texts(b)]
         self.prompt = Texts(p for group in self.prompt or () for p in Texts(group))
+
+
+def _sampling_field(name: str):
+    """`SamplingOptions`' field `name` (default and help) for a dataclass that takes some of the decoding settings."""
+    f = SamplingOptions.__dataclass_fields__[name]
+    return field(default=f.default, metadata=f.metadata)
+
+
+@dataclass
+class LmEvalModelArgs:
+    """`--model dlm-adapt --model_args pretrained=DIR,...` (lm-evaluation-harness) = `DLMAdaptLM(**args)`. lm-eval
+    hands them as a mapping whose values it has typed itself; strings left over ("16", "True") are parsed as YAML,
+    and everything is checked as a recipe is (`parsing.from_dict`). The decoding settings are `SamplingOptions`'
+    fields; `generate_until` adds each request's own (until, max_gen_toks, temperature, ...)."""
+
+    pretrained: Any = field(default=None, **_help("a dlm-adapt checkpoint (directory or Hub id), or a loaded model"))
+    tokenizer: Any = field(default=None, **_help("the tokenizer, with a loaded model"))
+    mc_samples: int = field(default=64, **_help("Monte-Carlo draws per request for the ELBO"))
+    batch_size: int = field(default=16, **_help("forward rows per pass, e.g. 16 (not 'auto')"))
+    seed: int = field(default=0, **_help("seed of the Monte-Carlo draws"))
+    block_size: int | None = field(default=None, **_help("score the ELBO block-wise (default: the checkpoint's)"))
+    is_causal: bool = field(default=False, **_help("score the checkpoint as its causal self (the exact AR NLL)"))
+    steps: int | None = _sampling_field("steps")
+    block_length: int | None = _sampling_field("block_length")
+    threshold: float | None = _sampling_field("threshold")
+    kv_cache: str | None = _sampling_field("kv_cache")
+    remasking: str | None = _sampling_field("remasking")
+    device: str | None = field(default=None, **_help("e.g. cpu, cuda:0 (default: where the model loads)"))
+    dtype: Literal[("auto", *DTYPE_NAMES)] | None = field(default=None, **_help("weight dtype (default: as saved)"))
+    max_length: int | None = field(default=None, **_help(
+        "tokens per request, context included (default: the model's positions)"))
+    max_batch_size: Any = field(default=None, **_help("lm-eval's own; batches are fixed groups of requests"))
+
+    def __post_init__(self):
+        if self.pretrained is None:
+            raise AdaptError("--model_args needs pretrained=DIR, a dlm-adapt checkpoint (directory or Hub id)")
+        check_ranges(self, {"mc_samples": "[1, inf)", "batch_size": "[1, inf)", "block_size": "[1, inf)",
+                            "steps": "[1, inf)", "block_length": "[1, inf)"})
+        if self.max_length is not None and self.max_length < 2:
+            raise FieldError("max_length", "must be at least 2 (one token of context, one scored)")
+        from ..model.sampling_masked_diffusion import SamplingError, check_sampling_options
+
+        try:
+            check_sampling_options(threshold=self.threshold, kv_cache=self.kv_cache, remasking=self.remasking)
+        except SamplingError as e:
+            raise AdaptError(str(e)) from None
+
+    def sampling(self) -> SamplingOptions:
+        """The decoding settings among these args."""
+        return SamplingOptions(**{f: getattr(self, f) for f in ("steps", "block_length", "threshold", "kv_cache",
+                                                                   "remasking")})
 
 
 @dataclass

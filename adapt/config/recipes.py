@@ -1,10 +1,16 @@
 """Training configuration: dataclasses with documented fields, loaded from YAML with `dotted.key=value`
-overrides. An unknown key or a value of the wrong type is an error that names the key."""
+overrides. An unknown key or a value of the wrong type is an error that names the key (`parsing.from_dict`, the
+checker lm-eval's model args go through too).
+
+Why not HfArgumentParser, as the other commands: a recipe nests sections (`model:`, `train:`, `block:` ...) and
+HfArgumentParser makes one flat flag per field: a section becomes a single flag, and `parse_dict` /
+`parse_yaml_file` hand its mapping through unbuilt and unchecked (`TrainConfig.train` stays a dict), with no
+`train.lr=...` override. This is the one nested
+loader; the dataclasses, the checker and the way text becomes a value (YAML) are shared."""
 
 import dataclasses
 import json
 import sys
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,23 +22,22 @@ import yaml
 from ..deprecations import renamed
 from ..errors import AdaptError
 from ..ranges import FieldError, check_ranges
-from .commands import DTYPE_NAMES
+from .commands import DTYPE_NAMES, SourceOptions
 from .diffusion import AnnealConfig, BlockConfig, ObjectiveConfig
 from .drafter import DrafterConfig, GenerateDataConfig, check_drafter_sections
+from .parsing import from_dict, parse_value
 
 
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(SourceOptions):
+    """The model a run trains. `mask_token`, `shift` and `gguf_file` (`SourceOptions`, as `dlm-adapt convert`'s
+    flags) are used only when `path` is a causal source."""
+
     path: str = ""
     """A dlm-adapt checkpoint, or a causal source (directory, .gguf, Hub id) converted into OUTPUT/converted."""
-    mask_token: str = "auto"
-    """Used only when `path` is a causal source: see `dlm-adapt convert --mask-token`."""
-    shift: bool = True
-    """Used only when `path` is a causal source: see `dlm-adapt convert --shift`."""
-    gguf_file: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Dtype the weights are loaded in (mixed precision is `train.mixed_precision`)."""
     attn_implementation: str = "sdpa"
@@ -263,7 +268,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), cls=T
             if not isinstance(node, dict):
                 raise AdaptError(f"override {item!r}: {p} is not a section")
         try:
-            node[leaf] = yaml.safe_load(value) if value != "" else None
+            node[leaf] = parse_value(value)
         except yaml.YAMLError as e:
             problem = str(e).splitlines()[0]
             raise AdaptError(f"override {item!r}: the value is not valid YAML ({problem}); fix it, or quote a "
@@ -318,62 +323,6 @@ def _renamed_override(key: str, cls, seen: dict) -> str:
         if key != new:
             _warn_renamed(key, new)
     return new
-
-
-def from_dict(cls, data: dict, prefix: str = ""):
-    if not isinstance(data, dict):
-        raise AdaptError(f"config key {prefix.rstrip('.') or '(top level)'} must be a mapping")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    for key in data:
-        if key not in names:
-            raise AdaptError(f"unknown config key '{prefix}{key}' (known: {', '.join(sorted(names))})")
-    kwargs = {}
-    for name, value in data.items():
-        hint = hints[name]
-        if dataclasses.is_dataclass(hint):
-            kwargs[name] = from_dict(hint, value or {}, f"{prefix}{name}.")
-        else:
-            kwargs[name] = _check(value, hint, f"{prefix}{name}")
-    try:
-        return cls(**kwargs)
-    except FieldError as e:  # the dataclass knows its own field, not the section it sits in
-        raise AdaptError(e.message(prefix)) from None
-
-
-def _check(value, hint, key):
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is Literal:
-        if value not in args:
-            raise AdaptError(f"config key '{key}' must be one of {list(args)}, got {value!r}")
-        return value
-    if origin in (typing.Union, types.UnionType):
-        for arg in args:
-            try:
-                return _check(value, arg, key)
-            except AdaptError:
-                continue
-        raise AdaptError(f"config key '{key}' has invalid value {value!r} (expected {hint})")
-    if hint is type(None):
-        if value is not None:
-            raise AdaptError(f"config key '{key}' must be null")
-        return None
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise AdaptError(f"config key '{key}' must be a list, got {value!r}")
-        if origin is tuple and Ellipsis not in args and len(value) != len(args):  # tuple[float, float]: a pair
-            raise AdaptError(f"config key '{key}' must be a list of {len(args)} values, got {value!r}")
-        return origin(_check(v, args[0], key) for v in value)
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint is float and isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    if hint in (int, float, str, bool) and not (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
-        raise AdaptError(f"config key '{key}' must be {hint.__name__}, got {value!r}")
-    return value
 
 
 # what `kind` in a run's OUTPUT/config.json names

@@ -41,12 +41,13 @@ except ImportError as e:  # the eval extra is not installed
 
 from ..training.batch import Batch
 from ..checkpoint import CAUSAL, check_device, detect, is_diffusion_model, load
-from ..config.commands import DTYPE_NAMES, SamplingOptions
+from ..config.commands import LmEvalModelArgs
+from ..config.parsing import from_dict
 from ..errors import AdaptError
 from ..model.block_masked_diffusion import check_block_options, resolve_block_size
 from ..model.configuration_masked_diffusion import SHIFT_DEFAULT
 from ..training.likelihood import elbo_draws, model_device, token_scores
-from ..sampling import SamplingError, check_sampling_options
+from ..sampling import SamplingError
 
 NAME = "dlm-adapt"
 GROUP = 64  # requests per ELBO call: a fixed number, so that batch_size cannot change the draws
@@ -57,40 +58,14 @@ class DLMAdaptLM(TemplateLM):
     """`--model dlm-adapt --model_args pretrained=DIR,...`; the model args are this constructor's keywords (see the
     README's table). `pretrained` may also be a loaded `MaskedDiffusionLM` (then pass `tokenizer`)."""
 
-    ARGS = ("pretrained", "tokenizer", "mc_samples", "batch_size", "seed", "block_size", "is_causal", "steps",
-            "block_length", "threshold", "kv_cache", "remasking", "device", "dtype", "max_length", "max_batch_size")
-
-    def __init__(self, pretrained=None, tokenizer=None, mc_samples: int = 64, batch_size=16, seed: int = 0,
-                 block_size: int | None = None, is_causal: bool = False, steps: int | None = None,
-                 block_length: int | None = None, threshold: float | None = None, kv_cache: str | None = None,
-                 remasking: str | None = None, device: str | None = None, dtype: str | None = None,
-                 max_length: int | None = None, max_batch_size=None, **unknown):
+    def __init__(self, pretrained=None, tokenizer=None, **model_args):
         super().__init__()
-        if unknown:
-            raise AdaptError(f"unknown dlm-adapt model arg {', '.join(sorted(unknown))}; known: "
-                             f"{', '.join(a for a in self.ARGS if a != 'max_batch_size')}")
-        if pretrained is None:
-            raise AdaptError("--model_args needs pretrained=DIR, a dlm-adapt checkpoint (directory or Hub id)")
-        if isinstance(batch_size, str) and not batch_size.isdigit():
-            raise AdaptError(f"batch_size {batch_size!r} is not supported: give the forward rows per pass, e.g. 16")
-        self.batch_size_rows = int(batch_size)
-        for name, value in (("mc_samples", mc_samples), ("batch_size", self.batch_size_rows),
-                            ("block_size", block_size), ("steps", steps), ("block_length", block_length),
-                            ("max_length", max_length)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise AdaptError(f"model arg {name} must be a positive integer, got {value!r}")
-        if max_length == 1:
-            raise AdaptError("model arg max_length must be at least 2 (one token of context, one scored)")
-        if dtype is not None and dtype not in ("auto", *DTYPE_NAMES):
-            raise AdaptError(f"unknown dtype {dtype!r}: use auto, {', '.join(DTYPE_NAMES)}")
-        try:
-            check_sampling_options(threshold=threshold, kv_cache=kv_cache, remasking=remasking)
-        except SamplingError as e:
-            raise AdaptError(str(e)) from None
-        self.mc_samples, self.seed, self.block_size, self.is_causal = mc_samples, int(seed), block_size, bool(is_causal)
-        self.sampling = SamplingOptions(steps=steps, block_length=block_length, threshold=threshold,
-                                        kv_cache=kv_cache, remasking=remasking)
-        self._max_length = max_length
+        args = from_dict(LmEvalModelArgs, dict(model_args, pretrained=pretrained, tokenizer=tokenizer),
+                         what="model arg", text=True)
+        pretrained, tokenizer, device, dtype = args.pretrained, args.tokenizer, args.device, args.dtype
+        self.batch_size_rows, self.mc_samples, self.seed = args.batch_size, args.mc_samples, args.seed
+        self.block_size, self.is_causal, self._max_length = args.block_size, args.is_causal, args.max_length
+        self.sampling = args.sampling()
         if device is not None:  # lm-eval's command line defaults to cuda:0
             check_device(device, "device")
         if isinstance(pretrained, (str, Path)):
@@ -114,10 +89,10 @@ class DLMAdaptLM(TemplateLM):
         if self.is_causal and not getattr(config, "shift", SHIFT_DEFAULT):
             raise AdaptError("is_causal=True needs a checkpoint converted with shift (logit i−1 predicts token i); "
                              "this one has shift=False, so it cannot give causal loglikelihoods: drop is_causal")
-        if self.is_causal and block_size is not None:
+        if self.is_causal and self.block_size is not None:
             raise AdaptError("is_causal=True scores causally; block_size applies to the ELBO: give one of them")
         try:
-            check_block_options(resolve_block_size(config), block_length=block_length, kv_cache=kv_cache)
+            check_block_options(resolve_block_size(config), block_length=args.block_length, kv_cache=args.kv_cache)
         except SamplingError as e:
             raise AdaptError(str(e)) from None
         self._device = model_device(self.model)

@@ -304,6 +304,52 @@ class BlockCacheDenoiser(Denoiser):
         return full
 
 
+class BlockCanvas:
+    """The canvas of block decoding, in which every row is re-padded on the left so that all rows' blocks share
+    canvas indices: block k of the loop is the same position-id block of each row as when decoded alone. Each row
+    holds its prompt, then `max_new_tokens` masks, up to whole blocks (positions past its new tokens stay masked
+    and are not returned)."""
+
+    def __init__(self, input_ids, attention_mask, *, block_size: int, max_new_tokens: int, mask_token_id: int,
+                 max_positions: int | None):
+        n, b = max_new_tokens, block_size
+        self.input_ids, self.n, self.block_size = input_ids, n, b
+        self.real = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids,
+                                                                                              dtype=torch.bool)
+        self.lengths = lengths = self.real.sum(1)
+        whole, tail = lengths // b, lengths % b
+        self.needed = (tail + n + b - 1) // b  # blocks each row decodes after its whole prompt blocks
+        self.first, blocks = int(whole.max()), int(self.needed.max())
+        if max_positions is not None and int(whole.max() + blocks) * b > max_positions:
+            raise SamplingError(f"prompt + max_new_tokens, rounded up to whole blocks of {b} over the batch, "
+                                f"exceeds the model's {max_positions} positions")
+        self.end = self.first + blocks  # the loop's blocks end here
+        self.offset = offset = (self.first - whole) * b  # left padding that aligns every row's blocks
+        self.index = index = torch.arange(self.end * b, device=input_ids.device)
+        self.padding = (index[None] >= offset[:, None]).long()
+        self.prompt = (index[None] >= offset[:, None]) & (index[None] < (offset + lengths)[:, None])
+        self.canvas = torch.full(self.padding.shape, mask_token_id, dtype=input_ids.dtype, device=input_ids.device)
+        self.canvas[self.prompt] = input_ids[self.real]
+        self.new = index[None] - (offset + lengths)[:, None]  # per row, the index among its new tokens (< 0: prompt)
+        self.todo = (self.new >= 0) & (self.new < n) | self.prompt & (self.canvas == mask_token_id)  # + holes
+        self.gather = (offset + lengths)[:, None] + torch.arange(n, device=input_ids.device)
+
+    def first_block(self, holes) -> int:
+        """The loop's first block: the first one holding a hole, else the one after the prompt's whole blocks."""
+        return int(self.index[(self.prompt & self.todo).any(0)].min()) // self.block_size if holes.any() else self.first
+
+    def new_tokens(self, canvas, upto: int) -> list:
+        """Per row, its new tokens in canvas [0, upto)."""
+        ready = (upto - self.offset - self.lengths).clamp(0, self.n)
+        return [canvas[r, self.gather[r, : int(ready[r])]] for r in range(len(canvas))]
+
+    def returned(self, canvas):
+        """`canvas` in the usual layout: (batch, prompt_len + max_new_tokens)."""
+        prompt_part = self.input_ids.clone()
+        prompt_part[self.real] = canvas[self.prompt]
+        return torch.cat([prompt_part, canvas.gather(1, self.gather)], 1)
+
+
 def block_diffusion_sample(make_denoiser, input_ids, *, block_size: int, mask_token_id: int, shift: bool,
                            max_new_tokens: int, steps: int, attention_mask=None, sub_block=None,
                            remasking="low_confidence", schedule="linear", threshold=None, entropy_bound=None,
@@ -315,9 +361,8 @@ def block_diffusion_sample(make_denoiser, input_ids, *, block_size: int, mask_to
 
     Blocks go by position id (block = position // B, real tokens counting from 0), as in training. A prompt of
     length L leaves its last L % B tokens in a partial block; the first decoded block is that one, its prompt
-    tokens fixed (and recomputed each pass: they attend to the block's masks) and the rest new. Internally every
-    row is re-padded on the left so that all rows' blocks share canvas indices: block k of the loop is the same
-    position-id block of each row as when decoded alone.
+    tokens fixed (and recomputed each pass: they attend to the block's masks) and the rest new. The rows share
+    canvas indices (`BlockCanvas`).
 
     `sub_block` S (Fast-dLLM v2) commits a block's tokens S at a time, left to right: every pass still runs the
     whole block (its attention unit), but only the current sub-block's masks may be committed. Each (sub-)block
@@ -344,67 +389,40 @@ def block_diffusion_sample(make_denoiser, input_ids, *, block_size: int, mask_to
         raise SamplingError(f"sub_block ({s}) must divide the block size ({b})")
     _check_prompt(input_ids, attention_mask, mask_token_id=mask_token_id, shift=shift, max_new_tokens=n,
                   max_positions=None)
-    if streamer is not None and (n == 0 or _holes(input_ids, mask_token_id, attention_mask).any()):
+    holes = _holes(input_ids, mask_token_id, attention_mask)
+    if streamer is not None and (n == 0 or holes.any()):
         raise SamplingError("streaming shows new tokens: it needs max_new_tokens > 0 and cannot show holes filled "
                             "in the prompt; infill without a streamer")
-    batch, prompt_len = input_ids.shape
-    real = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
-    lengths = real.sum(1)
-    whole, tail = lengths // b, lengths % b
-    needed = (tail + n + b - 1) // b  # blocks each row decodes after its whole prompt blocks
-    first, blocks = int(whole.max()), int(needed.max())
-    if max_positions is not None and int(whole.max() + blocks) * b > max_positions:
-        raise SamplingError(f"prompt + max_new_tokens, rounded up to whole blocks of {b} over the batch, exceeds "
-                            f"the model's {max_positions} positions")
-    offset = (first - whole) * b  # left padding that aligns every row's blocks
-    index = torch.arange((first + blocks) * b, device=input_ids.device)
-    padding = (index[None] >= offset[:, None]).long()
-    prompt = (index[None] >= offset[:, None]) & (index[None] < (offset + lengths)[:, None])
-    canvas = torch.full(padding.shape, mask_token_id, dtype=input_ids.dtype, device=input_ids.device)
-    canvas[prompt] = input_ids[real]
-    new = index[None] - (offset + lengths)[:, None]  # per row, the index among its new tokens (< 0: prompt)
-    todo = (new >= 0) & (new < n) | prompt & (canvas == mask_token_id)  # new tokens and holes
-    gather = (offset + lengths)[:, None] + torch.arange(n, device=canvas.device)
-    holes = _holes(input_ids, mask_token_id, attention_mask)
-    begin = int(index[(prompt & todo).any(0)].min()) // b if holes.any() else first
-
+    layout = BlockCanvas(input_ids, attention_mask, block_size=b, max_new_tokens=n, mask_token_id=mask_token_id,
+                         max_positions=max_positions)
+    canvas, todo, index = layout.canvas, layout.todo, layout.index
     units = n or int(holes.max())  # what `steps` is spread over
     commit = commit_rule(min(s, max(1, math.ceil(steps * s / units))), schedule, threshold, entropy_bound)
     choose = TokenRule(mask_token_id, temperature, top_k, top_p, eos_token_id, (0, min_new_tokens), generator)
     rank = Ranking(SCORES[remasking], order_temperature, generator)
     stream = Stream(streamer, input_ids, eos_token_id)
-    denoiser = make_denoiser(padding)
-    done = torch.zeros(batch, dtype=torch.bool, device=canvas.device)
-    out = SamplingOutput(sequences=canvas, nfe=0, history=[] if return_history else None,
-                         row_nfe=torch.zeros_like(done, dtype=torch.long),
-                         row_committed=torch.zeros_like(done, dtype=torch.long))
-    for k in range(begin, first + blocks):
+    denoiser = make_denoiser(layout.padding)
+    done = torch.zeros(len(canvas), dtype=torch.bool, device=canvas.device)
+    out = SamplingOutput.start(canvas, return_history)
+    for k in range(layout.first_block(holes), layout.end):
         start = k * b
-        for sub_end in range(start + s, start + b + 1, s):
+        for sub_end in range(start + s, start + b + 1, s):  # the block's sub-blocks, left to right
             eligible = todo & (index[None] < sub_end) & ~done[:, None]
             counts = ((canvas == mask_token_id) & eligible).sum(1)
-            denoise_span(denoiser, canvas, padding, start, start + b, eligible, counts, new,
+            denoise_span(denoiser, canvas, layout.padding, start, start + b, eligible, counts, layout.new,
                          mask_token_id=mask_token_id, commit=commit, choose=choose, rank=rank, out=out)
             if eos_token_id is not None and n:
-                tokens = canvas.gather(1, gather)
+                tokens = canvas.gather(1, layout.gather)
                 done = _finish_rows(tokens, 0, eos_token_id, mask_token_id, done)
-                canvas.scatter_(1, gather, tokens)
-            ready = (sub_end - offset - lengths).clamp(0, n)  # per row, its new tokens decoded so far
-            stream.final([canvas[r, gather[r, : int(ready[r])]] for r in range(batch)] if streamer is not None
-                         else None)
-        done = stream.stopped(done | (needed <= k + 1 - first))
+                canvas.scatter_(1, layout.gather, tokens)
+            stream.final(layout.new_tokens(canvas, sub_end) if streamer is not None else None)
+        done = stream.stopped(done | (layout.needed <= k + 1 - layout.first))
         if done.all():
             break
         denoiser.finished(done)
     stream.end()
-
-    def returned(c):
-        prompt_part = input_ids.clone()
-        prompt_part[real] = c[prompt]
-        return torch.cat([prompt_part, c.gather(1, gather)], 1)
-
-    out.sequences = returned(canvas)
-    out.history = None if out.history is None else [returned(c) for c in out.history]
+    out.sequences = layout.returned(canvas)
+    out.history = None if out.history is None else [layout.returned(c) for c in out.history]
     out.cache_hits = getattr(denoiser, "cache_hits", None)
     out.positions_computed = getattr(denoiser, "positions_computed", None)
     return out

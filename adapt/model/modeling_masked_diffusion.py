@@ -256,41 +256,18 @@ class MaskedDiffusionLM(PreTrainedModel):
         block_size = resolve_block_size(self.config)
         check_sampling_options(kv_cache=kv_cache)  # the sampler checks the rest, once the defaults are resolved
         check_block_options(block_size, block_length=block_length, kv_cache=kv_cache, sub_block=sub_block)
+        n, steps, block_length = _lengths(self, input_ids, attention_mask, max_new_tokens, steps, block_length)
         gen = self.generation_config
-        from_config = max_new_tokens is None
-        n = int(getattr(gen, "max_new_tokens", None) or 128) if from_config else int(max_new_tokens)
-        if steps is None:  # infilling alone (no new tokens): one pass per hole, as one new token takes one pass
-            holes = int(_holes(input_ids, self.config.mask_token_id, attention_mask).max()) if n == 0 else 0
-            steps = int((getattr(gen, "steps", None) or n) if from_config else n) or max(1, holes)
-        if block_length is None:
-            block_length = int(getattr(gen, "block_length", None) or n) if from_config else n
-        if block_size is not None:  # block by block: the full-sequence loop would let a block see later ones
-            sample = functools.partial(block_diffusion_sample, functools.partial(BlockCacheDenoiser, self),
-                                       block_size=block_size, sub_block=sub_block)
-        else:
-            sample = functools.partial(diffusion_sample, DENOISERS[kv_cache](self), block_length=block_length)
-        out = sample(
-            input_ids,
-            attention_mask=attention_mask,
-            mask_token_id=self.config.mask_token_id,
-            shift=self.config.shift,
-            max_new_tokens=n,
-            steps=steps,
-            remasking=remasking or getattr(gen, "remasking", None) or "low_confidence",
-            schedule=schedule,
-            threshold=threshold,
-            entropy_bound=entropy_bound,
-            temperature=temperature,
-            order_temperature=order_temperature,
-            top_k=top_k,
-            top_p=top_p,
+        out = _sampler(self, block_size, kv_cache, sub_block, block_length)(
+            input_ids, attention_mask=attention_mask, mask_token_id=self.config.mask_token_id,
+            shift=self.config.shift, max_new_tokens=n, steps=steps,
+            remasking=remasking or getattr(gen, "remasking", None) or "low_confidence", schedule=schedule,
+            threshold=threshold, entropy_bound=entropy_bound, temperature=temperature,
+            order_temperature=order_temperature, top_k=top_k, top_p=top_p,
             eos_token_id=_first(getattr(gen, "eos_token_id", None)) if stop_at_eos else None,
             min_new_tokens=min_new_tokens,
             max_positions=getattr(self.config.text_config, "max_position_embeddings", None),
-            generator=generator,
-            return_history=return_history,
-            streamer=streamer,
-        )
+            generator=generator, return_history=return_history, streamer=streamer)
         return out if return_dict_in_generate else out.sequences
 
     def _speculative_generate(self, input_ids, attention_mask, max_new_tokens, draft_length, speculative,
@@ -394,6 +371,30 @@ class DualCacheDenoiser(PrefixCacheDenoiser):
 
 
 DENOISERS = {None: ModelDenoiser, "prefix": PrefixCacheDenoiser, "dual": DualCacheDenoiser}  # by kv_cache
+
+
+def _lengths(model, input_ids, attention_mask, max_new_tokens, steps, block_length):
+    """max_new_tokens, steps and block_length: from generation_config.json when max_new_tokens is not given,
+    else steps = max_new_tokens (infilling alone: the most holes in a row) and one block."""
+    gen = model.generation_config
+    from_config = max_new_tokens is None
+    n = int(getattr(gen, "max_new_tokens", None) or 128) if from_config else int(max_new_tokens)
+    if steps is None:  # infilling alone (no new tokens): one pass per hole, as one new token takes one pass
+        holes = int(_holes(input_ids, model.config.mask_token_id, attention_mask).max()) if n == 0 else 0
+        steps = int((getattr(gen, "steps", None) or n) if from_config else n) or max(1, holes)
+    if block_length is None:
+        block_length = int(getattr(gen, "block_length", None) or n) if from_config else n
+    return n, steps, block_length
+
+
+def _sampler(model, block_size, kv_cache, sub_block, block_length):
+    """The decoding loop and its denoiser: a block-diffusion checkpoint decodes block by block with its exact
+    cache (the full-sequence loop would let a block see later ones); else the semi-autoregressive loop with the
+    `kv_cache` chosen (`DENOISERS`)."""
+    if block_size is not None:
+        return functools.partial(block_diffusion_sample, functools.partial(BlockCacheDenoiser, model),
+                                 block_size=block_size, sub_block=sub_block)
+    return functools.partial(diffusion_sample, DENOISERS[kv_cache](model), block_length=block_length)
 
 
 def _first(token_id):

@@ -54,6 +54,13 @@ class SamplingOutput:
         """Tokens committed per pass a row needed, over the batch (a batch runs as long as its slowest row)."""
         return int(self.row_committed.sum()) / max(1, int(self.row_nfe.sum()))
 
+    @classmethod
+    def start(cls, canvas: torch.LongTensor, return_history: bool):
+        """Nothing decoded yet: `sequences` is the canvas, which the sampler fills in place."""
+        zeros = torch.zeros(canvas.shape[0], dtype=torch.long, device=canvas.device)
+        return cls(sequences=canvas, nfe=0, history=[] if return_history else None, row_nfe=zeros,
+                   row_committed=zeros.clone())
+
     def record(self, masked: torch.Tensor, committed: torch.Tensor, canvas: torch.LongTensor):
         """Count one forward pass: `masked`, the span's masked positions before it, `committed`, those it filled."""
         self.nfe += 1
@@ -429,8 +436,7 @@ def diffusion_sample(
     n, block_length = max_new_tokens, block_length or max_new_tokens
     check_sampling_options(max_new_tokens=n, steps=steps, block_length=block_length, remasking=remasking,
                            schedule=schedule, threshold=threshold, entropy_bound=entropy_bound,
-                           temperature=temperature,
-                           order_temperature=order_temperature, top_k=top_k, top_p=top_p,
+                           temperature=temperature, order_temperature=order_temperature, top_k=top_k, top_p=top_p,
                            min_new_tokens=min_new_tokens)
     _check_prompt(input_ids, attention_mask, mask_token_id=mask_token_id, shift=shift, max_new_tokens=n,
                   max_positions=max_positions)
@@ -446,16 +452,10 @@ def diffusion_sample(
     choose = TokenRule(mask_token_id, temperature, top_k, top_p, eos_token_id,
                        (prompt_len, prompt_len + min_new_tokens), generator)
     rank = Ranking(SCORES[remasking], order_temperature, generator)
-
-    canvas = torch.cat([input_ids, input_ids.new_full((batch, n), mask_token_id)], dim=1)
-    if attention_mask is not None:
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((batch, n))], dim=1)
-    real = attention_mask.bool() if attention_mask is not None else torch.ones_like(canvas, dtype=torch.bool)
+    canvas, attention_mask, real = _masked_canvas(input_ids, attention_mask, n, mask_token_id)
+    out = SamplingOutput.start(canvas, return_history)
     position = torch.arange(canvas.shape[1], device=canvas.device)
     done = torch.zeros(batch, dtype=torch.bool, device=canvas.device)
-    out = SamplingOutput(sequences=canvas, nfe=0, history=[] if return_history else None,
-                         row_nfe=torch.zeros_like(done, dtype=torch.long),
-                         row_committed=torch.zeros_like(done, dtype=torch.long))
 
     for start, end in blocks:
         eligible = (position[None] < end) & real & ~done[:, None]
@@ -471,6 +471,16 @@ def diffusion_sample(
             break
     stream.end()
     return out
+
+
+def _masked_canvas(input_ids, attention_mask, n, mask_token_id):
+    """The prompt followed by `n` mask tokens; its attention mask (None stays None) and its real positions."""
+    batch = input_ids.shape[0]
+    canvas = torch.cat([input_ids, input_ids.new_full((batch, n), mask_token_id)], dim=1)
+    if attention_mask is not None:
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((batch, n))], dim=1)
+    real = attention_mask.bool() if attention_mask is not None else torch.ones_like(canvas, dtype=torch.bool)
+    return canvas, attention_mask, real
 
 
 def denoise_span(denoiser, canvas, attention_mask, lo, end, eligible, counts, position, *, mask_token_id, commit,

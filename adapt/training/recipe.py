@@ -140,8 +140,7 @@ class Recipe:
             converted = out / "converted"
             if self.main and not (converted / "config.json").exists():
                 model = self.cfg.model
-                convert(self.source, converted, mask_token=model.mask_token, shift=model.shift,
-                        gguf_file=model.gguf_file, block_size=self.cfg.block.final_size(None),
+                convert(self.source, converted, **model.source_options(), block_size=self.cfg.block.final_size(None),
                         drafter=bool(self.drafter), drafter_rank=self.cfg.drafter.rank,
                         **({"dtype": model.dtype} if self.drafter else {}))  # a drafter's parent: kept as stored
             self.accelerator.wait_for_everyone()

@@ -13,8 +13,7 @@ from ..errors import AdaptError
 def model_settings(cfg: TrainConfig) -> dict:
     """What OUTPUT/converted was made from: a rerun may reuse it only with the same settings."""
     path = Path(cfg.model.path).expanduser()
-    return {"path": str(path.absolute()) if path.exists() else cfg.model.path, "mask_token": cfg.model.mask_token,
-            "shift": cfg.model.shift, "gguf_file": cfg.model.gguf_file,
+    return {"path": str(path.absolute()) if path.exists() else cfg.model.path, **cfg.model.source_options(),
             **({"block_size": cfg.block.size} if cfg.block.size is not None else {})}  # absent: runs before blocks
 
 
