@@ -33,6 +33,7 @@ from ..errors import AdaptError
 from .likelihood import diffusion_elbo
 from ..model.block_masked_diffusion import resolve_block_size, two_l_logits
 from .objective import diffusion_loss, first_loss_column, noised_batch
+from .retention import Retention
 from .run_dir import check_output, diverged, model_settings, resume_path, truncate_metrics
 from .sft_data import build_sft_datasets
 from ..sources import hub_access
@@ -164,6 +165,7 @@ class Recipe:
             self.dlm.config.block_size = final_block  # what OUTPUT/final decodes with
             check_block_attention(self.dlm)
         self.block = None  # the block size of the latest step (the schedule moves it)
+        self.retention, self.terms = Retention(self), {}  # checks, and the parent's frozen copy if one is needed
         check_annealing_supported(self.dlm, cfg.anneal)
         self.global_batch = cfg.train.batch_size * self.world
         if self.drafter:  # freezes the parent; with data.generate, the parent writes the training text now
@@ -259,7 +261,7 @@ class Recipe:
         self.optimizer.zero_grad(set_to_none=True)
         seconds = time.perf_counter() - started
         record = {"step": done, "loss": loss_value, "lr": self.scheduler.get_last_lr()[0], "mask_ratio": ratio,
-                  "tokens_per_s": seen * self.world / seconds}
+                  "tokens_per_s": seen * self.world / seconds, **self.terms}
         return record if self.block is None else {**record, "block_size": self.block}
 
     def _micro_step(self, batch: Batch, ratio: float, sync) -> tuple[float, int]:
@@ -273,6 +275,7 @@ class Recipe:
         x_t, x0_, masked, maskable, t = noised_batch(x0, maskable, cfg.objective, dlm.config.mask_token_id,
                                                      dlm.config.shift, self.noise, rows, self.global_batch, per_block)
         padding = padding.repeat(x_t.shape[0] // padding.shape[0], 1)  # complementary masks double the batch
+        clean, first = None, 0
         with sync, self.accelerator.autocast():
             if self.block is None:
                 attention = annealed_attention_mask(dlm, padding, ratio, self.noise)
@@ -280,12 +283,14 @@ class Recipe:
                 first = first_loss_column(maskable, dlm.config.shift)  # SFT: no LM head over the prompts
                 logits = self.model(input_ids=x_t, attention_mask=attention, position_ids=positions,
                                     logits_to_keep=torch.arange(first, x_t.shape[1], device=x_t.device)).logits
-                x0_, masked, maskable = x0_[:, first:], masked[:, first:], maskable[:, first:]
                 t = t[:, first:] if t.dim() == 2 else t
             else:
-                logits = self._two_l_logits(x_t, x0_, padding)
-            loss = diffusion_loss(logits, x0_, masked, maskable, t, cfg.objective, dlm.config.shift,
-                                  dlm.config.mask_token_id)
+                logits, clean = self._two_l_logits(x_t, x0_, padding)
+            loss = diffusion_loss(logits, x0_[:, first:], masked[:, first:], maskable[:, first:], t, cfg.objective,
+                                  dlm.config.shift, dlm.config.mask_token_id)
+            if self.retention.enabled:  # AR loss, distillation (training/retention.py)
+                extra, self.terms = self.retention.loss(self, logits, clean, x0_, masked, maskable, padding, first)
+                loss = loss + extra
             self.accelerator.backward(loss / cfg.train.gradient_accumulation_steps)
         return loss.detach().float().item(), int(padding.sum())
 
@@ -293,8 +298,10 @@ class Recipe:
         """Block diffusion: one forward over the noised and the clean sequence (`adapt.blocks`); packed
         documents do not attend to each other (SFT rows hold one sample each, padding aside)."""
         docs = None if self.sft else documents(x0, self.tokenizer.eos_token_id)
-        # through the wrapper (DDP, PEFT), not around it
-        return two_l_logits(self.dlm, x_t, x0, padding, self.block, docs, forward=self.model)
+        # through the wrapper (DDP, PEFT), not around it; the clean half's logits too for the AR loss
+        out = two_l_logits(self.dlm, x_t, x0, padding, self.block, docs, forward=self.model,
+                           clean_logits=self.retention.clean_stream)
+        return out if self.retention.clean_stream else (out, None)
 
     def evaluate(self) -> float:
         """Validation ELBO in nats per token: one low-discrepancy draw per row with a fixed seed, so every
@@ -369,6 +376,7 @@ class Recipe:
             whole = load_for_training(self.cfg, self.source)
         if getattr(self.dlm.config, "block_size", None) is not None:  # set by setup_model, not in the source
             diffusion_model(whole).config.block_size = self.dlm.config.block_size
+            diffusion_model(whole).config.clean_attention = getattr(self.dlm.config, "clean_attention", None)
         distributed.check_full(state, whole)
         whole.load_state_dict(state, strict=True)
         return whole
