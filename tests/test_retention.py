@@ -184,8 +184,10 @@ def test_options_off_reproduce_the_losses_before_them(run_setup, tmp_path, mode,
 def test_ar_and_distill_terms_are_logged_and_the_checkpoint_keeps_causal_clean_attention(run_setup, tmp_path):
     records, final = _train(run_setup, tmp_path / "run", "block.size=4", "anneal.mode=none",
                             "block.clean_attention=causal", "objective.ar_loss_weight=0.5",
-                            "objective.position_masking=1", "objective.distill_weight=0.5")
+                            "objective.position_masking=1", "objective.distill_weight=0.5", "eval_steps=3")
     assert all({"ar_loss", "distill_kl"} <= r.keys() for r in records)
+    # validation reports what the model kept of its parent
+    assert {"val_elbo", "val_block_start_nll", "val_ar_nll", "val_masked_per_block"} <= records[2].keys()
     # step 1, before any update: the clean stream is the parent, so the AR term is the parent's NLL (> 0) and the
     # distillation term a KL (>= 0)
     assert records[0]["ar_loss"] > 0 and records[0]["distill_kl"] >= 0
@@ -246,3 +248,23 @@ def test_distillation_at_step_0_with_an_untrained_adapter_is_the_closed_form_kl(
 def test_options_that_cannot_apply_are_one_clear_error(run_setup, tmp_path, overrides, message):
     with pytest.raises(AdaptError, match=message):
         _train(run_setup, tmp_path / "bad", *overrides)
+
+
+def test_eval_forgetting_metrics_against_the_parent(block_4, tmp_path):
+    """`dlm-adapt eval --metrics forgetting`: at step 0 a causal clean stream predicts block starts exactly as the
+    parent does (change 0) and its AR mode is the parent; the block-wise clean stream does not."""
+    src, out = block_4("llama")
+    data = tmp_path / "valid.txt"
+    rng = random.Random(1)
+    data.write_text("\n\n".join(" ".join(f"w{rng.randrange(4, 90)}" for _ in range(40)) for _ in range(8)))
+    common = dict(metrics="forgetting", ar_parent=str(src), seq_length=16, num_sequences=4, batch_size=2)
+    block = adapt.evaluate(out, str(data), **common)["forgetting"]
+    assert block["parent"] == str(src) and set(block["masked_per_block"]) == {"1", "2", "3", "4"}
+    assert block["ar_nll"] == pytest.approx(block["parent_nll"], abs=1e-5)  # is_causal: the parent exactly
+    assert abs(block["block_start_change"]) > 1e-4 and block["block_start_tokens"] == 4 * 3
+    model, tok = adapt.load(out)
+    model.config.clean_attention = "causal"
+    causal = adapt.evaluate(model, str(data), tokenizer=tok, **common)["forgetting"]
+    assert causal["clean_attention"] == "causal" and abs(causal["block_start_change"]) < 1e-5
+    with pytest.raises(AdaptError, match="no blocks"):
+        adapt.evaluate(src, str(data), **common)

@@ -14,7 +14,7 @@ from typing import Literal
 from ..deprecations import take_renamed
 from ..errors import AdaptError
 
-METRICS = ("elbo", "infill", "steps_sweep")
+METRICS = ("elbo", "infill", "steps_sweep", "forgetting")
 DTYPE_NAMES = ("float32", "bfloat16", "float16")  # torch dtypes by name (`recipes.DTYPES`)
 
 

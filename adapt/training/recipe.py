@@ -30,6 +30,7 @@ from ..conversion.convert import convert
 from .data import SequenceLoader, build_datasets
 from .drafter_training import DrafterRun
 from ..errors import AdaptError
+from .forgetting import forgetting
 from .likelihood import diffusion_elbo
 from ..model.block_masked_diffusion import resolve_block_size, two_l_logits
 from .objective import diffusion_loss, first_loss_column, noised_batch
@@ -221,7 +222,7 @@ class Recipe:
             record = self.train_step(step)
             done = record["step"]
             if cfg.eval_steps and (done % cfg.eval_steps == 0 or done == cfg.max_steps):
-                record.update(self.drafter.evaluate(self) if self.drafter else {"val_elbo": self.evaluate()})
+                record.update(self.drafter.evaluate(self) if self.drafter else self.evaluate())
             self.log(record, bar)
             # a sharded model decodes with every rank taking part in each forward; the main one writes
             if (self.main or self.sharded) and cfg.sample_steps and done % cfg.sample_steps == 0:
@@ -303,12 +304,19 @@ class Recipe:
                            clean_logits=self.retention.clean_stream)
         return out if self.retention.clean_stream else (out, None)
 
-    def evaluate(self) -> float:
+    def evaluate(self) -> dict:
         """Validation ELBO in nats per token: one low-discrepancy draw per row with a fixed seed, so every
-        evaluation scores the same rows under the same noise and the curve moves only with the model."""
+        evaluation scores the same rows under the same noise and the curve moves only with the model. Block
+        diffusion of packed text with shift: what the model kept of its parent too (`training.forgetting`)."""
+        size = self.cfg.train.batch_size
         with self._whole_root():
-            return diffusion_elbo(self.dlm, self.val_data, mc_samples=1, batch_size=self.cfg.train.batch_size,
-                                  seed=1234, block_size=self.block)["elbo_nats_per_token"]
+            record = {"val_elbo": diffusion_elbo(self.dlm, self.val_data, mc_samples=1, batch_size=size, seed=1234,
+                                                 block_size=self.block)["elbo_nats_per_token"]}
+            if self.block is not None and not self.sft and self.dlm.config.shift:
+                kept = forgetting(self.dlm, self.val_data, batch_size=size, seed=1234, block_size=self.block)
+                record.update({f"val_{k}": kept[k] for k in ("block_start_nll", "ar_nll", "ar_block_start_nll")},
+                              val_masked_per_block=kept["masked_per_block"])
+        return record
 
     def _whole_root(self):
         """Calls of the diffusion model inside a sharded PEFT wrapper bypass the FSDP2 root's forward hook, which
