@@ -89,7 +89,7 @@ def lm_eval_scores(model: str, backend: str, args: str, work: Path, mc_samples: 
             "next_acc_norm": r["stories_next"]["acc_norm,none"]}
 
 
-def score(path: Path, work: Path, mc_samples: int) -> dict:
+def score(path: Path, work: Path, mc_samples: int, lm_eval: bool = True) -> dict:
     import adapt
     from adapt.config import DataConfig
     from adapt.training.data import load_documents, pack
@@ -103,7 +103,7 @@ def score(path: Path, work: Path, mc_samples: int) -> dict:
     elbo = diffusion_elbo(model, sequences, mc_samples=16, batch_size=64, seed=0)
     kept = forgetting(model, sequences, batch_size=64, seed=0, parent=parent)
     return {"elbo": elbo["elbo_nats_per_token"], "elbo_stderr": elbo["stderr"], **kept,
-            **lm_eval_scores(str(path), "dlm-adapt", "", work, mc_samples)}
+            **(lm_eval_scores(str(path), "dlm-adapt", "", work, mc_samples) if lm_eval else {})}
 
 
 def main():
@@ -114,6 +114,7 @@ def main():
     p.add_argument("--steps", type=int, default=1200, help="optimizer steps of every run (run (g): 1200)")
     p.add_argument("--paragraphs", type=int, default=100, help="lm-eval documents per task")
     p.add_argument("--mc-samples", type=int, default=4, help="ELBO draws per lm-eval request")
+    p.add_argument("--no-lm-eval", action="store_true", help="score rows not yet scored without lm-eval")
     p.add_argument("--write", action="store_true", help="replace this section of benchmarks/RESULTS.md")
     a = p.parse_args()
     torch.set_num_threads(1)
@@ -128,7 +129,8 @@ def main():
             train(name, out, a.steps)
         cached = out / name / "ablation.json"
         if not cached.exists() and (out / name / "final" / "config.json").exists():
-            cached.write_text(json.dumps(score(out / name / "final", work, a.mc_samples), indent=1))
+            cached.write_text(json.dumps(score(out / name / "final", work, a.mc_samples, not a.no_lm_eval),
+                                         indent=1))
         if cached.exists():
             results[name] = json.loads(cached.read_text())
             print(name, json.dumps(results[name]), flush=True)
@@ -142,6 +144,10 @@ def main():
         from results_md import write_section
 
         write_section(HERE / "RESULTS.md", TITLE, section)
+
+
+def lm(r: dict, key: str) -> str:
+    return f"{r[key]:.2f}" if key in r else "not measured"
 
 
 def table(results: dict, parent: dict, out: Path, a) -> str:
@@ -167,8 +173,8 @@ def table(results: dict, parent: dict, out: Path, a) -> str:
         over = " ".join(f"`{o}`" for o in ROWS[name][1]) or "–"
         mode = f"{r['ar_nll']:.3f}" + ("" if r["clean_attention"] == "causal" else " (no AR mode trained)")
         lines.append(f"| {ROWS[name][0]} | {over} | {r['elbo'] / ar:.3f} ({r['elbo']:.3f} ± {r['elbo_stderr']:.3f}) "
-                     f"| {r['block_start_change']:+.3f} | {mode} | {per_l} | {r['cloze_acc']:.2f} | "
-                     f"{r['next_acc']:.2f} ({r['next_acc_norm']:.2f}) | {cpu} |")
+                     f"| {r['block_start_change']:+.3f} | {mode} | {per_l} | {lm(r, 'cloze_acc')} | "
+                     f"{lm(r, 'next_acc')} ({lm(r, 'next_acc_norm')}) | {cpu} |")
     return "\n".join(lines) + "\n"
 
 

@@ -98,6 +98,8 @@ class Retention:
         """The parent's causal logits on the clean rows: the frozen copy, or the model with its adapter off."""
         model = recipe.accelerator.unwrap_model(recipe.model)
         if self.frozen is not None:
+            if next(self.frozen.parameters()).device != x0.device:  # copied before Accelerate moved the model
+                self.frozen.to(x0.device)
             return self.frozen(input_ids=x0, attention_mask=padding, is_causal=True).logits
         with model.disable_adapter():
             return recipe.dlm(input_ids=x0, attention_mask=padding, is_causal=True).logits
