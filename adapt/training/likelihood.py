@@ -39,9 +39,10 @@ def diffusion_elbo(model, sequences: "torch.Tensor | Batch", *, mc_samples: int 
     `stderr` is the Monte-Carlo standard error for this fixed text, estimated as stratified sampling's is: draw k
     of a row is the only one in its stratum k, so adjacent strata are paired ("collapsed strata") and each pair's
     squared difference estimates the two strata's variances. It measures the spread the stratification leaves
-    (the within-row variance of the K draws taken as independent overstated the real error 3.5–6.1× on
-    stories260K at block sizes 2 and 4, `benchmarks/elbo_stderr.py`); it stays a slight overestimate, since
-    paired strata differ in mean and the lattice across rows is ignored.
+    (the within-row variance of the K draws taken as independent overstated the real error 3.5–6.1× on a
+    trained stories260K at block sizes 2 and 4, and about 10× on the converted one in `benchmarks/elbo_stderr.py`,
+    where this estimate is 1.1–1.9× the real spread); it stays an overestimate, since paired strata differ in
+    mean and the lattice across rows is ignored.
     """
     values, scored, block_size = elbo_draws(model, sequences, mc_samples=mc_samples, batch_size=batch_size, seed=seed,
                                             block_size=block_size)
