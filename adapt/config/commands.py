@@ -15,7 +15,7 @@ from ..deprecations import take_renamed
 from ..errors import AdaptError
 from ..ranges import FieldError, check_ranges
 
-METRICS = ("elbo", "infill", "steps_sweep")
+METRICS = ("elbo", "infill", "steps_sweep", "forgetting")
 DTYPE_NAMES = ("float32", "bfloat16", "float16")  # torch dtypes by name (`recipes.DTYPES`)
 
 

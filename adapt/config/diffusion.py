@@ -26,9 +26,25 @@ class ObjectiveConfig:
     complementary: bool = False
     """Also train on the complement mask of every sequence (Fast-dLLM v2): every maskable token is supervised
     once per step; the batch is doubled."""
+    ar_loss_weight: float = 0.0
+    """λ: add λ × the next-token cross-entropy of the clean sequence (TiDAR, I-DLM, Nemotron), so the model keeps
+    its parent's AR skill. Block diffusion: read from the 2L layout's clean stream, which must be token-causal
+    (`block.clean_attention: causal`); full-sequence: one more forward with the causal mask. Needs shift. 0: off."""
+    position_masking: float = 0.0
+    """c ≥ 0 (block diffusion): later positions of a block are masked more often (Efficient-DLM). Position j of a
+    block of B is masked with probability t^γ_j, γ_j = exp(c·(½ − j/(B−1))), and weighted γ_j / t: the ELBO of
+    that per-token schedule, an unbiased estimate of an upper bound on the NLL (not the uniform schedule's bound,
+    which validation and `dlm-adapt eval` keep reporting). Not with `complementary` (the complement would favour
+    early positions). 0: every position masked with probability t."""
+    distill_weight: float = 0.0
+    """μ: add μ × KL(parent ‖ model) on masked positions whose left context is clean (no masked token before them
+    in their block; full-sequence: in the row), where the parent's causal prediction has the same context. The
+    parent: the model with its adapter off (LoRA, QLoRA), or a frozen copy taken before the first step (full
+    fine-tuning: twice the weights in memory). 0: off."""
 
     def __post_init__(self):
-        check_ranges(self, {"eps": "(0, 1)", "cart_p": "(0, 1)"})
+        check_ranges(self, {"eps": "(0, 1)", "cart_p": "(0, 1)", "ar_loss_weight": "[0, inf)",
+                            "position_masking": "[0, inf)", "distill_weight": "[0, inf)"})
 
 
 @dataclass
@@ -65,6 +81,11 @@ class BlockConfig:
     noise: Literal["block", "sequence"] = "block"
     """`block`: one t per block, stratified across a row's blocks (a shifted lattice, as MDLM's antithetic t);
     `sequence`: one t per row, as in full-sequence training."""
+    clean_attention: Literal["block", "causal"] | None = None
+    """How the clean tokens of the 2L layout attend inside their own block: `block` (both ways, BD3-LM) or
+    `causal` (token-causal: the clean stream is then exactly an AR model, the parent at step 0, and block
+    decoding's KV cache is that AR model's). Stored in the checkpoint (`config.clean_attention`). None: the
+    checkpoint's (a causal source: block)."""
 
     def __post_init__(self):
         check_ranges(self, {"size": "[1, inf)", "schedule": "[1, inf)", "stage_steps": "[0, inf)",

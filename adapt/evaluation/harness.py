@@ -17,6 +17,7 @@ from ..deprecations import with_old_keys
 from ..training.data import load_documents, pack
 from ..errors import AdaptError, first_line
 from ..model.block_masked_diffusion import resolve_block_size
+from ..training.forgetting import forgetting
 from ..training.likelihood import causal_nll, diffusion_elbo
 from ..sampling import SamplingError
 from ..sources import load_causal
@@ -100,7 +101,7 @@ def _score_text(model, tokenizer, kind: str, documents: list[str], o: EvalOption
     if note:
         result["block_size_note"] = note
     scorer, scorer_name = None, None
-    if "infill" in o.metrics or "steps_sweep" in o.metrics:
+    if "infill" in o.metrics or "steps_sweep" in o.metrics or "forgetting" in o.metrics:
         scorer, scorer_name = _ar_scorer(model, kind, o.ar_parent, o.device)
     try:
         if "elbo" in o.metrics:
@@ -108,6 +109,8 @@ def _score_text(model, tokenizer, kind: str, documents: list[str], o: EvalOption
                                              seed=o.seed, block_size=o.block_size)
                               if kind == DIFFUSION else causal_nll(model, sequences, batch_size=o.batch_size))
             result["elbo"] = with_old_keys(result["elbo"], "eval result JSON key")
+        if "forgetting" in o.metrics:
+            result["forgetting"] = _forgetting(model, kind, sequences, o, scorer, scorer_name)
         if "infill" in o.metrics:
             result["infill"] = infill(model, sequences, span=o.infill_span, examples=o.infill_examples,
                                       batch_size=o.batch_size, ar_scorer=scorer, ar_name=scorer_name, kv_cache=o.kv_cache)
@@ -123,6 +126,16 @@ def _score_text(model, tokenizer, kind: str, documents: list[str], o: EvalOption
     if o.plot is not None:
         result["plot"] = str(plot_steps_sweep(result["steps_sweep"], o.plot, title=f"{name} ({kind})"))
     return with_old_keys(result, "eval result JSON key")  # "block_length" and "blocks" until their removal
+
+
+def _forgetting(model, kind: str, sequences, o: EvalOptions, parent, parent_name) -> dict:
+    """`training.forgetting` for a block-diffusion checkpoint, beside its AR parent's numbers when one loads."""
+    if kind != DIFFUSION or resolve_block_size(model.config, o.block_size) is None:
+        raise AdaptError("--metrics forgetting compares a block-diffusion checkpoint's block-start tokens with its "
+                         "parent's: this model has no blocks (give --block-size, or drop forgetting)")
+    result = forgetting(model, sequences, batch_size=o.batch_size, seed=o.seed, block_size=o.block_size,
+                        parent=parent if parent is not model else None)
+    return {**result, "parent": parent_name}
 
 
 def _lm_eval_backend():

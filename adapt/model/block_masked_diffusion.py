@@ -126,11 +126,34 @@ def block_attention_mask(text_config, padding_mask, position_ids, block_size: in
     return _layer_masks(text_config, padding_mask, _embeds(padding_mask, dtype), rule)
 
 
-def cached_block_mask(text_config, padding_mask, query_positions, block_size: int, dtype):
+CLEAN_ATTENTION = ("block", "causal")
+
+
+def clean_attention_of(config) -> str:
+    """How the clean (finished) tokens of a block-diffusion checkpoint attend inside their own block: `block`
+    (both ways, BD3-LM) or `causal` (token-causal: the clean stream is an exact AR model). Older checkpoints: block."""
+    mode = getattr(config, "clean_attention", None) or "block"
+    if mode not in CLEAN_ATTENTION:
+        raise ValueError(f"clean_attention must be one of {CLEAN_ATTENTION}, got {mode!r}")
+    return mode
+
+
+def _clean_sees(bq, bk, q_positions, k_positions, clean_attention: str):
+    """THE rule for a clean query: the clean keys of its own and earlier blocks (`block`), or, `causal`, the
+    earlier blocks and its own block up to itself."""
+    if clean_attention == "causal":
+        return (bk < bq) | (bk == bq) & (k_positions <= q_positions)
+    return bk <= bq
+
+
+def cached_block_mask(text_config, padding_mask, query_positions, block_size: int, dtype, clean_attention="block"):
     """The mask of a block-causal forward over a KV cache: `padding_mask` (batch, kv) covers the cached keys and
     then the q queries, whose position ids are `query_positions` (batch, q). Same rule as `block_attention_mask`;
     built here because transformers' builders size a mask by the cache's layer type, while block decoding keeps
-    every position in every layer (`full_cache`). A padding query sees itself, so no row is fully masked."""
+    every position in every layer (`full_cache`). A padding query sees itself, so no row is fully masked.
+    `clean_attention="causal"`: the queries before the last block are finished (clean) tokens and attend as the
+    2L layout's clean stream does (`_clean_sees`); the last block is the one being denoised (with B = 1 the two
+    rules agree, so a forward of finished tokens alone is right too)."""
     kv, q = padding_mask.shape[1], query_positions.shape[1]
     key_positions = position_ids_from_padding(padding_mask)[:, None, :]
     query_positions = query_positions.expand(padding_mask.shape[0], -1)[:, :, None]
@@ -138,9 +161,13 @@ def cached_block_mask(text_config, padding_mask, query_positions, block_size: in
     keys = torch.arange(kv, device=padding_mask.device)
     itself = keys == keys[kv - q:, None]
     real = padding_mask.bool()[:, None, :]
+    visible = bk <= bq
+    if clean_attention == "causal":
+        clean = bq < bq[:, -1:]  # earlier than the block being denoised
+        visible = torch.where(clean, _clean_sees(bq, bk, query_positions, key_positions, "causal"), visible)
 
     def build(window):
-        seen = (bk <= bq) & _in_window(query_positions - key_positions, bk == bq, window) & real | itself
+        seen = visible & _in_window(query_positions - key_positions, bk == bq, window) & real | itself
         if text_config._attn_implementation == "flex_attention":
             return flex_block_mask(seen)
         if text_config._attn_implementation == "sdpa":
@@ -166,10 +193,12 @@ def flex_block_mask(seen: torch.Tensor):
     return create_block_mask(visible, batch, None, q, kv, device=seen.device, BLOCK_SIZE=tile)
 
 
-def two_l_attention_mask(text_config, padding_mask, position_ids, block_size: int, dtype, document_ids=None):
+def two_l_attention_mask(text_config, padding_mask, position_ids, block_size: int, dtype, document_ids=None,
+                         clean_attention: str = "block"):
     """The BD3-LM training mask over [x_t, x_0] (length 2L, positions repeated): a noised token sees its own noised
-    block and the clean blocks before it; a clean token sees clean blocks up to its own, never a noised one. With
-    `document_ids` ((batch, L)), packed documents never see each other. Returns (2L padding, 2L positions, mask)."""
+    block and the clean blocks before it; a clean token sees clean blocks up to its own (`clean_attention="block"`)
+    or, `causal`, the clean tokens up to itself (`_clean_sees`), never a noised one. With `document_ids`
+    ((batch, L)), packed documents never see each other. Returns (2L padding, 2L positions, mask)."""
     length = padding_mask.shape[1]
     padding = torch.cat([padding_mask, padding_mask], 1)
     positions = position_ids.expand(padding_mask.shape[0], -1)
@@ -180,7 +209,8 @@ def two_l_attention_mask(text_config, padding_mask, position_ids, block_size: in
     def rule(b, q, kv, window):
         bq, bk = blocks[b, q], blocks[b, kv]
         q_clean, kv_clean = q >= length, kv >= length
-        seen = torch.where(q_clean, kv_clean & (bk <= bq), torch.where(kv_clean, bk < bq, bk == bq))
+        clean_rule = _clean_sees(bq, bk, positions[b, q], positions[b, kv], clean_attention)
+        seen = torch.where(q_clean, kv_clean & clean_rule, torch.where(kv_clean, bk < bq, bk == bq))
         if documents is not None:
             seen = seen & (documents[b, q] == documents[b, kv])
         return seen & _in_window(positions[b, q] - positions[b, kv], bk == bq, window)
@@ -200,12 +230,15 @@ def canvas_index(position_ids, block_size: int, shift: bool):
     return index + length * (position_ids % block_size == block_size - 1).long()
 
 
-def two_l_layout(model, noisy_ids, clean_ids, attention_mask=None, block_size=None, document_ids=None):
+def two_l_layout(model, noisy_ids, clean_ids, attention_mask=None, block_size=None, document_ids=None,
+                 clean_logits: bool = False):
     """What one 2L forward of `model` takes: `dict(input_ids, attention_mask, position_ids, logits_to_keep)` for the
     model itself or a wrapper around it (a training engine's, PEFT's), and the (batch, L) `canvas_index` to gather with when the
     rows' block ends differ (left padding); None when `logits_to_keep` already selects them (the logits then come
     out in canvas order, L per row rather than 2L). `attention_mask` is the 2-D padding mask of the L tokens;
-    positions count real tokens, as in `MaskedDiffusionLM.forward`. `block_size` defaults to the checkpoint's."""
+    positions count real tokens, as in `MaskedDiffusionLM.forward`. `block_size` defaults to the checkpoint's, and
+    the clean stream's attention is the checkpoint's `clean_attention`. `clean_logits`: every position's logit is
+    computed (the clean half's too), and the index is always returned."""
     config = model.config
     block_size = resolve_block_size(config, block_size, needed_by="the 2L layout")
     if noisy_ids.shape != clean_ids.shape:
@@ -213,9 +246,9 @@ def two_l_layout(model, noisy_ids, clean_ids, attention_mask=None, block_size=No
     padding = attention_mask if attention_mask is not None else torch.ones_like(noisy_ids)
     positions = position_ids_from_padding(padding)
     _, positions2, mask = two_l_attention_mask(config.text_config, padding, positions, block_size, model.dtype,
-                                               document_ids)
+                                               document_ids, clean_attention_of(config))
     index = canvas_index(positions, block_size, config.shift)
-    same = bool((index == index[:1]).all())
+    same = bool((index == index[:1]).all()) and not clean_logits
     inputs = dict(input_ids=torch.cat([noisy_ids, clean_ids], 1), attention_mask=mask, position_ids=positions2,
                   logits_to_keep=index[0] if same else torch.arange(2 * noisy_ids.shape[1], device=index.device))
     return inputs, None if same else index
@@ -229,14 +262,19 @@ def canvas_logits(logits, index):
 
 
 def two_l_logits(model, noisy_ids, clean_ids, attention_mask=None, block_size=None, document_ids=None,
-                 forward=None):
+                 forward=None, clean_logits: bool = False):
     """One forward of the 2L layout: `noisy_ids` (x_t) and `clean_ids` (x_0), both (batch, L), run as one sequence
     of 2L with the BD3-LM mask. Returns L logits per row, each the one the denoiser reads at inference
     (`canvas_index`), so the objective aligns them exactly as on a canvas. `forward` runs the layout's inputs: a
     wrapper around `model` (a training engine's, PEFT's) during training; default `model` itself. Training, the
-    likelihood and the tests all take the 2L logits from here."""
-    inputs, index = two_l_layout(model, noisy_ids, clean_ids, attention_mask, block_size, document_ids)
-    return canvas_logits((forward if forward is not None else model)(**inputs).logits, index)
+    likelihood and the tests all take the 2L logits from here. `clean_logits=True` returns (those logits, the clean
+    half's L logits): with `clean_attention="causal"` and shift, the clean half's logit at i is the checkpoint's
+    AR prediction of token i + 1."""
+    inputs, index = two_l_layout(model, noisy_ids, clean_ids, attention_mask, block_size, document_ids, clean_logits)
+    logits = (forward if forward is not None else model)(**inputs).logits
+    if clean_logits:
+        return canvas_logits(logits, index), logits[:, noisy_ids.shape[1]:]
+    return canvas_logits(logits, index)
 
 
 # ------------------------------------------------------------------------------------------------ decoding
@@ -428,7 +466,7 @@ def block_diffusion_sample(make_denoiser, input_ids, *, block_size: int, mask_to
     return out
 
 
-__all__ = ["BLOCK_IMPLEMENTATIONS", "BlockCacheDenoiser", "DENSE_IMPLEMENTATIONS", "block_attention_mask",
-           "block_diffusion_sample", "cached_block_mask", "canvas_index", "canvas_logits", "check_block_implementation",
-           "flex_block_mask", "position_ids_from_padding", "resolve_block_size", "two_l_logits", "two_l_attention_mask",
-           "two_l_layout"]
+__all__ = ["BLOCK_IMPLEMENTATIONS", "BlockCacheDenoiser", "CLEAN_ATTENTION", "DENSE_IMPLEMENTATIONS",
+           "block_attention_mask", "block_diffusion_sample", "cached_block_mask", "canvas_index", "canvas_logits",
+           "check_block_implementation", "clean_attention_of", "flex_block_mask", "position_ids_from_padding",
+           "resolve_block_size", "two_l_logits", "two_l_attention_mask", "two_l_layout"]

@@ -9,7 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 
 from .block_masked_diffusion import (BlockCacheDenoiser, block_attention_mask, block_diffusion_sample, cached_block_mask,
-                                     check_block_options, position_ids_from_padding, resolve_block_size)
+                                     check_block_options, clean_attention_of, position_ids_from_padding,
+                                     resolve_block_size)
 from .configuration_masked_diffusion import MaskedDiffusionConfig
 from .sampling_masked_diffusion import Denoiser, SamplingError, _holes, check_sampling_options, diffusion_sample
 from .drafter_masked_diffusion import DrafterAdapter
@@ -153,8 +154,10 @@ class MaskedDiffusionLM(PreTrainedModel):
                 position_ids = torch.arange(past, past + embeds.shape[1], device=embeds.device).unsqueeze(0)
             with explain_newer_transformers():
                 # with a cache (block decoding) the mask spans cached keys + queries (`padding` covers both)
-                attention_mask = (cached_block_mask if cache is not None else block_attention_mask)(
-                    self.config.text_config, padding, position_ids, block_size, self.dtype)
+                attention_mask = (cached_block_mask(self.config.text_config, padding, position_ids, block_size,
+                                                    self.dtype, clean_attention_of(self.config))
+                                  if cache is not None else block_attention_mask(
+                                      self.config.text_config, padding, position_ids, block_size, self.dtype))
         with explain_newer_transformers(), self._attention(is_causal or not self.config.bidirectional):
             out = self.decoder(
                 input_ids=input_ids,

@@ -94,10 +94,28 @@ def first_loss_column(maskable: torch.Tensor, shift: bool) -> int:
     return max(int(columns[0, 0]) - int(shift), 0)
 
 
+def position_exponents(length: int, block_size: int, strength: float, device=None) -> torch.Tensor:
+    """(L,) γ_j of `ObjectiveConfig.position_masking`: exp(c·(½ − j/(B−1))) for position j = i mod B of a block."""
+    j = torch.arange(length, device=device) % block_size
+    return torch.exp(strength * (0.5 - j / max(block_size - 1, 1)))
+
+
+def position_schedule(t: torch.Tensor, gamma: torch.Tensor, complement: bool = False):
+    """(masking probability, ELBO weight's t) per position for block time `t` (rows, L) under the per-token
+    schedule p_j(t) = t^γ_j: the weight of a masked token is p_j'(t)/p_j(t) = γ_j/t, passed as the t of `1/t`
+    (t/γ_j). The complement mask (masked with probability 1 − t^γ_j, a schedule in 1 − t) weighs
+    γ_j t^(γ_j−1)/(1 − t^γ_j). With γ = 1 these are (t, t) and (1 − t, 1 − t)."""
+    p = t ** gamma
+    if complement:
+        return 1 - p, (1 - p) / (gamma * t ** (gamma - 1))
+    return p, t / gamma
+
+
 def noised_batch(x0, maskable, cfg: ObjectiveConfig, mask_id: int, shift: bool, generator=None,
                  rows: slice | None = None, total_rows: int | None = None, block_size: int | None = None):
     """Everything one training step needs: (x_t, x0, masked, maskable, t), doubled with complements if asked.
-    With `block_size`, t is (rows, L): one t per block (`blocks.block_t`); else (rows,).
+    With `block_size`, t is (rows, L): one t per block (`blocks.block_t`); else (rows,). With
+    `cfg.position_masking` (block diffusion), t is the per-position t of the ELBO weight (`position_schedule`).
 
     In data parallel training each process passes `total_rows` (the global batch) and its `rows`: the noise is
     drawn for the whole global batch and sliced, so it does not depend on the number of processes."""
@@ -116,10 +134,18 @@ def noised_batch(x0, maskable, cfg: ObjectiveConfig, mask_id: int, shift: bool, 
     if rows is not None:
         t, u = t[rows], u[rows]
     t, u = t.to(x0.device), u.to(x0.device)
-    x_t, masked = corrupt(x0, maskable, t, mask_id, u)
+    if cfg.position_masking and block_size is not None and t.dim() == 2:
+        gamma = position_exponents(x0.shape[1], block_size, cfg.position_masking, x0.device)
+        p, weight_t = position_schedule(t, gamma)
+        x_t, masked = corrupt(x0, maskable, p, mask_id, u)
+        complement_t = position_schedule(t, gamma, complement=True)[1]
+        t = weight_t
+    else:
+        x_t, masked = corrupt(x0, maskable, t, mask_id, u)
+        complement_t = 1 - t
     if cfg.complementary:
         other = maskable & ~masked
         x_t = torch.cat([x_t, x0.masked_fill(other, mask_id)])
         x0, masked, maskable = torch.cat([x0, x0]), torch.cat([masked, other]), torch.cat([maskable, maskable])
-        t = torch.cat([t, (1 - t).clamp_min(cfg.eps)])
+        t = torch.cat([t, complement_t.clamp_min(cfg.eps)])
     return x_t, x0, masked, maskable, t

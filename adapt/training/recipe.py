@@ -31,9 +31,11 @@ from ..conversion.convert import convert
 from .data import SequenceLoader, build_datasets
 from .drafter_training import DrafterRun
 from ..errors import AdaptError
+from .forgetting import forgetting
 from .likelihood import diffusion_elbo
 from ..model.block_masked_diffusion import resolve_block_size, two_l_logits
 from .objective import diffusion_loss, first_loss_column, noised_batch
+from .retention import Retention
 from .run_dir import check_output, diverged, model_settings, resume_path, truncate_metrics
 from .sft_data import build_sft_datasets
 from ..sources import hub_access
@@ -165,6 +167,7 @@ class Recipe:
             self.dlm.config.block_size = final_block  # what OUTPUT/final decodes with
             check_block_attention(self.dlm)
         self.block = None  # the block size of the latest step (the schedule moves it)
+        self.retention, self.terms = Retention(self), {}  # checks, and the parent's frozen copy if one is needed
         check_annealing_supported(self.dlm, cfg.anneal)
         self.global_batch = cfg.train.batch_size * self.world
         if self.drafter:  # freezes the parent; with data.generate, the parent writes the training text now
@@ -220,7 +223,7 @@ class Recipe:
             record = self.train_step(step)
             done = record["step"]
             if cfg.eval_steps and (done % cfg.eval_steps == 0 or done == cfg.max_steps):
-                record.update(self.drafter.evaluate(self) if self.drafter else {"val_elbo": self.evaluate()})
+                record.update(self.drafter.evaluate(self) if self.drafter else self.evaluate())
             self.log(record, bar)
             # a sharded model decodes with every rank taking part in each forward; the main one writes
             if (self.main or self.sharded) and cfg.sample_steps and done % cfg.sample_steps == 0:
@@ -260,7 +263,7 @@ class Recipe:
         self.optimizer.zero_grad(set_to_none=True)
         seconds = time.perf_counter() - started
         record = {"step": done, "loss": loss_value, "lr": self.scheduler.get_last_lr()[0], "mask_ratio": ratio,
-                  "tokens_per_s": seen * self.world / seconds}
+                  "tokens_per_s": seen * self.world / seconds, **self.terms}
         return record if self.block is None else {**record, "block_size": self.block}
 
     def _micro_step(self, batch: Batch, ratio: float, sync) -> tuple[float, int]:
@@ -274,6 +277,7 @@ class Recipe:
         x_t, x0_, masked, maskable, t = noised_batch(x0, maskable, cfg.objective, dlm.config.mask_token_id,
                                                      dlm.config.shift, self.noise, rows, self.global_batch, per_block)
         padding = padding.repeat(x_t.shape[0] // padding.shape[0], 1)  # complementary masks double the batch
+        clean, first = None, 0
         with sync, self.accelerator.autocast():
             if self.block is None:
                 attention = annealed_inputs(dlm, padding, ratio, self.noise)  # mask, or the causal/full path
@@ -281,12 +285,14 @@ class Recipe:
                 first = first_loss_column(maskable, dlm.config.shift)  # SFT: no LM head over the prompts
                 logits = self.model(input_ids=x_t, **attention, position_ids=positions,
                                     logits_to_keep=torch.arange(first, x_t.shape[1], device=x_t.device)).logits
-                x0_, masked, maskable = x0_[:, first:], masked[:, first:], maskable[:, first:]
                 t = t[:, first:] if t.dim() == 2 else t
             else:
-                logits = self._two_l_logits(x_t, x0_, padding)
-            loss = diffusion_loss(logits, x0_, masked, maskable, t, cfg.objective, dlm.config.shift,
-                                  dlm.config.mask_token_id)
+                logits, clean = self._two_l_logits(x_t, x0_, padding)
+            loss = diffusion_loss(logits, x0_[:, first:], masked[:, first:], maskable[:, first:], t, cfg.objective,
+                                  dlm.config.shift, dlm.config.mask_token_id)
+            if self.retention.enabled:  # AR loss, distillation (training/retention.py)
+                extra, self.terms = self.retention.loss(self, logits, clean, x0_, masked, maskable, padding, first)
+                loss = loss + extra
             self.accelerator.backward(loss / cfg.train.gradient_accumulation_steps)
         return loss.detach().float().item(), int(padding.sum())
 
@@ -294,15 +300,24 @@ class Recipe:
         """Block diffusion: one forward over the noised and the clean sequence (`adapt.blocks`); packed
         documents do not attend to each other (SFT rows hold one sample each, padding aside)."""
         docs = None if self.sft else documents(x0, self.tokenizer.eos_token_id)
-        # through the wrapper (DDP, PEFT), not around it
-        return two_l_logits(self.dlm, x_t, x0, padding, self.block, docs, forward=self.model)
+        # through the wrapper (DDP, PEFT), not around it; the clean half's logits too for the AR loss
+        out = two_l_logits(self.dlm, x_t, x0, padding, self.block, docs, forward=self.model,
+                           clean_logits=self.retention.clean_stream)
+        return out if self.retention.clean_stream else (out, None)
 
-    def evaluate(self) -> float:
+    def evaluate(self) -> dict:
         """Validation ELBO in nats per token: one low-discrepancy draw per row with a fixed seed, so every
-        evaluation scores the same rows under the same noise and the curve moves only with the model."""
+        evaluation scores the same rows under the same noise and the curve moves only with the model. Block
+        diffusion of packed text with shift: what the model kept of its parent too (`training.forgetting`)."""
+        size = self.cfg.train.batch_size
         with self._whole_root():
-            return diffusion_elbo(self.dlm, self.val_data, mc_samples=1, batch_size=self.cfg.train.batch_size,
-                                  seed=1234, block_size=self.block)["elbo_nats_per_token"]
+            record = {"val_elbo": diffusion_elbo(self.dlm, self.val_data, mc_samples=1, batch_size=size, seed=1234,
+                                                 block_size=self.block)["elbo_nats_per_token"]}
+            if self.block is not None and not self.sft and self.dlm.config.shift:
+                kept = forgetting(self.dlm, self.val_data, batch_size=size, seed=1234, block_size=self.block)
+                record.update({f"val_{k}": kept[k] for k in ("block_start_nll", "ar_nll", "ar_block_start_nll")},
+                              val_masked_per_block=kept["masked_per_block"])
+        return record
 
     def _whole_root(self):
         """Calls of the diffusion model inside a sharded PEFT wrapper bypass the FSDP2 root's forward hook, which
@@ -370,6 +385,7 @@ class Recipe:
             whole = load_for_training(self.cfg, self.source)
         if getattr(self.dlm.config, "block_size", None) is not None:  # set by setup_model, not in the source
             diffusion_model(whole).config.block_size = self.dlm.config.block_size
+            diffusion_model(whole).config.clean_attention = getattr(self.dlm.config, "clean_attention", None)
         distributed.check_full(state, whole)
         whole.load_state_dict(state, strict=True)
         return whole
