@@ -82,8 +82,9 @@ def test_only_old_temporary_directories_of_our_own_are_cleaned(src, tmp_path):
 
 def test_ctrl_c_during_convert_is_one_line_exit_130_and_no_output(src, tmp_path):
     out = tmp_path / "out"
-    code = (
-        "import sys, time\n"
+    code = (  # SIGINT as a terminal sends it: a test runner's worker may hand its children an ignored SIGINT
+        "import signal, sys, time\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "import importlib\n"
         "c = importlib.import_module('adapt.conversion.convert')\n"
         "real = c._write_config\n"
@@ -99,8 +100,12 @@ def test_ctrl_c_during_convert_is_one_line_exit_130_and_no_output(src, tmp_path)
                             text=True)
     assert proc.stdout.readline().strip() == "writing"
     proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=60) == 130
-    stderr = proc.stderr.read()
+    try:
+        _, stderr = proc.communicate(timeout=60)  # reads both pipes, so a chatty child cannot block on a full one
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail(f"convert did not exit within 60 s of SIGINT; its stderr ends: {proc.communicate()[1][-2000:]}")
+    assert proc.returncode == 130
     assert "Traceback" not in stderr and len(_error_lines(stderr)) == 1 and "interrupted" in stderr, stderr
     assert list(tmp_path.iterdir()) == []
 
