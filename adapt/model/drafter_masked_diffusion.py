@@ -416,8 +416,8 @@ def _one_forward(model, input_ids, masks, keys, teacher_cols, student_cols, forw
     with drafting(model, start=length):
         logits = (forward or model)(input_ids=torch.cat([input_ids, masks], 1), attention_mask=attention,
                                     position_ids=positions, logits_to_keep=keep).logits
-    batch = len(input_ids)
-    return _picked(logits, keep, teacher_cols), _picked(logits, keep, (length + student_cols)[None].expand(batch, -1, -1))
+    student = _picked(logits, keep, (length + student_cols)[None].expand(len(input_ids), -1, -1))
+    return _picked(logits, keep, teacher_cols), student
 
 
 __all__ = ["DESIGN", "DrafterAdapter", "DrafterError", "check_drafter_spec", "draft_attention_mask",

@@ -184,6 +184,7 @@ def bidirectional_mask(**kwargs):
     return create_bidirectional_mask(**kwargs)
 
 
-__all__ = ["DLM_ADAPT_VERSION", "TESTED_TRANSFORMERS", "attention_support_flags", "bidirectional_mask", "cache_kwarg", "checkpointing_drops_cache",
+__all__ = ["DLM_ADAPT_VERSION", "TESTED_TRANSFORMERS", "attention_support_flags", "bidirectional_mask", "cache_kwarg",
+           "checkpointing_drops_cache",
            "causal_mask", "decoder_class", "drop_last_cached", "explain_newer_transformers", "full_cache",
            "is_api_drift", "newer_than_tested", "output_cache", "select_cache_positions", "set_causal"]
