@@ -4,7 +4,6 @@ huggingface_hub sends (repo create, branch, preupload, commit), including failur
 import base64
 import json
 import os
-import random
 import re
 import shutil
 import socket
@@ -26,7 +25,7 @@ from adapt.config import load_config
 from adapt.model import CODE_FILES
 from adapt.outputs import write_marker
 from adapt.hub.card import BEGIN, END
-from tiny_models import save_tiny_source
+from tiny_models import save_tiny_source, write_word_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).parent / "golden" / "push_card_llama.md"
@@ -345,10 +344,7 @@ def test_links_inside_dir_are_pushed_as_files(converted, tmp_path):
 
 def _train_setup(root: Path):
     save_tiny_source(root / "causal", "llama")
-    rng = random.Random(0)
-    docs = [" ".join(f"w{i}" for i in range(s, s + rng.randrange(8, 16)))
-            for s in (rng.randrange(4, 80) for _ in range(200))]
-    (root / "train.txt").write_text("\n\n".join(docs))
+    write_word_runs(root / "train.txt", 200)
     (root / "recipe.yaml").write_text(yaml.safe_dump({
         "max_steps": 4, "eval_steps": 2, "save_steps": 0,
         "model": {"path": str(root / "causal"), "attn_implementation": "eager"},

@@ -18,7 +18,7 @@ from adapt.model.transformers_compat import full_cache
 from adapt.training.distill import kl_divergence
 from adapt.training.objective import noised_batch, position_exponents, position_schedule
 from adapt.training.retention import ar_loss, clean_left
-from tiny_models import ARCHS, save_tiny_source
+from tiny_models import ARCHS, save_tiny_source, write_word_runs
 
 B = 4
 
@@ -149,12 +149,7 @@ def test_position_masking_weighting_is_an_unbiased_bound_closed_form():
 def run_setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("retention")
     save_tiny_source(root / "src", "llama")
-    rng = random.Random(0)
-    docs = []
-    for _ in range(100):
-        s = rng.randrange(4, 80)
-        docs.append(" ".join(f"w{i}" for i in range(s, s + rng.randrange(8, 16))))
-    (root / "train.txt").write_text("\n\n".join(docs))
+    write_word_runs(root / "train.txt", 100)
     return root
 
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import adapt
 from adapt.model.sampling_masked_diffusion import EntropyBoundCommit
 from adapt.sampling import SamplingError, commit_schedule, diffusion_sample
-from tiny_models import save_tiny_source
+from tiny_models import save_tiny_source, write_word_runs
 
 MASK, V = 99, 100
 
@@ -257,15 +257,10 @@ def test_generate_cli_json_and_errors(tiny, tmp_path):
 
 def test_threshold_below_one_needs_fewer_forwards_on_a_trained_model(tmp_path):
     """A tiny model trained on counting runs ("w10 w11 w12 ...") is confident about several positions at once."""
-    import random
-
     from adapt.config import load_config
 
     save_tiny_source(tmp_path / "causal", "llama")
-    rng = random.Random(0)
-    docs = [" ".join(f"w{i}" for i in range(s, s + rng.randrange(8, 16))) for s in
-            (rng.randrange(4, 80) for _ in range(300))]
-    (tmp_path / "train.txt").write_text("\n\n".join(docs))
+    write_word_runs(tmp_path / "train.txt", 300)
     final = adapt.train(load_config(None, [f"output_dir={tmp_path / 'run'}", f"model.path={tmp_path / 'causal'}",
                                            f"data.train={tmp_path / 'train.txt'}", "data.seq_length=16",
                                            "train.batch_size=16", "train.lr=1e-2", "max_steps=600", "eval_steps=0",

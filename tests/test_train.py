@@ -20,6 +20,7 @@ from adapt import AdaptError
 from adapt.training import training_state as checkpointing
 from adapt.config import load_config
 from adapt.config.recipes import run_config
+from tiny_models import write_word_runs
 
 
 @pytest.fixture(scope="module")
@@ -28,13 +29,7 @@ def setup(tmp_path_factory, converted):
     source, dlm = converted("llama")  # copies: no test here can change what other modules share
     shutil.copytree(source, root / "causal")
     shutil.copytree(dlm, root / "dlm")
-    rng = random.Random(0)
-    # documents with learnable structure: runs of consecutive words
-    docs = []
-    for _ in range(300):
-        start = rng.randrange(4, 80)
-        docs.append(" ".join(f"w{i}" for i in range(start, start + rng.randrange(8, 16))))
-    (root / "train.txt").write_text("\n\n".join(docs))
+    write_word_runs(root / "train.txt", 300)
     return root
 
 

@@ -92,3 +92,15 @@ def save_tiny_source(path, arch: str, vocab_size: int | None = None, tie: bool |
     model.save_pretrained(path, **save_kwargs)
     tokenizer.save_pretrained(path)
     return model
+
+
+def write_word_runs(path, count: int, seed: int = 0):
+    """A training text of `count` documents with learnable structure: runs of 8-15 consecutive vocabulary words
+    (w4 .. w94), blank-line separated. The same `seed` gives the same text."""
+    import random
+
+    rng = random.Random(seed)
+    docs = [" ".join(f"w{i}" for i in range(s, s + rng.randrange(8, 16))) for s in
+            (rng.randrange(4, 80) for _ in range(count))]
+    path.write_text("\n\n".join(docs))
+    return path
