@@ -152,6 +152,9 @@ def main():
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/RESULTS.md")
     ap.add_argument("--speculative", type=Path, help="a drafter checkpoint: speculative-decoding rows, own table")
     ap.add_argument("--draft-lengths", default="1,2,4,8", help="--speculative: draft lengths, comma-separated")
+    ap.add_argument("--chat-message", help="--speculative: chat prompts, e.g. 'Continue this story:\\n\\n{text}' "
+                    "(each story's first tokens at {text}, in the tokenizer's chat template; a drafter recipe's "
+                    "data.generate.chat_message)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     import adapt
@@ -300,25 +303,35 @@ def speculative(args):
     trained = adapter is not None and any(bool(pair.B.any()) for pair in adapter.lora.values())
     texts = [t for t in (SHARED / "data/tinystories/valid.txt").read_text().split("\n\n") if t.strip()]
     rows = [tok(t).input_ids[: args.prompt_tokens] for t in texts]
-    prompts = torch.tensor([r for r in rows if len(r) == args.prompt_tokens][: args.prompts], device=args.device)
-    n = args.new
+    prompts = torch.tensor([r for r in rows if len(r) == args.prompt_tokens][: args.prompts])
+    mask = torch.ones_like(prompts)
+    if args.chat_message:  # as `data.generate.chat_message` makes a drafter's training prompts
+        from adapt.training.drafter_training import chat_prompts
 
-    def ar_decode(p):
-        return ar.generate(p, max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+        chat = chat_prompts(prompts, tok, args.chat_message)
+        prompts, mask = chat.input_ids, chat.attention_mask
+    prompts, mask, n, width = prompts.to(args.device), mask.to(args.device), args.new, prompts.shape[1]
+    # (ids, attention mask) pairs: each prompt alone, unpadded, and all of them as one left-padded batch
+    alone_groups = [(p[m.bool()][None], m[m.bool()][None]) for p, m in zip(prompts, mask)]
+    batch_groups = [(prompts, mask)]
 
-    ar_gen = ar_decode(prompts)[:, prompts.shape[1]:]
-    ar_alone = torch.cat([ar_decode(p[None])[:, prompts.shape[1]:] for p in prompts])
-    alone_groups, batch_groups = [p[None] for p in prompts], [prompts]
-    ar_time = {alone: seconds_per_token(ar_decode, prompts, n, args.repeats, alone) for alone in (True, False)}
+    def ar_decode(group):
+        return ar.generate(group[0], attention_mask=group[1], max_new_tokens=n, do_sample=False, eos_token_id=None,
+                           pad_token_id=0)[:, -n:]
+
+    ar_gen = ar_decode(batch_groups[0])
+    ar_alone = torch.cat([ar_decode(g) for g in alone_groups])
+    ar_time = {alone: median_seconds(lambda: [ar_decode(g) for g in groups], args.repeats) / (n * len(prompts))
+               for alone, groups in ((True, alone_groups), (False, batch_groups))}
     results = []
     for k in [int(k) for k in args.draft_lengths.split(",")]:
-        def decode(p, k=k):
-            return dlm.diffusion_generate(p, max_new_tokens=n, stop_at_eos=False, speculative=True, draft_length=k,
-                                          return_dict_in_generate=True)
+        def decode(group, k=k):
+            return dlm.diffusion_generate(group[0], attention_mask=group[1], max_new_tokens=n, stop_at_eos=False,
+                                          speculative=True, draft_length=k, return_dict_in_generate=True)
 
-        outs = [decode(p[None]) for p in prompts]
-        gen = torch.cat([o.sequences[:, prompts.shape[1]:] for o in outs])
-        batched = decode(prompts).sequences[:, prompts.shape[1]:]
+        outs = [decode(g) for g in alone_groups]
+        gen = torch.cat([o.sequences[:, -n:] for o in outs])
+        batched = decode(batch_groups[0]).sequences[:, -n:]
         nfe = sum(o.nfe for o in outs)
         rounds = sum(int(o.row_rounds.sum()) for o in outs)
         accepted = torch.cat([o.row_accepted_at for o in outs]).sum(0)
@@ -339,8 +352,11 @@ def speculative(args):
         f"`{args.speculative}` (block size {dlm.config.block_size}, "
         + (("trained" if trained else "untrained") + " drafter adapter" if adapter is not None else "no adapter")
         + f", converted by dlm-adapt {provenance.get('converter_version', '?')}), parent `{Path(ar_name).name}`. "
-        f"{len(prompts)} validation stories cut to {args.prompt_tokens} tokens, {n} new tokens each, greedy, no EOS "
-        f"stop. AR parent (KV-cached `generate`): {ar_time[True] * 1e3:.3f} ms per token alone, "
+        f"{len(prompts)} validation stories cut to {args.prompt_tokens} tokens"
+        + (f", each in the chat template as the user message {args.chat_message!r} (prompts of up to {width} "
+           "tokens)" if args.chat_message else "")
+        + f", {n} new tokens each, greedy, no EOS stop. AR parent (KV-cached `generate`): "
+        f"{ar_time[True] * 1e3:.3f} ms per token alone, "
         f"{ar_time[False] * 1e3:.3f} ms per token in a batch of {len(prompts)}. Time ratios are medians of "
         f"{args.repeats} interleaved pairs (speculative, then the parent, on the same prompts); < 1 means faster "
         "than the parent. Every forward is counted: one per round (the parent verifies the last drafts and the "

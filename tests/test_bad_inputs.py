@@ -183,7 +183,7 @@ CASES = {
     "generate data from text without enough prompts": ([*DRAFTER, "data.generate.prompts=1000"], 2,
                                                        "needs 1000 training prompts of 4 tokens", SRC_FILES, ["run"]),
     "generate data past the model's positions": ([*DRAFTER, "data.generate.new_tokens=100"], 2,
-                                                 "exceeds the model's 64 positions", [], ["run"]),
+                                                 "exceed the model's 64 positions", [], ["run"]),
     "train a drafter with sft": ([*SFT, "drafter.enabled=true"], 2, "not `dlm-adapt sft`", [], ["run"]),
     "eval with block size 0": (["eval", "{ws}/dlm", "--data", "{ws}/train.txt", "--block-size", "0"], 2,
                                "block_size must be at least 1", [], []),

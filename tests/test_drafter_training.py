@@ -16,7 +16,7 @@ from adapt.config import load_config
 from adapt.errors import AdaptError
 from adapt.training.drafter_training import check_parent_untouched
 from conftest import STORIES
-from tiny_models import save_tiny_source
+from tiny_models import save_tiny_source, with_chat_template
 
 SHARED_TEXT = STORIES.parent.parent / "data" / "tinystories"
 
@@ -112,6 +112,35 @@ def test_resume_reproduces_the_uninterrupted_run(tiny, tmp_path):
     with pytest.raises(AdaptError, match="other data.generate settings"):
         adapt.train(_config(root, split, "max_steps=6", "drafter.loss=kl", "drafter.groups=5", "resume=true",
                             "data.generate.new_tokens=20"))
+
+
+def test_chat_prompts_are_the_templated_turns_and_their_rows_are_right_padded(tiny, tmp_path):
+    """data.generate.chat_message: each training row is the prompt as `generate --chat` tokenizes it (the chat
+    template around the message) and the parent's greedy continuation of it alone; prompts of different lengths
+    leave their padding at the end, out of the attention mask, and the drafter trains on them."""
+    from transformers import AutoTokenizer
+
+    root, source = tiny
+    # a template whose length depends on the message, so that the prompts need padding
+    chat_src = with_chat_template(root / "src", tmp_path / "chat-src", "{% for m in messages %}w1 {% if 'w5' in "
+                                  "m['content'] %}w6 {% endif %}{{ m['content'] }}{% endfor %} w2")
+    tokenizer = AutoTokenizer.from_pretrained(chat_src)
+    adapt.train(_config(root, tmp_path / "run", f"model.path={chat_src}", "max_steps=2", "eval_steps=2",
+                        "data.generate.chat_message=w3 {text}"))
+    rows = load_file(str(tmp_path / "run" / "self_distill.safetensors"))
+    ids, mask = rows["train"], rows["train_attention_mask"]
+    lengths = mask.sum(1)
+    assert lengths.min() < lengths.max()  # some prompts were padded
+    templated = {tuple(tokenizer(tokenizer.apply_chat_template(
+        [{"role": "user", "content": "w3 " + " ".join(doc.split()[:4])}], tokenize=False, add_generation_prompt=True),
+        add_special_tokens=False).input_ids) for doc in (root / "train.txt").read_text().split("\n\n")}
+    for row, m, n in zip(ids, mask, lengths.tolist()):
+        prompt = row[:n - 28]
+        assert tuple(prompt.tolist()) in templated  # as `generate --chat` tokenizes a training document's prompt
+        alone = source.generate(prompt[None], attention_mask=torch.ones_like(prompt[None]), do_sample=False,
+                                max_new_tokens=28, eos_token_id=None, pad_token_id=3)
+        assert torch.equal(row[:n], alone[0])  # the parent's continuation of this prompt alone
+        assert m[:n].all() and not m[n:].any()  # the padding last
 
 
 def test_a_drafter_checkpoint_trains_on_text_with_a_draft_length_schedule(tiny, tmp_path):

@@ -5,7 +5,8 @@ lines of local data. No network, no real weights.
 What is overridden, and why: model.path (the tiny stand-in: a causal source is converted into OUTPUT/converted as
 the recipe does, a recipe starting from an adapted checkpoint gets a converted tiny one), data.train/validation
 (local files instead of Hub datasets), the sizes (sequence length, batch, one step, no accumulation), and for SFT
-a null chat_template becomes `default` (the tiny tokenizer has no template of its own). Everything else, the
+a null chat_template becomes `default` (the tiny tokenizer has no template of its own), and a drafter recipe's
+chat prompts get a tiny template. Everything else, the
 method, dtype, mixed precision, gradient checkpointing, LoRA targets, objective and annealing, is the recipe's.
 QLoRA needs bitsandbytes with CUDA: a qlora recipe runs here with method=lora, the rest of it unchanged.
 """
@@ -18,7 +19,7 @@ import pytest
 
 import adapt
 from adapt.config import SFTConfig, TrainConfig, load_config
-from tiny_models import WORDS, save_tiny_source, tiny_tokenizer
+from tiny_models import WORDS, save_tiny_source, tiny_tokenizer, with_chat_template
 
 ROOT = Path(__file__).resolve().parents[1] / "recipes"
 ADAPTATION = sorted((ROOT / "adaptation").glob("*.yaml"))
@@ -99,6 +100,9 @@ def _tiny_run(path: Path, cls, stand_ins, data: Path, out: Path):
         if recipe.drafter.enabled:  # the parent's continuations of a few prompts, within the tiny model's positions
             overrides += ["data.generate.prompts=4", "data.generate.prompt_length=4",
                           f"data.generate.new_tokens={length}", "data.generate.batch_size=4"]
+            if recipe.data.generate.chat_message is not None:  # chat prompts need a template, which tiny lacks
+                source = with_chat_template(source, out.parent / "chat-src")
+                overrides[1] = f"model.path={source}"
     cfg = load_config(path, overrides, cls=cls)
     assert (cfg.train.method, cfg.model.dtype, cfg.train.mixed_precision) == (
         "lora" if recipe.train.method == "qlora" else recipe.train.method, recipe.model.dtype,

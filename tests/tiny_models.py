@@ -94,6 +94,24 @@ def save_tiny_source(path, arch: str, vocab_size: int | None = None, tie: bool |
     return model
 
 
+TINY_CHAT_TEMPLATE = ("{% for m in messages %}w1 {{ m['content'] }} w2 {% endfor %}"
+                      "{% if add_generation_prompt %}w3{% endif %}")
+
+
+def with_chat_template(source, path, template: str = TINY_CHAT_TEMPLATE):
+    """A copy of the causal source directory `source` at `path` whose tokenizer has `template` as its chat
+    template (the tiny tokenizer has none). Returns `path`."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    shutil.copytree(source, path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.chat_template = template
+    tokenizer.save_pretrained(path)
+    return path
+
+
 def write_word_runs(path, count: int, seed: int = 0):
     """A training text of `count` documents with learnable structure: runs of 8-15 consecutive vocabulary words
     (w4 .. w94), blank-line separated. The same `seed` gives the same text."""

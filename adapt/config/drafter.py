@@ -54,10 +54,17 @@ class GenerateDataConfig:
     """0: greedy continuations (what greedy speculative decoding verifies); above 0, sampled ones."""
     batch_size: int = 256
     """Prompts per `generate` call (larger batches amortise its per-token overhead, which dominates small models)."""
+    chat_message: str | None = None
+    """A user message with `{text}` in it, e.g. "Continue this story:\n\n{text}": each prompt's text goes in its
+    place, and the message is wrapped in the tokenizer's chat template (as `dlm-adapt generate --chat` does), so the
+    drafter learns what the parent answers in a conversation. None: the prompts are the documents' tokens."""
 
     def __post_init__(self):
         check_ranges(self, {"prompts": "[0, inf)", "prompt_length": "[1, inf)", "new_tokens": "[1, inf)",
                             "temperature": "[0, inf)", "batch_size": "[1, inf)"})
+        if self.chat_message is not None and "{text}" not in self.chat_message:
+            raise FieldError("chat_message", f"must contain {{text}}, where each prompt's text goes "
+                                                           f"(got {self.chat_message!r})")
 
 
 def check_drafter_sections(drafter: DrafterConfig, data, method: str):

@@ -90,9 +90,6 @@ class DrafterRun:
         """data.generate: (training prompts, validation prompts), each the first `prompt_length` tokens of a
         document (training documents, and held-out or validation ones); generation replaces them with rows."""
         g = self.generate
-        if max_positions is not None and g.prompt_length + g.new_tokens > max_positions:
-            raise AdaptError(f"data.generate.prompt_length + new_tokens ({g.prompt_length + g.new_tokens}) exceeds the "
-                             f"model's {max_positions} positions; lower them")
         if not data.train:
             raise AdaptError("data.train is not set: data.generate takes its prompts from the training text")
         docs = load_documents(data.train, data)
@@ -107,7 +104,14 @@ class DrafterRun:
             raise AdaptError(f"data.generate needs {g.prompts if what == 'training' else 1} {what} prompts of "
                              f"{g.prompt_length} tokens, but the {what} text has {have} documents that long: lower "
                              "data.generate.prompts or prompt_length, or add text")
-        return Batch(train), Batch(val)
+        train, val = Batch(train), Batch(val)
+        if g.chat_message is not None:
+            train, val = (chat_prompts(rows, tokenizer, g.chat_message) for rows in (train.input_ids, val.input_ids))
+        width = max(train.shape[1], val.shape[1])
+        if max_positions is not None and width + g.new_tokens > max_positions:
+            raise AdaptError(f"data.generate: prompts of {width} tokens + new_tokens ({g.new_tokens}) exceed the "
+                             f"model's {max_positions} positions; lower prompt_length or new_tokens")
+        return train, val
 
     def prepare(self, recipe):
         """Freeze the parent, check what the run needs, and write or reuse the self-distillation data."""
@@ -197,6 +201,31 @@ def _first_tokens(docs: list[str], tokenizer, length: int, limit: int) -> torch.
     return torch.tensor(rows[:limit], dtype=torch.long).reshape(-1, length)
 
 
+def chat_prompts(rows: torch.Tensor, tokenizer, message: str) -> Batch:
+    """Each row's text in `message` (at `{text}`), as one user turn of the tokenizer's chat template with the
+    assistant's turn opened: the tokens `generate --chat` gives the parent, left-padded to the longest."""
+    if not tokenizer.chat_template:
+        raise AdaptError("data.generate.chat_message: the tokenizer has no chat template; unset chat_message")
+    texts = [tokenizer.apply_chat_template(
+        [{"role": "user", "content": message.replace("{text}", tokenizer.decode(row, skip_special_tokens=True))}],
+        tokenize=False, add_generation_prompt=True) for row in rows.tolist()]
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    width = max(map(len, ids))
+    padded = torch.zeros(len(ids), width, dtype=torch.long)
+    mask = torch.zeros(len(ids), width, dtype=torch.long)
+    for i, row in enumerate(ids):
+        padded[i, width - len(row):], mask[i, width - len(row):] = torch.tensor(row), 1
+    return Batch(padded, attention_mask=mask)
+
+
+def _right_aligned(rows: torch.Tensor, mask: torch.Tensor) -> Batch:
+    """Left-padded rows with their padding moved to the end: training rows start with their first real token
+    (`draft_cuts` counts from there); the attention mask keeps the padding out."""
+    shift = (mask == 0).sum(1)
+    index = (torch.arange(rows.shape[1])[None] + shift[:, None]) % rows.shape[1]
+    return Batch(rows.gather(1, index), attention_mask=mask.gather(1, index))
+
+
 # ------------------------------------------------------------------------------------------------ self-distillation
 
 def self_distill(recipe, g) -> tuple[Batch, Batch]:
@@ -206,13 +235,19 @@ def self_distill(recipe, g) -> tuple[Batch, Batch]:
     from safetensors import safe_open
 
     path = recipe.out / SELF_DISTILL_FILE
-    settings = json.dumps({"prompts": g.prompts, "prompt_length": g.prompt_length, "new_tokens": g.new_tokens,
-                           "temperature": g.temperature, "validation_prompts": len(recipe.val_data),
-                           "seed": recipe.cfg.train.seed}, sort_keys=True)
+    settings = {"prompts": g.prompts, "prompt_length": g.prompt_length, "new_tokens": g.new_tokens,
+                "temperature": g.temperature, "validation_prompts": len(recipe.val_data), "seed": recipe.cfg.train.seed}
+    if g.chat_message is not None:  # absent otherwise: the rows of a run from before the field stay valid
+        settings["chat_message"] = g.chat_message
+    settings = json.dumps(settings, sort_keys=True)
     if recipe.main and not path.is_file():
         started = time.perf_counter()
-        rows = {"train": _continue(recipe, recipe.train_data.input_ids, g, 0),
-                "validation": _continue(recipe, recipe.val_data.input_ids, g, 1)}
+        rows = {}
+        for stream, (name, prompts) in enumerate((("train", recipe.train_data), ("validation", recipe.val_data))):
+            written = _continue(recipe, prompts, g, stream)
+            rows[name] = written.input_ids
+            if written.attention_mask is not None:
+                rows[name + "_attention_mask"] = written.attention_mask
         tmp = path.with_name(path.name + ".tmp")
         save_file(rows, str(tmp), metadata={"dlm_adapt_generate": settings})
         tmp.rename(path)
@@ -225,7 +260,8 @@ def self_distill(recipe, g) -> tuple[Batch, Batch]:
         raise AdaptError(f"{path} was generated with other data.generate settings ({written}, now {settings}): restore "
                          "them, or start over with overwrite=true")
     rows = load_file(str(path))
-    return Batch(rows["train"]), Batch(rows["validation"])
+    return tuple(Batch(rows[name], attention_mask=rows.get(name + "_attention_mask"))
+                 for name in ("train", "validation"))
 
 
 class _Never(LogitsProcessor):
@@ -249,14 +285,19 @@ def _continue(recipe, prompts: torch.Tensor, g, stream: int) -> torch.Tensor:
     was_training = dlm.training
     dlm.eval()
     out = []
+    mask = prompts.attention_mask if prompts.attention_mask is not None else torch.ones_like(prompts.input_ids)
     with torch.random.fork_rng(devices=[]), dlm._attention(True):  # the run's own random streams stay put
         torch.manual_seed(recipe.cfg.train.seed + stream)
         for start in range(0, len(prompts), g.batch_size):
-            part = prompts[start:start + g.batch_size].to(device)
+            part = prompts.input_ids[start:start + g.batch_size].to(device)
             sampled = {"do_sample": True, "temperature": g.temperature, "top_k": None, "top_p": None} \
                 if g.temperature > 0 else {"do_sample": False}
-            out.append(decoder.generate(part, attention_mask=torch.ones_like(part), max_new_tokens=g.new_tokens,
-                                        eos_token_id=None, pad_token_id=dlm.config.mask_token_id,
-                                        logits_processor=LogitsProcessorList([_Never(dlm.config.mask_token_id)]), **sampled).cpu())
+            out.append(decoder.generate(part, attention_mask=mask[start:start + g.batch_size].to(device),
+                                        max_new_tokens=g.new_tokens, eos_token_id=None,
+                                        pad_token_id=dlm.config.mask_token_id, **sampled,
+                                        logits_processor=LogitsProcessorList([_Never(dlm.config.mask_token_id)])).cpu())
     dlm.train(was_training)
-    return torch.cat(out).contiguous()
+    rows = torch.cat(out).contiguous()
+    if prompts.attention_mask is None:
+        return Batch(rows)
+    return _right_aligned(rows, torch.cat([mask, torch.ones(len(rows), g.new_tokens, dtype=mask.dtype)], 1))
