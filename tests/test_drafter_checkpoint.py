@@ -167,6 +167,7 @@ def test_generate_speculative_from_the_cli_and_the_python_api(drafters, capsys):
 SPECULATIVE_ERRORS = {
     "draft length 0": (["--speculative", "--draft-length", "0"], "--draft-length must be at least 1"),
     "draft length alone": (["--draft-length", "2"], "--draft-length is the speculative drafter's: add --speculative"),
+    "no guessing alone": (["--no-guess-bonus"], "--no-guess-bonus is the speculative drafter's: add --speculative"),
     "infill": (["--speculative", "--infill", "w1 <|mask|> w3"], "--infill fills holes, --speculative continues"),
     "no drafter": (["--speculative"], "speculative decoding needs a drafter: this checkpoint has no block size"),
     "diffusion option": (["--speculative", "--threshold", "0.9"], "it has no diffusion steps: leave threshold unset"),

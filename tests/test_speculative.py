@@ -96,6 +96,56 @@ def test_greedy_is_the_source_generate_alone_and_batched(sources, arch):
                 assert _new(got[row], ids.shape[1], eos) == want, (k, row)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+def test_right_guesses_commit_the_parents_next_token_and_stay_exact(sources, arch, monkeypatch):
+    """`guess_bonus` with an oracle for guesses (the parent's true token, for the even rows of the batch only, so
+    that rows with and without a right guess share rounds): the output is still the parent's greedy text, rounds
+    with a right guess commit one token more, and fewer forwards are needed than without guessing."""
+    import sys
+
+    source, model = sources(arch)
+    expected = [source.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                                do_sample=False, max_new_tokens=N, eos_token_id=None,
+                                pad_token_id=3)[0, len(p):].tolist() for p in PROMPTS]
+    spec = sys.modules[type(model).__module__.replace("modeling_", "speculative_")]
+    state = {"rows": None}
+    commit = spec._commit
+
+    def tracked(out, step, rows, *args):  # which original row each batch row is, round by round
+        still = commit(out, step, rows, *args)
+        state["rows"] = [rows[i] for i in still]
+        return still
+
+    def oracle(self, logits, new_index, drafts):
+        truth = [expected[r] + [0] * 64 for r in state["rows"]]
+        return torch.tensor([[truth[b][i] if state["rows"][b] % 2 == 0 else 0 for i in row.tolist()]
+                             for b, row in enumerate(new_index)], device=drafts.device)
+
+    monkeypatch.setattr(spec, "_commit", tracked)
+    monkeypatch.setattr(spec.TokenChoice, "runner_up", oracle)
+    ids, mask = _batch(PROMPTS)
+    for k in (1, 2, 4):
+        state["rows"] = list(range(len(PROMPTS)))
+        got = model.diffusion_generate(ids, attention_mask=mask, max_new_tokens=N, speculative=True,
+                                       draft_length=k, stop_at_eos=False, return_dict_in_generate=True)
+        assert [got.sequences[row, ids.shape[1]:].tolist() for row in range(len(PROMPTS))] == expected, k
+        assert int(got.row_guessed[0]) > 0 and int(got.row_guessed[1]) == 0
+        state["rows"] = [0]
+        alone = model.diffusion_generate(torch.tensor([PROMPTS[0]]), max_new_tokens=N, speculative=True,
+                                         draft_length=k, stop_at_eos=False, return_dict_in_generate=True)
+        plain = model.diffusion_generate(torch.tensor([PROMPTS[0]]), max_new_tokens=N, speculative=True,
+                                         draft_length=k, stop_at_eos=False, return_dict_in_generate=True,
+                                         guess_bonus=False)
+        assert alone.sequences[0, len(PROMPTS[0]):].tolist() == expected[0] == plain.sequences[0, -N:].tolist()
+        assert int(alone.row_guessed[0]) > 0 and alone.nfe < plain.nfe and int(plain.row_guessed[0]) == 0
+        # sampling's path, with top_k=1: the parent's distribution is its argmax, so the output is its greedy text
+        state["rows"] = list(range(len(PROMPTS)))
+        sampled = model.diffusion_generate(ids, attention_mask=mask, max_new_tokens=N, speculative=True,
+                                           draft_length=k, stop_at_eos=False, temperature=0.7, top_k=1,
+                                           generator=torch.Generator().manual_seed(0))
+        assert [sampled[row, ids.shape[1]:].tolist() for row in range(len(PROMPTS))] == expected, k
+
+
 def test_statistics_count_what_happened(sources):
     """Each round is one forward; the first (the prompt's prefill) only drafts and yields the parent's first token,
     each later one verifies the drafts and yields the accepted ones plus the parent's token; a draft position

@@ -155,11 +155,17 @@ class SamplingOptions:
         "(greedy: its greedy text)"))
     draft_length: int | None = field(default=None, **_help(
         "--speculative: tokens drafted per round (default: the checkpoint's block size)"))
+    guess_bonus: bool = field(default=True, **_help(
+        "--speculative: where the parent may reject a draft, guess its own token (the drafter's runner-up) and "
+        "draft after the guess too; a right guess commits one token more, the parent's next, from the same forward "
+        "(--no-guess-bonus: off)"))
 
     def kwargs(self) -> dict:
         """`diffusion_generate`'s keywords: the chosen options only, so the checkpoint decides the rest."""
         chosen = {f.name: getattr(self, f.name) for f in fields(SamplingOptions)
-                  if getattr(self, f.name) is not None and f.name != "speculative"}
+                  if getattr(self, f.name) is not None and f.name not in ("speculative", "guess_bonus")}
+        if not self.guess_bonus:  # on is the sampler's default (and older checkpoints' code takes no such keyword)
+            chosen["guess_bonus"] = False
         return dict(chosen, speculative=True) if self.speculative else chosen
 
     def sampling(self) -> "SamplingOptions":

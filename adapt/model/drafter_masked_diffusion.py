@@ -13,7 +13,9 @@ The layout of such a forward (`draft_attention_mask`, the one rule for decoding 
   never seen), never to a mask;
 - a group of k + 1 masks (group g >= 0) attends to the clean columns up to its *limit* position (the last clean
   token it drafts after) and bidirectionally to its own group, never to another group; its masks stand at the
-  positions limit + 1, ..., limit + k + 1.
+  positions limit + 1, ..., limit + k + 1;
+- a guess column (group -2 - g, decoding's `guess_bonus`) is a clean token at limit + 1 that attends as clean
+  columns do (up to its limit, and itself) and is seen only by group g, whose masks then stand one further on.
 
 What a group drafts. After the clean text ending at position `limit`, the next token (at limit + 1) is the parent's
 own (its logit there is already in the clean stream), but in a fused round it is not yet chosen when the group
@@ -236,13 +238,14 @@ def _seen(real, positions, groups, limits, queries: int, window):
     kv = real.shape[1]
     kp, kg = positions[:, None, :], groups[:, None, :]
     qp, qg, ql = positions[:, kv - queries:, None], groups[:, kv - queries:, None], limits[:, kv - queries:, None]
-    clean = (kg < 0) & (kp <= ql) & real.bool()[:, None, :]
+    clean = (kg == -1) & (kp <= ql) & real.bool()[:, None, :]
     own = (kg >= 0) & (kg == qg)
+    guess = (kg <= -2) & (kg == -2 - qg)  # a guess column (group -2 - g): seen by group g's masks
     if window is not None:
         distance = qp - kp
-        clean, own = clean & (distance < window), own & (distance.abs() <= window)
+        clean, own, guess = clean & (distance < window), own & (distance.abs() <= window), guess & (distance < window)
     keys = torch.arange(kv, device=real.device)
-    return clean | own | (keys == keys[kv - queries:, None])
+    return clean | own | guess | (keys == keys[kv - queries:, None])
 
 
 def _as_mask(seen, text_config, dtype):
@@ -272,20 +275,29 @@ def _mask_columns(limits, draft_length: int):
 
 
 class _RoundLayout:
-    """What a fused round of w clean columns and g groups of k + 1 masks computes from its shape alone, once: the
-    logits kept, the groups of its columns, and the attention among its own columns when none is padding
-    (positions relative to the first clean one), per window. Decoding's rounds after the first all have one shape."""
+    """What a fused round of w clean columns, `guessed` guess columns and g + `guessed` groups of k + 1 masks
+    computes from its shape alone, once: per non-clean column its anchor (which of the last g clean columns it
+    follows) and position offset, the logits kept, the groups, and the attention among its own columns when none is
+    padding (positions relative to the first clean one), per window. Columns: clean, guesses, the g groups (group j
+    after the clean column j of the last g), the guess groups (group g + j after guess j, one position further).
+    Decoding's rounds after the first take a few shapes."""
 
-    def __init__(self, w: int, g: int, k: int, shift: bool, device):
-        m = k + 1
-        limits = torch.arange(w - g, w, device=device)[None]
-        mask_positions, mask_groups, mask_limits = _mask_columns(limits, k)
-        self.offsets = (mask_positions - limits.repeat_interleave(m, dim=1))[0]
-        self.groups = torch.cat([torch.full((1, w), -1, dtype=torch.long, device=device), mask_groups], 1)
-        self.positions = torch.cat([torch.arange(w, device=device)[None], mask_positions], 1)
-        self.limits = torch.cat([torch.arange(w, device=device)[None], mask_limits], 1)
+    def __init__(self, w: int, g: int, k: int, shift: bool, guessed: int, device):
+        m, count = k + 1, g + guessed
+        group_anchor = torch.cat([torch.arange(g), torch.arange(guessed)]).to(device)
+        self.anchor = torch.cat([torch.arange(guessed, device=device), group_anchor.repeat_interleave(m)])
+        further = (torch.arange(count, device=device) >= g).long().repeat_interleave(m)
+        self.offsets = torch.cat([torch.ones(guessed, dtype=torch.long, device=device),
+                                  torch.arange(1, m + 1, device=device).repeat(count) + further])
+        clean = torch.arange(w, device=device)
+        self.groups = torch.cat([torch.full((w,), -1, device=device), -2 - (g + torch.arange(guessed, device=device)),
+                                 torch.arange(count, device=device).repeat_interleave(m)])[None]
+        self.limits = torch.cat([clean, w - g + self.anchor])[None]
+        self.positions = torch.cat([clean, w - g + self.anchor + self.offsets])[None]
         index = group_logit_index(k, shift).to(device)
-        self.keep = torch.cat([limits[0], (w + torch.arange(g, device=device)[:, None] * m + index).flatten()])
+        start = w + guessed
+        self.keep = torch.cat([clean[w - g:], torch.arange(w, start, device=device),
+                               (start + torch.arange(count, device=device)[:, None] * m + index).flatten()])
         self._own = {}
 
     def own(self, window):
@@ -297,25 +309,30 @@ class _RoundLayout:
 
 
 @functools.lru_cache(maxsize=32)
-def _round_layout(w: int, g: int, k: int, shift: bool, device: str) -> _RoundLayout:
-    return _RoundLayout(w, g, k, shift, torch.device(device))
+def _round_layout(w: int, g: int, k: int, shift: bool, guessed: int, device: str) -> _RoundLayout:
+    return _RoundLayout(w, g, k, shift, guessed, torch.device(device))
 
 
-def fused_forward(model, cache, clean_ids, clean_mask, drafted: int, draft_length: int):
+def fused_forward(model, cache, clean_ids, clean_mask, drafted: int, draft_length: int, guesses=None):
     """One fused round over the parent's `cache` (a `HoleyCache`: keys/values of the text so far and their
     padding mask): the clean tokens not yet cached, `clean_ids` (batch, w) with padding `clean_mask` (None: none),
     run causally (the parent; their keys/values are appended), and after the clean column of each of the last
     `drafted` + 1 clean tokens a group of `draft_length` + 1 masks (the drafter). Returns the parent's logits at
     those `drafted` + 1 columns (batch, drafted + 1, V) and each group's drafts' logits (batch, drafted + 1, k, V).
-    The cache keeps the clean columns (the caller rolls back rejected drafts); the masks' keys/values never stay."""
+    The cache keeps the clean columns (the caller rolls back rejected drafts); the masks' keys/values never stay.
+
+    `guesses` (batch, j): guessed tokens, guess i standing after the clean column i of those drafted + 1, run as
+    the parent does (causal, adapter off) but seen only by a group of masks of its own after it. Then two more are
+    returned: the parent's logits at each guess (the token after it) and its group's drafts' logits."""
+    guessed = 0 if guesses is None else guesses.shape[1]
     k, m, (batch, w), g = draft_length, draft_length + 1, clean_ids.shape, drafted + 1
-    layout = _round_layout(w, g, k, bool(model.config.shift), str(clean_ids.device))
+    layout = _round_layout(w, g, k, bool(model.config.shift), guessed, str(clean_ids.device))
     cached = cache.mask.shape[1]
     real = torch.cat([cache.mask, clean_mask if clean_mask is not None else cache.mask.new_ones((batch, w))], 1)
     positions = position_ids_from_padding(real)
-    limits = positions[:, cached + w - g:]
-    all_positions = torch.cat([positions, limits.repeat_interleave(m, dim=1) + layout.offsets], 1)
-    text_config, queries = model.config.text_config, w + g * m
+    anchors = positions[:, cached + w - g:][:, layout.anchor]
+    all_positions = torch.cat([positions, anchors + layout.offsets], 1)
+    text_config, queries = model.config.text_config, layout.positions.shape[1]
     if clean_mask is None:  # the round's own columns: the layout's; the cache: every real column (in the window)
         query_positions = all_positions[:, cached:, None]
 
@@ -329,15 +346,19 @@ def fused_forward(model, cache, clean_ids, clean_mask, drafted: int, draft_lengt
     else:
         groups = torch.cat([torch.full((1, cached), -1, dtype=torch.long, device=real.device), layout.groups], 1)
         attention = draft_attention_mask(
-            text_config, torch.cat([real, real.new_ones((batch, g * m))], 1), all_positions, groups.expand(batch, -1),
-            torch.cat([positions, limits.repeat_interleave(m, dim=1)], 1), queries, model.dtype)
-    ids = torch.cat([clean_ids, clean_ids.new_full((batch, g * m), model.config.mask_token_id)], 1)
-    with drafting(model, start=w):
+            text_config, torch.cat([real, real.new_ones((batch, queries - w))], 1), all_positions,
+            groups.expand(batch, -1), torch.cat([positions, anchors], 1), queries, model.dtype)
+    masks = clean_ids.new_full((batch, (g + guessed) * m), model.config.mask_token_id)
+    ids = torch.cat([clean_ids, masks] if guesses is None else [clean_ids, guesses, masks], 1)
+    with drafting(model, start=w + guessed):
         logits = model(input_ids=ids, attention_mask=attention, position_ids=all_positions[:, cached:],
                        past_key_values=cache.kv, use_cache=True, logits_to_keep=layout.keep).logits
-    drop_last_cached(cache.kv, g * m)
+    drop_last_cached(cache.kv, queries - w)
     cache.mask = real
-    return logits[:, :g], logits[:, g:].unflatten(1, (g, k))
+    drafts = logits[:, g + guessed:].unflatten(1, (g + guessed, k))
+    if guesses is None:
+        return logits[:, :g], drafts
+    return logits[:, :g], drafts[:, :g], logits[:, g:g + guessed], drafts[:, g:]
 
 
 def drafter_training_logits(model, input_ids, attention_mask, cuts, draft_length: int, *, forward=None):

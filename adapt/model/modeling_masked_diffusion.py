@@ -220,6 +220,7 @@ class MaskedDiffusionLM(PreTrainedModel):
         streamer=None,
         speculative: bool = False,
         draft_length: int | None = None,
+        guess_bonus: bool | None = None,
     ):
         """Decode `max_new_tokens` tokens after each prompt by iterative unmasking (see `diffusion_sample`).
 
@@ -244,14 +245,16 @@ class MaskedDiffusionLM(PreTrainedModel):
         with a temperature, distributed exactly as its sampling with the same temperature, top_k and top_p
         (`speculative_sample`). Off by default, also for a drafter checkpoint. Returns a `SpeculativeOutput` with
         `return_dict_in_generate=True` (adds per-row `.row_rounds` and `.acceptance` per draft position).
+        `guess_bonus` (default on): also guess the parent's token where it may reject a draft, which commits one
+        more token from the same forward when right (`speculative_sample`; `.row_guessed`).
         Returns a LongTensor (batch, prompt_len + max_new_tokens), or a `SamplingOutput` (`.sequences`, `.nfe`,
         `.committed_per_step`, `.history`, per-row `.row_nfe` and `.row_committed`) with
         `return_dict_in_generate=True`.
         """
-        if speculative or draft_length is not None:
+        if speculative or draft_length is not None or guess_bonus is not None:
             return self._speculative_generate(
-                input_ids, attention_mask, max_new_tokens, draft_length, speculative, temperature, top_k, top_p,
-                stop_at_eos, min_new_tokens, generator, return_dict_in_generate, streamer,
+                input_ids, attention_mask, max_new_tokens, (draft_length, guess_bonus), speculative, temperature,
+                top_k, top_p, stop_at_eos, min_new_tokens, generator, return_dict_in_generate, streamer,
                 dict(steps=steps, block_length=block_length, remasking=remasking, threshold=threshold,
                      entropy_bound=entropy_bound, sub_block=sub_block, kv_cache=kv_cache,
                      order_temperature=order_temperature or None, return_history=return_history or None,
@@ -273,12 +276,13 @@ class MaskedDiffusionLM(PreTrainedModel):
             generator=generator, return_history=return_history, streamer=streamer)
         return out if return_dict_in_generate else out.sequences
 
-    def _speculative_generate(self, input_ids, attention_mask, max_new_tokens, draft_length, speculative,
+    def _speculative_generate(self, input_ids, attention_mask, max_new_tokens, drafting, speculative,
                               temperature, top_k, top_p, stop_at_eos, min_new_tokens, generator,
                               return_dict_in_generate, streamer, diffusion_only):
+        draft_length, guess_bonus = drafting
         if not speculative:
-            raise SamplingError("draft_length (--draft-length) is the speculative drafter's: pass speculative=True "
-                                "(--speculative)")
+            name = "draft_length (--draft-length)" if draft_length is not None else "guess_bonus"
+            raise SamplingError(f"{name} is the speculative drafter's: pass speculative=True (--speculative)")
         unused = [name for name, value in diffusion_only.items() if value is not None]
         if unused:
             raise SamplingError(f"speculative decoding drafts and verifies, it has no diffusion steps: leave "
@@ -293,7 +297,7 @@ class MaskedDiffusionLM(PreTrainedModel):
             eos_token_id=_first(getattr(gen, "eos_token_id", None)) if stop_at_eos else None,
             min_new_tokens=min_new_tokens, max_positions=getattr(self.config.text_config, "max_position_embeddings",
                                                                  None),
-            generator=generator, streamer=streamer)
+            generator=generator, streamer=streamer, guess_bonus=guess_bonus is not False)
         return out if return_dict_in_generate else out.sequences
 
     def supports_kv_cache(self) -> bool:

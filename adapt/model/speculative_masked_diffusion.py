@@ -12,6 +12,13 @@ parent's everywhere, so there is one KV cache, the parent's, and each round is O
   position of the parent's next token, which is not chosen yet) drafts the k tokens after that one (TiDAR: a partial
   acceptance wastes no pass). The group for the acceptance that happens supplies the next round's drafts.
 
+With `guess_bonus` (the default), the same forward also guesses the parent's next token should it reject
+d_{j+1} (j < k): the drafter's runner-up there. Each guess runs as a clean token (causal, adapter off) followed by a
+group of k + 1 masks that only it and the text up to d_j precede. When the parent's token is the guess, the
+parent's logits at the guess give the token after it as well (committed: one more token per round), and the
+guess's group supplies the next drafts. Which logits are used depends only on committed tokens, so the output law
+is unchanged.
+
 The first round runs the prompt (prefill) with one group after it and no drafts. Greedy: the longest prefix of
 drafts equal to the parent's argmax is accepted, then the parent's own next token. Sampling: draft i is accepted
 with probability min(1, p/q), the first rejected one replaced by a sample of the normalised residual max(0, p - q)
@@ -108,6 +115,17 @@ class TokenChoice:
         q = self.distribution(logits, new_index)
         return _draw(q, self.generator), q
 
+    def pick(self, logits, new_index):
+        """The parent's token from its `logits` (greedy: the argmax; sampling: a draw)."""
+        if self.temperature == 0:
+            return self.logits(logits, new_index).argmax(-1)
+        return _draw(self.distribution(logits, new_index), self.generator)
+
+    def runner_up(self, logits, new_index, drafts):
+        """Per draft, the drafter's likeliest other token: the guess of the parent's token should it reject the
+        draft (greedy rejects only for another argmax; sampling's residual has no mass on the draft)."""
+        return self.logits(logits, new_index).scatter(-1, drafts[..., None], -math.inf).argmax(-1)
+
     def verify(self, logits, new_index, drafts, q):
         """Per row, how many drafts the parent accepts (a, leading) and the token after them: the parent's own
         (greedy: its argmax; sampling: a draw of the residual at the first rejection, else of p after the last
@@ -174,6 +192,9 @@ class SpeculativeOutput(SamplingOutput):
     prefill, which only drafts). `row_nfe` counts them all: one forward per round."""
     row_accepted_at: torch.LongTensor | None = None
     """(batch, draft_length): per row, the rounds in which the parent accepted draft position i."""
+    row_guessed: torch.LongTensor | None = None
+    """Per row, the rounds in which the parent's own token was the guess (`guess_bonus`): each committed one token
+    more, the parent's next one, from the same forward."""
 
     @property
     def acceptance(self) -> torch.Tensor:
@@ -192,28 +213,86 @@ def check_speculative(model, draft_length: int):
     check_block_implementation(model.config.text_config, DENSE_IMPLEMENTATIONS)  # the fused round's mask is dense
 
 
-def _round(model, cache, clean_ids, clean_mask, drafts, q, choice, produced, k):
-    """One fused forward: verify `drafts` (drawn from `q`; None when greedy), draft the next k. Returns per row the
-    drafts accepted, the parent's own next token, and the next drafts with their distribution."""
+@dataclass
+class _Round:
+    """What one fused round decided, per row: the drafts accepted, the parent's own next token, whether it was
+    the guess (then `extra`, the parent's token after it, is committed too), and the next drafts (their
+    distribution `q`, None when greedy) with the next round's guesses (None: guessing off)."""
+    accepted: torch.Tensor
+    following: torch.Tensor
+    hit: torch.Tensor
+    extra: torch.Tensor
+    drafts: torch.Tensor
+    q: torch.Tensor | None
+    guesses: torch.Tensor | None
+
+
+def _round(model, cache, clean_ids, clean_mask, drafts, q, guesses, choice, produced, k) -> _Round:
+    """One fused forward: verify `drafts` (drawn from `q`; None when greedy), draft the next k. With `guesses`
+    (batch, d), guess i is the parent's next token should it reject draft i + 1: a group drafts after it too, and
+    when the parent's token is the guess, the parent's logits at the guess give the token after it as well."""
     b, d = drafts.shape
     ids = torch.cat([clean_ids, drafts], 1)
     mask = None if clean_mask is None else torch.cat([clean_mask, clean_mask.new_ones((b, d))], 1)
-    verify_logits, group_logits = fused_forward(model, cache, ids, mask, d, k)
-    steps = torch.arange(d + 1, device=ids.device)
+    guessing = guesses is not None and d > 0
+    out = fused_forward(model, cache, ids, mask, d, k, guesses if guessing else None)
+    verify_logits, group_logits = out[:2]
+    steps, rows = torch.arange(d + 1, device=ids.device), torch.arange(b, device=ids.device)
     if choice.temperature != 0 and q is None:  # the prefill round verifies nothing
         q = torch.zeros((b, 0, verify_logits.shape[-1]), dtype=torch.float64, device=ids.device)
     accepted, following = choice.verify(verify_logits, produced[:, None] + steps, drafts, q)
     cache.truncate(d, accepted)  # drafts past the accepted ones: rolled back
-    chosen = group_logits[torch.arange(b, device=ids.device), accepted]  # the group after the last accepted draft
-    drafts, q = choice.draft(chosen, (produced + accepted + 1)[:, None] + torch.arange(k, device=ids.device))
-    return accepted, following, drafts, q
+    chosen = group_logits[rows, accepted]  # the group after the last accepted draft
+    hit, extra = torch.zeros_like(accepted, dtype=torch.bool), following
+    if guessing:
+        at = accepted.clamp(max=d - 1)
+        hit = (accepted < d) & (guesses[rows, at] == following)
+        extra = choice.pick(out[2][rows, at], produced + accepted + 1)
+        chosen = torch.where(hit[:, None, None], out[3][rows, at], chosen)
+    new_index = (produced + accepted + 1 + hit.long())[:, None] + torch.arange(k, device=ids.device)
+    drafts, q = choice.draft(chosen, new_index)
+    return _Round(accepted, following, hit, extra, drafts, q,
+                  None if guesses is None else choice.runner_up(chosen, new_index, drafts))
+
+
+def _commit(out, step: _Round, rows, drafts, new, n: int, eos_token_id) -> list[int]:
+    """Append each row's tokens of this round (accepted drafts, the parent's token, and the one after a right
+    guess; up to EOS and `n`) and count them. Returns the indices (among `rows`) of the rows still decoding."""
+    verified, still = drafts.shape[1] > 0, []
+    out.committed_per_step.append(0)
+    for i, (r, a, y, hit, extra, proposed) in enumerate(zip(rows, step.accepted.tolist(), step.following.tolist(),
+                                                            step.hit.tolist(), step.extra.tolist(), drafts.tolist())):
+        out.row_nfe[r] += 1
+        out.row_rounds[r] += verified
+        out.row_accepted_at[r, :a] += 1
+        out.row_guessed[r] += hit
+        tokens = proposed[:a] + [y] + ([extra] if hit else [])
+        if eos_token_id is not None and eos_token_id in tokens:
+            tokens = tokens[: tokens.index(eos_token_id) + 1]
+        tokens = tokens[: n - len(new[r])]
+        new[r] += tokens
+        out.row_committed[r] += len(tokens)
+        out.committed_per_step[-1] += len(tokens)
+        if len(new[r]) < n and (eos_token_id is None or new[r][-1] != eos_token_id):
+            still.append(i)
+    return still
+
+
+def _uncached(step: _Round):
+    """The next round's clean tokens (not in the cache yet): the parent's token, and after a right guess the token
+    after it; rows without one get a padding column before theirs (a hole). Returns (ids, padding mask or None)."""
+    if not bool(step.hit.any()):
+        return step.following[:, None], None
+    ids = torch.stack([step.following, torch.where(step.hit, step.extra, step.following)], 1)
+    return ids, torch.stack([step.hit.long(), torch.ones_like(step.following)], 1)
 
 
 def speculative_sample(model, input_ids: torch.LongTensor, *, max_new_tokens: int, draft_length: int | None = None,
                        attention_mask: torch.Tensor | None = None, temperature: float = 0.0,
                        top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
                        min_new_tokens: int = 0, max_positions: int | None = None,
-                       generator: torch.Generator | None = None, streamer=None) -> SpeculativeOutput:
+                       generator: torch.Generator | None = None, streamer=None,
+                       guess_bonus: bool = False) -> SpeculativeOutput:
     """Decode `max_new_tokens` tokens after each (left-padded) prompt, `draft_length` (default: the block size)
     drafted per round and verified by the parent in the next, one forward per round (module docstring). A row
     stops at its EOS (the rest of it becomes EOS) or after `max_new_tokens`; finished rows leave the cache. Every
@@ -249,40 +328,28 @@ def speculative_sample(model, input_ids: torch.LongTensor, *, max_new_tokens: in
     out = SpeculativeOutput(sequences=input_ids, nfe=0, row_nfe=torch.zeros(batch, dtype=torch.long),
                             row_committed=torch.zeros(batch, dtype=torch.long), draft_length=k,
                             row_rounds=torch.zeros(batch, dtype=torch.long),
-                            row_accepted_at=torch.zeros((batch, k), dtype=torch.long))
+                            row_accepted_at=torch.zeros((batch, k), dtype=torch.long),
+                            row_guessed=torch.zeros(batch, dtype=torch.long))
+    guesses = input_ids.new_zeros((batch, 0)) if guess_bonus else None
     with drafting(model):  # the hooks stay attached for the whole loop; each forward gates its own masks
         while rows:
             produced = torch.tensor([len(new[r]) for r in rows], device=device)
-            verified = drafts.shape[1] > 0
-            accepted, following, next_drafts, next_q = _round(model, cache, clean_ids, clean_mask, drafts, q,
-                                                              choice, produced, k)
+            step = _round(model, cache, clean_ids, clean_mask, drafts, q, guesses, choice, produced, k)
             out.nfe += 1
-            out.committed_per_step.append(0)
-            still = []
-            for i, (r, a, y, proposed) in enumerate(zip(rows, accepted.tolist(), following.tolist(),
-                                                        drafts.tolist())):
-                out.row_nfe[r] += 1
-                out.row_rounds[r] += verified
-                out.row_accepted_at[r, :a] += 1
-                tokens = proposed[:a] + [y]
-                if eos_token_id is not None and eos_token_id in tokens:
-                    tokens = tokens[: tokens.index(eos_token_id) + 1]
-                tokens = tokens[: n - len(new[r])]
-                new[r] += tokens
-                out.row_committed[r] += len(tokens)
-                out.committed_per_step[-1] += len(tokens)
-                if len(new[r]) < n and (eos_token_id is None or new[r][-1] != eos_token_id):
-                    still.append(i)
+            still = _commit(out, step, rows, drafts, new, n, eos_token_id)
             if streamer is not None:
                 stream.final([torch.tensor(t, dtype=input_ids.dtype) for t in new])
                 gone = stream.stopped(torch.zeros(batch, dtype=torch.bool))  # rows whose client left stop here
                 still = [i for i in still if not gone[rows[i]]]
-            clean_ids, clean_mask, drafts, q = following[:, None], None, next_drafts, next_q
+            clean_ids, clean_mask = _uncached(step)
+            drafts, q, guesses = step.drafts, step.q, step.guesses
             if len(still) < len(rows):
                 keep = torch.tensor(still, dtype=torch.long, device=device)
                 cache.select(keep)
                 rows = [rows[i] for i in still]
-                clean_ids, drafts, q = clean_ids[keep], drafts[keep], None if q is None else q[keep]
+                clean_ids, drafts = clean_ids[keep], drafts[keep]
+                clean_mask = None if clean_mask is None or bool(clean_mask[keep].all()) else clean_mask[keep]
+                q, guesses = (None if t is None else t[keep] for t in (q, guesses))
     stream.end()
 
     sequences = torch.full((batch, prompt_len + n), eos_token_id if eos_token_id is not None else mask_id,

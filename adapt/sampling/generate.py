@@ -75,6 +75,8 @@ def generate(model, prompts: list[str], *, tokenizer=None, chat: bool = False, i
             results[-1].update(cache_hits=out.cache_hits, positions_computed=out.positions_computed)
         if getattr(out, "row_rounds", None) is not None:  # speculative: rounds, acceptance per draft position
             results[-1].update(rounds=int(out.row_rounds[row]), acceptance=out.acceptance[row].tolist())
+            if getattr(out, "row_guessed", None) is not None:  # a loaded model whose code predates guessing has none
+                results[-1]["guessed"] = int(out.row_guessed[row])
     return results
 
 
@@ -83,7 +85,7 @@ def check_options(model, prompts: list[str], sampling: SamplingOptions, *, infil
     """`generate`'s checks that need no weights (the options, and a checkpoint path's config.json); returns the
     number of new tokens to ask the sampler for (0 when infilling, None: the checkpoint's). `dlm-adapt serve`
     checks each request with it too."""
-    if sampling.speculative or sampling.draft_length is not None:
+    if sampling.speculative or sampling.draft_length is not None or not sampling.guess_bonus:
         _check_speculative(sampling, infill, show_steps)
     max_new_tokens = sampling.max_new_tokens
     if max_new_tokens is not None and max_new_tokens < 0:
@@ -137,7 +139,8 @@ def _check_speculative(sampling: SamplingOptions, infill: bool, show_steps: bool
     """Speculative decoding's own bad inputs, one line each, before a model loads."""
     k = sampling.draft_length
     if not sampling.speculative:
-        raise AdaptError("--draft-length is the speculative drafter's: add --speculative")
+        flag = "--draft-length" if k is not None else "--no-guess-bonus"
+        raise AdaptError(f"{flag} is the speculative drafter's: add --speculative")
     if k is not None and k < 1:
         raise AdaptError(f"--draft-length must be at least 1 (tokens drafted per pass), got {k}")
     if infill:
