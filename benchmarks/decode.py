@@ -71,15 +71,18 @@ def synchronize():
         torch.cuda.synchronize()
 
 
+CLOCK = time.perf_counter  # --cpu-time: time.process_time
+
+
 def median_seconds(fn, repeats):
-    """Median wall time of `repeats` calls of `fn()`."""
+    """Median time (wall, or CPU with --cpu-time) of `repeats` calls of `fn()`."""
     times = []
     for _ in range(repeats):
         synchronize()
-        t0 = time.perf_counter()
+        t0 = CLOCK()
         fn()
         synchronize()
-        times.append(time.perf_counter() - t0)
+        times.append(CLOCK() - t0)
     return statistics.median(times)
 
 
@@ -152,6 +155,8 @@ def main():
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/RESULTS.md")
     ap.add_argument("--speculative", type=Path, help="a drafter checkpoint: speculative-decoding rows, own table")
     ap.add_argument("--draft-lengths", default="1,2,4,8", help="--speculative: draft lengths, comma-separated")
+    ap.add_argument("--cpu-time", action="store_true", help="time by this process's CPU time, not wall time (a "
+                    "CPU machine shared with other jobs, with --threads 1: waiting for a core is not counted)")
     ap.add_argument("--guess", choices=("on", "off", "both"), default="both",
                     help="--speculative: rows with guess_bonus on, off, or both")
     ap.add_argument("--chat-message", help="--speculative: chat prompts, e.g. 'Continue this story:\\n\\n{text}' "
@@ -159,6 +164,11 @@ def main():
                     "data.generate.chat_message)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.cpu_time:
+        if args.device != "cpu":
+            raise SystemExit("--cpu-time times CPU work; on a GPU use wall time (drop --cpu-time)")
+        global CLOCK
+        CLOCK = time.process_time
     import adapt
     from adapt.evaluation.harness import DIFFUSION, _ar_scorer
 
@@ -362,7 +372,9 @@ def speculative(args):
            "tokens)" if args.chat_message else "")
         + f", {n} new tokens each, greedy, no EOS stop. AR parent (KV-cached `generate`): "
         f"{ar_time[True] * 1e3:.3f} ms per token alone, "
-        f"{ar_time[False] * 1e3:.3f} ms per token in a batch of {len(prompts)}. Time ratios are medians of "
+        f"{ar_time[False] * 1e3:.3f} ms per token in a batch of {len(prompts)}"
+        + (" (CPU time of this process, `--cpu-time`)" if args.cpu_time else " (wall time)")
+        + f". Time ratios are medians of "
         f"{args.repeats} interleaved pairs (speculative, then the parent, on the same prompts); < 1 means faster "
         "than the parent. Every forward is counted: one per round (the parent verifies the last drafts and the "
         "drafter drafts the next ones in the same forward), plus the prompt's prefill (which drafts only). "
