@@ -116,13 +116,13 @@ def test_right_guesses_commit_the_parents_next_token_and_stay_exact(sources, arc
         state["rows"] = [rows[i] for i in still]
         return still
 
-    def oracle(self, logits, new_index, drafts):
+    def oracle(self, logits, new_index, drafts):  # a guess per position of `logits` (with shift, one past drafts)
         truth = [expected[r] + [0] * 64 for r in state["rows"]]
-        return torch.tensor([[truth[b][i] if state["rows"][b] % 2 == 0 else 0 for i in row.tolist()]
+        return torch.tensor([[truth[b][i] if state["rows"][b] % 2 == 0 else 0 for i in row[:logits.shape[1]].tolist()]
                              for b, row in enumerate(new_index)], device=drafts.device)
 
     monkeypatch.setattr(spec, "_commit", tracked)
-    monkeypatch.setattr(spec.TokenChoice, "runner_up", oracle)
+    monkeypatch.setattr(spec.TokenChoice, "guesses", oracle)
     ids, mask = _batch(PROMPTS)
     for k in (1, 2, 4):
         state["rows"] = list(range(len(PROMPTS)))
@@ -138,6 +138,8 @@ def test_right_guesses_commit_the_parents_next_token_and_stay_exact(sources, arc
                                          guess_bonus=False)
         assert alone.sequences[0, len(PROMPTS[0]):].tolist() == expected[0] == plain.sequences[0, -N:].tolist()
         assert int(alone.row_guessed[0]) > 0 and alone.nfe < plain.nfe and int(plain.row_guessed[0]) == 0
+        # a perfect guesser is right in every verifying round: after a rejection, and after all k accepted
+        assert model.config.shift and int(alone.row_guessed[0]) == int(alone.row_rounds[0])
         # sampling's path, with top_k=1: the parent's distribution is its argmax, so the output is its greedy text
         state["rows"] = list(range(len(PROMPTS)))
         sampled = model.diffusion_generate(ids, attention_mask=mask, max_new_tokens=N, speculative=True,

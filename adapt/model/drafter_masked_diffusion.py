@@ -282,7 +282,8 @@ class _RoundLayout:
     after the clean column j of the last g), the guess groups (group g + j after guess j, one position further).
     Decoding's rounds after the first take a few shapes."""
 
-    def __init__(self, w: int, g: int, k: int, shift: bool, guessed: int, device):
+    def __init__(self, w: int, g: int, k: int, shift: bool, guessed: int | None, device):
+        guessing, guessed = guessed is not None, guessed or 0
         m, count = k + 1, g + guessed
         group_anchor = torch.cat([torch.arange(g), torch.arange(guessed)]).to(device)
         self.anchor = torch.cat([torch.arange(guessed, device=device), group_anchor.repeat_interleave(m)])
@@ -295,6 +296,8 @@ class _RoundLayout:
         self.limits = torch.cat([clean, w - g + self.anchor])[None]
         self.positions = torch.cat([clean, w - g + self.anchor + self.offsets])[None]
         index = group_logit_index(k, shift).to(device)
+        if shift and guessing:  # mask k's logit: the token after the last draft, the parent's should it accept all
+            index = torch.cat([index, index.new_tensor([k])])
         start = w + guessed
         self.keep = torch.cat([clean[w - g:], torch.arange(w, start, device=device),
                                (start + torch.arange(count, device=device)[:, None] * m + index).flatten()])
@@ -309,7 +312,7 @@ class _RoundLayout:
 
 
 @functools.lru_cache(maxsize=32)
-def _round_layout(w: int, g: int, k: int, shift: bool, guessed: int, device: str) -> _RoundLayout:
+def _round_layout(w: int, g: int, k: int, shift: bool, guessed: int | None, device: str) -> _RoundLayout:
     return _RoundLayout(w, g, k, shift, guessed, torch.device(device))
 
 
@@ -323,10 +326,12 @@ def fused_forward(model, cache, clean_ids, clean_mask, drafted: int, draft_lengt
 
     `guesses` (batch, j): guessed tokens, guess i standing after the clean column i of those drafted + 1, run as
     the parent does (causal, adapter off) but seen only by a group of masks of its own after it. Then two more are
-    returned: the parent's logits at each guess (the token after it) and its group's drafts' logits."""
+    returned, the parent's logits at each guess (the token after it) and its group's drafts' logits, and with
+    shift every group's logits hold one more, after the k drafts': the drafter's for the token after the last."""
     guessed = 0 if guesses is None else guesses.shape[1]
     k, m, (batch, w), g = draft_length, draft_length + 1, clean_ids.shape, drafted + 1
-    layout = _round_layout(w, g, k, bool(model.config.shift), guessed, str(clean_ids.device))
+    layout = _round_layout(w, g, k, bool(model.config.shift), None if guesses is None else guessed,
+                           str(clean_ids.device))
     cached = cache.mask.shape[1]
     real = torch.cat([cache.mask, clean_mask if clean_mask is not None else cache.mask.new_ones((batch, w))], 1)
     positions = position_ids_from_padding(real)
@@ -355,7 +360,7 @@ def fused_forward(model, cache, clean_ids, clean_mask, drafted: int, draft_lengt
                        past_key_values=cache.kv, use_cache=True, logits_to_keep=layout.keep).logits
     drop_last_cached(cache.kv, queries - w)
     cache.mask = real
-    drafts = logits[:, g + guessed:].unflatten(1, (g + guessed, k))
+    drafts = logits[:, g + guessed:].unflatten(1, (g + guessed, -1))
     if guesses is None:
         return logits[:, :g], drafts
     return logits[:, :g], drafts[:, :g], logits[:, g:g + guessed], drafts[:, g:]

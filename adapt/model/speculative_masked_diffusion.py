@@ -13,7 +13,8 @@ parent's everywhere, so there is one KV cache, the parent's, and each round is O
   acceptance wastes no pass). The group for the acceptance that happens supplies the next round's drafts.
 
 With `guess_bonus` (the default), the same forward also guesses the parent's next token should it reject
-d_{j+1} (j < k): the drafter's runner-up there. Each guess runs as a clean token (causal, adapter off) followed by a
+d_{j+1} (j < k): the drafter's runner-up there; and, with shift, should it accept all k: the drafter's token after
+d_k (the last mask of the group that drafted them). Each guess runs as a clean token (causal, adapter off) followed by a
 group of k + 1 masks that only it and the text up to d_j precede. When the parent's token is the guess, the
 parent's logits at the guess give the token after it as well (committed: one more token per round), and the
 guess's group supplies the next drafts. Which logits are used depends only on committed tokens, so the output law
@@ -121,10 +122,14 @@ class TokenChoice:
             return self.logits(logits, new_index).argmax(-1)
         return _draw(self.distribution(logits, new_index), self.generator)
 
-    def runner_up(self, logits, new_index, drafts):
-        """Per draft, the drafter's likeliest other token: the guess of the parent's token should it reject the
-        draft (greedy rejects only for another argmax; sampling's residual has no mass on the draft)."""
-        return self.logits(logits, new_index).scatter(-1, drafts[..., None], -math.inf).argmax(-1)
+    def guesses(self, logits, new_index, drafts):
+        """The guesses of the parent's own token after each count of accepted drafts: per draft, the drafter's
+        likeliest other token (greedy rejects a draft only for another argmax; sampling's residual has no mass on
+        it), and, when `logits` has one position more than `drafts`, the drafter's likeliest token there (should
+        the parent accept every draft)."""
+        k, scores = drafts.shape[1], self.logits(logits, new_index[:, :logits.shape[1]])
+        runner_up = scores[:, :k].scatter(-1, drafts[..., None], -math.inf).argmax(-1)
+        return torch.cat([runner_up, scores[:, k:].argmax(-1)], 1)
 
     def verify(self, logits, new_index, drafts, q):
         """Per row, how many drafts the parent accepts (a, leading) and the token after them: the parent's own
@@ -229,30 +234,29 @@ class _Round:
 
 def _round(model, cache, clean_ids, clean_mask, drafts, q, guesses, choice, produced, k) -> _Round:
     """One fused forward: verify `drafts` (drawn from `q`; None when greedy), draft the next k. With `guesses`
-    (batch, d), guess i is the parent's next token should it reject draft i + 1: a group drafts after it too, and
-    when the parent's token is the guess, the parent's logits at the guess give the token after it as well."""
+    (batch, d or d + 1), guess i is the parent's next token should it accept i drafts: a group drafts after it
+    too, and when the parent's token is the guess, the parent's logits at the guess give the token after it."""
     b, d = drafts.shape
     ids = torch.cat([clean_ids, drafts], 1)
     mask = None if clean_mask is None else torch.cat([clean_mask, clean_mask.new_ones((b, d))], 1)
-    guessing = guesses is not None and d > 0
-    out = fused_forward(model, cache, ids, mask, d, k, guesses if guessing else None)
-    verify_logits, group_logits = out[:2]
+    out = fused_forward(model, cache, ids, mask, d, k, guesses)
+    verify_logits, group_logits = out[0], out[1][:, :, :k]
     steps, rows = torch.arange(d + 1, device=ids.device), torch.arange(b, device=ids.device)
     if choice.temperature != 0 and q is None:  # the prefill round verifies nothing
         q = torch.zeros((b, 0, verify_logits.shape[-1]), dtype=torch.float64, device=ids.device)
     accepted, following = choice.verify(verify_logits, produced[:, None] + steps, drafts, q)
     cache.truncate(d, accepted)  # drafts past the accepted ones: rolled back
-    chosen = group_logits[rows, accepted]  # the group after the last accepted draft
+    chosen = out[1][rows, accepted]  # the group after the last accepted draft (and its logit after the drafts)
     hit, extra = torch.zeros_like(accepted, dtype=torch.bool), following
-    if guessing:
-        at = accepted.clamp(max=d - 1)
-        hit = (accepted < d) & (guesses[rows, at] == following)
+    if guesses is not None and guesses.shape[1]:  # the prefill has no guesses
+        at = accepted.clamp(max=guesses.shape[1] - 1)  # without shift there is no guess after the last draft
+        hit = (accepted < guesses.shape[1]) & (guesses[rows, at] == following)
         extra = choice.pick(out[2][rows, at], produced + accepted + 1)
         chosen = torch.where(hit[:, None, None], out[3][rows, at], chosen)
-    new_index = (produced + accepted + 1 + hit.long())[:, None] + torch.arange(k, device=ids.device)
-    drafts, q = choice.draft(chosen, new_index)
+    new_index = (produced + accepted + 1 + hit.long())[:, None] + torch.arange(k + 1, device=ids.device)
+    drafts, q = choice.draft(chosen[:, :k], new_index[:, :k])
     return _Round(accepted, following, hit, extra, drafts, q,
-                  None if guesses is None else choice.runner_up(chosen, new_index, drafts))
+                  None if guesses is None else choice.guesses(chosen, new_index, drafts))
 
 
 def _commit(out, step: _Round, rows, drafts, new, n: int, eos_token_id) -> list[int]:
