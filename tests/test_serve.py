@@ -196,6 +196,9 @@ BAD = [  # (name, path, body, headers, status, the error's param or None, CLI op
      {"block_length": 8}),
     ("draft_length without speculative", "/v1/completions", dict(GOOD, draft_length=2), None, 400, None,
      {"draft_length": 2}),
+    # 5 prompt tokens + 500 fit 512 positions, but a speculative round drafts up to 2 x 4 + 2 positions ahead
+    ("speculative drafts past the context", "/v1/completions", dict(GOOD, max_tokens=500, speculative=True), None,
+     400, "max_tokens", None),
     ("stream a string", "/v1/completions", dict(GOOD, stream="yes"), None, 400, "stream", None),
     ("five stop strings", "/v1/completions", dict(GOOD, stop=list("abcde")), None, 400, "stop", None),
     ("logprobs", "/v1/completions", dict(GOOD, logprobs=5), None, 400, "logprobs", None),

@@ -240,7 +240,7 @@ def _round(model, cache, clean_ids, clean_mask, drafts, q, guesses, choice, prod
     ids = torch.cat([clean_ids, drafts], 1)
     mask = None if clean_mask is None else torch.cat([clean_mask, clean_mask.new_ones((b, d))], 1)
     out = fused_forward(model, cache, ids, mask, d, k, guesses)
-    verify_logits, group_logits = out[0], out[1][:, :, :k]
+    verify_logits = out[0]
     steps, rows = torch.arange(d + 1, device=ids.device), torch.arange(b, device=ids.device)
     if choice.temperature != 0 and q is None:  # the prefill round verifies nothing
         q = torch.zeros((b, 0, verify_logits.shape[-1]), dtype=torch.float64, device=ids.device)
@@ -296,7 +296,7 @@ def speculative_sample(model, input_ids: torch.LongTensor, *, max_new_tokens: in
                        top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
                        min_new_tokens: int = 0, max_positions: int | None = None,
                        generator: torch.Generator | None = None, streamer=None,
-                       guess_bonus: bool = False) -> SpeculativeOutput:
+                       guess_bonus: bool = True) -> SpeculativeOutput:
     """Decode `max_new_tokens` tokens after each (left-padded) prompt, `draft_length` (default: the block size)
     drafted per round and verified by the parent in the next, one forward per round (module docstring). A row
     stops at its EOS (the rest of it becomes EOS) or after `max_new_tokens`; finished rows leave the cache. Every
@@ -315,9 +315,11 @@ def speculative_sample(model, input_ids: torch.LongTensor, *, max_new_tokens: in
     batch, prompt_len = input_ids.shape
     if prompt_len == 0:
         raise SamplingError("the prompt needs at least one token (e.g. BOS)")
-    if max_positions is not None and prompt_len + n + 2 * k > max_positions:
-        raise SamplingError(f"prompt ({prompt_len}) + max_new_tokens ({n}) + twice the draft length ({k}) exceeds "
-                            f"the model's {max_positions} positions (a round drafts up to 2 x {k} + 1 positions ahead)")
+    reach = 2 * k + 1 + bool(guess_bonus)  # a guess's group stands one position further on
+    if max_positions is not None and prompt_len + n + reach - 1 > max_positions:
+        raise SamplingError(f"prompt ({prompt_len}) + max_new_tokens ({n}) + {reach - 1} exceeds the model's "
+                            f"{max_positions} positions (a round drafts up to {reach} positions ahead at draft length "
+                            f"{k}{', guessing' if guess_bonus else ''})")
     real = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
     if not real[:, -1].all():
         raise SamplingError("pad prompts on the left (attention_mask 0 only before a row's tokens)")

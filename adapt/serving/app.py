@@ -308,8 +308,9 @@ def _check_context(model, ids: list[int], n: int | None, sampling: SamplingOptio
     gen = model.generation_config
     n = n if n is not None else int(getattr(gen, "max_new_tokens", None) or 128)
     length, b = len(ids), getattr(model.config, "block_size", None)
-    if sampling.speculative:
-        need = length + n + (sampling.draft_length or b or 1) - 1
+    if sampling.speculative:  # the sampler's own reach (`speculative_sample`): 2k + 1 ahead, one more guessing
+        k = sampling.draft_length or b or 1
+        need = length + n + 2 * k + int(sampling.guess_bonus)
     elif b:
         need = (length // b + -(-(length % b + n) // b)) * b
     else:
