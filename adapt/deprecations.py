@@ -21,10 +21,6 @@ class Renamed:
 RENAMED = (
     # packed rows of text are sequences; "block" is the diffusion/decoding block only
     Renamed("data.max_eval_blocks", "data.max_eval_sequences", "recipe key (YAML, key=value)", "0.7.0"),
-    Renamed("--num-blocks", "--num-sequences", "dlm-adapt eval flag", "0.7.0"),
-    Renamed("num_blocks", "num_sequences", "adapt.evaluate keyword", "0.7.0"),
-    Renamed("block_length", "seq_length", "eval result JSON key (written beside the new one)", "0.7.0"),
-    Renamed("blocks", "sequences", "eval result JSON key (written beside the new one; also under elbo)", "0.7.0"),
     # the lm-eval backend moved with the evaluation stage (adapt/evaluation/)
     Renamed("python -m adapt.lm_eval_backend", "python -m adapt.evaluation.lm_eval_backend", "command", "0.7.0"),
 )
