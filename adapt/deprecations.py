@@ -19,8 +19,6 @@ class Renamed:
 
 
 RENAMED = (
-    # packed rows of text are sequences; "block" is the diffusion/decoding block only
-    Renamed("data.max_eval_blocks", "data.max_eval_sequences", "recipe key (YAML, key=value)", "0.7.0"),
     # the lm-eval backend moved with the evaluation stage (adapt/evaluation/)
     Renamed("python -m adapt.lm_eval_backend", "python -m adapt.evaluation.lm_eval_backend", "command", "0.7.0"),
 )
