@@ -19,8 +19,6 @@ class Renamed:
 
 
 RENAMED = (
-    # the lm-eval backend moved with the evaluation stage (adapt/evaluation/)
-    Renamed("python -m adapt.lm_eval_backend", "python -m adapt.evaluation.lm_eval_backend", "command", "0.7.0"),
 )
 
 
