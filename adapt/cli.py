@@ -8,7 +8,6 @@ from pathlib import Path
 from transformers import HfArgumentParser
 
 from .config import ConvertOptions, EvalOptions, GenerateOptions, PushOptions, ServeOptions, UpgradeOptions
-from .deprecations import take_renamed
 from .errors import AdaptError
 
 
@@ -97,9 +96,6 @@ def _eval(args):
 
     from .evaluation.harness import evaluate
 
-    take_renamed(args, "dlm-adapt eval flag",
-                 lambda flag: f"{flag.old} is the deprecated name of {flag.new}; give only {flag.new}",
-                 lambda flag: print(f"dlm-adapt: warning: {flag.old} is deprecated, use {flag.new}", file=sys.stderr))
     options = EvalOptions(**_options(args, EvalOptions))  # checked, and defaults resolved, before anything loads
     print(json.dumps(evaluate(args.model, **dataclasses.asdict(options)), indent=2))
 

@@ -1,13 +1,11 @@
 """Every user-facing name that was renamed and is still accepted, in one table: the old name, the new one, where it
-is given, and the release that removes it. Until then the old name works with one warning; giving both is an error.
-A renamed key of a JSON result is written under both names until then. tests/test_structure.py fails once
+is given, and the release that removes it. Until then the old name works with one warning, and giving both is an
+error; a renamed key of a JSON result is written under both names. The code that accepts an old name names it (or
+its last dotted part), so that nothing reads a row nobody handles. tests/test_structure.py fails once
 `__version__` reaches a `removed_in`: that release deletes the row and the code that reads it, so no alias outlives
-its release."""
+its release. Empty since 0.7.0 removed the last renames (the README names each removed name beside its successor)."""
 
-from collections.abc import Callable
 from dataclasses import dataclass
-
-from .errors import AdaptError
 
 
 @dataclass(frozen=True)
@@ -18,49 +16,4 @@ class Renamed:
     removed_in: str
 
 
-RENAMED = (
-    # packed rows of text are sequences; "block" is the diffusion/decoding block only
-    Renamed("data.max_eval_blocks", "data.max_eval_sequences", "recipe key (YAML, key=value)", "0.7.0"),
-    Renamed("--num-blocks", "--num-sequences", "dlm-adapt eval flag", "0.7.0"),
-    Renamed("num_blocks", "num_sequences", "adapt.evaluate keyword", "0.7.0"),
-    Renamed("block_length", "seq_length", "eval result JSON key (written beside the new one)", "0.7.0"),
-    Renamed("blocks", "sequences", "eval result JSON key (written beside the new one; also under elbo)", "0.7.0"),
-    # the lm-eval backend moved with the evaluation stage (adapt/evaluation/)
-    Renamed("python -m adapt.lm_eval_backend", "python -m adapt.evaluation.lm_eval_backend", "command", "0.7.0"),
-)
-
-
-def renamed(where: str) -> dict[str, Renamed]:
-    """The rows given in `where` (a prefix of their `where`), by old name."""
-    return {r.old: r for r in RENAMED if r.where.startswith(where)}
-
-
-def field_name(name: str) -> str:
-    """The options field a flag or keyword sets: `--num-blocks` -> `num_blocks`."""
-    return name.lstrip("-").replace("-", "_")
-
-
-def take_renamed(options, where: str, both: Callable[[Renamed], str], warn: Callable[[Renamed], None]):
-    """Moves each renamed option of `options` (an object with both names as attributes, unset = None) that was
-    given under its old name to its new one, calling `warn(row)`; both names given is `AdaptError(both(row))`."""
-    for row in renamed(where).values():
-        old, new = field_name(row.old), field_name(row.new)
-        value = getattr(options, old)
-        if value is None:
-            continue
-        if getattr(options, new) is not None:
-            raise AdaptError(both(row))
-        warn(row)
-        setattr(options, new, value)
-        setattr(options, old, None)
-
-
-def with_old_keys(result: dict, where: str) -> dict:
-    """`result` with each renamed key present also written, right after it, under its old name."""
-    old_of = {r.new: r.old for r in renamed(where).values()}
-    out = {}
-    for key, value in result.items():
-        out[key] = value
-        if key in old_of:
-            out[old_of[key]] = value
-    return out
+RENAMED: tuple[Renamed, ...] = ()

@@ -307,10 +307,10 @@ def test_ar_nll_and_converted_elbo_count_the_same_tokens(converted, tmp_path, sh
     dm = adapt.evaluate(str(dlm), str(data), **opts)
     assert ar["kind"] == "causal" and dm["kind"] == "diffusion"
     assert ar["elbo"]["tokens"] == dm["elbo"]["tokens"] == 6 * 15 and ar["sequences"] == dm["sequences"] == 6
-    # the keys' old names are written beside the new ones until adapt/deprecations.py removes them
+    # the keys' old names (block_length, blocks), written beside the new ones until 0.7.0, are gone
     for r in (ar, dm):
-        assert ((r["blocks"], r["block_length"], r["elbo"]["blocks"])
-                == (r["sequences"], r["seq_length"], r["elbo"]["sequences"]) == (6, 16, 6))
+        assert (r["sequences"], r["seq_length"], r["elbo"]["sequences"]) == (6, 16, 6)
+        assert not {"block_length", "blocks"} & (r.keys() | r["elbo"].keys())
     assert set(ar["elbo"]) >= {"nll_nats_per_token", "ppl", "stderr", "tokens"}
     assert set(dm["elbo"]) >= {"elbo_nats_per_token", "ppl_bound", "stderr", "tokens"}
     # a random tiny model: both near log V, so a wrong token count or unit would show as a large gap
@@ -378,29 +378,25 @@ def test_bad_input_is_one_clear_error(converted, tmp_path, capsys, case):
     assert "Traceback" not in stderr and re.search(message, err[0]), err[0]
 
 
-def test_num_blocks_flag_is_a_deprecated_name_of_num_sequences_and_block_length_is_gone(monkeypatch, capsys):
+def test_old_names_of_seq_length_and_num_sequences_are_unknown_flags(monkeypatch, capsys):
+    """--block-length (removed in 0.6.0) and --num-blocks (0.7.0) fail as any unknown flag does: one line."""
     import importlib
 
     evaluate_module = importlib.import_module("adapt.evaluation.harness")
     seen = {}
     monkeypatch.setattr(evaluate_module, "evaluate", lambda model, data, **kw: seen.update(kw) or {"ok": 1})
-    assert main(["eval", "m", "--data", "d.txt"]) == 0 and seen["seq_length"] == 128
-    assert main(["eval", "m", "--data", "d.txt", "--block-length", "32"]) == 2  # removed in 0.6.0
-    assert "--block-length" in capsys.readouterr().err and "block_length" not in seen
-    assert main(["eval", "m", "--data", "d.txt", "--num-blocks", "8"]) == 0 and seen["num_sequences"] == 8
-    assert capsys.readouterr().err == "dlm-adapt: warning: --num-blocks is deprecated, use --num-sequences\n"
-    assert main(["eval", "m", "--data", "d.txt"]) == 0 and seen["num_sequences"] == 64
-    assert main(["eval", "m", "--data", "d.txt", "--num-blocks", "8", "--num-sequences", "8"]) == 2
-    assert "give only --num-sequences" in capsys.readouterr().err
+    assert main(["eval", "m", "--data", "d.txt"]) == 0 and (seen["seq_length"], seen["num_sequences"]) == (128, 64)
+    capsys.readouterr()
+    for flag, value in (("--block-length", "32"), ("--num-blocks", "8")):
+        seen.clear()
+        assert main(["eval", "m", "--data", "d.txt", flag, value]) == 2
+        err = capsys.readouterr().err
+        assert err == f"dlm-adapt: error: unrecognized arguments: {flag} {value}; see dlm-adapt --help\n", err
+        assert not seen
+    assert main(["eval", "m", "--data", "d.txt", "--num-sequences", "8"]) == 0 and seen["num_sequences"] == 8
 
 
-def test_evaluate_num_blocks_keyword_still_works_with_a_warning(tmp_path):
-    data = words_file(tmp_path / "d.txt")
-    with pytest.warns(FutureWarning, match="use num_sequences="):
-        old = adapt.evaluate(uniform(), str(data), tokenizer=tiny_tokenizer(mask_token=True), seq_length=16,
-                             num_blocks=4, sample_by="line", mc_samples=2)
-    new = adapt.evaluate(uniform(), str(data), tokenizer=tiny_tokenizer(mask_token=True), seq_length=16,
-                         num_sequences=4, sample_by="line", mc_samples=2)
-    assert old == new
-    with pytest.raises(AdaptError, match="both num_sequences and num_blocks"):
-        adapt.evaluate(uniform(), str(data), tokenizer=tiny_tokenizer(mask_token=True), num_sequences=4, num_blocks=4)
+def test_evaluate_num_blocks_keyword_is_gone(tmp_path):
+    """num_blocks= (num_sequences= before 0.7.0) is an unknown keyword, refused before anything loads."""
+    with pytest.raises(TypeError, match="unexpected keyword argument 'num_blocks'"):
+        adapt.evaluate(str(tmp_path / "no-such-model"), str(tmp_path / "d.txt"), num_blocks=4)

@@ -5,13 +5,11 @@ functions take the same names as keywords. A field's `help` is its documentation
 function decides (for sampling: the checkpoint's generation_config.json, then `diffusion_generate`'s default).
 Positional arguments (model, source, output, directory) are the functions' own and are not here."""
 
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
-from ..deprecations import take_renamed
 from ..errors import AdaptError
 from ..ranges import FieldError, check_ranges
 
@@ -261,7 +259,6 @@ class EvalOptions:
     seq_length: int | None = field(default=None, **_help("tokens per packed sequence (default: 128)"))
     num_sequences: int | None = field(default=None, **_help(
         "packed sequences evaluated, from the start of the data (default: 64)"))
-    num_blocks: int | None = field(default=None, **_help("deprecated name of --num-sequences"))
     batch_size: int = field(default=16, **_help("sequences per forward pass"))
     seed: int = field(default=0, **_help("seed of the Monte-Carlo draws and of the sweep's tasks"))
     device: str | None = field(default=None, **_help("e.g. cpu, cuda, cuda:1 (default: where the model loads)"))
@@ -300,12 +297,6 @@ class EvalOptions:
         "lm-eval: score a diffusion checkpoint as its causal self (the exact AR likelihood; a sanity baseline)"))
 
     def __post_init__(self):
-        # the CLI's deprecated flags arrive under their new names (cli._eval); these are the Python keywords
-        take_renamed(self, "adapt.evaluate keyword",
-                     lambda kw: f"evaluate got both {kw.new} and {kw.old}; pass only {kw.new} ({kw.old} is its "
-                                "deprecated name)",
-                     lambda kw: warnings.warn(f"evaluate({kw.old}=) is deprecated: use {kw.new}= (removed in "
-                                              f"{kw.removed_in})", FutureWarning, stacklevel=6))
         if self.seq_length is None:
             self.seq_length = 128
         if self.num_sequences is None:

@@ -9,9 +9,6 @@ HfArgumentParser makes one flat flag per field: a section becomes a single flag,
 loader; the dataclasses, the checker and the way text becomes a value (YAML) are shared."""
 
 import dataclasses
-import json
-import sys
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -19,7 +16,6 @@ from typing import Literal
 import torch
 import yaml
 
-from ..deprecations import renamed
 from ..errors import AdaptError
 from ..ranges import FieldError, check_ranges
 from .commands import DTYPE_NAMES, SourceOptions
@@ -254,13 +250,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), cls=T
         if kind != cls.__name__:
             raise AdaptError(f"config file {path} records a {kind} run, not a {cls.__name__} one (`dlm-adapt train` "
                              "takes TrainConfig, `dlm-adapt sft` SFTConfig)")
-        _rename_deprecated(data, cls, f"config file {path}")
-    renamed = {}
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise AdaptError(f"override {item!r} is not of the form dotted.key=value")
-        key = _renamed_override(key, cls, renamed)
         node = data
         *parents, leaf = key.split(".")
         for p in parents:
@@ -276,55 +269,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), cls=T
     return from_dict(cls, data)
 
 
-# old dotted key -> new one, for keys renamed in this release; the old name loads with a warning until the next
-DEPRECATED_KEYS = {old: r.new for old, r in renamed("recipe key").items()}  # adapt/deprecations.py
-
-
-def _deprecated_keys(cls) -> dict[str, str]:
-    """The renames that apply to `cls` (SFT data has no max_eval_sequences, so there the old key stays an unknown one)."""
-    found = {}
-    for old, new in DEPRECATED_KEYS.items():
-        section, leaf = new.split(".")
-        hint = typing.get_type_hints(cls).get(section)
-        if hint is not None and dataclasses.is_dataclass(hint) and leaf in {f.name for f in dataclasses.fields(hint)}:
-            found[old] = new
-    return found
-
-
-def _warn_renamed(old: str, new: str):
-    removed_in = renamed("recipe key")[old].removed_in
-    print(f"dlm-adapt: warning: {old} is deprecated, use {new} (the old name goes in {removed_in})", file=sys.stderr)
-
-
-def _rename_deprecated(data: dict, cls, where: str, warn: bool = True):
-    for old, new in _deprecated_keys(cls).items():
-        section, old_leaf = old.split(".")
-        new_leaf = new.split(".")[1]
-        node = data.get(section)
-        if not isinstance(node, dict) or old_leaf not in node:
-            continue
-        if new_leaf in node:
-            raise AdaptError(f"{where} sets both {old} and {new}; keep only {new} ({old} is its deprecated name)")
-        if warn:
-            _warn_renamed(old, new)
-        node[new_leaf] = node.pop(old_leaf)
-
-
-def _renamed_override(key: str, cls, seen: dict) -> str:
-    """`key` under its current name; `seen` collects which of the old and new names the overrides used."""
-    renames = _deprecated_keys(cls)
-    new = renames.get(key, key)
-    if new in renames.values():
-        seen.setdefault(new, set()).add(key)
-        if len(seen[new]) > 1:
-            old = next(o for o, n in renames.items() if n == new)
-            raise AdaptError(f"the overrides set both {old} and {new}; keep only {new} ({old} is its deprecated "
-                             "name)")
-        if key != new:
-            _warn_renamed(key, new)
-    return new
-
-
 # what `kind` in a run's OUTPUT/config.json names
 RUN_KINDS = {cls.__name__: cls for cls in (TrainConfig, SFTConfig)}
 
@@ -338,11 +282,10 @@ def to_dict(cfg) -> dict:
 def run_config(data: dict):
     """A run's recorded config (`to_dict`) as its dataclass. Runs recorded before `kind` existed are told apart by
     the field only SFT data has (`data.max_length`)."""
-    data = json.loads(json.dumps(data))  # a deep copy: deprecated keys are renamed in place
+    data = dict(data)  # the caller's mapping keeps its `kind`
     kind = data.pop("kind", None)
     if kind is None:
         kind = SFTConfig.__name__ if "max_length" in (data.get("data") or {}) else TrainConfig.__name__
     if kind not in RUN_KINDS:
         raise AdaptError(f"unknown run kind {kind!r} (known: {', '.join(RUN_KINDS)})")
-    _rename_deprecated(data, RUN_KINDS[kind], "the run's config.json", warn=False)  # runs of 0.2.0 and earlier
     return from_dict(RUN_KINDS[kind], data)

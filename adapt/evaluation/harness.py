@@ -13,7 +13,6 @@ from pathlib import Path
 
 from ..checkpoint import CAUSAL, NOT_A_MODEL, check_device, detect, load
 from ..config import DataConfig, EvalOptions
-from ..deprecations import with_old_keys
 from ..training.data import load_documents, pack
 from ..errors import AdaptError, first_line
 from ..model.block_masked_diffusion import resolve_block_size
@@ -108,7 +107,6 @@ def _score_text(model, tokenizer, kind: str, documents: list[str], o: EvalOption
             result["elbo"] = (diffusion_elbo(model, sequences, mc_samples=o.mc_samples, batch_size=o.batch_size,
                                              seed=o.seed, block_size=o.block_size)
                               if kind == DIFFUSION else causal_nll(model, sequences, batch_size=o.batch_size))
-            result["elbo"] = with_old_keys(result["elbo"], "eval result JSON key")
         if "forgetting" in o.metrics:
             result["forgetting"] = _forgetting(model, kind, sequences, o, scorer, scorer_name)
         if "infill" in o.metrics:
@@ -125,7 +123,7 @@ def _score_text(model, tokenizer, kind: str, documents: list[str], o: EvalOption
         result["lm_eval"] = run_tasks(model, tokenizer, kind, o)
     if o.plot is not None:
         result["plot"] = str(plot_steps_sweep(result["steps_sweep"], o.plot, title=f"{name} ({kind})"))
-    return with_old_keys(result, "eval result JSON key")  # "block_length" and "blocks" until their removal
+    return result
 
 
 def _forgetting(model, kind: str, sequences, o: EvalOptions, parent, parent_name) -> dict:
