@@ -88,6 +88,7 @@ def assert_full_weights(final):
     assert got and {n: want.get(n) for n in got} == got, "OUTPUT/final holds tensors of the wrong shape"
 
 
+@pytest.mark.slow
 def test_fsdp_two_processes_match_one_process_resume_bit_exactly_and_survive_kill_9(setup, tmp_path):
     """One launch (each costs ~10 s here): full 8 steps with gradient accumulation; 4 + 4 resumed; LoRA with
     gradient checkpointing, 4 steps and 2 + 2 resumed; then a run whose rank 1 is killed mid-save. Then one

@@ -438,6 +438,7 @@ def test_invalid_repo_id_is_refused(converted):
 # ---------------------------------------------------------------- uploads
 
 
+@pytest.mark.slow
 def test_push_uploads_dir_byte_for_byte_with_the_card(converted, tmp_path, hub):
     ckpt = _checkpoint_copy(converted, tmp_path)
     (ckpt / "extra").mkdir()

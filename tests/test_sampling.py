@@ -235,6 +235,7 @@ def test_model_without_mask_token_is_refused():
                          shift=False, max_new_tokens=3, steps=3)
 
 
+@pytest.mark.slow
 def test_generate_cli_json_and_errors(tiny, tmp_path):
     model, tok = tiny
     path = tmp_path / "m"
@@ -255,6 +256,7 @@ def test_generate_cli_json_and_errors(tiny, tmp_path):
     assert tok.mask_token not in filled["text"] and filled["text"].startswith("w1 w2")
 
 
+@pytest.mark.slow
 def test_threshold_below_one_needs_fewer_forwards_on_a_trained_model(tmp_path):
     """A tiny model trained on counting runs ("w10 w11 w12 ...") is confident about several positions at once."""
     from adapt.config import load_config

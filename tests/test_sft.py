@@ -167,6 +167,7 @@ def test_tiny_sft_run_lowers_the_response_elbo_and_keeps_the_chat_template(setup
     assert (tmp_path / "run" / "samples.log").read_text().count("--- step") == 2
 
 
+@pytest.mark.slow
 def test_causal_source_and_default_template_through_the_cli(setup, tmp_path):
     out = tmp_path / "run"
     chat = tmp_path / "pc.jsonl"
@@ -238,6 +239,7 @@ def test_every_shipped_sft_recipe_validates():
         assert "Hardware:" in header and ("dlm-adapt sft" in header or "recipes/sft.py" in header), path
 
 
+@pytest.mark.slow
 def test_stories260k_recipe_runs_as_shipped_and_answers_in_chat(tmp_path):
     require_shared()
     out = tmp_path / "run"
@@ -256,6 +258,7 @@ def test_stories260k_recipe_runs_as_shipped_and_answers_in_chat(tmp_path):
     assert result["tokens"] and len(result["tokens"]) < 32  # the model learned to end its answer with EOS
 
 
+@pytest.mark.slow
 def test_sft_script_under_two_process_ddp_matches_one_process(setup, tmp_path):
     # torchrun gives real multi-CPU data parallelism that Accelerate picks up from the environment (see
     # test_train); per-sequence normalisation makes the mean of the per-process losses the global loss
