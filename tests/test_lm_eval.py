@@ -217,6 +217,26 @@ def test_eval_tasks_errors_are_one_line(converted, tasks, capsys, flags, message
     assert err == f"dlm-adapt: error: {message}" or (err.startswith(f"dlm-adapt: error: {message}") and "\n" not in err)
 
 
+@pytest.fixture(scope="module")
+def cli_index_once():
+    """lm-eval's command line indexes all of its own task YAMLs (thousands, ~10 s here) on every run before it
+    looks at the model; the index depends only on the directories, so this module's runs share one."""
+    from lm_eval.tasks._index import TaskIndex
+
+    built, build = {}, TaskIndex.build
+
+    def once(paths, **kwargs):
+        paths = list(paths)
+        key = (tuple(map(str, paths)), tuple(sorted(kwargs.items())))
+        if key not in built:
+            built[key] = build(paths, **kwargs)
+        return dict(built[key])  # lm-eval deep-copies an entry's config before it changes one
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(TaskIndex, "build", staticmethod(once))
+        yield
+
+
 def _cli_results(capsys, dlm, tasks, out, batch_size):
     from adapt.evaluation.lm_eval_backend import main as lm_eval_cli
 
@@ -231,7 +251,9 @@ def _cli_results(capsys, dlm, tasks, out, batch_size):
     return json.loads(results.read_text()), [r["resps"] for r in rows]
 
 
-def test_batch_size_model_arg_runs_through_lm_evals_own_command_line(converted, tasks, tmp_path, capsys):
+@pytest.mark.slow
+def test_batch_size_model_arg_runs_through_lm_evals_own_command_line(converted, tasks, tmp_path, capsys,
+                                                                     cli_index_once):
     """lm-eval's command line passes its own batch_size (1 by default) beside the model args: the model arg wins,
     and the draws do not depend on it."""
     _, dlm = converted("llama")
@@ -241,7 +263,7 @@ def test_batch_size_model_arg_runs_through_lm_evals_own_command_line(converted, 
     assert four_samples == one_samples
 
 
-def test_bad_batch_size_from_lm_evals_command_line_is_one_line(converted, tasks, capsys):
+def test_bad_batch_size_from_lm_evals_command_line_is_one_line(converted, tasks, capsys, cli_index_once):
     from adapt.evaluation.lm_eval_backend import main as lm_eval_cli
 
     _, dlm = converted("llama")
