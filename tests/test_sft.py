@@ -207,14 +207,17 @@ def test_bad_sft_input_is_one_clear_error(setup, tmp_path, case):
     assert not out.exists() or not any(out.iterdir())
 
 
-def test_bad_sft_input_through_the_cli_is_one_error_line_and_exit_2(setup, tmp_path):
+def test_bad_sft_input_through_the_cli_is_one_error_line_and_exit_2(setup, tmp_path, capfd):
+    from adapt.cli import main  # in this process, stderr read at the fd (the CLI's new process: the test above)
+
     data = tmp_path / "bad.jsonl"
     data.write_text(json.dumps({"messages": [{"role": "user", "content": "w1"}]}) + "\n")
-    proc = subprocess.run([sys.executable, "-m", "adapt", "sft", str(ROOT / "recipes/sft/stories260k-tiny.yaml"),
-                           f"output_dir={tmp_path / 'run'}", f"model.path={setup / 'dlm'}", f"data.train={data}",
-                           f"data.validation={data}", "data.max_length=32"], capture_output=True, text=True, timeout=120)
-    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("dlm-adapt: error:")]
-    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
+    capfd.readouterr()
+    code = main(["sft", str(ROOT / "recipes/sft/stories260k-tiny.yaml"), f"output_dir={tmp_path / 'run'}",
+                 f"model.path={setup / 'dlm'}", f"data.train={data}", f"data.validation={data}", "data.max_length=32"])
+    stderr = capfd.readouterr().err
+    errors = [ln for ln in stderr.splitlines() if ln.startswith("dlm-adapt: error:")]
+    assert code == 2 and len(errors) == 1, stderr[-2000:]
     assert "training sample 0: a conversation has no assistant turn" in errors[0]
     assert not (tmp_path / "run").exists()
 
