@@ -59,9 +59,10 @@ if os.environ.get("DLM_ADAPT_SIMULATE_NEWER_TRANSFORMERS") == "1":
 
 
 def pytest_collection_modifyitems(items):
-    # pytest-xdist hands tests out in collection order and the run lasts as long as its busiest worker: a long
-    # test collected late (test_sft's recipe run, alphabetically near the end) would run alone at the end. The
-    # sort is stable and the same in every worker, as xdist requires.
+    # pytest-xdist hands tests out in collection order (two at a time per worker: --maxschedchunk=1 in
+    # pyproject.toml) and the run lasts as long as its busiest worker: a long test collected late (test_sft's
+    # recipe run, alphabetically near the end) would run alone at the end. The sort is stable and the same in
+    # every worker, as xdist requires.
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
