@@ -27,10 +27,10 @@ def _gguf_dir():
 
 @pytest.fixture
 def gguf_dir(monkeypatch):
-    """The package's directory, with GGUF parsing done once. transformers reads a GGUF file's metadata (49 152 vocabulary strings and merges) anew for each of config,
-    tokenizer and weights, five times in this test, and rebuilds gguf's tensor-name table for every module (~800
-    times): both depend only on their arguments, and the file is read-only, so one of each per test (half its
-    time) gives every load the same fields and tensors."""
+    """The package's directory, with GGUF parsing done once. transformers reads a GGUF file's metadata (49 152
+    vocabulary strings and merges) anew for each of config, tokenizer and weights, five times in this test, and
+    rebuilds gguf's tensor-name table for every module (~800 times): both depend only on their arguments, and the
+    file is read-only, so one of each per test (half its time) gives every load the same fields and tensors."""
     import functools
 
     directory = _gguf_dir()
