@@ -58,6 +58,14 @@ if os.environ.get("DLM_ADAPT_SIMULATE_NEWER_TRANSFORMERS") == "1":
         yield
 
 
+def pytest_collection_modifyitems(items):
+    # pytest-xdist hands tests out in collection order (two at a time per worker: --maxschedchunk=1 in
+    # pyproject.toml) and the run lasts as long as its busiest worker: a long test collected late (test_sft's
+    # recipe run, alphabetically near the end) would run alone at the end. The sort is stable and the same in
+    # every worker, as xdist requires.
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 def require_shared():
     if not STORIES.is_dir():
         pytest.skip(f"real-model test needs ../shared/models/stories260K beside the checkout ({STORIES} not found)")

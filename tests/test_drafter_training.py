@@ -170,6 +170,7 @@ def test_a_changed_parent_is_refused(tiny, tmp_path):
         check_parent_untouched(drafter, other)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not STORIES.is_dir(), reason="needs ../shared/models/stories260K beside the checkout")
 def test_stories260k_drafter_accepts_more_of_held_out_text(tmp_path):
     """The real model, held-out prompts: a short distillation on the parent's continuations raises the tokens per

@@ -25,8 +25,34 @@ def _gguf_dir():
     return Path(spec.origin).parent
 
 
-def test_smollm2_gguf_converts_and_keeps_the_ar_model(tmp_path):
+@pytest.fixture
+def gguf_dir(monkeypatch):
+    """The package's directory, with GGUF parsing done once. transformers reads a GGUF file's metadata (49 152
+    vocabulary strings and merges) anew for each of config, tokenizer and weights, five times in this test, and
+    rebuilds gguf's tensor-name table for every module (~800 times): both depend only on their arguments, and the
+    file is read-only, so one of each per test (half its time) gives every load the same fields and tensors."""
+    import functools
+
     directory = _gguf_dir()
+    import gguf
+
+    readers = {}
+
+    def reader(path, mode="r"):
+        key = (str(Path(path).resolve()), mode)
+        if key not in readers:
+            readers[key] = real_reader(path, mode)
+        return readers[key]
+
+    real_reader = gguf.GGUFReader
+    monkeypatch.setattr(gguf, "GGUFReader", reader)
+    monkeypatch.setattr(gguf, "get_tensor_name_map", functools.lru_cache(gguf.get_tensor_name_map))
+    return directory
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_converts_and_keeps_the_ar_model(tmp_path, gguf_dir):
+    directory = gguf_dir
     if _release(transformers.__version__) < (5, 24):  # 5.5.0 writes SmolLM2's tokenizer so that it reads back wrong
         with pytest.raises(AdaptError, match=r"tokenizer transformers .* writes for .*gguf does not read back the "
                                              r"same .*pip install -U transformers"):

@@ -217,6 +217,26 @@ def test_eval_tasks_errors_are_one_line(converted, tasks, capsys, flags, message
     assert err == f"dlm-adapt: error: {message}" or (err.startswith(f"dlm-adapt: error: {message}") and "\n" not in err)
 
 
+@pytest.fixture(scope="module")
+def cli_index_once():
+    """lm-eval's command line indexes all of its own task YAMLs (thousands, ~10 s here) on every run before it
+    looks at the model; the index depends only on the directories, so runs in this module's process share one."""
+    from lm_eval.tasks._index import TaskIndex
+
+    built, build = {}, TaskIndex.build
+
+    def once(paths, **kwargs):
+        paths = list(paths)
+        key = (tuple(map(str, paths)), tuple(sorted(kwargs.items())))
+        if key not in built:
+            built[key] = build(paths, **kwargs)
+        return dict(built[key])  # lm-eval deep-copies an entry's config before it changes one
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(TaskIndex, "build", staticmethod(once))
+        yield
+
+
 def _cli_results(capsys, dlm, tasks, out, batch_size):
     from adapt.evaluation.lm_eval_backend import main as lm_eval_cli
 
@@ -231,24 +251,28 @@ def _cli_results(capsys, dlm, tasks, out, batch_size):
     return json.loads(results.read_text()), [r["resps"] for r in rows]
 
 
-def test_batch_size_model_arg_runs_through_lm_evals_own_command_line(converted, tasks, tmp_path, capsys):
+@pytest.mark.slow
+def test_batch_size_model_arg_runs_through_lm_evals_own_command_line(converted, tasks, tmp_path, capsys,
+                                                                     cli_index_once):
     """lm-eval's command line passes its own batch_size (1 by default) beside the model args: the model arg wins,
-    and the draws do not depend on it."""
+    and the draws do not depend on it; a bad one is one line. (One test: each command-line run costs lm-eval's
+    index of its own tasks, which its runs share, on one worker.)"""
+    from adapt.evaluation.lm_eval_backend import main as lm_eval_cli
+
     _, dlm = converted("llama")
     four, four_samples = _cli_results(capsys, dlm, tasks, tmp_path / "four", 4)
     one, one_samples = _cli_results(capsys, dlm, tasks, tmp_path / "one", 1)
     assert four["results"]["toy_mc"] == one["results"]["toy_mc"] and len(four_samples) == 4
     assert four_samples == one_samples
 
-
-def test_bad_batch_size_from_lm_evals_command_line_is_one_line(converted, tasks, capsys):
-    from adapt.evaluation.lm_eval_backend import main as lm_eval_cli
-
-    _, dlm = converted("llama")
     assert lm_eval_cli(["run", "--model", "dlm-adapt", "--model_args", f"pretrained={dlm},batch_size=-1",
                         "--tasks", "toy_mc", "--include_path", str(tasks), "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["dlm-adapt: error: model arg 'batch_size' must be in [1, inf), got -1"], err
+
+
+def test_batch_size_beside_lm_evals_own_is_checked_and_wins(converted):
+    _, dlm = converted("llama")
     # what lm-eval's command line hands over beside the model args (its own --batch_size, 1 by default)
     with pytest.raises(AdaptError, match="model arg 'batch_size' must be int, got 'auto' \\(batch_size: forward rows"):
         DLMAdaptLM.create_from_arg_string(f"pretrained={dlm},batch_size=auto", {"batch_size": 1, "device": None})

@@ -438,7 +438,8 @@ def test_invalid_repo_id_is_refused(converted):
 # ---------------------------------------------------------------- uploads
 
 
-def test_push_uploads_dir_byte_for_byte_with_the_card(converted, tmp_path, hub):
+@pytest.mark.slow
+def test_push_uploads_dir_byte_for_byte_with_the_card(converted, tmp_path, hub, online):
     ckpt = _checkpoint_copy(converted, tmp_path)
     (ckpt / "extra").mkdir()
     (ckpt / "extra" / "notes.txt").write_text("kept as is\n")
@@ -448,11 +449,11 @@ def test_push_uploads_dir_byte_for_byte_with_the_card(converted, tmp_path, hub):
     before = _snapshot(ckpt)
 
     options = ["--private", "--revision", "exp", "--commit-message", "first"]
-    dry = _push(tmp_path, hub.url, ckpt, "me/tiny", *options, "--dry-run", token=None)
+    dry = online(hub.url, ckpt, "me/tiny", *options, "--dry-run", token=None)
     assert dry.returncode == 0, dry.stderr
     assert hub.requests == []  # a dry run contacts nothing (and needs no token)
 
-    proc = _push(tmp_path, hub.url, ckpt, "me/tiny", *options)
+    proc = _push(tmp_path, hub.url, ckpt, "me/tiny", *options)  # a fresh process, as a user runs it
     assert proc.returncode == 0, proc.stderr
     assert f"pushed {7 + len(CODE_FILES)} files" in proc.stdout  # the remote code, and 7 more
     assert hub.repos["me/tiny"]["visibility"] == "private"
@@ -503,11 +504,11 @@ def test_persistent_server_error_is_one_clear_error_and_a_rerun_completes(conver
     assert uploaded == _expected_upload(ckpt)
 
 
-def test_rejected_token_is_reported_without_echoing_it(converted, tmp_path, hub):
+def test_rejected_token_is_reported_without_echoing_it(converted, tmp_path, hub, online):
     ckpt = _checkpoint_copy(converted, tmp_path)
     before = _snapshot(ckpt)
     hub.reject_auth = True
-    proc = _push(tmp_path, hub.url, ckpt, "me/tiny")  # _push asserts the token is not in stdout/stderr
+    proc = online(hub.url, ckpt, "me/tiny")  # it asserts the token is not in stdout/stderr (read at the fds)
     line = _error_line(proc)
     assert "token" in line and "401" in line and "HF_TOKEN" in line
     assert _all_authenticated(hub)

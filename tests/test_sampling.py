@@ -235,18 +235,27 @@ def test_model_without_mask_token_is_refused():
                          shift=False, max_new_tokens=3, steps=3)
 
 
-def test_generate_cli_json_and_errors(tiny, tmp_path):
+@pytest.mark.slow
+def test_generate_cli_json_and_errors(tiny, tmp_path, capfd):
+    from adapt.cli import main
+
     model, tok = tiny
     path = tmp_path / "m"
     model.save_pretrained(path)
     tok.save_pretrained(path)
-    run = lambda *a: subprocess.run([sys.executable, "-m", "adapt", "generate", str(path), *a],  # noqa: E731
-                                    capture_output=True, text=True, timeout=120)
-    ok = run("--prompt", "w1 w2", "--prompt", "w3", "--max-new-tokens", "8", "--steps", "4", "--json")
+    ok = subprocess.run([sys.executable, "-m", "adapt", "generate", str(path), "--prompt", "w1 w2", "--prompt",
+                         "w3", "--max-new-tokens", "8", "--steps", "4", "--json"],
+                        capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0, ok.stderr
     rows = [json.loads(line) for line in ok.stdout.splitlines()]
     assert len(rows) == 2 and all({"text", "tokens", "nfe"} <= r.keys() for r in rows)
     assert rows[0]["nfe"] <= 4
+
+    def run(*a):  # the command's function in this process (a new process costs ~5 s of imports)
+        capfd.readouterr()
+        code = main(["generate", str(path), *a])
+        return subprocess.CompletedProcess(a, code, *capfd.readouterr())
+
     bad = run("--prompt", "w1", "--max-new-tokens", "10", "--block-length", "4")
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("dlm-adapt: error:")
     infill = run("--infill", f"w1 w2 {tok.mask_token} {tok.mask_token} w5", "--steps", "2", "--json")
@@ -255,6 +264,7 @@ def test_generate_cli_json_and_errors(tiny, tmp_path):
     assert tok.mask_token not in filled["text"] and filled["text"].startswith("w1 w2")
 
 
+@pytest.mark.slow
 def test_threshold_below_one_needs_fewer_forwards_on_a_trained_model(tmp_path):
     """A tiny model trained on counting runs ("w10 w11 w12 ...") is confident about several positions at once."""
     from adapt.config import load_config

@@ -167,6 +167,7 @@ def test_tiny_sft_run_lowers_the_response_elbo_and_keeps_the_chat_template(setup
     assert (tmp_path / "run" / "samples.log").read_text().count("--- step") == 2
 
 
+@pytest.mark.slow
 def test_causal_source_and_default_template_through_the_cli(setup, tmp_path):
     out = tmp_path / "run"
     chat = tmp_path / "pc.jsonl"
@@ -206,14 +207,17 @@ def test_bad_sft_input_is_one_clear_error(setup, tmp_path, case):
     assert not out.exists() or not any(out.iterdir())
 
 
-def test_bad_sft_input_through_the_cli_is_one_error_line_and_exit_2(setup, tmp_path):
+def test_bad_sft_input_through_the_cli_is_one_error_line_and_exit_2(setup, tmp_path, capfd):
+    from adapt.cli import main  # in this process, stderr read at the fd (the CLI's new process: the test above)
+
     data = tmp_path / "bad.jsonl"
     data.write_text(json.dumps({"messages": [{"role": "user", "content": "w1"}]}) + "\n")
-    proc = subprocess.run([sys.executable, "-m", "adapt", "sft", str(ROOT / "recipes/sft/stories260k-tiny.yaml"),
-                           f"output_dir={tmp_path / 'run'}", f"model.path={setup / 'dlm'}", f"data.train={data}",
-                           f"data.validation={data}", "data.max_length=32"], capture_output=True, text=True, timeout=120)
-    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("dlm-adapt: error:")]
-    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
+    capfd.readouterr()
+    code = main(["sft", str(ROOT / "recipes/sft/stories260k-tiny.yaml"), f"output_dir={tmp_path / 'run'}",
+                 f"model.path={setup / 'dlm'}", f"data.train={data}", f"data.validation={data}", "data.max_length=32"])
+    stderr = capfd.readouterr().err
+    errors = [ln for ln in stderr.splitlines() if ln.startswith("dlm-adapt: error:")]
+    assert code == 2 and len(errors) == 1, stderr[-2000:]
     assert "training sample 0: a conversation has no assistant turn" in errors[0]
     assert not (tmp_path / "run").exists()
 
@@ -238,6 +242,7 @@ def test_every_shipped_sft_recipe_validates():
         assert "Hardware:" in header and ("dlm-adapt sft" in header or "recipes/sft.py" in header), path
 
 
+@pytest.mark.slow
 def test_stories260k_recipe_runs_as_shipped_and_answers_in_chat(tmp_path):
     require_shared()
     out = tmp_path / "run"
@@ -256,6 +261,7 @@ def test_stories260k_recipe_runs_as_shipped_and_answers_in_chat(tmp_path):
     assert result["tokens"] and len(result["tokens"]) < 32  # the model learned to end its answer with EOS
 
 
+@pytest.mark.slow
 def test_sft_script_under_two_process_ddp_matches_one_process(setup, tmp_path):
     # torchrun gives real multi-CPU data parallelism that Accelerate picks up from the environment (see
     # test_train); per-sequence normalisation makes the mean of the per-process losses the global loss

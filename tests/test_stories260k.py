@@ -127,6 +127,7 @@ def test_generate_on_the_adapted_model(adapted):
     assert all(512 not in r["tokens"] for r in rows)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("job", ["train", "sft"])
 def test_offline_run_prints_only_its_own_progress(job, tmp_path):
     """With the Hub offline, a train or sft run on the latest transformers prints its own progress bar and log
