@@ -35,7 +35,12 @@ sys.path.insert(0, str(HERE))
 SHARED = HERE.parent.parent / "shared"
 SOURCE, VALID = SHARED / "models" / "stories260K", SHARED / "data" / "tinystories" / "valid.txt"
 RECIPE = HERE.parent / "recipes" / "adaptation" / "stories260k.yaml"
-TITLE = "# Keeping the parent's knowledge: ablation, stories260K block 4 (benchmarks/retention_ablation.py)"
+
+
+def title(steps: int) -> str:
+    """One RESULTS.md section per budget: a 1200-step rerun keeps the 300-step table."""
+    return (f"# Keeping the parent's knowledge: ablation, stories260K block 4, {steps} steps "
+            "(benchmarks/retention_ablation.py)")
 
 
 def run_g(steps: int) -> list[str]:
@@ -143,7 +148,7 @@ def main():
     if a.write:
         from results_md import write_section
 
-        write_section(HERE / "RESULTS.md", TITLE, section)
+        write_section(HERE / "RESULTS.md", title(a.steps), section)
 
 
 def lm(r: dict, key: str) -> str:
@@ -153,7 +158,7 @@ def lm(r: dict, key: str) -> str:
 def table(results: dict, parent: dict, out: Path, a) -> str:
     first = next(iter(results.values()))
     ar = first["parent_nll"]
-    lines = [TITLE, "", f"{time.strftime('%Y-%m-%d')}, {os.uname().machine} CPU, torch {torch.__version__}, one "
+    lines = [title(a.steps), "", f"{time.strftime('%Y-%m-%d')}, {os.uname().machine} CPU, torch {torch.__version__}, one "
              "thread per run, 2 cores shared with other agents' jobs (wall times are not comparable between rows; "
              "CPU minutes are). Training: recipes/adaptation/stories260k.yaml with run (g)'s overrides at "
              f"{a.steps} steps (`{' '.join(run_g(a.steps))}`) plus each row's; batch 16 × 128 tokens, lr 3e-3 cosine. Validation: the first 64 sequences of "
