@@ -13,6 +13,7 @@ targets checked into benchmarks/RESULTS.md (or --out).
     python benchmarks/decode.py --model DIR --device cuda --dtype bfloat16
     python benchmarks/decode.py --block-model runs/stories260k-block/final   # block-diffusion rows in the same table
     python benchmarks/decode.py --speculative runs/stories-drafter --threads 1   # speculative decoding: its own table
+    python benchmarks/decode.py --speculative DIR --threads 1 --cpu-time --chat-message $'Continue this story:\n\n{text}'
 A missing `--model .../final` is trained first with the stories260K recipe (about half a minute on CPU), a missing
 `--block-model .../final` with the stories260k-block one (1200 steps: about 17 CPU-minutes). The AR
 parent is the model's `provenance.source` (or --ar-parent); prompts come from ../shared/data/tinystories.

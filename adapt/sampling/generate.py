@@ -10,6 +10,7 @@ import torch
 from ..config.commands import SamplingOptions
 from ..errors import AdaptError
 from ..checkpoint import load
+from ..training.sft_data import user_turns
 from ..model.block_masked_diffusion import check_block_options
 from . import SamplingError, check_sampling_options
 
@@ -36,10 +37,7 @@ def generate(model, prompts: list[str], *, tokenizer=None, chat: bool = False, i
         raise AdaptError("pass the tokenizer with the model")
     texts = prompts
     if chat:
-        if not tokenizer.chat_template:
-            raise AdaptError("--chat: this tokenizer has no chat template")
-        texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                               add_generation_prompt=True) for p in prompts]
+        texts = user_turns(tokenizer, prompts, "--chat")
     if infill and tokenizer.mask_token and not any(tokenizer.mask_token in t for t in texts):
         raise AdaptError(f"--infill text has no {tokenizer.mask_token} marking a hole")
     tokenizer.padding_side = "left"

@@ -22,6 +22,7 @@ from ..checkpoint import detect
 from ..config import DTYPES, TrainConfig
 from .data import hold_out, load_documents
 from .distill import distill_loss, draft_statistics, summarize
+from .sft_data import user_turns
 from ..errors import AdaptError
 from ..model.drafter_masked_diffusion import drafter_training_logits, drafting
 from ..safetensors_io import read_shards, torch_dtype
@@ -204,11 +205,8 @@ def _first_tokens(docs: list[str], tokenizer, length: int, limit: int) -> torch.
 def chat_prompts(rows: torch.Tensor, tokenizer, message: str) -> Batch:
     """Each row's text in `message` (at `{text}`), as one user turn of the tokenizer's chat template with the
     assistant's turn opened: the tokens `generate --chat` gives the parent, left-padded to the longest."""
-    if not tokenizer.chat_template:
-        raise AdaptError("data.generate.chat_message: the tokenizer has no chat template; unset chat_message")
-    texts = [tokenizer.apply_chat_template(
-        [{"role": "user", "content": message.replace("{text}", tokenizer.decode(row, skip_special_tokens=True))}],
-        tokenize=False, add_generation_prompt=True) for row in rows.tolist()]
+    texts = user_turns(tokenizer, [message.replace("{text}", tokenizer.decode(row, skip_special_tokens=True))
+                                   for row in rows.tolist()], "data.generate.chat_message")
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     width = max(map(len, ids))
     padded = torch.zeros(len(ids), width, dtype=torch.long)

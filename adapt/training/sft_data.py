@@ -30,6 +30,16 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}### Assistant:\n{% endif %}"
 )
 
+def user_turns(tokenizer, texts: list[str], what: str) -> list[str]:
+    """Each text as one user turn of the tokenizer's chat template with the assistant's turn opened: what
+    `generate --chat` gives a model, and what a drafter's chat prompts (`data.generate.chat_message`) are. `what`
+    names the option in the error when the tokenizer has no template."""
+    if not tokenizer.chat_template:
+        raise AdaptError(f"{what}: this tokenizer has no chat template")
+    return [tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True)
+            for t in texts]
+
+
 def resolve_chat_template(tokenizer, cfg: SFTDataConfig) -> str:
     if cfg.chat_template == "default":
         return DEFAULT_CHAT_TEMPLATE
