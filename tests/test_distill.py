@@ -84,3 +84,33 @@ def test_cuts_leave_two_clean_tokens_before_and_fit_the_row(groups):
     assert cuts.shape == (1, 3) and (cuts.diff() == 4).all()  # covering: every k tokens from one offset
     seen = {tuple(draft_cuts(torch.tensor([16]), 16, 4, None, g)[0][0].tolist()) for _ in range(50)}
     assert seen == {(2, 6, 10), (3, 7, 11), (4, 8, 12)}  # every offset whose last group fits
+
+
+@pytest.mark.parametrize("groups", [None, 3])
+def test_cuts_start_where_each_row_says_and_a_row_without_room_drafts_nothing(groups):
+    # self-distilled rows draft only their continuation: from one past its first token (`continuation_starts`)
+    g = torch.Generator().manual_seed(0)
+    starts, lengths = torch.tensor([7, 3, 14]), torch.tensor([20, 12, 16])
+    seen = set()
+    for _ in range(50):
+        cuts, valid = draft_cuts(lengths, 20, 4, groups, g, starts)
+        for row in range(2):
+            fits = (cuts[row] >= starts[row]) & (cuts[row] + 4 <= lengths[row])
+            assert fits.all() and valid[row, 0, 0]  # an invalid group is clamped inside the row, not counted
+        assert valid[:2].all() if groups else valid[1, :, 0].tolist() == [True, True, False]  # covering: 2 fit
+        assert not valid[2].any()  # 16 - 4 < 14: no group fits after its start
+        seen |= {int(cuts[0].min())} if groups is None else set(cuts[0].tolist())
+    assert seen == ({7, 8} if groups is None else set(range(7, 17)))  # covering: the offsets whose 3 groups fit;
+    # drawn: every cut of the row's range
+
+
+def test_self_distilled_rows_are_maskable_on_their_continuation_only():
+    from adapt.training.drafter_training import _with_continuation, continuation_starts
+
+    ids = torch.arange(14).reshape(2, 7)
+    mask = torch.tensor([[1] * 7, [1] * 5 + [0] * 2])  # right-aligned: the padding after the continuation
+    batch = _with_continuation(ids, mask, 3)
+    assert batch.maskable.tolist() == [[0, 0, 0, 0, 1, 1, 1], [0, 0, 1, 1, 1, 0, 0]]
+    assert continuation_starts(batch).tolist() == [5, 3]  # one past the parent's first token
+    assert _with_continuation(ids, None, 3).maskable[:, 4:].all()
+

@@ -108,6 +108,11 @@ class BlockConfig:
             return self.schedule[min(step // max(self.stage_steps, 1), len(self.schedule) - 1)]
         return self.size if self.size is not None else checkpoint_size
 
+    def largest(self, checkpoint_size: int | None) -> int | None:
+        """The largest block size any step trains."""
+        sizes = [*self.schedule, self.size if self.size is not None else checkpoint_size, self.decay_to]
+        return max((s for s in sizes if s is not None), default=None)
+
     def final_size(self, checkpoint_size: int | None) -> int | None:
         """The block size the trained model decodes with."""
         if self.decay_to is not None:

@@ -34,26 +34,38 @@ EVAL_SEED = 1234  # every validation drafts the same groups: the curve moves onl
 FIRST_CUT = 2  # a group drafts the tokens from its cut on, given the text before cut - 1 (`drafter_training_logits`)
 
 
-def draft_cuts(lengths: torch.Tensor, width: int, k: int, groups: int | None, generator: torch.Generator):
-    """(cuts (batch, G), valid (batch, G, k)): where each group's k drafted tokens start, in [2, length - k] of each
-    row, and which groups count (a row shorter than `width` clamps the cuts past its end, and they do not count).
-    `groups` None covers each row: cuts every k tokens from a random offset in [2, k + 1]; else `groups` cuts drawn
-    uniformly in [2, width - k]."""
+def draft_cuts(lengths: torch.Tensor, width: int, k: int, groups: int | None, generator: torch.Generator,
+               starts: torch.Tensor | None = None):
+    """(cuts (batch, G), valid (batch, G, k)): where each group's k drafted tokens start, in [start, length - k] of
+    each row, and which groups count (a group that does not fit its row is clamped and does not count). `starts`
+    (batch,): each row's first cut; None: 2 (`FIRST_CUT`). `groups` None covers each row: cuts every k tokens from a
+    random offset in [start, start + k - 1]; else `groups` cuts drawn uniformly in each row's range."""
     batch, low = len(lengths), FIRST_CUT
     if width - k < low:
         raise AdaptError(f"a training row of {width} tokens is too short to draft {k} tokens after {low}: lower the "
                          f"draft length (block.size) to at most {width - low}, or lengthen the rows")
+    start = (torch.full((batch,), low) if starts is None else starts.cpu().clamp_min(low))[:, None]
+    last = (lengths.cpu()[:, None] - k).clamp_min(low)
+    room = (last - start).clamp_min(0)  # the cuts a row holds, minus one
     if groups is None:
-        count = max(1, (width - k - low) // k + 1)
-        span = min(k, width - k - low - k * (count - 1) + 1)  # the offsets that keep the last group inside the row
-        offset = torch.randint(low, low + span, (batch, 1), generator=generator)
+        count = max(1, int(room.max()) // k + 1)
+        span = (room - k * (count - 1) + 1).clamp(1, k)  # the offsets that keep the last group inside the row
+        offset = start + (torch.rand(batch, 1, generator=generator) * span).long()
         cuts = offset + k * torch.arange(count)[None]
     else:
-        cuts = torch.randint(low, width - k + 1, (batch, groups), generator=generator)
-    cuts = cuts.to(lengths.device)
-    last = (lengths[:, None] - k).clamp_min(low)
-    valid = (cuts <= last) & (lengths[:, None] >= low + k)
-    return torch.minimum(cuts, last), valid[:, :, None].expand(-1, -1, k)
+        cuts = start + (torch.rand(batch, groups, generator=generator) * (room + 1)).long()
+    valid = (cuts <= last) & (start <= last)
+    cuts = torch.minimum(cuts, last).to(lengths.device)
+    return cuts, valid[:, :, None].expand(-1, -1, k).to(lengths.device)
+
+
+def continuation_starts(batch: Batch) -> torch.Tensor | None:
+    """Each row's first cut when only its continuation is drafted (rows with `maskable`, the parent's own
+    continuations of prompts): one past the first maskable token, as decoding's first round drafts one past the
+    parent's first token. None: rows without a prompt (text), drafted from `FIRST_CUT` on."""
+    if batch.maskable is None:
+        return None
+    return batch.maskable.int().argmax(1) + 1
 
 
 def _without(logits: torch.Tensor, token: int) -> torch.Tensor:
@@ -66,7 +78,7 @@ def distilled_logits(model, batch: Batch, k: int, groups: int | None, generator:
     the clean rows and every group (`drafter_training_logits`), through `forward` (a training wrapper) if given."""
     ids = batch.input_ids
     padding = batch.attention_mask if batch.attention_mask is not None else torch.ones_like(ids)
-    cuts, valid = draft_cuts(padding.sum(1), ids.shape[1], k, groups, generator)
+    cuts, valid = draft_cuts(padding.sum(1), ids.shape[1], k, groups, generator, continuation_starts(batch))
     student, teacher = drafter_training_logits(model, ids, padding, cuts, k, forward=forward)
     mask_id = model.config.mask_token_id
     return _without(student, mask_id), _without(teacher, mask_id), valid, int(padding.sum())
@@ -87,10 +99,15 @@ class DrafterRun:
                              "training needs `dlm-adapt convert SRC OUT --drafter --block-size K`, or model.path set "
                              "to the causal source (the run converts it with a drafter)")
 
-    def prompts(self, data, tokenizer, max_positions: int | None, seed: int) -> tuple[Batch, Batch]:
+    def prompts(self, data, tokenizer, max_positions: int | None, seed: int, draft: int | None) -> tuple[Batch, Batch]:
         """data.generate: (training prompts, validation prompts), each the first `prompt_length` tokens of a
-        document (training documents, and held-out or validation ones); generation replaces them with rows."""
+        document (training documents, and held-out or validation ones); generation replaces them with rows.
+        `draft`: the longest draft length trained, which must fit in a continuation after the parent's first token."""
         g = self.generate
+        if draft is not None and draft >= g.new_tokens:  # decoding drafts from one past the parent's first token
+            raise AdaptError(f"data.generate.new_tokens ({g.new_tokens}) leaves no room to draft {draft} tokens after "
+                             f"the parent's first: raise it to at least {draft + 1}, or lower the draft length "
+                             "(block.size)")
         if not data.train:
             raise AdaptError("data.train is not set: data.generate takes its prompts from the training text")
         docs = load_documents(data.train, data)
@@ -258,8 +275,17 @@ def self_distill(recipe, g) -> tuple[Batch, Batch]:
         raise AdaptError(f"{path} was generated with other data.generate settings ({written}, now {settings}): restore "
                          "them, or start over with overwrite=true")
     rows = load_file(str(path))
-    return tuple(Batch(rows[name], attention_mask=rows.get(name + "_attention_mask"))
+    return tuple(_with_continuation(rows[name], rows.get(name + "_attention_mask"), g.new_tokens)
                  for name in ("train", "validation"))
+
+
+def _with_continuation(ids: torch.Tensor, mask: torch.Tensor | None, new_tokens: int) -> Batch:
+    """Self-distilled rows (prompt, the parent's `new_tokens`, padding after them) with `maskable` on the
+    continuation: only there does decoding draft, so only there do training and validation (`continuation_starts`)."""
+    lengths = mask.sum(1) if mask is not None else torch.full((len(ids),), ids.shape[1])
+    column = torch.arange(ids.shape[1])[None]
+    maskable = (column >= (lengths - new_tokens)[:, None]) & (column < lengths[:, None])
+    return Batch(ids, maskable=maskable, attention_mask=mask)
 
 
 class _Never(LogitsProcessor):

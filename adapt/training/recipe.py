@@ -121,8 +121,9 @@ class Recipe:
             self.train_data, self.val_data, self.chat_template = build_sft_datasets(
                 cfg.data, self.tokenizer, max_positions, cfg.train.seed)
         elif self.drafter and cfg.data.generate.prompts:  # prompts now; the parent's continuations in setup_model
+            checkpoint = detect(self.source).config.get("block_size") if self.diffusion_source else None
             self.train_data, self.val_data = self.drafter.prompts(cfg.data, self.tokenizer, max_positions,
-                                                                  cfg.train.seed)
+                                                                  cfg.train.seed, cfg.block.largest(checkpoint))
         else:
             self.train_data, val = build_datasets(cfg.data, self.tokenizer, max_positions, cfg.train.seed)
             self.val_data = val[: cfg.data.max_eval_sequences]
