@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 import adapt
 from adapt.config import load_config
 from adapt.errors import AdaptError
-from adapt.training.drafter_training import check_parent_untouched
+from adapt.training.drafter_training import _with_continuation, check_parent_untouched, greedy_walk
 from conftest import STORIES
 from tiny_models import save_tiny_source, with_chat_template
 
@@ -85,6 +85,24 @@ def test_training_raises_the_decoders_acceptance_and_keeps_the_parent(tiny, tmp_
     assert [r["step"] for r in evals] == [10, 20, 30, 40]
     assert len(evals[0]["val_acceptance"]) == len(evals[0]["val_greedy_acceptance"]) == 4
     assert 1 <= evals[-1]["val_greedy_tokens_per_round"] <= 5
+    assert 1 <= evals[-1]["val_greedy_tokens_per_forward"] <= 5
+
+
+def test_the_greedy_walk_is_what_decoding_does(tiny, tmp_path):
+    """Validation's `val_greedy_tokens_per_forward`: on rows that are the parent's greedy continuations, the walk
+    over the training view's groups gives each row's tokens and forwards of greedy speculative decoding exactly."""
+    root, _ = tiny
+    final = adapt.train(_config(root, tmp_path / "run", "max_steps=20"))
+    rows = load_file(str(tmp_path / "run" / "self_distill.safetensors"))["train"]
+    model, _ = adapt.load(final)
+    model.eval()
+    batch = _with_continuation(rows, None, 28)
+    for row in range(len(rows)):
+        tokens, forwards = greedy_walk(model, batch[row], 4)
+        out = model.diffusion_generate(rows[row:row + 1, :4], max_new_tokens=tokens, speculative=True,
+                                       draft_length=4, guess_bonus=False, return_dict_in_generate=True)
+        assert (int(out.row_committed[0]), int(out.row_nfe[0])) == (tokens, forwards)
+        assert torch.equal(out.sequences[0], rows[row, :4 + tokens])
 
 
 def test_resume_reproduces_the_uninterrupted_run(tiny, tmp_path):

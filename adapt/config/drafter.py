@@ -50,6 +50,8 @@ class GenerateDataConfig:
     """Number of training prompts (0: no generation, train on the text itself)."""
     prompt_length: int = 16
     new_tokens: int = 112
+    """Tokens the parent writes per prompt; training and validation draft only inside them (from one past the first,
+    as decoding does), so more than the longest draft length."""
     temperature: float = 0.0
     """0: greedy continuations (what greedy speculative decoding verifies); above 0, sampled ones."""
     batch_size: int = 256

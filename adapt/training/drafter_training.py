@@ -84,6 +84,34 @@ def distilled_logits(model, batch: Batch, k: int, groups: int | None, generator:
     return _without(student, mask_id), _without(teacher, mask_id), valid, int(padding.sum())
 
 
+@torch.no_grad()
+def greedy_walk(model, batch: Batch, k: int) -> tuple[int, int]:
+    """(tokens, forwards) of greedy speculative decoding without guessing over the rows' continuations (rows with
+    `maskable`), when each continuation is the parent's greedy text of its prompt (`data.generate` at temperature
+    0): decoding then follows the text, so its rounds are the training view's groups at the cuts it reaches. The
+    prompt's forward commits the parent's first token; a round whose drafts start at cut c accepts the leading run
+    a of drafts equal to the parent's argmax, commits a + 1 tokens, and the next drafts start at c + a + 1.
+    Validation's other figures average groups at uniform cuts, which overstates this: decoding's rounds start
+    where the last one was rejected."""
+    tokens = forwards = 0
+    mask_id = model.config.mask_token_id
+    for row in range(len(batch)):  # one row at a time: a group at every cut of it
+        one = batch[row]
+        length = int(one.attention_mask.sum()) if one.attention_mask is not None else one.shape[1]
+        start, last = int(continuation_starts(one)[0]), length - k
+        committed, forwards = 1, forwards + 1
+        if last >= start:
+            cuts = torch.arange(start, last + 1, device=one.input_ids.device)[None]
+            student, teacher = drafter_training_logits(model, one.input_ids, one.attention_mask, cuts, k)
+            agree = _without(student, mask_id).argmax(-1) == _without(teacher, mask_id).argmax(-1)
+            runs = agree[0].long().cumprod(-1).sum(-1).tolist()
+            at = 0
+            while at < len(runs):
+                committed, forwards, at = committed + runs[at] + 1, forwards + 1, at + runs[at] + 1
+        tokens += min(committed, length - start + 1)  # the last round's token after the text is not in the row
+    return tokens, forwards
+
+
 class DrafterRun:
     """The drafter side of a `Recipe` (see the module docstring); each method is called from the recipe step of
     the same name."""
@@ -173,8 +201,15 @@ class DrafterRun:
             sums = part if sums is None else {key: sums[key] + part[key] for key in sums}
             loss += float(distill_loss(student, teacher, self.cfg.loss, self.cfg.temperature, valid)) * len(batch)
             count += len(batch)
+        walked = None
+        if self.generate.prompts and self.generate.temperature == 0:  # the rows are the parent's greedy text
+            walked = [greedy_walk(dlm, recipe.val_data[start:start + size].to(device), recipe.block)
+                      for start in range(0, len(recipe.val_data), size)]
         dlm.train(was_training)
-        return {"val_loss": loss / count, **summarize(sums)}
+        record = {"val_loss": loss / count, **summarize(sums)}
+        if walked:
+            record["val_greedy_tokens_per_forward"] = sum(t for t, _ in walked) / max(1, sum(f for _, f in walked))
+        return record
 
     def check_final(self, source: str, written):
         """OUTPUT/final (being written at `written`) holds every tensor of the parent exactly as the source
