@@ -84,32 +84,44 @@ def distilled_logits(model, batch: Batch, k: int, groups: int | None, generator:
     return _without(student, mask_id), _without(teacher, mask_id), valid, int(padding.sum())
 
 
+def every_cut(batch: Batch, k: int):
+    """(cuts (batch, G), valid (batch, G)): a group at every cut of each row's continuation
+    (`continuation_starts` to length - k), clamped and not valid past a row's last."""
+    padding = batch.attention_mask if batch.attention_mask is not None else torch.ones_like(batch.input_ids)
+    start, last = continuation_starts(batch), padding.sum(1) - k
+    cuts = start[:, None] + torch.arange(max(1, int((last - start).max()) + 1), device=start.device)
+    return torch.minimum(cuts, last[:, None].clamp_min(FIRST_CUT)), cuts <= last[:, None]
+
+
+def round_starts(runs: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """(batch, G) bool: the groups of `every_cut` where greedy speculative decoding's rounds start, given `runs`,
+    each group's leading run of drafts equal to the parent's argmax: the prompt's forward drafts from the first
+    cut; a round accepting a drafts commits a + 1 tokens, so the next drafts start a + 1 cuts later."""
+    starts = torch.zeros_like(valid)
+    for row, (row_runs, row_valid) in enumerate(zip(runs.tolist(), valid.tolist())):
+        at = 0
+        while at < len(row_runs) and row_valid[at]:
+            starts[row, at] = True
+            at += row_runs[at] + 1
+    return starts
+
+
 @torch.no_grad()
 def greedy_walk(model, batch: Batch, k: int) -> tuple[int, int]:
     """(tokens, forwards) of greedy speculative decoding without guessing over the rows' continuations (rows with
     `maskable`), when each continuation is the parent's greedy text of its prompt (`data.generate` at temperature
-    0): decoding then follows the text, so its rounds are the training view's groups at the cuts it reaches. The
-    prompt's forward commits the parent's first token; a round whose drafts start at cut c accepts the leading run
-    a of drafts equal to the parent's argmax, commits a + 1 tokens, and the next drafts start at c + a + 1.
-    Validation's other figures average groups at uniform cuts, which overstates this: decoding's rounds start
-    where the last one was rejected."""
-    tokens = forwards = 0
+    0): decoding then follows the text, so its rounds are the training view's groups at the cuts it reaches
+    (`round_starts`), and the prompt's forward commits the parent's first token. Validation's other figures
+    average groups at uniform cuts, which overstates this: decoding's rounds start where the last was rejected."""
+    cuts, valid = every_cut(batch, k)
+    student, teacher = drafter_training_logits(model, batch.input_ids, batch.attention_mask, cuts, k)
     mask_id = model.config.mask_token_id
-    for row in range(len(batch)):  # one row at a time: a group at every cut of it
-        one = batch[row]
-        length = int(one.attention_mask.sum()) if one.attention_mask is not None else one.shape[1]
-        start, last = int(continuation_starts(one)[0]), length - k
-        committed, forwards = 1, forwards + 1
-        if last >= start:
-            cuts = torch.arange(start, last + 1, device=one.input_ids.device)[None]
-            student, teacher = drafter_training_logits(model, one.input_ids, one.attention_mask, cuts, k)
-            agree = _without(student, mask_id).argmax(-1) == _without(teacher, mask_id).argmax(-1)
-            runs = agree[0].long().cumprod(-1).sum(-1).tolist()
-            at = 0
-            while at < len(runs):
-                committed, forwards, at = committed + runs[at] + 1, forwards + 1, at + runs[at] + 1
-        tokens += min(committed, length - start + 1)  # the last round's token after the text is not in the row
-    return tokens, forwards
+    runs = (_without(student, mask_id).argmax(-1) == _without(teacher, mask_id).argmax(-1)).long().cumprod(-1).sum(-1)
+    starts = round_starts(runs, valid)
+    padding = batch.attention_mask if batch.attention_mask is not None else torch.ones_like(batch.input_ids)
+    continuation = padding.sum(1) - continuation_starts(batch) + 1
+    committed = 1 + ((runs + 1) * starts).sum(1)  # the last round's token after the text is not in the row
+    return int(torch.minimum(committed, continuation).sum()), int((1 + starts.sum(1)).sum())
 
 
 class DrafterRun:
