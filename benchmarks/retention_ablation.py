@@ -50,9 +50,9 @@ def run_g(steps: int) -> list[str]:
 
 
 def smollm2_steps(steps: int) -> list[str]:
-    """The LoRA block recipe at `steps`, its stages a fifth each (20 of its 100), at batch 1 (the recipe's 4 × 2
-    accumulation runs about 150 CPU-seconds a step on one thread: 12 steps in 30 minutes); no validation during
-    training (the scores below measure the same, once)."""
+    """The LoRA block recipe at `steps`, its stages a fifth each (18 of its 90), at batch 1 (its batch before issue
+    26, 4 × 2 accumulation, ran about 150 CPU-seconds a step on one thread: 12 steps in 30 minutes); no validation
+    during training (the scores measure the same, once)."""
     return [f"max_steps={steps}", "eval_steps=0", "save_steps=0", "sample_steps=0",
             f"block.stage_steps={max(1, steps // 5)}", "train.batch_size=1", "train.gradient_accumulation_steps=1"]
 
@@ -104,8 +104,8 @@ SETUPS = {
         {"base": ("today's recipe: lr 1e-3", []), "ar_distill": ROWS["ar_distill"],
          "ar_distill_half": ("AR loss + distillation, lr 5e-4", CAUSAL + AR + DISTILL + ["train.lr=5e-4"])},
         256, 16, 8, "recipes/adaptation/smollm2-135m-block-lora.yaml (LoRA r 16 on all linear layers and the [MASK] "
-        "row; the distillation teacher is the model with its adapter off) at batch 1 × 256 tokens instead of its "
-        "4 × 2 accumulation (about 150 CPU-seconds a step on one thread), complementary masks (two rows per "
+        "row; the distillation teacher is the model with its adapter off), batch 1 × 256 tokens (its earlier 4 × 2 "
+        "accumulation took about 150 CPU-seconds a step on one thread), complementary masks (two rows per "
         "sequence), lr 1e-3 cosine", elbo_draws=8),
 }
 
@@ -234,7 +234,7 @@ def table(setup: Setup, results: dict, parent: dict, out: Path, a) -> str:
              f"cloze {parent['cloze_acc']:.2f}, next-sentence {parent['next_acc']:.2f} (acc_norm "
              f"{parent['next_acc_norm']:.2f}). lm-eval: {a.paragraphs} paragraphs per task, {a.mc_samples} ELBO "
              f"draws per request. Command: `python benchmarks/retention_ablation.py {model}--train --steps {a.steps} "
-             f"--paragraphs {a.paragraphs} --rows {','.join(results)} --write`.", "",
+             f"--paragraphs {a.paragraphs} --mc-samples {a.mc_samples} --rows {','.join(results)} --write`.", "",
              "| row | overrides | block ELBO ÷ AR NLL | block-start NLL − parent's | AR-mode NLL | "
              "l = 1 / 2 / 3 / 4 masked (CE per masked token) | cloze acc | next-sentence acc (norm) | CPU min |",
              "|---|---|---:|---:|---:|---|---:|---:|---:|"]
