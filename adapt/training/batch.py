@@ -29,6 +29,11 @@ class Batch:
         return Batch(self.input_ids[rows], _take(self.maskable, rows), _take(self.attention_mask, rows))
 
     @property
+    def padding(self) -> torch.Tensor:
+        """The attention mask, materialised (all ones when the rows carry none)."""
+        return self.attention_mask if self.attention_mask is not None else torch.ones_like(self.input_ids)
+
+    @property
     def shape(self) -> torch.Size:
         return self.input_ids.shape
 
@@ -54,7 +59,7 @@ class Batch:
         x0 = self.input_ids
         maskable = self.maskable if self.maskable is not None else torch.ones_like(x0, dtype=torch.bool)
         if self.attention_mask is None:
-            return x0, maskable, torch.ones_like(x0)
+            return x0, maskable, self.padding
         keep = int(self.attention_mask.sum(1).max())
         return x0[:, :keep], maskable[:, :keep], self.attention_mask[:, :keep]
 

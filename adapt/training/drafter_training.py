@@ -76,8 +76,7 @@ def _without(logits: torch.Tensor, token: int) -> torch.Tensor:
 def distilled_logits(model, batch: Batch, k: int, groups: int | None, generator: torch.Generator, forward=None):
     """(student, teacher, valid, real tokens) for one batch: draft groups drawn with `generator`; one forward of
     the clean rows and every group (`drafter_training_logits`), through `forward` (a training wrapper) if given."""
-    ids = batch.input_ids
-    padding = batch.attention_mask if batch.attention_mask is not None else torch.ones_like(ids)
+    ids, padding = batch.input_ids, batch.padding
     cuts, valid = draft_cuts(padding.sum(1), ids.shape[1], k, groups, generator, continuation_starts(batch))
     student, teacher = drafter_training_logits(model, ids, padding, cuts, k, forward=forward)
     mask_id = model.config.mask_token_id
@@ -85,12 +84,11 @@ def distilled_logits(model, batch: Batch, k: int, groups: int | None, generator:
 
 
 def every_cut(batch: Batch, k: int):
-    """(cuts (batch, G), valid (batch, G)): a group at every cut of each row's continuation
-    (`continuation_starts` to length - k), clamped and not valid past a row's last."""
-    padding = batch.attention_mask if batch.attention_mask is not None else torch.ones_like(batch.input_ids)
-    start, last = continuation_starts(batch), padding.sum(1) - k
+    """(cuts (batch, G), valid (batch, G), starts (batch,)): a group at every cut of each row's continuation, from
+    its start (`continuation_starts`) to length - k, clamped and not valid past a row's last."""
+    start, last = continuation_starts(batch), batch.padding.sum(1) - k
     cuts = start[:, None] + torch.arange(max(1, int((last - start).max()) + 1), device=start.device)
-    return torch.minimum(cuts, last[:, None].clamp_min(FIRST_CUT)), cuts <= last[:, None]
+    return torch.minimum(cuts, last[:, None].clamp_min(FIRST_CUT)), cuts <= last[:, None], start
 
 
 def round_starts(runs: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -113,13 +111,12 @@ def greedy_walk(model, batch: Batch, k: int) -> tuple[int, int]:
     0): decoding then follows the text, so its rounds are the training view's groups at the cuts it reaches
     (`round_starts`), and the prompt's forward commits the parent's first token. Validation's other figures
     average groups at uniform cuts, which overstates this: decoding's rounds start where the last was rejected."""
-    cuts, valid = every_cut(batch, k)
+    cuts, valid, first = every_cut(batch, k)
     student, teacher = drafter_training_logits(model, batch.input_ids, batch.attention_mask, cuts, k)
     mask_id = model.config.mask_token_id
     runs = (_without(student, mask_id).argmax(-1) == _without(teacher, mask_id).argmax(-1)).long().cumprod(-1).sum(-1)
     starts = round_starts(runs, valid)
-    padding = batch.attention_mask if batch.attention_mask is not None else torch.ones_like(batch.input_ids)
-    continuation = padding.sum(1) - continuation_starts(batch) + 1
+    continuation = batch.padding.sum(1) - first + 1
     committed = 1 + ((runs + 1) * starts).sum(1)  # the last round's token after the text is not in the row
     return int(torch.minimum(committed, continuation).sum()), int((1 + starts.sum(1)).sum())
 
@@ -204,6 +201,8 @@ class DrafterRun:
         `drafter.temperature`, and greedy), with the tokens one round would yield (`distill.draft_statistics`)."""
         dlm, size, generator = recipe.dlm, recipe.cfg.train.batch_size, torch.Generator().manual_seed(EVAL_SEED)
         device, sums, loss, count = recipe.accelerator.device, None, 0.0, 0
+        # greedy decoding's own figure needs rows that are the parent's greedy text
+        walks, walked = bool(self.generate.prompts) and self.generate.temperature == 0, (0, 0)
         was_training = dlm.training
         dlm.eval()
         for start in range(0, len(recipe.val_data), size):
@@ -213,14 +212,12 @@ class DrafterRun:
             sums = part if sums is None else {key: sums[key] + part[key] for key in sums}
             loss += float(distill_loss(student, teacher, self.cfg.loss, self.cfg.temperature, valid)) * len(batch)
             count += len(batch)
-        walked = None
-        if self.generate.prompts and self.generate.temperature == 0:  # the rows are the parent's greedy text
-            walked = [greedy_walk(dlm, recipe.val_data[start:start + size].to(device), recipe.block)
-                      for start in range(0, len(recipe.val_data), size)]
+            if walks:
+                walked = [a + b for a, b in zip(walked, greedy_walk(dlm, batch, recipe.block))]
         dlm.train(was_training)
         record = {"val_loss": loss / count, **summarize(sums)}
-        if walked:
-            record["val_greedy_tokens_per_forward"] = sum(t for t, _ in walked) / max(1, sum(f for _, f in walked))
+        if walks:
+            record["val_greedy_tokens_per_forward"] = walked[0] / max(1, walked[1])
         return record
 
     def check_final(self, source: str, written):
@@ -356,7 +353,7 @@ def _continue(recipe, prompts: torch.Tensor, g, stream: int) -> torch.Tensor:
     was_training = dlm.training
     dlm.eval()
     out = []
-    mask = prompts.attention_mask if prompts.attention_mask is not None else torch.ones_like(prompts.input_ids)
+    mask = prompts.padding
     with torch.random.fork_rng(devices=[]), dlm._attention(True):  # the run's own random streams stay put
         torch.manual_seed(recipe.cfg.train.seed + stream)
         for start in range(0, len(prompts), g.batch_size):
