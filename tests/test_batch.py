@@ -1,11 +1,13 @@
-"""The typed training batch, the shared held-out split, and the loader's order over both kinds of data."""
+"""The typed training batch, packing, the shared held-out split, and the loader's order over both kinds of data."""
 
 import pytest
 import torch
 
 from adapt.training.batch import Batch, as_batch
-from adapt.training.data import SequenceLoader, hold_out
+from adapt.training.blocks import documents
+from adapt.training.data import SequenceLoader, document_separator, hold_out, pack
 from adapt.errors import AdaptError
+from tiny_models import tiny_tokenizer
 
 
 def sft_batch():
@@ -13,6 +15,39 @@ def sft_batch():
     maskable = torch.tensor([[0, 1, 1, 0], [0, 0, 1, 0], [0, 1, 0, 0]], dtype=torch.bool)
     attention = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 0, 0]])
     return Batch(ids, maskable, attention)
+
+
+def _bos_first(tokenizer):
+    """The tiny tokenizer with LLaMA's default: BOS before every text."""
+    from tokenizers import processors
+
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[
+        ("<s>", tokenizer.bos_token_id)])
+    return tokenizer
+
+
+@pytest.mark.parametrize("bos", [False, True], ids=["eos-after", "bos-first"])
+def test_packed_documents_look_as_the_tokenizer_makes_a_text(bos):
+    """A tokenizer that puts BOS first (LLaMA, Gemma, Mistral) gets its BOS before each document and nothing after:
+    what its model saw in pretraining and what `generate` gives it; one that adds nothing (GPT-2, Qwen) gets EOS
+    after each. The document ids that keep packed documents apart follow the same marks."""
+    tok = _bos_first(tiny_tokenizer()) if bos else tiny_tokenizer()
+    docs = ["w1 w2 w3", "w4 w5", "w6 w7 w8 w9"]
+    rows = pack(docs, tok, 6, "t")
+    plain = [tok(d, add_special_tokens=False).input_ids for d in docs]
+    b, e = tok.bos_token_id, tok.eos_token_id
+    stream = sum(([b, *ids] if bos else [*ids, e] for ids in plain), [])
+    assert rows.flatten().tolist() == stream[:len(rows.flatten())] and rows.shape == (2, 6)
+    assert document_separator(tok) == (("bos", b) if bos else ("eos", e))
+    ids = documents(rows.view(1, -1), document_separator(tok))[0]
+    assert (ids - ids[0]).tolist() == [0] * 4 + [1] * 3 + [2] * 5
+
+
+def test_packing_without_any_separator_is_one_clear_error():
+    tok = tiny_tokenizer()
+    tok.eos_token = None
+    with pytest.raises(AdaptError, match="no EOS token"):
+        pack(["w1 w2"], tok, 2, "t")
 
 
 def test_packed_rows_are_all_maskable_and_real():

@@ -103,8 +103,10 @@ def test_2l_right_padding_and_packed_documents(arch):
     b = _two_l(model, other, other, padding, B)
     torch.testing.assert_close(a[1, :9], b[1, :9], atol=1e-6, rtol=0)
     # a document boundary after position 5: the second document's tokens never see the first's
-    docs = documents(x0.masked_fill(torch.arange(12) == 5, 2), eos_token_id=2)
+    docs = documents(x0.masked_fill(torch.arange(12) == 5, 2), ("eos", 2))
     assert docs[0].tolist() == [0] * 6 + [1] * 6
+    # the same boundary marked by a BOS at position 6, which starts its own document
+    assert documents(x0.masked_fill(torch.arange(12) == 6, 1), ("bos", 1))[0].tolist() == docs[0].tolist()
     first = _two_l(model, x0, x0, torch.ones_like(x0), B, docs)
     changed = x0.clone()
     changed[:, 1] = 60

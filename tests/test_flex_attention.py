@@ -78,7 +78,7 @@ def test_flex_gives_the_dense_logits_for_every_mask(arch):
                               position_ids=(pad.cumsum(-1) - 1).clamp_min(0)).logits[real]
                          for ratio in (0.0, 0.3, 1.0)]
             out[impl].append(blocks(x, attention_mask=pad).logits[real])  # the block-causal canvas
-            out[impl].append(two_l_logits(blocks, _noised(x), x, pad, document_ids=documents(x, EOS))[real])
+            out[impl].append(two_l_logits(blocks, _noised(x), x, pad, document_ids=documents(x, ("eos", EOS)))[real])
     for dense, flex in zip(out[_dense(arch)], out["flex_attention"]):
         torch.testing.assert_close(flex, dense, atol=1e-4, rtol=0)
 
@@ -95,7 +95,7 @@ def test_a_training_step_has_the_same_loss_and_gradients(layout):
         x_t, x0, masked, maskable, t = noised_batch(x, pad.bool(), ObjectiveConfig(), MASK, True, generator,
                                                     block_size=4 if layout == "2L" else None)
         if layout == "2L":
-            logits = two_l_logits(model, x_t, x0, pad, document_ids=documents(x0, EOS))
+            logits = two_l_logits(model, x_t, x0, pad, document_ids=documents(x0, ("eos", EOS)))
         else:
             logits = model(x_t, **annealed_inputs(model, pad, 0.3, generator),
                            position_ids=(pad.cumsum(-1) - 1).clamp_min(0)).logits

@@ -61,8 +61,9 @@ class DataConfig:
     sample_by: Literal["line", "paragraph", "document"] = "paragraph"
     """How a .txt file splits into documents (blank-line-separated paragraphs by default)."""
     seq_length: int = 256
-    """Tokens per packed training sequence (documents joined with EOS in between). Called `block_length` before
-    0.6.0, a name now kept for the decoding block."""
+    """Tokens per packed training sequence (documents joined, each with the BOS its tokenizer puts first, or with EOS
+    after it where the tokenizer adds none). Called `block_length` before 0.6.0, a name now kept for the decoding
+    block."""
     max_eval_sequences: int = 64
     generate: GenerateDataConfig = field(default_factory=GenerateDataConfig)
     """Drafter runs: train on the parent's own continuations of training-text prompts (`adapt.config.drafter`)."""

@@ -33,10 +33,12 @@ def block_t(rows: int, length: int, block_size: int, eps: float, generator=None,
     return t.repeat_interleave(block_size, dim=1)[:, :length]
 
 
-def documents(x0: torch.Tensor, eos_token_id: int) -> torch.Tensor:
-    """(rows, L) document index of each token of packed rows (documents joined by EOS; an EOS ends its own)."""
-    ends = (x0 == eos_token_id).long()
-    return ends.cumsum(1) - ends
+def documents(x0: torch.Tensor, separator: tuple[str, int]) -> torch.Tensor:
+    """(rows, L) document index of each token of packed rows; `separator` as `data.document_separator` gives it:
+    ("bos", id), a BOS starts its own document, or ("eos", id), an EOS ends its own."""
+    kind, token = separator
+    marks = (x0 == token).long()
+    return marks.cumsum(1) - (marks if kind == "eos" else 0)
 
 
 def check_block_attention(model):

@@ -1,5 +1,6 @@
 """Pretraining-style data: documents from local files or the Hub through `datasets`, tokenised and packed into
-fixed-length sequences with EOS between documents; a validation split held out at document level."""
+fixed-length sequences, each document marked as the parent's pretraining marked it (`document_separator`); a
+validation split held out at document level."""
 
 import contextlib
 import json
@@ -148,20 +149,36 @@ def load_documents(spec: str, cfg: DataConfig) -> list[str]:
     return [t for t in ds[cfg.text_column] if t and t.strip()]
 
 
+def document_separator(tokenizer) -> tuple[str, int]:
+    """How packed documents are told apart: ("bos", id) where the tokenizer puts BOS before a text by default
+    (LLaMA's, Gemma's, Mistral's: their models were pretrained on documents that start with it, and generation
+    prompts start with it too), else ("eos", id): EOS after each document (GPT-2's, Qwen's, SmolLM2's convention).
+    Either way the token also stands between two documents, so they never run together."""
+    bos = tokenizer.bos_token_id
+    if bos is not None and tokenizer("a")["input_ids"][:1] == [bos] != tokenizer("a", add_special_tokens=False)[
+            "input_ids"][:1]:
+        return "bos", bos
+    if tokenizer.eos_token_id is None:
+        raise AdaptError("the tokenizer adds no BOS and has no EOS token to separate packed documents: set its "
+                         "eos_token (tokenizer_config.json)")
+    return "eos", tokenizer.eos_token_id
+
+
 def pack(documents: list[str], tokenizer, seq_length: int, what: str, max_rows: int | None = None) -> torch.Tensor:
-    """(N, seq_length) LongTensor: documents tokenised, joined with EOS, cut into full sequences;
-    with `max_rows`, the first max_rows of them (tokenising no more documents than they need)."""
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise AdaptError("the tokenizer has no EOS token to separate packed documents")
+    """(N, seq_length) LongTensor: documents tokenised (BOS first, or EOS last: `document_separator`), joined and
+    cut into full sequences; with `max_rows`, the first max_rows of them (tokenising no more documents than they
+    need)."""
+    kind, separator = document_separator(tokenizer)
     stream = []
     chunk = 1000 if max_rows is None else 64
     for start in range(0, len(documents), chunk):
         if max_rows is not None and len(stream) >= max_rows * seq_length:
             break
-        for ids in tokenizer(documents[start:start + chunk], add_special_tokens=False)["input_ids"]:
+        # BOS: the tokenizer's own special tokens, exactly what a prompt of this text gets at generation
+        for ids in tokenizer(documents[start:start + chunk], add_special_tokens=kind == "bos")["input_ids"]:
             stream.extend(ids)
-            stream.append(eos)
+            if kind == "eos":
+                stream.append(separator)
     n = len(stream) // seq_length
     if max_rows is not None:
         n = min(n, max_rows)

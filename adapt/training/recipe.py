@@ -28,7 +28,7 @@ from ..checkpoint import detect
 from .batch import Batch
 from ..config import SFTConfig, SFTDataConfig, TrainConfig, to_dict
 from ..conversion.convert import convert
-from .data import SequenceLoader, build_datasets
+from .data import SequenceLoader, build_datasets, document_separator
 from .drafter_training import DrafterRun
 from ..errors import AdaptError
 from .forgetting import forgetting
@@ -300,7 +300,9 @@ class Recipe:
     def _two_l_logits(self, x_t, x0, padding):
         """Block diffusion: one forward over the noised and the clean sequence (`adapt.blocks`); packed
         documents do not attend to each other (SFT rows hold one sample each, padding aside)."""
-        docs = None if self.sft else documents(x0, self.tokenizer.eos_token_id)
+        if not self.sft and not hasattr(self, "_separator"):
+            self._separator = document_separator(self.tokenizer)  # as `pack` marked the documents
+        docs = None if self.sft else documents(x0, self._separator)
         # through the wrapper (DDP, PEFT), not around it; the clean half's logits too for the AR loss
         out = two_l_logits(self.dlm, x_t, x0, padding, self.block, docs, forward=self.model,
                            clean_logits=self.retention.clean_stream)
