@@ -3,6 +3,7 @@ masking with its ELBO weighting, distillation from the frozen parent, and the op
 training had before them."""
 
 import json
+import math
 import random
 
 import pytest
@@ -189,6 +190,14 @@ def test_ar_and_distill_terms_are_logged_and_the_checkpoint_keeps_causal_clean_a
     assert json.loads((final / "config.json").read_text())["clean_attention"] == "causal"
 
 
+def test_a_run_with_the_parent_as_the_ar_target_logs_the_kl_in_place_of_the_cross_entropy(run_setup, tmp_path):
+    records, _ = _train(run_setup, tmp_path / "run", "block.size=4", "anneal.mode=none",
+                        "block.clean_attention=causal", "objective.ar_loss_weight=0.5", "objective.ar_target=parent")
+    assert all("ar_kl" in r and "ar_loss" not in r and math.isfinite(r["ar_kl"]) for r in records)
+    # step 1 is the parent but for packed documents, which the clean stream keeps apart: a small KL, not 0
+    assert 0 <= records[0]["ar_kl"] < 0.1 < records[0]["loss"]
+
+
 def test_distillation_at_step_0_with_an_untrained_adapter_is_the_closed_form_kl(block_4):
     """LoRA (B = 0: the adapter changes nothing yet): the term equals KL(parent ‖ model) computed from the causal
     parent's and the 2L layout's distributions, over masked tokens with clean left context."""
@@ -233,8 +242,49 @@ def test_distillation_at_step_0_with_an_untrained_adapter_is_the_closed_form_kl(
     assert float(kl_divergence(parent[:, :-1], parent[:, :-1]).abs().max()) < 1e-5
 
 
+def test_ar_term_with_the_parent_as_target_is_the_closed_form_kl(block_4):
+    """`ar_target: parent`: the AR term is KL(parent ‖ clean stream) at every position, the next-token
+    distributions at i − 1 ([MASK] removed); 0 where the clean stream is the parent (step 0), the closed form
+    where it is not."""
+    from peft import LoraConfig, get_peft_model
+
+    from adapt.training.retention import Retention
+
+    src, out = block_4("llama")
+    causal = AutoModelForCausalLM.from_pretrained(src, attn_implementation="eager").eval()
+    model, _ = adapt.load(out, attn_implementation="eager")
+    peft = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+
+    class FakeRecipe:
+        class cfg:
+            objective = ObjectiveConfig(ar_loss_weight=1.0, ar_target="parent")
+            train = type("T", (), {"method": "lora"})
+            block = type("Blk", (), {"clean_attention": "causal", "size": B, "noise": "block"})
+        dlm, checkpoint_block, world, block = model, B, 1, B
+        accelerator = type("A", (), {"unwrap_model": staticmethod(lambda m: m)})
+
+    recipe = FakeRecipe()
+    recipe.model = peft
+    retention = Retention(recipe)
+    x = _ids(batch=2, length=12)
+    ones, none_masked = torch.ones_like(x), torch.zeros(x.shape, dtype=torch.bool)
+    with torch.no_grad():
+        parent = causal(x).logits
+        clean = model(input_ids=x, is_causal=True).logits  # the clean stream at step 0
+        _, same = retention.loss(recipe, clean, clean, x, none_masked, ones.bool(), ones)
+        moved = clean + torch.randn(clean.shape, generator=torch.Generator().manual_seed(3))
+        total, terms = retention.loss(recipe, moved, moved, x, none_masked, ones.bool(), ones)
+    assert set(same) == {"ar_kl"} and same["ar_kl"] == pytest.approx(0, abs=1e-6)
+    p = parent[:, :-1].double().log_softmax(-1)
+    q = moved[:, :-1, : parent.shape[-1]].double().log_softmax(-1)
+    want = float((p.exp() * (p - q)).sum(-1).mean())
+    assert want > 0.1 and terms["ar_kl"] == pytest.approx(want, rel=1e-5) and float(total) == pytest.approx(want, rel=1e-5)
+
+
 @pytest.mark.parametrize("overrides,message", [
     (["objective.ar_loss_weight=1", "block.size=4", "anneal.mode=none"], "block.clean_attention=causal"),
+    (["objective.ar_target=parent", "block.size=4", "anneal.mode=none", "block.clean_attention=causal"],
+     "ar_loss_weight above 0"),
     (["objective.position_masking=1"], "needs block diffusion"),
     (["objective.position_masking=1", "block.size=4", "anneal.mode=none", "objective.complementary=true"],
      "complementary"),

@@ -30,6 +30,10 @@ class ObjectiveConfig:
     """λ: add λ × the next-token cross-entropy of the clean sequence (TiDAR, I-DLM, Nemotron), so the model keeps
     its parent's AR skill. Block diffusion: read from the 2L layout's clean stream, which must be token-causal
     (`block.clean_attention: causal`); full-sequence: one more forward with the causal mask. Needs shift. 0: off."""
+    ar_target: Literal["data", "parent"] = "data"
+    """What the AR term fits: `data`, the next token of the text (cross-entropy); `parent`, the parent's whole
+    next-token distribution at every position, KL(parent ‖ model), so the AR mode is held to its parent's and
+    never fits the training text beyond it (the parent as for `distill_weight`: one forward serves both)."""
     position_masking: float = 0.0
     """c ≥ 0 (block diffusion): later positions of a block are masked more often (Efficient-DLM). Position j of a
     block of B is masked with probability t^γ_j, γ_j = exp(c·(½ − j/(B−1))), and weighted γ_j / t: the ELBO of

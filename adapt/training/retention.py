@@ -5,6 +5,8 @@ masked-diffusion loss, each off at weight 0 (`ObjectiveConfig`).
   diffusion the 2L layout's clean stream is it, when token-causal (`block.clean_attention: causal`): no extra
   forward, and the AR model the loss keeps is the one whose KV cache block decoding reads. Full-sequence: one
   more forward with the decoder's causal mask (`is_causal=True`).
+  With `ar_target: parent` the term is KL(parent ‖ model) there instead, at every position: the parent's whole
+  distribution, which a small training set cannot pull the AR mode away from.
 - Distillation (`distill_weight` μ): KL(parent ‖ model) on the masked positions whose left context is clean (no
   masked token before them in their block, or in the row full-sequence), where the parent's causal prediction
   sees the same left context. The parent is the model with its adapter off (LoRA, QLoRA) or a frozen copy taken
@@ -37,6 +39,12 @@ def ar_loss(clean_logits, x0, maskable, mask_id: int) -> torch.Tensor:
     return (ce * scored).sum() / scored.sum().clamp_min(1)
 
 
+def ar_kl(clean_logits, parent_logits, maskable, mask_id: int) -> torch.Tensor:
+    """Mean KL(parent ‖ model) of the next-token distributions at i − 1, over the maskable tokens i from 1 on."""
+    return distill_loss(without_mask(clean_logits[:, :-1], mask_id), without_mask(parent_logits[:, :-1], mask_id),
+                        "kl", valid=maskable[:, 1:])
+
+
 def clean_left(masked: torch.Tensor, block_size: int | None) -> torch.Tensor:
     """Masked positions with no masked position before them in their block (block_size None: in the row)."""
     rows, length = masked.shape
@@ -59,7 +67,7 @@ class Retention:
     def __init__(self, recipe):
         cfg, dlm = recipe.cfg, recipe.dlm
         o = cfg.objective
-        self.ar_weight, self.distill_weight = o.ar_loss_weight, o.distill_weight
+        self.ar_weight, self.distill_weight, self.ar_target = o.ar_loss_weight, o.distill_weight, o.ar_target
         self.mask_id = dlm.config.mask_token_id
         blocks = recipe.checkpoint_block is not None or cfg.block.size is not None
         if cfg.block.clean_attention is not None:
@@ -78,16 +86,21 @@ class Retention:
         if o.position_masking and o.complementary:
             raise AdaptError("objective.position_masking with complementary masks: the complement of a mask that "
                              "favours late positions favours early ones, cancelling it; set one of them off")
+        if self.ar_target == "parent" and not self.ar_weight:
+            raise AdaptError("objective.ar_target=parent sets what the AR term fits, which is off: set "
+                             "objective.ar_loss_weight above 0")
         self.clean_stream = bool(self.ar_weight) and blocks
         self.frozen = None
-        if self.distill_weight:
+        if self.distill_weight or self.ar_target == "parent":
             if cfg.train.method == "full":
                 if recipe.world > 1:
-                    raise AdaptError("objective.distill_weight with full fine-tuning keeps a frozen copy of the "
-                                     "parent in one process: use train.method=lora, or launch one process")
+                    raise AdaptError("objective.distill_weight and ar_target=parent with full fine-tuning keep a "
+                                     "frozen copy of the parent in one process: use train.method=lora, or launch "
+                                     "one process")
                 self.frozen = copy.deepcopy(dlm).eval().requires_grad_(False)
             elif not hasattr(recipe.model, "disable_adapter"):
-                raise AdaptError("objective.distill_weight needs the parent: a LoRA adapter or full fine-tuning")
+                raise AdaptError("objective.distill_weight and ar_target=parent need the parent: a LoRA adapter or "
+                                 "full fine-tuning")
 
     @property
     def enabled(self) -> bool:
@@ -111,14 +124,17 @@ class Retention:
         rows = padding.shape[0] if not recipe.cfg.objective.complementary else padding.shape[0] // 2
         x, pad, scored = x0[:rows], padding[:rows], maskable[:rows]
         total, terms = logits.new_zeros((), dtype=torch.float32), {}
+        parent = self.parent_logits(recipe, x, pad) if self.distill_weight or self.ar_target == "parent" else None
         if self.ar_weight:
             if clean_logits is None:  # full-sequence: the causal forward, through the wrapper (gradients)
                 clean_logits = recipe.model(input_ids=x, attention_mask=pad, is_causal=True).logits
-            term = ar_loss(clean_logits[:rows], x, scored, self.mask_id)
-            total, terms["ar_loss"] = total + self.ar_weight * term, float(term.detach())
+            if self.ar_target == "parent":
+                term, name = ar_kl(clean_logits[:rows], parent, scored, self.mask_id), "ar_kl"
+            else:
+                term, name = ar_loss(clean_logits[:rows], x, scored, self.mask_id), "ar_loss"
+            total, terms[name] = total + self.ar_weight * term, float(term.detach())
         if self.distill_weight:
-            teacher = self.parent_logits(recipe, x, pad)
-            teacher = teacher[:, first:].repeat(logits.shape[0] // rows, 1, 1)
+            teacher = parent[:, first:].repeat(logits.shape[0] // rows, 1, 1)
             term = distill_term(logits, teacher, masked[:, first:], recipe.block, self.mask_id)
             total, terms["distill_kl"] = total + self.distill_weight * term, float(term.detach())
         return total, terms
