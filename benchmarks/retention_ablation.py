@@ -69,6 +69,20 @@ ROWS = {
     "all": ("AR loss + distillation + position masking", CAUSAL + AR + DISTILL + ["objective.position_masking=1"]),
     "ar_half": ("AR loss, lr 1.5e-3", CAUSAL + AR + ["train.lr=1.5e-3"]),
     "ar_distill_half": ("AR loss + distillation, lr 1.5e-3", CAUSAL + AR + DISTILL + ["train.lr=1.5e-3"]),
+    "distill_half": ("distillation, lr 1.5e-3", DISTILL + ["train.lr=1.5e-3"]),
+    "ar_distill1_half": ("AR loss + distillation μ = 1, lr 1.5e-3",
+                         CAUSAL + AR + ["objective.distill_weight=1.0", "train.lr=1.5e-3"]),
+    "arkl_distill_half": ("AR KL to the parent + distillation, lr 1.5e-3",
+                          CAUSAL + AR + ["objective.ar_target=parent"] + DISTILL + ["train.lr=1.5e-3"]),
+    "arkl_distill": ("AR KL to the parent + distillation", CAUSAL + AR + ["objective.ar_target=parent"] + DISTILL),
+    "arkl2_distill_half": ("AR KL to the parent λ = 2 + distillation, lr 1.5e-3",
+                           CAUSAL + ["objective.ar_loss_weight=2", "objective.ar_target=parent"] + DISTILL
+                           + ["train.lr=1.5e-3"]),
+    "arkl2_distill_quarter": ("AR KL to the parent λ = 2 + distillation, lr 7.5e-4",
+                              CAUSAL + ["objective.ar_loss_weight=2", "objective.ar_target=parent"] + DISTILL
+                              + ["train.lr=7.5e-4"]),
+    "arkl_distill_quarter": ("AR KL to the parent + distillation, lr 7.5e-4",
+                             CAUSAL + AR + ["objective.ar_target=parent"] + DISTILL + ["train.lr=7.5e-4"]),
     "all_half": ("AR loss + distillation + position masking, lr 1.5e-3",
                  CAUSAL + AR + DISTILL + ["objective.position_masking=1", "train.lr=1.5e-3"]),
 }
@@ -87,6 +101,7 @@ class Setup:
     batch_size: int
     training: str  # the table's words for the recipe and batch
     elbo_draws: int = 16  # per validation sequence
+    packing: str = "BOS before each paragraph"  # what `pack` does with this parent's tokenizer
 
     def title(self, steps: int) -> str:
         """One RESULTS.md section per budget: a 1200-step rerun keeps the 300-step table."""
@@ -106,7 +121,7 @@ SETUPS = {
         256, 16, 8, "recipes/adaptation/smollm2-135m-block-lora.yaml (LoRA r 16 on all linear layers and the [MASK] "
         "row; the distillation teacher is the model with its adapter off), batch 1 × 256 tokens (its earlier 4 × 2 "
         "accumulation took about 150 CPU-seconds a step on one thread), complementary masks (two rows per "
-        "sequence), lr 1e-3 cosine", elbo_draws=8),
+        "sequence), lr 1e-3 cosine", elbo_draws=8, packing="EOS after each paragraph"),
 }
 
 
@@ -228,7 +243,8 @@ def table(setup: Setup, results: dict, parent: dict, out: Path, a) -> str:
              f"{torch.__version__}, one thread per run, 2 cores shared with other agents' jobs (wall times are not "
              f"comparable between rows; CPU minutes are). Training: {setup.training}, at {a.steps} steps "
              f"(`{' '.join(setup.overrides(a.steps))}`) plus each row's. Validation: the first {setup.sequences} "
-             f"sequences of {setup.seq_length} tokens of valid.txt ({first['tokens']} scored tokens, "
+             f"sequences of {setup.seq_length} tokens of valid.txt, packed as training packs (`adapt.training.data.pack`: "
+             f"{setup.packing}; {first['tokens']} scored tokens, "
              f"{first['block_start_tokens']} of them block starts; block ELBO: {setup.elbo_draws} draws per sequence, "
              f"seed 0). AR parent: NLL **{ar:.3f}**, block-start NLL {first['parent_block_start_nll']:.3f}, "
              f"cloze {parent['cloze_acc']:.2f}, next-sentence {parent['next_acc']:.2f} (acc_norm "
