@@ -155,8 +155,8 @@ def document_separator(tokenizer) -> tuple[str, int]:
     prompts start with it too), else ("eos", id): EOS after each document (GPT-2's, Qwen's, SmolLM2's convention).
     Either way the token also stands between two documents, so they never run together."""
     bos = tokenizer.bos_token_id
-    if bos is not None and tokenizer("a")["input_ids"][:1] == [bos] != tokenizer("a", add_special_tokens=False)[
-            "input_ids"][:1]:
+    added = tokenizer("a")["input_ids"][:1], tokenizer("a", add_special_tokens=False)["input_ids"][:1]
+    if bos is not None and added[0] == [bos] and added[1] != [bos]:
         return "bos", bos
     if tokenizer.eos_token_id is None:
         raise AdaptError("the tokenizer adds no BOS and has no EOS token to separate packed documents: set its "

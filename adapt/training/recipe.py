@@ -117,6 +117,7 @@ class Recipe:
                 raise AdaptError(f"{self.source} is a block-diffusion checkpoint of block size {block}, more than "
                                  f"{row[0]} ({row[1]}), the tokens of a training row: raise {row[0]}, or set "
                                  f"block.size to at most {row[1]}")
+        self.separator = None  # packed text only: SFT rows hold one sample each, drafter rows one prompt
         if self.sft:
             self.train_data, self.val_data, self.chat_template = build_sft_datasets(
                 cfg.data, self.tokenizer, max_positions, cfg.train.seed)
@@ -127,6 +128,7 @@ class Recipe:
         else:
             self.train_data, val = build_datasets(cfg.data, self.tokenizer, max_positions, cfg.train.seed)
             self.val_data = val[: cfg.data.max_eval_sequences]
+            self.separator = document_separator(self.tokenizer)  # as `pack` marked them: the 2L layout keeps them apart
 
     def setup_output(self):
         """Claim OUTPUT (its marker), starting over if overwrite=true, and convert a causal source into
@@ -300,9 +302,7 @@ class Recipe:
     def _two_l_logits(self, x_t, x0, padding):
         """Block diffusion: one forward over the noised and the clean sequence (`adapt.blocks`); packed
         documents do not attend to each other (SFT rows hold one sample each, padding aside)."""
-        if not self.sft and not hasattr(self, "_separator"):
-            self._separator = document_separator(self.tokenizer)  # as `pack` marked the documents
-        docs = None if self.sft else documents(x0, self._separator)
+        docs = None if self.separator is None else documents(x0, self.separator)
         # through the wrapper (DDP, PEFT), not around it; the clean half's logits too for the AR loss
         out = two_l_logits(self.dlm, x_t, x0, padding, self.block, docs, forward=self.model,
                            clean_logits=self.retention.clean_stream)

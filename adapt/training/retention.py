@@ -90,8 +90,9 @@ class Retention:
             raise AdaptError("objective.ar_target=parent sets what the AR term fits, which is off: set "
                              "objective.ar_loss_weight above 0")
         self.clean_stream = bool(self.ar_weight) and blocks
+        self.needs_parent = bool(self.distill_weight) or self.ar_target == "parent"
         self.frozen = None
-        if self.distill_weight or self.ar_target == "parent":
+        if self.needs_parent:
             if cfg.train.method == "full":
                 if recipe.world > 1:
                     raise AdaptError("objective.distill_weight and ar_target=parent with full fine-tuning keep a "
@@ -124,7 +125,7 @@ class Retention:
         rows = padding.shape[0] if not recipe.cfg.objective.complementary else padding.shape[0] // 2
         x, pad, scored = x0[:rows], padding[:rows], maskable[:rows]
         total, terms = logits.new_zeros((), dtype=torch.float32), {}
-        parent = self.parent_logits(recipe, x, pad) if self.distill_weight or self.ar_target == "parent" else None
+        parent = self.parent_logits(recipe, x, pad) if self.needs_parent else None
         if self.ar_weight:
             if clean_logits is None:  # full-sequence: the causal forward, through the wrapper (gradients)
                 clean_logits = recipe.model(input_ids=x, attention_mask=pad, is_causal=True).logits
