@@ -49,6 +49,9 @@ class ObjectiveConfig:
     def __post_init__(self):
         check_ranges(self, {"eps": "(0, 1)", "cart_p": "(0, 1)", "ar_loss_weight": "[0, inf)",
                             "position_masking": "[0, inf)", "distill_weight": "[0, inf)"})
+        if self.ar_target == "parent" and not self.ar_loss_weight:
+            raise FieldError("ar_target", "is parent, but the AR term it shapes is off: set "
+                                          "objective.ar_loss_weight above 0")
 
 
 @dataclass

@@ -86,9 +86,6 @@ class Retention:
         if o.position_masking and o.complementary:
             raise AdaptError("objective.position_masking with complementary masks: the complement of a mask that "
                              "favours late positions favours early ones, cancelling it; set one of them off")
-        if self.ar_target == "parent" and not self.ar_weight:
-            raise AdaptError("objective.ar_target=parent sets what the AR term fits, which is off: set "
-                             "objective.ar_loss_weight above 0")
         self.clean_stream = bool(self.ar_weight) and blocks
         self.needs_parent = bool(self.distill_weight) or self.ar_target == "parent"
         self.frozen = None
