@@ -346,6 +346,11 @@ CASES = {
                                                                   "model.path={ws}/blockdlm", "data.seq_length=2"], 2,
                                                                  r"block size 4, more than data.seq_length \(2\)",
                                                                  [], ["run"]),
+    "train with a separator the tokenizer lacks": ([*TRAIN, "output_dir={ws}/run", "data.separator=<|endoftext|>"], 2,
+                                                   "separator '<\\|endoftext\\|>' is not a token of the tokenizer's "
+                                                   "vocabulary", [], ["run"]),
+    "eval with a separator but no text": (["eval", "{ws}/dlm", "--tasks", "toy", "--include-path", "{ws}",
+                                           "--separator", "</s>"], 2, "--separator packs --data's documents", [], []),
     "eval lm-eval tasks with -1 few-shot examples": (["eval", "{ws}/dlm", "--tasks", "toy", "--include-path", "{ws}",
                                                       "--num-fewshot=-1"], 2,
                                                      "--num-fewshot must be 0 or more, got -1", [], []),

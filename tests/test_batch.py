@@ -43,6 +43,28 @@ def test_packed_documents_look_as_the_tokenizer_makes_a_text(bos):
     assert (ids - ids[0]).tolist() == [0] * 4 + [1] * 3 + [2] * 5
 
 
+@pytest.mark.parametrize("bos", [False, True], ids=["eos-after", "bos-first"])
+def test_a_named_separator_follows_each_document_whatever_the_tokenizer_adds(bos):
+    """`data.separator`: an instruct parent's EOS ends a chat turn, not a document; the token it saw between
+    pretraining documents goes after each one instead, and no BOS is added."""
+    tok = _bos_first(tiny_tokenizer()) if bos else tiny_tokenizer()
+    docs = ["w1 w2 w3", "w4 w5", "w6 w7 w8 w9"]
+    rows = pack(docs, tok, 6, "t", separator="<pad>")
+    pad = tok.pad_token_id
+    stream = sum(([*tok(d, add_special_tokens=False).input_ids, pad] for d in docs), [])
+    assert rows.flatten().tolist() == stream[:12]
+    assert document_separator(tok, "<pad>") == ("eos", pad)
+    ids = documents(rows.view(1, -1), document_separator(tok, "<pad>"))[0]
+    assert (ids - ids[0]).tolist() == [0] * 4 + [1] * 3 + [2] * 5
+
+
+@pytest.mark.parametrize("token, error", [("<nothere>", "'<nothere>' is not a token of the tokenizer's vocabulary"),
+                                          ("<mask>", "is the \\[MASK\\] token")])
+def test_a_separator_the_tokenizer_lacks_or_the_mask_is_one_clear_error(token, error):
+    with pytest.raises(AdaptError, match=error):
+        pack(["w1 w2"], tiny_tokenizer(mask_token=True), 2, "t", separator=token)
+
+
 def test_packing_without_any_separator_is_one_clear_error():
     tok = tiny_tokenizer()
     tok.eos_token = None

@@ -328,6 +328,17 @@ def test_jsonl_and_txt_give_the_same_blocks(converted, tmp_path):
     assert a["elbo"] == b["elbo"]
 
 
+def test_a_separator_packs_the_scored_text_as_training_packed_it(converted, tmp_path):
+    """--separator reaches the packing: naming the tokenizer's own EOS scores what the default does (this tokenizer
+    puts EOS after each document), another token scores other sequences."""
+    _, dlm = converted("llama")
+    txt = words_file(tmp_path / "d.txt")
+    kw = dict(seq_length=16, num_sequences=4, sample_by="line", mc_samples=2)
+    default = adapt.evaluate(str(dlm), str(txt), **kw)["elbo"]
+    assert adapt.evaluate(str(dlm), str(txt), separator="</s>", **kw)["elbo"] == default
+    assert adapt.evaluate(str(dlm), str(txt), separator="<pad>", **kw)["elbo"] != default
+
+
 def test_cli_writes_json_and_plot(converted, tmp_path, capsys):
     _, dlm = converted("llama")
     data = words_file(tmp_path / "d.txt")

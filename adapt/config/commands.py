@@ -259,6 +259,9 @@ class EvalOptions:
     seq_length: int | None = field(default=None, **_help("tokens per packed sequence (default: 128)"))
     num_sequences: int | None = field(default=None, **_help(
         "packed sequences evaluated, from the start of the data (default: 64)"))
+    separator: str | None = field(default=None, **_help(
+        "a token put after each packed document instead of the tokenizer's own marks (BOS first, or EOS after): "
+        "the one the model was trained with (its recipe's data.separator), e.g. '<|endoftext|>'", metavar="TOKEN"))
     batch_size: int = field(default=16, **_help("sequences per forward pass"))
     seed: int = field(default=0, **_help("seed of the Monte-Carlo draws and of the sweep's tasks"))
     device: str | None = field(default=None, **_help("e.g. cpu, cuda, cuda:1 (default: where the model loads)"))
@@ -315,6 +318,10 @@ class EvalOptions:
                 or self.is_causal) and not self.tasks:
             raise AdaptError("--limit, --include-path, --num-fewshot and --is-causal apply to lm-eval tasks: add "
                              "--tasks")
+        if self.separator is not None and self.data is None:
+            raise AdaptError("--separator packs --data's documents: add --data, or drop --separator")
+        if self.separator == "":
+            raise AdaptError("--separator is empty: name a token of the tokenizer, or drop it")
         if self.limit is not None and self.limit <= 0:
             raise AdaptError(f"limit must be positive, got {self.limit}")
         if self.num_fewshot is not None and self.num_fewshot < 0:  # lm-eval would take it and print a notice

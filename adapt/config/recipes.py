@@ -64,6 +64,11 @@ class DataConfig:
     """Tokens per packed training sequence (documents joined, each with the BOS its tokenizer puts first, or with EOS
     after it where the tokenizer adds none). Called `block_length` before 0.6.0, a name now kept for the decoding
     block."""
+    separator: str | None = None
+    """Null: documents are packed as the tokenizer marks a text (above). Or a token put after each document
+    instead, for a parent pretrained with a separator its tokenizer does not add: an instruct model's EOS ends a
+    chat turn (SmolLM2's `<|im_end|>`), while its pretraining documents were joined by `<|endoftext|>`. Score with
+    the same: `dlm-adapt eval --separator`."""
     max_eval_sequences: int = 64
     generate: GenerateDataConfig = field(default_factory=GenerateDataConfig)
     """Drafter runs: train on the parent's own continuations of training-text prompts (`adapt.config.drafter`)."""
@@ -71,6 +76,8 @@ class DataConfig:
     def __post_init__(self):
         check_ranges(self, {"validation_fraction": "[0, 1)", "seq_length": "[2, inf)",
                             "max_eval_sequences": "[1, inf)"})
+        if self.separator == "":
+            raise FieldError("separator", "is empty: name a token of the tokenizer, or null for its own marks")
 
 
 @dataclass

@@ -94,9 +94,12 @@ def _score_text(model, tokenizer, kind: str, documents: list[str], o: EvalOption
     limit = _max_positions(model)
     if limit is not None and o.seq_length > limit:
         raise AdaptError(f"seq_length {o.seq_length} exceeds the model's {limit} positions")
-    sequences = pack(documents, tokenizer, o.seq_length, "evaluation", max_rows=o.num_sequences)
+    sequences = pack(documents, tokenizer, o.seq_length, "evaluation", max_rows=o.num_sequences,
+                     separator=o.separator)
     result = {"model": name, "kind": kind, "data": str(o.data), "seq_length": o.seq_length,
               "sequences": sequences.shape[0], "seed": o.seed, "metrics": list(o.metrics)}
+    if o.separator is not None:
+        result["separator"] = o.separator
     if note:
         result["block_size_note"] = note
     scorer, scorer_name = None, None

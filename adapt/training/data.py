@@ -149,26 +149,39 @@ def load_documents(spec: str, cfg: DataConfig) -> list[str]:
     return [t for t in ds[cfg.text_column] if t and t.strip()]
 
 
-def document_separator(tokenizer) -> tuple[str, int]:
+def document_separator(tokenizer, token: str | None = None) -> tuple[str, int]:
     """How packed documents are told apart: ("bos", id) where the tokenizer puts BOS before a text by default
     (LLaMA's, Gemma's, Mistral's: their models were pretrained on documents that start with it, and generation
     prompts start with it too), else ("eos", id): EOS after each document (GPT-2's, Qwen's, SmolLM2's convention).
-    Either way the token also stands between two documents, so they never run together."""
+    Either way the token also stands between two documents, so they never run together. `token` (`data.separator`,
+    eval's `--separator`) names the token put after each document instead: a chat model's EOS ends a turn, while
+    its pretraining joined documents with another (SmolLM2's `<|endoftext|>`)."""
+    if token is not None:
+        vocab = tokenizer.get_vocab()  # convert_tokens_to_ids would answer an unknown token with the UNK id
+        if token not in vocab:
+            raise AdaptError(f"separator {token!r} is not a token of the tokenizer's vocabulary: name one it has "
+                             f"(its EOS is {tokenizer.eos_token!r}) in data.separator (eval: --separator), or unset "
+                             "it for the tokenizer's own marks")
+        if token == getattr(tokenizer, "mask_token", None):
+            raise AdaptError(f"separator {token!r} is the [MASK] token, which marks noised positions: name the "
+                             "token the parent saw between documents")
+        return "eos", vocab[token]
     bos = tokenizer.bos_token_id
     added = tokenizer("a")["input_ids"][:1], tokenizer("a", add_special_tokens=False)["input_ids"][:1]
     if bos is not None and added[0] == [bos] and added[1] != [bos]:
         return "bos", bos
     if tokenizer.eos_token_id is None:
         raise AdaptError("the tokenizer adds no BOS and has no EOS token to separate packed documents: set its "
-                         "eos_token (tokenizer_config.json)")
+                         "eos_token (tokenizer_config.json), or name a separator token (data.separator)")
     return "eos", tokenizer.eos_token_id
 
 
-def pack(documents: list[str], tokenizer, seq_length: int, what: str, max_rows: int | None = None) -> torch.Tensor:
-    """(N, seq_length) LongTensor: documents tokenised (BOS first, or EOS last: `document_separator`), joined and
-    cut into full sequences; with `max_rows`, the first max_rows of them (tokenising no more documents than they
-    need)."""
-    kind, separator = document_separator(tokenizer)
+def pack(documents: list[str], tokenizer, seq_length: int, what: str, max_rows: int | None = None,
+         separator: str | None = None) -> torch.Tensor:
+    """(N, seq_length) LongTensor: documents tokenised (BOS first, or EOS or `separator` last:
+    `document_separator`), joined and cut into full sequences; with `max_rows`, the first max_rows of them
+    (tokenising no more documents than they need)."""
+    kind, mark = document_separator(tokenizer, separator)
     stream = []
     chunk = 1000 if max_rows is None else 64
     for start in range(0, len(documents), chunk):
@@ -178,7 +191,7 @@ def pack(documents: list[str], tokenizer, seq_length: int, what: str, max_rows: 
         for ids in tokenizer(documents[start:start + chunk], add_special_tokens=kind == "bos")["input_ids"]:
             stream.extend(ids)
             if kind == "eos":
-                stream.append(separator)
+                stream.append(mark)
     n = len(stream) // seq_length
     if max_rows is not None:
         n = min(n, max_rows)
@@ -212,8 +225,8 @@ def build_datasets(cfg: DataConfig, tokenizer, max_positions: int | None, seed: 
         val_docs = load_documents(cfg.validation, cfg)
     else:
         docs, val_docs = hold_out(docs, cfg.validation_fraction, seed, cfg.train, "documents")
-    return (Batch(pack(docs, tokenizer, cfg.seq_length, "training")),
-            Batch(pack(val_docs, tokenizer, cfg.seq_length, "validation")))
+    return (Batch(pack(docs, tokenizer, cfg.seq_length, "training", separator=cfg.separator)),
+            Batch(pack(val_docs, tokenizer, cfg.seq_length, "validation", separator=cfg.separator)))
 
 
 class SequenceLoader:

@@ -128,7 +128,7 @@ class Recipe:
         else:
             self.train_data, val = build_datasets(cfg.data, self.tokenizer, max_positions, cfg.train.seed)
             self.val_data = val[: cfg.data.max_eval_sequences]
-            self.separator = document_separator(self.tokenizer)  # as `pack` marked them: the 2L layout keeps them apart
+            self.separator = document_separator(self.tokenizer, cfg.data.separator)  # as `pack` marked them: the 2L layout keeps them apart
 
     def setup_output(self):
         """Claim OUTPUT (its marker), starting over if overwrite=true, and convert a causal source into
