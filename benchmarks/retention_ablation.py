@@ -87,6 +87,9 @@ ROWS = {
     "arkl2_distill_pos_quarter": ("AR KL to the parent λ = 2 + distillation + position masking, lr 7.5e-4",
                                   CAUSAL + ["objective.ar_loss_weight=2", "objective.ar_target=parent"] + DISTILL
                                   + ["objective.position_masking=1", "train.lr=7.5e-4"]),
+    "arkl2_distill_comp_quarter": ("AR KL to the parent λ = 2 + distillation + complementary masks, lr 7.5e-4",
+                                   CAUSAL + ["objective.ar_loss_weight=2", "objective.ar_target=parent"] + DISTILL
+                                   + ["objective.complementary=true", "train.lr=7.5e-4"]),
     "arkl_distill_quarter": ("AR KL to the parent + distillation, lr 7.5e-4",
                              CAUSAL + AR + ["objective.ar_target=parent"] + DISTILL + ["train.lr=7.5e-4"]),
     "all_half": ("AR loss + distillation + position masking, lr 1.5e-3",

@@ -59,8 +59,9 @@ def test_a_named_separator_follows_each_document_whatever_the_tokenizer_adds(bos
 
 
 @pytest.mark.parametrize("token, error", [("<nothere>", "'<nothere>' is not a token of the tokenizer's vocabulary"),
-                                          ("<mask>", "is the \\[MASK\\] token")])
-def test_a_separator_the_tokenizer_lacks_or_the_mask_is_one_clear_error(token, error):
+                                          ("<mask>", "is the \\[MASK\\] token"),
+                                          ("w2", "'w2' is an ordinary token of the text")])
+def test_a_separator_the_tokenizer_lacks_an_ordinary_word_or_the_mask_is_one_clear_error(token, error):
     with pytest.raises(AdaptError, match=error):
         pack(["w1 w2"], tiny_tokenizer(mask_token=True), 2, "t", separator=token)
 

@@ -337,6 +337,20 @@ def test_block_diffusion_run_follows_its_schedule_and_resumes_bit_exactly(setup,
     assert _losses(tmp_path / "split") == _losses(tmp_path / "straight")  # bit-identical across the stage change
 
 
+def test_a_separator_is_recorded_and_eval_packs_with_it(setup, tmp_path):
+    """data.separator goes into OUTPUT/final/config.json, so `dlm-adapt eval` scores text packed as training packed
+    it; a later run without one drops the record."""
+    final = adapt.train(_cfg(setup, tmp_path / "sep", "data.separator=<pad>", "max_steps=2", "eval_steps=0"))
+    assert json.loads((final / "config.json").read_text())["document_separator"] == "<pad>"
+    kw = dict(seq_length=16, num_sequences=4, mc_samples=2)
+    recorded = adapt.evaluate(str(final), str(setup / "train.txt"), **kw)
+    assert recorded["separator"] == "<pad>"
+    assert recorded["elbo"] == adapt.evaluate(str(final), str(setup / "train.txt"), separator="<pad>", **kw)["elbo"]
+    assert recorded["elbo"] != adapt.evaluate(str(final), str(setup / "train.txt"), separator="</s>", **kw)["elbo"]
+    again = adapt.train(_cfg(setup, tmp_path / "again", "max_steps=1", "eval_steps=0", model=final))
+    assert "document_separator" not in json.loads((again / "config.json").read_text())
+
+
 def test_block_diffusion_refuses_annealing():
     with pytest.raises(adapt.AdaptError, match="anneal.mode.*must be none with block diffusion"):
         load_config(None, ["block.size=4"])

@@ -75,6 +75,9 @@ def check_drafter_sections(drafter: DrafterConfig, data, method: str):
     if generate is not None and generate.prompts and not drafter.enabled:
         raise FieldError("data.generate.prompts", "writes the parent's continuations for drafter training: set "
                                                   "drafter.enabled=true, or data.generate.prompts=0")
+    if generate is not None and generate.prompts and data.separator is not None:
+        raise FieldError("data.separator", "packs text, but drafter rows hold one prompt each "
+                                           "(data.generate.prompts): unset it")
     if drafter.enabled and generate is None:
         raise FieldError("drafter.enabled", "trains on text with `dlm-adapt train`, not `dlm-adapt sft`")
     if drafter.enabled and method != "full":

@@ -94,12 +94,14 @@ def _score_text(model, tokenizer, kind: str, documents: list[str], o: EvalOption
     limit = _max_positions(model)
     if limit is not None and o.seq_length > limit:
         raise AdaptError(f"seq_length {o.seq_length} exceeds the model's {limit} positions")
+    # a checkpoint trained with data.separator records it: its ELBO is scored on text packed the same way
+    separator = o.separator if o.separator is not None else getattr(model.config, "document_separator", None)
     sequences = pack(documents, tokenizer, o.seq_length, "evaluation", max_rows=o.num_sequences,
-                     separator=o.separator)
+                     separator=separator)
     result = {"model": name, "kind": kind, "data": str(o.data), "seq_length": o.seq_length,
               "sequences": sequences.shape[0], "seed": o.seed, "metrics": list(o.metrics)}
-    if o.separator is not None:
-        result["separator"] = o.separator
+    if separator is not None:
+        result["separator"] = separator
     if note:
         result["block_size_note"] = note
     scorer, scorer_name = None, None

@@ -158,13 +158,19 @@ def document_separator(tokenizer, token: str | None = None) -> tuple[str, int]:
     its pretraining joined documents with another (SmolLM2's `<|endoftext|>`)."""
     if token is not None:
         vocab = tokenizer.get_vocab()  # convert_tokens_to_ids would answer an unknown token with the UNK id
+        where = "in data.separator (eval: --separator)"
         if token not in vocab:
             raise AdaptError(f"separator {token!r} is not a token of the tokenizer's vocabulary: name one it has "
-                             f"(its EOS is {tokenizer.eos_token!r}) in data.separator (eval: --separator), or unset "
-                             "it for the tokenizer's own marks")
-        if token == getattr(tokenizer, "mask_token", None):
-            raise AdaptError(f"separator {token!r} is the [MASK] token, which marks noised positions: name the "
-                             "token the parent saw between documents")
+                             f"(its EOS is {tokenizer.eos_token!r}) {where}, or unset it for the tokenizer's own "
+                             "marks")
+        special = set(tokenizer.all_special_tokens) | {t.content for t in tokenizer.added_tokens_decoder.values()
+                                                       if t.special}
+        if token not in special:  # an ordinary token also occurs inside documents: each would end one there
+            raise AdaptError(f"separator {token!r} is an ordinary token of the text, so every occurrence would end a "
+                             f"document: name a special token {where} (e.g. {tokenizer.eos_token!r})")
+        if vocab[token] == getattr(tokenizer, "mask_token_id", None):
+            raise AdaptError(f"separator {token!r} is the [MASK] token, which marks noised positions: name the token "
+                             f"the parent saw between documents {where}")
         return "eos", vocab[token]
     bos = tokenizer.bos_token_id
     added = tokenizer("a")["input_ids"][:1], tokenizer("a", add_special_tokens=False)["input_ids"][:1]
@@ -218,6 +224,7 @@ def build_datasets(cfg: DataConfig, tokenizer, max_positions: int | None, seed: 
     if max_positions is not None and cfg.seq_length > max_positions:
         raise AdaptError(f"data.seq_length {cfg.seq_length} exceeds the model's {max_positions} positions")
     check_data_files(cfg.validation)  # before the training data loads: a bad file is the first thing said
+    document_separator(tokenizer, cfg.separator)  # and a bad separator
     docs = load_documents(cfg.train, cfg)
     if not docs:
         raise AdaptError(f"dataset {cfg.train} is empty")

@@ -128,7 +128,12 @@ class Recipe:
         else:
             self.train_data, val = build_datasets(cfg.data, self.tokenizer, max_positions, cfg.train.seed)
             self.val_data = val[: cfg.data.max_eval_sequences]
-            self.separator = document_separator(self.tokenizer, cfg.data.separator)  # as `pack` marked them: the 2L layout keeps them apart
+            # as `pack` marked them: the 2L layout keeps the documents apart
+            self.separator = document_separator(self.tokenizer, cfg.data.separator)
+            if cfg.data.separator is not None and _names_token(cfg.model.mask_token, cfg.data.separator,
+                                                               self.separator[1]):
+                raise AdaptError(f"data.separator and model.mask_token name the same token ({cfg.data.separator!r}): "
+                                 "the mask marks noised positions; name another for one of them")
 
     def setup_output(self):
         """Claim OUTPUT (its marker), starting over if overwrite=true, and convert a causal source into
@@ -161,6 +166,11 @@ class Recipe:
         if self.sft:  # saved with OUTPUT/final, so `generate --chat` renders prompts exactly as training did
             self.tokenizer.chat_template = self.chat_template
         self.dlm = diffusion_model(self.model)
+        if self.separator is not None:  # packed text: `dlm-adapt eval` packs as this run did, unless told otherwise
+            if self.cfg.data.separator is not None:
+                self.dlm.config.document_separator = self.cfg.data.separator
+            elif hasattr(self.dlm.config, "document_separator"):
+                del self.dlm.config.document_separator
         self.checkpoint_block = resolve_block_size(self.dlm.config)
         final_block = cfg.block.final_size(self.checkpoint_block)
         if final_block is not None:
@@ -392,6 +402,11 @@ class Recipe:
         distributed.check_full(state, whole)
         whole.load_state_dict(state, strict=True)
         return whole
+
+
+def _names_token(spec, token: str, token_id: int) -> bool:
+    """Whether a mask token spec (`model.mask_token`: a token, an id, or auto) names `token`."""
+    return str(spec) == token or (str(spec).isdigit() and int(spec) == token_id)
 
 
 def _row_length(cfg: TrainConfig) -> tuple[str, int]:
