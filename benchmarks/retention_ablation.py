@@ -23,6 +23,7 @@ OUT/parent.json.
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -134,10 +135,7 @@ SETUPS = {
         256, 16, 8, "recipes/adaptation/smollm2-135m-block-lora.yaml (LoRA r 16 on all linear layers and the [MASK] "
         "row; the distillation teacher is the model with its adapter off), batch 1 × 256 tokens (its earlier 4 × 2 "
         "accumulation took about 150 CPU-seconds a step on one thread), complementary masks (two rows per "
-        "sequence), lr 1e-3 cosine", elbo_draws=8,
-        # the instruct EOS <|im_end|> ends a chat turn: the parent pays 5.2 nats for it and 9.2 for the token after
-        packing="`<|endoftext|>` after each paragraph (`data.separator`), the parent's pretraining separator",
-        separator="<|endoftext|>"),
+        "sequence), lr 1e-3 cosine", elbo_draws=8, packing="EOS after each paragraph"),
 }
 
 
@@ -207,10 +205,14 @@ def main():
     p.add_argument("--mc-samples", type=int, default=4, help="ELBO draws per lm-eval request")
     p.add_argument("--no-lm-eval", action="store_true",
                    help="score rows not yet scored without lm-eval (a later run without it adds lm-eval)")
+    p.add_argument("--separator", help="data.separator of training and scoring (default: the tokenizer's marks); "
+                                        "its own RESULTS.md section")
     p.add_argument("--write", action="store_true", help="replace this section of benchmarks/RESULTS.md")
     a = p.parse_args()
     torch.set_num_threads(1)
     setup = SETUPS[a.model]
+    if a.separator:
+        setup = dataclasses.replace(setup, separator=a.separator, packing=f"{a.separator} after each paragraph")
     out = Path(a.out_dir or HERE.parent / "runs" / ("retention" if a.model == "stories" else f"retention-{a.model}"))
     rows = [r for r in (a.rows or ",".join(setup.rows)).split(",") if r]
     if unknown := [r for r in rows if r not in setup.rows]:
@@ -267,7 +269,8 @@ def table(setup: Setup, results: dict, parent: dict, out: Path, a) -> str:
              f"cloze {parent['cloze_acc']:.2f}, next-sentence {parent['next_acc']:.2f} (acc_norm "
              f"{parent['next_acc_norm']:.2f}). lm-eval: {a.paragraphs} paragraphs per task, {a.mc_samples} ELBO "
              f"draws per request. Command: `python benchmarks/retention_ablation.py {model}--train --steps {a.steps} "
-             f"--paragraphs {a.paragraphs} --mc-samples {a.mc_samples} --rows {','.join(results)} --write`.", "",
+             + (f"--separator '{a.separator}' " if a.separator else "")
+             + f"--paragraphs {a.paragraphs} --mc-samples {a.mc_samples} --rows {','.join(results)} --write`.", "",
              "| row | overrides | block ELBO ÷ AR NLL | block-start NLL − parent's | AR-mode NLL | "
              "l = 1 / 2 / 3 / 4 masked (CE per masked token) | cloze acc | next-sentence acc (norm) | CPU min |",
              "|---|---|---:|---:|---:|---|---:|---:|---:|"]

@@ -154,8 +154,8 @@ def document_separator(tokenizer, token: str | None = None) -> tuple[str, int]:
     (LLaMA's, Gemma's, Mistral's: their models were pretrained on documents that start with it, and generation
     prompts start with it too), else ("eos", id): EOS after each document (GPT-2's, Qwen's, SmolLM2's convention).
     Either way the token also stands between two documents, so they never run together. `token` (`data.separator`,
-    eval's `--separator`) names the token put after each document instead: a chat model's EOS ends a turn, while
-    its pretraining joined documents with another (SmolLM2's `<|endoftext|>`)."""
+    eval's `--separator`) names the token put after each document instead, for a parent pretrained with a
+    separator its tokenizer does not add."""
     if token is not None:
         vocab = tokenizer.get_vocab()  # convert_tokens_to_ids would answer an unknown token with the UNK id
         where = "in data.separator (eval: --separator)"
