@@ -60,6 +60,8 @@ def smollm2_steps(steps: int) -> list[str]:
 
 CAUSAL, AR = ["block.clean_attention=causal"], ["objective.ar_loss_weight=0.5"]
 DISTILL = ["objective.distill_weight=0.5"]
+ARKL = CAUSAL + AR + ["objective.ar_target=parent"] + DISTILL  # the AR term as KL to the parent, + distillation
+ARKL2 = CAUSAL + ["objective.ar_loss_weight=2", "objective.ar_target=parent"] + DISTILL  # the same at λ = 2
 ROWS = {
     "base": ("today's recipe, run (g): lr 3e-3", []),
     "causal": ("token-causal clean stream", CAUSAL),
@@ -73,26 +75,19 @@ ROWS = {
     "distill_half": ("distillation, lr 1.5e-3", DISTILL + ["train.lr=1.5e-3"]),
     "ar_distill1_half": ("AR loss + distillation μ = 1, lr 1.5e-3",
                          CAUSAL + AR + ["objective.distill_weight=1.0", "train.lr=1.5e-3"]),
-    "arkl_distill_half": ("AR KL to the parent + distillation, lr 1.5e-3",
-                          CAUSAL + AR + ["objective.ar_target=parent"] + DISTILL + ["train.lr=1.5e-3"]),
-    "arkl_distill": ("AR KL to the parent + distillation", CAUSAL + AR + ["objective.ar_target=parent"] + DISTILL),
+    "arkl_distill_half": ("AR KL to the parent + distillation, lr 1.5e-3", ARKL + ["train.lr=1.5e-3"]),
+    "arkl_distill": ("AR KL to the parent + distillation", ARKL),
     "arkl2_distill_half": ("AR KL to the parent λ = 2 + distillation, lr 1.5e-3",
-                           CAUSAL + ["objective.ar_loss_weight=2", "objective.ar_target=parent"] + DISTILL
-                           + ["train.lr=1.5e-3"]),
+                           ARKL2 + ["train.lr=1.5e-3"]),
     "arkl2_distill_quarter": ("AR KL to the parent λ = 2 + distillation, lr 7.5e-4",
-                              CAUSAL + ["objective.ar_loss_weight=2", "objective.ar_target=parent"] + DISTILL
-                              + ["train.lr=7.5e-4"]),
+                              ARKL2 + ["train.lr=7.5e-4"]),
     "arkl2_distill_eighth": ("AR KL to the parent λ = 2 + distillation, lr 3.75e-4",
-                             CAUSAL + ["objective.ar_loss_weight=2", "objective.ar_target=parent"] + DISTILL
-                             + ["train.lr=3.75e-4"]),
+                             ARKL2 + ["train.lr=3.75e-4"]),
     "arkl2_distill_pos_quarter": ("AR KL to the parent λ = 2 + distillation + position masking, lr 7.5e-4",
-                                  CAUSAL + ["objective.ar_loss_weight=2", "objective.ar_target=parent"] + DISTILL
-                                  + ["objective.position_masking=1", "train.lr=7.5e-4"]),
+                                  ARKL2 + ["objective.position_masking=1", "train.lr=7.5e-4"]),
     "arkl2_distill_comp_quarter": ("AR KL to the parent λ = 2 + distillation + complementary masks, lr 7.5e-4",
-                                   CAUSAL + ["objective.ar_loss_weight=2", "objective.ar_target=parent"] + DISTILL
-                                   + ["objective.complementary=true", "train.lr=7.5e-4"]),
-    "arkl_distill_quarter": ("AR KL to the parent + distillation, lr 7.5e-4",
-                             CAUSAL + AR + ["objective.ar_target=parent"] + DISTILL + ["train.lr=7.5e-4"]),
+                                   ARKL2 + ["objective.complementary=true", "train.lr=7.5e-4"]),
+    "arkl_distill_quarter": ("AR KL to the parent + distillation, lr 7.5e-4", ARKL + ["train.lr=7.5e-4"]),
     "all_half": ("AR loss + distillation + position masking, lr 1.5e-3",
                  CAUSAL + AR + DISTILL + ["objective.position_masking=1", "train.lr=1.5e-3"]),
 }
@@ -131,7 +126,7 @@ SETUPS = {
         {"base": ("today's recipe: lr 1e-3", []), "ar_distill": ROWS["ar_distill"],
          "ar_distill_half": ("AR loss + distillation, lr 5e-4", CAUSAL + AR + DISTILL + ["train.lr=5e-4"]),
          "arkl2_distill": ("AR KL to the parent λ = 2 + distillation",
-                           CAUSAL + ["objective.ar_loss_weight=2", "objective.ar_target=parent"] + DISTILL)},
+                           ARKL2)},
         256, 16, 8, "recipes/adaptation/smollm2-135m-block-lora.yaml (LoRA r 16 on all linear layers and the [MASK] "
         "row; the distillation teacher is the model with its adapter off), batch 1 × 256 tokens (its earlier 4 × 2 "
         "accumulation took about 150 CPU-seconds a step on one thread), complementary masks (two rows per "
@@ -262,8 +257,8 @@ def table(setup: Setup, results: dict, parent: dict, out: Path, a) -> str:
              f"{torch.__version__}, one thread per run, 2 cores shared with other agents' jobs (wall times are not "
              f"comparable between rows; CPU minutes are). Training: {setup.training}, at {a.steps} steps "
              f"(`{' '.join(setup.overrides(a.steps))}`) plus each row's. Validation: the first {setup.sequences} "
-             f"sequences of {setup.seq_length} tokens of valid.txt, packed as training packs (`adapt.training.data.pack`: "
-             f"{setup.packing}; {first['tokens']} scored tokens, "
+             f"sequences of {setup.seq_length} tokens of valid.txt, packed as training packs "
+             f"(`adapt.training.data.pack`: {setup.packing}; {first['tokens']} scored tokens, "
              f"{first['block_start_tokens']} of them block starts; block ELBO: {setup.elbo_draws} draws per sequence, "
              f"seed 0). AR parent: NLL **{ar:.3f}**, block-start NLL {first['parent_block_start_nll']:.3f}, "
              f"cloze {parent['cloze_acc']:.2f}, next-sentence {parent['next_acc']:.2f} (acc_norm "

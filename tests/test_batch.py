@@ -45,8 +45,8 @@ def test_packed_documents_look_as_the_tokenizer_makes_a_text(bos):
 
 @pytest.mark.parametrize("bos", [False, True], ids=["eos-after", "bos-first"])
 def test_a_named_separator_follows_each_document_whatever_the_tokenizer_adds(bos):
-    """`data.separator`: an instruct parent's EOS ends a chat turn, not a document; the token it saw between
-    pretraining documents goes after each one instead, and no BOS is added."""
+    """`data.separator`: for a parent pretrained with a separator its tokenizer does not add, that token goes
+    after each document instead, and no BOS is added."""
     tok = _bos_first(tiny_tokenizer()) if bos else tiny_tokenizer()
     docs = ["w1 w2 w3", "w4 w5", "w6 w7 w8 w9"]
     rows = pack(docs, tok, 6, "t", separator="<pad>")
