@@ -9,7 +9,9 @@
 
 Rows: today's recipe, each option alone, combinations, and the best at half the learning rate. Columns:
 - block ELBO (16 draws per sequence, seed 0) ÷ the AR parent's exact NLL;
-- block-start NLL − the parent's on the same tokens (`adapt.training.forgetting`; > 0 is forgetting);
+- block-start NLL − the parent's on the same tokens (`adapt.training.forgetting`; > 0 is forgetting), over all
+  tokens and within documents (without the packing's separators and the token after each, which the parent never
+  saw in that place: `within_documents`);
 - AR-mode NLL: the checkpoint as its causal self (`is_causal=True`), exact when `block.clean_attention=causal`;
 - lm-eval on TinyStories (benchmarks/lm_eval_stories.py's tasks, --paragraphs each): cloze accuracy
   (`is_greedy`) and next-sentence accuracy (acc and acc_norm), ELBO with --mc-samples draws per request.
@@ -87,6 +89,12 @@ ROWS = {
                                   ARKL2 + ["objective.position_masking=1", "train.lr=7.5e-4"]),
     "arkl2_distill_comp_quarter": ("AR KL to the parent λ = 2 + distillation + complementary masks, lr 7.5e-4",
                                    ARKL2 + ["objective.complementary=true", "train.lr=7.5e-4"]),
+    "arkl2_distill1_quarter": ("AR KL to the parent λ = 2 + distillation μ = 1, lr 7.5e-4",
+                               CAUSAL + ["objective.ar_loss_weight=2", "objective.ar_target=parent",
+                                         "objective.distill_weight=1.0", "train.lr=7.5e-4"]),
+    "arkl4_distill1_quarter": ("AR KL to the parent λ = 4 + distillation μ = 1, lr 7.5e-4",
+                               CAUSAL + ["objective.ar_loss_weight=4", "objective.ar_target=parent",
+                                         "objective.distill_weight=1.0", "train.lr=7.5e-4"]),
     "arkl_distill_quarter": ("AR KL to the parent + distillation, lr 7.5e-4", ARKL + ["train.lr=7.5e-4"]),
     "all_half": ("AR loss + distillation + position masking, lr 1.5e-3",
                  CAUSAL + AR + DISTILL + ["objective.position_masking=1", "train.lr=1.5e-3"]),
@@ -162,23 +170,37 @@ def lm_eval_scores(model: str, backend: str, args: str, work: Path, mc_samples: 
             "next_acc_norm": r["stories_next"]["acc_norm,none"]}
 
 
-def score(setup: Setup, path: Path, work: Path, mc_samples: int, lm_eval: bool = True) -> dict:
+def _scoring(setup: Setup, path: Path):
+    """(model, parent, validation sequences, separator id) for a trained row."""
     import adapt
     from adapt.config import DataConfig
-    from adapt.training.data import load_documents, pack
-    from adapt.training.forgetting import forgetting
+    from adapt.training.data import document_separator, load_documents, pack
     from adapt.sources import load_causal
-    from adapt.training.likelihood import diffusion_elbo
 
     model, tok = adapt.load(str(path))
-    parent = load_causal(setup.source).model
     sequences = pack(load_documents(str(VALID), DataConfig()), tok, setup.seq_length, "validation",
                      max_rows=setup.sequences, separator=setup.separator)
+    return model, load_causal(setup.source).model, sequences, document_separator(tok, setup.separator)[1]
+
+
+def kept(setup: Setup, path: Path) -> dict:
+    """`adapt.training.forgetting` alone: what a row scored before `within_documents` existed gains it."""
+    from adapt.training.forgetting import forgetting
+
+    model, parent, sequences, separator = _scoring(setup, path)
+    return forgetting(model, sequences, batch_size=setup.batch_size, seed=0, parent=parent, separator=separator)
+
+
+def score(setup: Setup, path: Path, work: Path, mc_samples: int, lm_eval: bool = True) -> dict:
+    from adapt.training.forgetting import forgetting
+    from adapt.training.likelihood import diffusion_elbo
+
+    model, parent, sequences, separator = _scoring(setup, path)
     b = setup.batch_size
     start = time.process_time()
     elbo = diffusion_elbo(model, sequences, mc_samples=setup.elbo_draws, batch_size=b, seed=0)
-    kept = forgetting(model, sequences, batch_size=b, seed=0, parent=parent)
-    scores = {"elbo": elbo["elbo_nats_per_token"], "elbo_stderr": elbo["stderr"], **kept,
+    scores = {"elbo": elbo["elbo_nats_per_token"], "elbo_stderr": elbo["stderr"],
+              **forgetting(model, sequences, batch_size=b, seed=0, parent=parent, separator=separator),
               "score_cpu_s": time.process_time() - start}
     return {**scores, **(model_lm_eval(path, work, mc_samples, b) if lm_eval else {})}
 
@@ -226,6 +248,9 @@ def main():
         elif cached.exists() and not a.no_lm_eval and "cloze_acc" not in json.loads(cached.read_text()):
             scores = {**json.loads(cached.read_text()), **model_lm_eval(final, work, a.mc_samples, setup.batch_size)}
             cached.write_text(json.dumps(scores, indent=1))
+        if cached.exists() and "block_start_change_stderr" not in json.loads(cached.read_text()).get(
+                "within_documents", {}):
+            cached.write_text(json.dumps({**json.loads(cached.read_text()), **kept(setup, final)}, indent=1))
         if cached.exists():
             results[name] = json.loads(cached.read_text())
             print(name, json.dumps(results[name]), flush=True)
@@ -260,24 +285,32 @@ def table(setup: Setup, results: dict, parent: dict, out: Path, a) -> str:
              f"sequences of {setup.seq_length} tokens of valid.txt, packed as training packs "
              f"(`adapt.training.data.pack`: {setup.packing}; {first['tokens']} scored tokens, "
              f"{first['block_start_tokens']} of them block starts; block ELBO: {setup.elbo_draws} draws per sequence, "
-             f"seed 0). AR parent: NLL **{ar:.3f}**, block-start NLL {first['parent_block_start_nll']:.3f}, "
+             f"seed 0; within documents, without the separators and the token after each: "
+             f"{first['within_documents']['tokens']} tokens, {first['within_documents']['block_start_tokens']} block "
+             f"starts). AR parent: NLL **{ar:.3f}**, block-start NLL {first['parent_block_start_nll']:.3f}; within "
+             f"documents {first['within_documents']['parent_nll']:.3f} and "
+             f"{first['within_documents']['parent_block_start_nll']:.3f}; "
              f"cloze {parent['cloze_acc']:.2f}, next-sentence {parent['next_acc']:.2f} (acc_norm "
              f"{parent['next_acc_norm']:.2f}). lm-eval: {a.paragraphs} paragraphs per task, {a.mc_samples} ELBO "
              f"draws per request. Command: `python benchmarks/retention_ablation.py {model}--train --steps {a.steps} "
              + (f"--separator '{a.separator}' " if a.separator else "")
              + f"--paragraphs {a.paragraphs} --mc-samples {a.mc_samples} --rows {','.join(results)} --write`.", "",
-             "| row | overrides | block ELBO ÷ AR NLL | block-start NLL − parent's | AR-mode NLL | "
-             "l = 1 / 2 / 3 / 4 masked (CE per masked token) | cloze acc | next-sentence acc (norm) | CPU min |",
+             "| row | overrides | block ELBO ÷ AR NLL | block-start NLL − parent's (within documents) | AR-mode NLL "
+             "(within documents) | l = 1 / 2 / 3 / 4 masked (CE per masked token) | cloze acc | "
+             "next-sentence acc (norm) | CPU min |",
              "|---|---|---:|---:|---:|---|---:|---:|---:|"]
     for name, r in results.items():
         timing = out / name / "timing.json"
         cpu = f"{json.loads(timing.read_text())['cpu_s'] / 60:.1f}" if timing.exists() else "–"
         per_l = " / ".join(f"{v:.2f}" for v in r["masked_per_block"].values())
         over = " ".join(f"`{o}`" for o in setup.rows[name][1]) or "–"
-        mode = f"{r['ar_nll']:.3f}" + ("" if r["clean_attention"] == "causal" else " (no AR mode trained)")
+        inside = r["within_documents"]
+        mode = (f"{r['ar_nll']:.3f} ({inside['ar_nll']:.3f})"
+                + ("" if r["clean_attention"] == "causal" else " (no AR mode trained)"))
         lines.append(f"| {setup.rows[name][0]} | {over} | {r['elbo'] / ar:.3f} "
                      f"({r['elbo']:.3f} ± {r['elbo_stderr']:.3f}) "
-                     f"| {r['block_start_change']:+.3f} | {mode} | {per_l} | {lm(r, 'cloze_acc')} | "
+                     f"| {r['block_start_change']:+.3f} ({inside['block_start_change']:+.3f} ± "
+                     f"{inside['block_start_change_stderr']:.3f}) | {mode} | {per_l} | {lm(r, 'cloze_acc')} | "
                      f"{lm(r, 'next_acc')} ({lm(r, 'next_acc_norm')}) | {cpu} |")
     return "\n".join(lines) + "\n"
 

@@ -184,6 +184,9 @@ def test_ar_and_distill_terms_are_logged_and_the_checkpoint_keeps_causal_clean_a
     assert all({"ar_loss", "distill_kl"} <= r.keys() for r in records)
     # validation reports what the model kept of its parent
     assert {"val_elbo", "val_block_start_nll", "val_ar_nll", "val_masked_per_block"} <= records[2].keys()
+    within = records[2]["val_within_documents"]  # and the same without the packing's separators
+    assert set(within) == {"block_start_nll", "ar_nll", "ar_block_start_nll"}
+    assert within["ar_nll"] != pytest.approx(records[2]["val_ar_nll"], rel=1e-4)
     # step 1, before any update: the clean stream is the parent, so the AR term is the parent's NLL (> 0) and the
     # distillation term a KL (>= 0)
     assert records[0]["ar_loss"] > 0 and records[0]["distill_kl"] >= 0
@@ -313,3 +316,46 @@ def test_eval_forgetting_metrics_against_the_parent(block_4, tmp_path):
     assert causal["clean_attention"] == "causal" and abs(causal["block_start_change"]) < 1e-5
     with pytest.raises(AdaptError, match="no blocks"):
         adapt.evaluate(src, str(data), **common)
+
+
+def test_forgetting_within_documents_leaves_out_each_separator_and_the_token_after(block_4, tmp_path):
+    """`within_documents`: the parent's NLL over exactly the targets that are neither the packing's separator nor
+    the token right after one, recomputed here from the parent's logits; a causal clean stream still matches the
+    parent there at step 0."""
+    from adapt.training.data import document_separator, pack
+
+    src, out = block_4("llama")
+    data = tmp_path / "valid.txt"
+    rng = random.Random(2)
+    data.write_text("\n\n".join(" ".join(f"w{rng.randrange(4, 90)}" for _ in range(rng.randrange(3, 9)))
+                                for _ in range(30)))  # short documents: several separators per row
+    model, tok = adapt.load(out)
+    model.config.clean_attention = "causal"
+    common = dict(metrics="forgetting", ar_parent=str(src), seq_length=16, num_sequences=4, batch_size=2)
+    result = adapt.evaluate(model, str(data), tokenizer=tok, **common)["forgetting"]
+    within = result["within_documents"]
+    sep = document_separator(tok)[1]
+    x = pack(adapt.training.data.load_documents(str(data), adapt.config.DataConfig()), tok, 16, "evaluation",
+             max_rows=4)
+    keep = (x[:, 1:] != sep) & (x[:, :-1] != sep)
+    assert within["separator_id"] == sep and 0 < within["tokens"] == int(keep.sum()) < x[:, 1:].numel()
+    with torch.no_grad():
+        logits = AutoModelForCausalLM.from_pretrained(src)(x).logits[:, :-1].double()
+    ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten(), reduction="none").view_as(keep)
+    assert within["parent_nll"] == pytest.approx(float(ce[keep].mean()), rel=1e-5)
+    assert result["parent_nll"] == pytest.approx(float(ce.mean()), rel=1e-5)
+    assert within["parent_nll"] != pytest.approx(result["parent_nll"], rel=1e-4)
+    starts = keep & (torch.arange(1, 16) % 4 == 0)
+    assert within["block_start_tokens"] == int(starts.sum())
+    assert within["parent_block_start_nll"] == pytest.approx(float(ce[starts].mean()), rel=1e-5)
+    assert abs(within["block_start_change"]) < 1e-5 and within["ar_nll"] == pytest.approx(within["parent_nll"], abs=1e-5)
+    # the block-wise clean stream differs from the parent: the paired standard error of the change, per block start
+    model.config.clean_attention = "block"
+    within = adapt.evaluate(model, str(data), tokenizer=tok, **common)["forgetting"]["within_documents"]
+    with torch.no_grad():
+        block = two_l_logits(model, torch.full_like(x, model.config.mask_token_id), x, block_size=B)[:, :-1].double()
+    block[..., model.config.mask_token_id] = -torch.inf
+    own = torch.nn.functional.cross_entropy(block.flatten(0, 1), x[:, 1:].flatten(), reduction="none").view_as(keep)
+    d = (own - ce)[starts]
+    assert within["block_start_change"] == pytest.approx(float(d.mean()), rel=1e-4, abs=1e-6)
+    assert within["block_start_change_stderr"] == pytest.approx(float(d.std() / len(d) ** 0.5), rel=1e-4)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..checkpoint import CAUSAL, NOT_A_MODEL, check_device, detect, load
 from ..config import DataConfig, EvalOptions
-from ..training.data import load_documents, pack
+from ..training.data import document_separator, load_documents, pack
 from ..errors import AdaptError, first_line
 from ..model.block_masked_diffusion import resolve_block_size
 from ..training.forgetting import forgetting
@@ -113,7 +113,8 @@ def _score_text(model, tokenizer, kind: str, documents: list[str], o: EvalOption
                                              seed=o.seed, block_size=o.block_size)
                               if kind == DIFFUSION else causal_nll(model, sequences, batch_size=o.batch_size))
         if "forgetting" in o.metrics:
-            result["forgetting"] = _forgetting(model, kind, sequences, o, scorer, scorer_name)
+            result["forgetting"] = _forgetting(model, kind, sequences, o, scorer, scorer_name,
+                                               document_separator(tokenizer, separator)[1])
         if "infill" in o.metrics:
             result["infill"] = infill(model, sequences, span=o.infill_span, examples=o.infill_examples,
                                       batch_size=o.batch_size, ar_scorer=scorer, ar_name=scorer_name, kv_cache=o.kv_cache)
@@ -131,13 +132,14 @@ def _score_text(model, tokenizer, kind: str, documents: list[str], o: EvalOption
     return result
 
 
-def _forgetting(model, kind: str, sequences, o: EvalOptions, parent, parent_name) -> dict:
-    """`training.forgetting` for a block-diffusion checkpoint, beside its AR parent's numbers when one loads."""
+def _forgetting(model, kind: str, sequences, o: EvalOptions, parent, parent_name, separator: int) -> dict:
+    """`training.forgetting` for a block-diffusion checkpoint, beside its AR parent's numbers when one loads, and
+    again within documents (without the packing's `separator` tokens and the token after each)."""
     if kind != DIFFUSION or resolve_block_size(model.config, o.block_size) is None:
         raise AdaptError("--metrics forgetting compares a block-diffusion checkpoint's block-start tokens with its "
                          "parent's: this model has no blocks (give --block-size, or drop forgetting)")
     result = forgetting(model, sequences, batch_size=o.batch_size, seed=o.seed, block_size=o.block_size,
-                        parent=parent if parent is not model else None)
+                        parent=parent if parent is not model else None, separator=separator)
     return {**result, "parent": parent_name}
 
 

@@ -10,6 +10,11 @@ of each row is context, as in `likelihood`); training's validation and `dlm-adap
 - `ar_nll` and `ar_block_start_nll`: the checkpoint as its causal self (`is_causal=True`): its AR mode, exact
   when the clean stream is token-causal (`clean_attention: causal`; the parent itself before training).
 [MASK] is never a prediction, as in the ELBO.
+
+With `separator` (the token id `training.data.document_separator` puts between packed documents), `within_documents`
+repeats the NLLs without the separator tokens and the token after each: what the parent pays there is a packing
+convention it never saw (benchmarks/separator_cost.py: SmolLM2-Instruct 12.5 nats at each `<|endoftext|>`), which
+an adaptation learns in a few steps; counted in, it reads as knowledge gained and hides forgetting elsewhere.
 """
 
 import torch
@@ -28,12 +33,19 @@ def _ce(logits, ids, mask_id):
     return F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="none").view(ids.shape[0], -1)
 
 
+def _stderr(parts: list) -> float:
+    """Standard error of the mean of per-token differences (both models score the same tokens: paired)."""
+    d = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+    return float(d.std() / len(d) ** 0.5) if len(d) > 1 else float("nan")
+
+
 @torch.no_grad()
 def forgetting(model, sequences: torch.Tensor, *, batch_size: int = 16, seed: int = 0, block_size: int | None = None,
-               parent=None) -> dict:
+               parent=None, separator: int | None = None) -> dict:
     """The metrics above for a block-diffusion checkpoint with shift, in nats per token; with `parent` (a causal
     LM on the same tokenizer) also `parent_nll` and `parent_block_start_nll`, and `block_start_change` (model −
-    parent: > 0 is forgetting)."""
+    parent: > 0 is forgetting) with its standard error over block starts (`block_start_change_stderr`, paired: the
+    same tokens); with `separator`, the same within documents."""
     config = model.config
     block_size = resolve_block_size(config, block_size, needed_by="the forgetting metrics (block-start tokens)")
     if not getattr(config, "shift", False):
@@ -43,22 +55,39 @@ def forgetting(model, sequences: torch.Tensor, *, batch_size: int = 16, seed: in
     length = ids.shape[1]
     start = (torch.arange(1, length) % block_size == 0)  # token i + 1 starts a block
     g = torch.Generator().manual_seed(seed)
-    sums = {name: 0.0 for name in ("block_start", "ar", "ar_block_start", "parent", "parent_block_start")}
+    names = ("block_start", "ar", "ar_block_start", "parent", "parent_block_start")
+    sums, inside = {name: 0.0 for name in names}, {name: 0.0 for name in names}
+    counts = {"tokens": 0, "starts": 0}  # within documents
+    changes = {"all": [], "within": []}  # per block start: model − parent, for the paired standard error
+
+    def add(name, ce, keep):
+        sums[name] += float(ce[:, start].double().sum() if name.endswith("block_start") else ce.double().sum())
+        if keep is not None:
+            kept = keep & start if name.endswith("block_start") else keep
+            inside[name] += float(ce[kept].double().sum())
     per_l, count_l = torch.zeros(block_size + 1, dtype=torch.float64), torch.zeros(block_size + 1, dtype=torch.float64)
     was_training = model.training
     model.eval()
     try:
         for lo in range(0, ids.shape[0], batch_size):
             x = ids[lo:lo + batch_size].to(device)
-            ce = _ce(two_l_logits(model, torch.full_like(x, mask_id), x, block_size=block_size), x, mask_id)
-            sums["block_start"] += float(ce[:, start].double().sum())
-            ce = _ce(model(input_ids=x, is_causal=True).logits, x, mask_id)
-            sums["ar"] += float(ce.double().sum())
-            sums["ar_block_start"] += float(ce[:, start].double().sum())
+            keep = None
+            if separator is not None:  # target i + 1 is neither the separator nor the token right after it
+                keep = ((x[:, 1:] != separator) & (x[:, :-1] != separator)).cpu()
+                counts["tokens"] += int(keep.sum())
+                counts["starts"] += int((keep & start).sum())
+            block = _ce(two_l_logits(model, torch.full_like(x, mask_id), x, block_size=block_size), x, mask_id).cpu()
+            add("block_start", block, keep)
+            ce = _ce(model(input_ids=x, is_causal=True).logits, x, mask_id).cpu()
+            add("ar", ce, keep)
+            add("ar_block_start", ce, keep)
             if parent is not None:
-                ce = _ce(parent(input_ids=x).logits, x, None)
-                sums["parent"] += float(ce.double().sum())
-                sums["parent_block_start"] += float(ce[:, start].double().sum())
+                ce = _ce(parent(input_ids=x).logits, x, None).cpu()
+                add("parent", ce, keep)
+                add("parent_block_start", ce, keep)
+                changes["all"].append((block - ce)[:, start].flatten().double())
+                if keep is not None:
+                    changes["within"].append((block - ce)[keep & start].double())
             u = torch.rand(x.shape, generator=g).to(device)
             u[:, 0] = 2.0  # context, never masked
             blocks = -(-length // block_size) * block_size
@@ -78,5 +107,17 @@ def forgetting(model, sequences: torch.Tensor, *, batch_size: int = 16, seed: in
            "ar_nll": sums["ar"] / tokens, "ar_block_start_nll": sums["ar_block_start"] / starts, "tokens": tokens}
     if parent is not None:
         out.update(parent_nll=sums["parent"] / tokens, parent_block_start_nll=sums["parent_block_start"] / starts,
-                   block_start_change=(sums["block_start"] - sums["parent_block_start"]) / starts)
+                   block_start_change=(sums["block_start"] - sums["parent_block_start"]) / starts,
+                   block_start_change_stderr=_stderr(changes["all"]))
+    if separator is not None:
+        n, m = max(counts["tokens"], 1), max(counts["starts"], 1)
+        within = {"excluded": "the separator tokens and the token after each", "separator_id": separator,
+                  "block_start_nll": inside["block_start"] / m, "block_start_tokens": counts["starts"],
+                  "ar_nll": inside["ar"] / n, "ar_block_start_nll": inside["ar_block_start"] / m,
+                  "tokens": counts["tokens"]}
+        if parent is not None:
+            within.update(parent_nll=inside["parent"] / n, parent_block_start_nll=inside["parent_block_start"] / m,
+                          block_start_change=(inside["block_start"] - inside["parent_block_start"]) / m,
+                          block_start_change_stderr=_stderr(changes["within"]))
+        out["within_documents"] = within
     return out

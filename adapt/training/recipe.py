@@ -327,9 +327,13 @@ class Recipe:
             record = {"val_elbo": diffusion_elbo(self.dlm, self.val_data, mc_samples=1, batch_size=size, seed=1234,
                                                  block_size=self.block)["elbo_nats_per_token"]}
             if self.block is not None and not self.sft and self.dlm.config.shift:
-                kept = forgetting(self.dlm, self.val_data, batch_size=size, seed=1234, block_size=self.block)
+                kept = forgetting(self.dlm, self.val_data, batch_size=size, seed=1234, block_size=self.block,
+                                  separator=None if self.separator is None else self.separator[1])
                 record.update({f"val_{k}": kept[k] for k in ("block_start_nll", "ar_nll", "ar_block_start_nll")},
                               val_masked_per_block=kept["masked_per_block"])
+                if "within_documents" in kept:
+                    record["val_within_documents"] = {k: kept["within_documents"][k] for k in
+                                                      ("block_start_nll", "ar_nll", "ar_block_start_nll")}
         return record
 
     def _whole_root(self):
