@@ -33,10 +33,35 @@ def _ce(logits, ids, mask_id):
     return F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="none").view(ids.shape[0], -1)
 
 
-def _stderr(parts: list) -> float:
-    """Standard error of the mean of per-token differences (both models score the same tokens: paired)."""
-    d = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
-    return float(d.std() / len(d) ** 0.5) if len(d) > 1 else float("nan")
+class _Tally:
+    """Per-token NLL sums over the targets a `keep` mask selects; block starts are those that also start a block."""
+
+    def __init__(self):
+        self.sums = dict.fromkeys(("block_start", "ar", "ar_block_start", "parent", "parent_block_start"), 0.0)
+        self.tokens = self.starts = 0
+        self.changes = []  # per block start: model − parent, for the paired standard error
+
+    def add(self, keep, start, block, ar, parent):
+        starts = keep & start
+        self.tokens, self.starts = self.tokens + int(keep.sum()), self.starts + int(starts.sum())
+        self.sums["block_start"] += float(block[starts].double().sum())
+        self.sums["ar"] += float(ar[keep].double().sum())
+        self.sums["ar_block_start"] += float(ar[starts].double().sum())
+        if parent is not None:
+            self.sums["parent"] += float(parent[keep].double().sum())
+            self.sums["parent_block_start"] += float(parent[starts].double().sum())
+            self.changes.append((block - parent)[starts].double())
+
+    def summary(self, parent: bool) -> dict:
+        s, n, m = self.sums, max(self.tokens, 1), max(self.starts, 1)
+        out = {"block_start_nll": s["block_start"] / m, "block_start_tokens": self.starts, "ar_nll": s["ar"] / n,
+               "ar_block_start_nll": s["ar_block_start"] / m, "tokens": self.tokens}
+        if parent:
+            d = torch.cat(self.changes)
+            out.update(parent_nll=s["parent"] / n, parent_block_start_nll=s["parent_block_start"] / m,
+                       block_start_change=(s["block_start"] - s["parent_block_start"]) / m,
+                       block_start_change_stderr=float(d.std() / len(d) ** 0.5) if len(d) > 1 else float("nan"))
+        return out
 
 
 @torch.no_grad()
@@ -55,39 +80,19 @@ def forgetting(model, sequences: torch.Tensor, *, batch_size: int = 16, seed: in
     length = ids.shape[1]
     start = (torch.arange(1, length) % block_size == 0)  # token i + 1 starts a block
     g = torch.Generator().manual_seed(seed)
-    names = ("block_start", "ar", "ar_block_start", "parent", "parent_block_start")
-    sums, inside = {name: 0.0 for name in names}, {name: 0.0 for name in names}
-    counts = {"tokens": 0, "starts": 0}  # within documents
-    changes = {"all": [], "within": []}  # per block start: model − parent, for the paired standard error
-
-    def add(name, ce, keep):
-        sums[name] += float(ce[:, start].double().sum() if name.endswith("block_start") else ce.double().sum())
-        if keep is not None:
-            kept = keep & start if name.endswith("block_start") else keep
-            inside[name] += float(ce[kept].double().sum())
+    whole, inside = _Tally(), _Tally()
     per_l, count_l = torch.zeros(block_size + 1, dtype=torch.float64), torch.zeros(block_size + 1, dtype=torch.float64)
     was_training = model.training
     model.eval()
     try:
         for lo in range(0, ids.shape[0], batch_size):
             x = ids[lo:lo + batch_size].to(device)
-            keep = None
-            if separator is not None:  # target i + 1 is neither the separator nor the token right after it
-                keep = ((x[:, 1:] != separator) & (x[:, :-1] != separator)).cpu()
-                counts["tokens"] += int(keep.sum())
-                counts["starts"] += int((keep & start).sum())
             block = _ce(two_l_logits(model, torch.full_like(x, mask_id), x, block_size=block_size), x, mask_id).cpu()
-            add("block_start", block, keep)
-            ce = _ce(model(input_ids=x, is_causal=True).logits, x, mask_id).cpu()
-            add("ar", ce, keep)
-            add("ar_block_start", ce, keep)
-            if parent is not None:
-                ce = _ce(parent(input_ids=x).logits, x, None).cpu()
-                add("parent", ce, keep)
-                add("parent_block_start", ce, keep)
-                changes["all"].append((block - ce)[:, start].flatten().double())
-                if keep is not None:
-                    changes["within"].append((block - ce)[keep & start].double())
+            ar = _ce(model(input_ids=x, is_causal=True).logits, x, mask_id).cpu()
+            own = None if parent is None else _ce(parent(input_ids=x).logits, x, None).cpu()
+            whole.add(torch.ones_like(block, dtype=torch.bool), start, block, ar, own)
+            if separator is not None:  # target i + 1 is neither the separator nor the token right after it
+                inside.add(((x[:, 1:] != separator) & (x[:, :-1] != separator)).cpu(), start, block, ar, own)
             u = torch.rand(x.shape, generator=g).to(device)
             u[:, 0] = 2.0  # context, never masked
             blocks = -(-length // block_size) * block_size
@@ -100,24 +105,9 @@ def forgetting(model, sequences: torch.Tensor, *, batch_size: int = 16, seed: in
                 count_l[l] += int(masked[:, 1:].sum())
     finally:
         model.train(was_training)
-    starts, tokens = int(start.sum()) * ids.shape[0], (length - 1) * ids.shape[0]
-    out = {"block_size": block_size, "clean_attention": clean_attention_of(config),
-           "block_start_nll": sums["block_start"] / starts, "block_start_tokens": starts,
-           "masked_per_block": {str(l): float(per_l[l] / count_l[l].clamp_min(1)) for l in range(1, block_size + 1)},
-           "ar_nll": sums["ar"] / tokens, "ar_block_start_nll": sums["ar_block_start"] / starts, "tokens": tokens}
-    if parent is not None:
-        out.update(parent_nll=sums["parent"] / tokens, parent_block_start_nll=sums["parent_block_start"] / starts,
-                   block_start_change=(sums["block_start"] - sums["parent_block_start"]) / starts,
-                   block_start_change_stderr=_stderr(changes["all"]))
+    out = {"block_size": block_size, "clean_attention": clean_attention_of(config), **whole.summary(parent is not None),
+           "masked_per_block": {str(l): float(per_l[l] / count_l[l].clamp_min(1)) for l in range(1, block_size + 1)}}
     if separator is not None:
-        n, m = max(counts["tokens"], 1), max(counts["starts"], 1)
-        within = {"excluded": "the separator tokens and the token after each", "separator_id": separator,
-                  "block_start_nll": inside["block_start"] / m, "block_start_tokens": counts["starts"],
-                  "ar_nll": inside["ar"] / n, "ar_block_start_nll": inside["ar_block_start"] / m,
-                  "tokens": counts["tokens"]}
-        if parent is not None:
-            within.update(parent_nll=inside["parent"] / n, parent_block_start_nll=inside["parent_block_start"] / m,
-                          block_start_change=(inside["block_start"] - inside["parent_block_start"]) / m,
-                          block_start_change_stderr=_stderr(changes["within"]))
-        out["within_documents"] = within
+        out["within_documents"] = {"excluded": "the separator tokens and the token after each",
+                                   "separator_id": separator, **inside.summary(parent is not None)}
     return out
