@@ -65,7 +65,7 @@ DISTILL = ["objective.distill_weight=0.5"]
 ARKL = CAUSAL + AR + ["objective.ar_target=parent"] + DISTILL  # the AR term as KL to the parent, + distillation
 ARKL2 = CAUSAL + ["objective.ar_loss_weight=2", "objective.ar_target=parent"] + DISTILL  # the same at λ = 2
 ROWS = {
-    "base": ("today's recipe, run (g): lr 3e-3", []),
+    "base": ("no options, run (g): lr 3e-3", []),
     "causal": ("token-causal clean stream", CAUSAL),
     "ar": ("AR loss λ = 0.5 (causal clean stream)", CAUSAL + AR),
     "pos": ("position masking c = 1", ["objective.position_masking=1"]),
@@ -94,6 +94,9 @@ ROWS = {
                                          "objective.distill_weight=1.0", "train.lr=7.5e-4"]),
     "arkl4_distill1_quarter": ("AR KL to the parent λ = 4 + distillation μ = 1, lr 7.5e-4",
                                CAUSAL + ["objective.ar_loss_weight=4", "objective.ar_target=parent",
+                                         "objective.distill_weight=1.0", "train.lr=7.5e-4"]),
+    "arkl8_distill1_quarter": ("AR KL to the parent λ = 8 + distillation μ = 1, lr 7.5e-4",
+                               CAUSAL + ["objective.ar_loss_weight=8", "objective.ar_target=parent",
                                          "objective.distill_weight=1.0", "train.lr=7.5e-4"]),
     "arkl_distill_quarter": ("AR KL to the parent + distillation, lr 7.5e-4", ARKL + ["train.lr=7.5e-4"]),
     "all_half": ("AR loss + distillation + position masking, lr 1.5e-3",
@@ -248,12 +251,15 @@ def main():
         elif cached.exists() and not a.no_lm_eval and "cloze_acc" not in json.loads(cached.read_text()):
             scores = {**json.loads(cached.read_text()), **model_lm_eval(final, work, a.mc_samples, setup.batch_size)}
             cached.write_text(json.dumps(scores, indent=1))
-        if cached.exists() and "block_start_change_stderr" not in json.loads(cached.read_text()).get(
-                "within_documents", {}):
+        if (cached.exists() and (final / "config.json").exists()
+                and "block_start_change_stderr" not in json.loads(cached.read_text()).get("within_documents", {})):
             cached.write_text(json.dumps({**json.loads(cached.read_text()), **kept(setup, final)}, indent=1))
         if cached.exists():
             results[name] = json.loads(cached.read_text())
             print(name, json.dumps(results[name]), flush=True)
+    if stale := [name for name, r in results.items() if "block_start_change_stderr" not in r.get("within_documents", {})]:
+        p.error(f"rows {','.join(stale)} were scored before the within-documents figures and their OUTPUT/final is "
+                "gone: train them again (--train, after removing their directories) or leave them out of --rows")
     parent_cache = out / "parent.json"
     if not parent_cache.exists():
         gguf = setup.source.suffix == ".gguf"  # lm-eval's hf backend takes a GGUF file as directory + gguf_file

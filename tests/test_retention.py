@@ -359,3 +359,25 @@ def test_forgetting_within_documents_leaves_out_each_separator_and_the_token_aft
     d = (own - ce)[starts]
     assert within["block_start_change"] == pytest.approx(float(d.mean()), rel=1e-4, abs=1e-6)
     assert within["block_start_change_stderr"] == pytest.approx(float(d.std() / len(d) ** 0.5), rel=1e-4)
+
+
+def test_within_documents_on_hand_built_rows_and_a_selection_without_block_starts(block_4):
+    """The kept targets written out by hand (SEP = 50 at positions 3 and 8: targets 3, 4, 8, 9 leave, among them the
+    block starts 4 and 8), and a row whose every block start is a separator or follows one: NaN, never 0."""
+    from adapt.training.forgetting import forgetting
+
+    src, out = block_4("llama")
+    model, _ = adapt.load(out)
+    parent = AutoModelForCausalLM.from_pretrained(src).eval()
+    x = torch.tensor([[5, 6, 7, 50, 9, 10, 11, 12, 50, 14, 15, 16, 17]])
+    within = forgetting(model, x, parent=parent, separator=50)["within_documents"]
+    with torch.no_grad():
+        ce = torch.nn.functional.cross_entropy(parent(x).logits[0, :-1].double(), x[0, 1:], reduction="none")
+    kept = [1, 2, 5, 6, 7, 10, 11, 12]  # target positions
+    assert within["tokens"] == len(kept) and within["block_start_tokens"] == 1  # target 12 alone
+    assert within["parent_nll"] == pytest.approx(float(ce[[t - 1 for t in kept]].mean()), rel=1e-6)
+    assert within["parent_block_start_nll"] == pytest.approx(float(ce[11]), rel=1e-6)
+    none = forgetting(model, torch.tensor([[5, 6, 7, 50, 9, 10, 11, 50, 13]]), parent=parent, separator=50)
+    assert none["block_start_tokens"] == 2 and none["within_documents"]["block_start_tokens"] == 0
+    assert math.isnan(none["within_documents"]["block_start_change"])
+    assert math.isnan(none["within_documents"]["block_start_nll"]) and none["within_documents"]["tokens"] == 4
