@@ -7,11 +7,11 @@
   recipes/adaptation/smollm2-135m-block-lora.yaml at --steps (its stages a fifth each, as the recipe's);
   scored on the first 16 validation sequences of 256 tokens (as benchmarks/adapt_smollm2.sh).
 
-Rows: today's recipe, each option alone, combinations, and the best at half the learning rate. Columns:
+Rows: no options (run (g)), each option alone, combinations, and the best at half the learning rate. Columns:
 - block ELBO (16 draws per sequence, seed 0) ÷ the AR parent's exact NLL;
 - block-start NLL − the parent's on the same tokens (`adapt.training.forgetting`; > 0 is forgetting), over all
-  tokens and within documents (without the packing's separators and the token after each, which the parent never
-  saw in that place: `within_documents`);
+  tokens and within documents (without the packing's separators and the token after each: document boundaries,
+  which the parent predicts from the previous document alone and an adaptation learns at once: `within_documents`);
 - AR-mode NLL: the checkpoint as its causal self (`is_causal=True`), exact when `block.clean_attention=causal`;
 - lm-eval on TinyStories (benchmarks/lm_eval_stories.py's tasks, --paragraphs each): cloze accuracy
   (`is_greedy`) and next-sentence accuracy (acc and acc_norm), ELBO with --mc-samples draws per request.
@@ -64,6 +64,14 @@ CAUSAL, AR = ["block.clean_attention=causal"], ["objective.ar_loss_weight=0.5"]
 DISTILL = ["objective.distill_weight=0.5"]
 ARKL = CAUSAL + AR + ["objective.ar_target=parent"] + DISTILL  # the AR term as KL to the parent, + distillation
 ARKL2 = CAUSAL + ["objective.ar_loss_weight=2", "objective.ar_target=parent"] + DISTILL  # the same at λ = 2
+
+
+def arkl_mu1(weight: int) -> list[str]:
+    """The AR term as KL to the parent at λ = `weight`, distillation μ = 1, lr 7.5e-4."""
+    return CAUSAL + [f"objective.ar_loss_weight={weight}", "objective.ar_target=parent", "objective.distill_weight=1.0",
+                     "train.lr=7.5e-4"]
+
+
 ROWS = {
     "base": ("no options, run (g): lr 3e-3", []),
     "causal": ("token-causal clean stream", CAUSAL),
@@ -89,15 +97,9 @@ ROWS = {
                                   ARKL2 + ["objective.position_masking=1", "train.lr=7.5e-4"]),
     "arkl2_distill_comp_quarter": ("AR KL to the parent λ = 2 + distillation + complementary masks, lr 7.5e-4",
                                    ARKL2 + ["objective.complementary=true", "train.lr=7.5e-4"]),
-    "arkl2_distill1_quarter": ("AR KL to the parent λ = 2 + distillation μ = 1, lr 7.5e-4",
-                               CAUSAL + ["objective.ar_loss_weight=2", "objective.ar_target=parent",
-                                         "objective.distill_weight=1.0", "train.lr=7.5e-4"]),
-    "arkl4_distill1_quarter": ("AR KL to the parent λ = 4 + distillation μ = 1, lr 7.5e-4",
-                               CAUSAL + ["objective.ar_loss_weight=4", "objective.ar_target=parent",
-                                         "objective.distill_weight=1.0", "train.lr=7.5e-4"]),
-    "arkl8_distill1_quarter": ("AR KL to the parent λ = 8 + distillation μ = 1, lr 7.5e-4",
-                               CAUSAL + ["objective.ar_loss_weight=8", "objective.ar_target=parent",
-                                         "objective.distill_weight=1.0", "train.lr=7.5e-4"]),
+    "arkl2_distill1_quarter": ("AR KL to the parent λ = 2 + distillation μ = 1, lr 7.5e-4", arkl_mu1(2)),
+    "arkl4_distill1_quarter": ("AR KL to the parent λ = 4 + distillation μ = 1, lr 7.5e-4", arkl_mu1(4)),
+    "arkl8_distill1_quarter": ("AR KL to the parent λ = 8 + distillation μ = 1, lr 7.5e-4", arkl_mu1(8)),
     "arkl_distill_quarter": ("AR KL to the parent + distillation, lr 7.5e-4", ARKL + ["train.lr=7.5e-4"]),
     "all_half": ("AR loss + distillation + position masking, lr 1.5e-3",
                  CAUSAL + AR + DISTILL + ["objective.position_masking=1", "train.lr=1.5e-3"]),
