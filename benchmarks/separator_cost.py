@@ -32,16 +32,15 @@ MODELS = {  # name: (source, sequence length, sequences): the retention ablation
 
 def costs(model, tokenizer, documents, seq_length: int, rows: int, separator: str | None) -> dict:
     from adapt.training.data import document_separator, pack
+    from adapt.training.forgetting import within_documents
 
     kind, mark = document_separator(tokenizer, separator)
     x = pack(documents, tokenizer, seq_length, "validation", max_rows=rows, separator=separator)
     with torch.no_grad():
         logp = torch.log_softmax(model(input_ids=x).logits[:, :-1].float(), -1)
     nll = -logp.gather(-1, x[:, 1:, None])[..., 0]
-    at = x[:, 1:] == mark
-    after = torch.zeros_like(at)
-    after[:, 1:] = at[:, :-1]
-    rest = ~(at | after)
+    at, after = x[:, 1:] == mark, x[:, :-1] == mark  # `after` counts a row that starts with the separator too
+    rest = within_documents(x, mark)  # what `forgetting` scores within documents
     name = f"{tokenizer.convert_ids_to_tokens(mark)} {'before' if kind == 'bos' else 'after'} each document"
     return {"packing": name + ("" if separator else " (the tokenizer's own)"), "nll": nll.mean().item(),
             "separators": int(at.sum()), "at": nll[at].mean().item(), "after": nll[after].mean().item(),

@@ -381,3 +381,13 @@ def test_within_documents_on_hand_built_rows_and_a_selection_without_block_start
     assert none["block_start_tokens"] == 2 and none["within_documents"]["block_start_tokens"] == 0
     assert math.isnan(none["within_documents"]["block_start_change"])
     assert math.isnan(none["within_documents"]["block_start_nll"]) and none["within_documents"]["tokens"] == 4
+
+
+def test_within_documents_rule_counts_a_separator_at_row_start():
+    """The one rule `forgetting` and benchmarks/separator_cost.py share: target i + 1 leaves when it is the separator
+    or when input token i is, token 0 included (a row packed to start with BOS)."""
+    from adapt.training.forgetting import within_documents
+
+    x = torch.tensor([[1, 5, 6, 1, 7, 8], [5, 6, 7, 8, 9, 1]])
+    assert within_documents(x, 1).tolist() == [[False, True, False, False, True],
+                                              [True, True, True, True, False]]
