@@ -7,7 +7,7 @@ does not pay for torch and transformers.
 import importlib
 import logging
 
-__version__ = "0.7.0"  # also DLM_ADAPT_VERSION in model/transformers_compat.py, stamped into remote code
+__version__ = "0.8.0"  # also DLM_ADAPT_VERSION in model/transformers_compat.py, stamped into remote code
 
 # name -> the module that defines it. The stages are subpackages (`conversion`, `training`, `sampling`, `evaluation`,
 # `hub`) whose names differ from these functions', so importing a submodule never replaces one of them.

@@ -18,7 +18,7 @@ A missing `--model .../final` is trained first with the stories260K recipe (abou
 `--block-model .../final` with the stories260k-block one (1200 steps: about 17 CPU-minutes). The AR
 parent is the model's `provenance.source` (or --ar-parent); prompts come from ../shared/data/tinystories.
 
-`--speculative DIR` (a drafter or block-diffusion checkpoint, trained or not; a missing DIR is converted from
+`--speculative DIR` (a drafter checkpoint, trained or not; a missing DIR is converted from
 stories260K with `--drafter --block-size 4`, untrained) writes its own table instead: per draft length, tokens per
 forward (every forward counted: one per round, plus the prefill), accepted drafts per round and acceptance per draft
 position, pass cost ÷ an AR step, time per token ÷ the AR parent's KV-cached greedy `generate` (batch 1 and batched;
@@ -395,11 +395,12 @@ def speculative(args):
               f"{' / '.join(f'{a:.0%}' for a in r['acceptance'])} | {r['pass_cost']:.2f} | {r['alone']:.2f} | "
               f"{r['batched']:.2f} | {r['same']:.0%}, {r['same_batched']:.0%} |" for r in results]
     best = max(results, key=lambda r: r["tpf"])
-    lines += ["", f"Targets (issue 25, after distillation): ≥ 2.5 tokens per forward and ≤ 0.5× the parent's time "
+    limit = 0.6 if "smollm2" in Path(ar_name).name.lower() else 0.5  # issue 25's CPU targets: SmolLM2's is 0.6×
+    lines += ["", f"Targets (issue 25, after distillation): ≥ 2.5 tokens per forward and ≤ {limit}× the parent's time "
               f"per token at batch 1 at the parent's quality. Best here: draft length {best['k']} (guess "
               f"{'on' if best['guess'] else 'off'}), {best['tpf']:.2f} "
               f"tokens per forward, {best['alone']:.2f}× the parent's time: "
-              + ("met" if best["tpf"] >= 2.5 and best["alone"] <= 0.5 else "not met") + "."]
+              + ("met" if best["tpf"] >= 2.5 and best["alone"] <= limit else "not met") + "."]
     write_section(args.out, title, "\n".join(lines) + "\n")
     print("\n".join(lines))
 

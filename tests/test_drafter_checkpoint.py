@@ -169,7 +169,7 @@ SPECULATIVE_ERRORS = {
     "draft length alone": (["--draft-length", "2"], "--draft-length is the speculative drafter's: add --speculative"),
     "no guessing alone": (["--no-guess-bonus"], "--no-guess-bonus is the speculative drafter's: add --speculative"),
     "infill": (["--speculative", "--infill", "w1 <|mask|> w3"], "--infill fills holes, --speculative continues"),
-    "no drafter": (["--speculative"], "speculative decoding needs a drafter: this checkpoint has no block size"),
+    "no drafter": (["--speculative"], "speculative decoding needs a drafter, and this checkpoint has none; convert the causal source with --drafter"),
     "diffusion option": (["--speculative", "--threshold", "0.9"], "it has no diffusion steps: leave threshold unset"),
 }
 

@@ -38,14 +38,14 @@ def eager_flex(monkeypatch):
     monkeypatch.setattr(flex, "_validate_device", lambda *args: None)
 
 
-def _model(arch, impl, block_size=None):
+def _model(arch, impl, block_size=None, drafter=None):
     from adapt.model.transformers_compat import decoder_class
 
     if impl == "flex_attention" and not getattr(decoder_class(tiny_config(arch, 100)), "_supports_flex_attn", False):
         pytest.skip(f"transformers' {arch} has no flex attention path")
     torch.manual_seed(0)
     model = MaskedDiffusionLM(MaskedDiffusionConfig(text_config=tiny_config(arch, 100).to_dict(), mask_token_id=MASK,
-                                                    block_size=block_size))
+                                                    block_size=block_size, drafter=drafter))
     model.set_attn_implementation(impl)
     return model.eval()
 
@@ -218,6 +218,6 @@ def test_speculative_decoding_refuses_flex():
     """A drafter's fused round builds its dense mask by hand (eager/sdpa only): flex is refused there, not run."""
     from adapt.model.speculative_masked_diffusion import check_speculative
 
-    model = _model("llama", "flex_attention", block_size=4)
+    model = _model("llama", "flex_attention", block_size=4, drafter={"rank": 2, "alpha": 4, "targets": ["q_proj"]})
     with pytest.raises(ValueError, match="'flex_attention' cannot take the block-diffusion mask.*'eager', 'sdpa'"):
         check_speculative(model, 2)

@@ -35,7 +35,8 @@ def checkpoints(tmp_path_factory):
     save_tiny_source(root / "src", "llama")
     adapt.convert(root / "src", root / "full")
     adapt.convert(root / "src", root / "block", block_size=4)
-    return {"full": adapt.load(root / "full")[0], "block": adapt.load(root / "block")[0]}
+    adapt.convert(root / "src", root / "drafter", block_size=4, drafter=True)
+    return {name: adapt.load(root / name)[0] for name in ("full", "block", "drafter")}
 
 
 def _batch(model):
@@ -49,7 +50,7 @@ def _batch(model):
 
 @pytest.mark.parametrize("mode", ["full", "block", "speculative"])
 def test_each_row_streams_its_own_tokens(checkpoints, mode):
-    model = checkpoints["full" if mode == "full" else "block"]
+    model = checkpoints[{"full": "full", "block": "block", "speculative": "drafter"}[mode]]
     ids, mask = _batch(model)
     options = dict(max_new_tokens=12, speculative=True) if mode == "speculative" else dict(max_new_tokens=12, steps=6)
     if mode == "full":
@@ -68,7 +69,7 @@ def test_each_row_streams_its_own_tokens(checkpoints, mode):
 
 @pytest.mark.parametrize("mode", ["full", "block", "speculative"])
 def test_a_cancelled_row_stops_and_the_others_do_not_change(checkpoints, mode):
-    model = checkpoints["full" if mode == "full" else "block"]
+    model = checkpoints[{"full": "full", "block": "block", "speculative": "drafter"}[mode]]
     ids, mask = _batch(model)
     options = dict(max_new_tokens=16, min_new_tokens=16)
     options.update(speculative=True, draft_length=2) if mode == "speculative" else options.update(

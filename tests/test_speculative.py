@@ -41,11 +41,12 @@ def _trained(model, seed=1):
 
 
 def _with_drafter(model, rank=4):
-    """The converted model (same weights) with a drafter adapter in its config and modules."""
+    """The converted model (same weights) with a new drafter adapter of rank `rank` in its config and modules."""
     config = MaskedDiffusionConfig(**{**model.config.to_dict(), "text_config": model.config.text_config.to_dict(),
                                       "drafter": {"rank": rank, "alpha": 8, "targets": drafter_targets(model.decoder)}})
     drafter = MaskedDiffusionLM(config)
-    drafter.load_state_dict(model.state_dict(), strict=False)
+    drafter.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("drafter.")},
+                            strict=False)
     drafter.set_attn_implementation(model.config.text_config._attn_implementation)
     drafter.generation_config = model.generation_config
     return drafter.eval()
@@ -59,7 +60,8 @@ def sources(tmp_path_factory):
         if arch not in cache:
             root = tmp_path_factory.mktemp(f"spec-{arch}")
             source = save_tiny_source(root / "src", arch)
-            model, _ = adapt.load(adapt.convert(root / "src", root / "dlm", block_size=4), attn_implementation="eager")
+            model, _ = adapt.load(adapt.convert(root / "src", root / "dlm", block_size=4, drafter=True),
+                                  attn_implementation="eager")  # an untrained drafter: it drafts as the conversion
             cache[arch] = source, model.eval()
         return cache[arch]
 
@@ -207,8 +209,14 @@ def test_bad_speculative_options_are_refused(sources, tmp_path):
     torch.manual_seed(0)
     full = MaskedDiffusionLM(MaskedDiffusionConfig(text_config=tiny_config("llama", 100).to_dict(),
                                                    mask_token_id=5)).eval()
-    with pytest.raises(SamplingError, match="needs a drafter"):
+    with pytest.raises(SamplingError, match="needs a drafter, and this checkpoint has none"):
         full.diffusion_generate(ids, max_new_tokens=4, speculative=True)
+    # a block checkpoint without a drafter: its causal mode is not its source model once trained, so it is refused
+    # as well (before 0.8.0 it decoded, with its own causal mode as the verifier)
+    block = MaskedDiffusionLM(MaskedDiffusionConfig(text_config=tiny_config("llama", 100).to_dict(), mask_token_id=5,
+                                                    block_size=4)).eval()
+    with pytest.raises(SamplingError, match="needs a drafter, and this checkpoint has none"):
+        block.diffusion_generate(ids, max_new_tokens=4, speculative=True)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])

@@ -148,7 +148,7 @@ class SamplingOptions:
         "Fast-dLLM's approximate KV cache, refreshed once per block: later passes rerun the block and what "
         "follows it (prefix) or only the block (dual)", choices=SamplerChoices("KV_CACHES"), metavar="CACHE"))
     speculative: bool = field(default=False, **_help(
-        "speculative decoding (a drafter or block-diffusion checkpoint): one forward per round, in which the causal "
+        "speculative decoding (a drafter checkpoint): one forward per round, in which the causal "
         "parent verifies the last drafts and the drafter drafts the next ones, so the output is the parent's own "
         "(greedy: its greedy text)"))
     draft_length: int | None = field(default=None, **_help(

@@ -209,10 +209,11 @@ class SpeculativeOutput(SamplingOutput):
 
 
 def check_speculative(model, draft_length: int):
-    block_size = getattr(model.config, "block_size", None)
-    if block_size is None:
-        raise SamplingError("speculative decoding needs a drafter: this checkpoint has no block size; convert the "
-                            "causal source with --drafter --block-size K (or use a block-diffusion checkpoint)")
+    # Without a drafter the verifier would be the checkpoint's own causal mode, which is its source model only
+    # until it is trained: the text would not be the parent's, whatever the README promises.
+    if getattr(model.config, "drafter", None) is None:
+        raise SamplingError("speculative decoding needs a drafter, and this checkpoint has none; convert the causal "
+                            "source with --drafter --block-size K (or train one: recipes/adaptation/*-drafter.yaml)")
     if isinstance(draft_length, bool) or not isinstance(draft_length, int) or draft_length < 1:
         raise SamplingError(f"draft length must be at least 1, got {draft_length!r}")
     check_block_implementation(model.config.text_config, DENSE_IMPLEMENTATIONS)  # the fused round's mask is dense

@@ -19,7 +19,7 @@ from transformers import PreTrainedModel
 # The dlm-adapt release that wrote this code, and the transformers releases it was tested on. A checkpoint whose
 # code fails on a newer transformers is fixed by `pip install -U dlm-adapt; dlm-adapt upgrade DIR`. Adding a
 # release: see "A new transformers release" in README.md.
-DLM_ADAPT_VERSION = "0.7.0"
+DLM_ADAPT_VERSION = "0.8.0"
 TESTED_TRANSFORMERS = ("5.5.0", "5.24.0", "5.25.0")  # oldest = pyproject's minimum; newest last
 CACHE_NAMES = ("cache", "past_key_values")  # newest first
 
