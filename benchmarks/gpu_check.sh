@@ -9,7 +9,8 @@
 #   4. FSDP2 on one GPU in bf16 against a plain run, with a stop and resume (benchmarks/fsdp_compare.py);
 #   5. speculative decoding (issue 25): the stories260K and SmolLM2-135M-Instruct drafters (their recipes run first
 #      on this GPU if runs/*-drafter/final is missing; SmolLM2 needs the `gguf` package), greedy, bf16, batch 1 and
-#      16, draft lengths 2 and 4: tokens per forward, time per token ÷ the parent's, output identical to the parent's.
+#      16, draft lengths 2 and 4: tokens per forward, time per token ÷ the parent's, output identical to the parent's;
+#   6. keeping the parent (issue 26): the SmolLM2-135M block LoRA recipe in bf16, its ELBO and forgetting.
 # Needs dlm-adapt importable (pip install -e ".[dev]", or PYTHONPATH=.) and ../shared (models/stories260K,
 # data/tinystories).
 #   bash benchmarks/gpu_check.sh [OUT_DIR]        # default: runs/gpu-check; the tables go to OUT_DIR/*.md
@@ -67,3 +68,16 @@ for NAME in stories260k smollm2-135m; do
     --prompts 16 --new 64 "${CHAT[@]}" --out "$OUT/speculative.md" | tail -n 6
 done
 echo "[speculative: ${SECONDS}s]"
+# 6. keeping the parent (issue 26): the SmolLM2-135M block LoRA recipe trained on this GPU (bf16), then its block
+#    ELBO and `forgetting` (block starts and AR mode beside the parent's, whole text and within documents) on the
+#    validation text, scored as benchmarks/retention_ablation.py scores its SmolLM2 rows (16 x 256 tokens)
+SECONDS=0
+S=../shared/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf
+python3 -m adapt train recipes/adaptation/smollm2-135m-block-lora.yaml model.path=$S train.mixed_precision=bf16 \
+  output_dir="$OUT/smollm2-block-lora" resume=false sample_steps=0 ${KEEP_STEPS:+max_steps=$KEEP_STEPS} \
+  > "$OUT/smollm2-block-lora.log" 2>&1
+python3 -m adapt eval "$OUT/smollm2-block-lora/final" --data ../shared/data/tinystories/valid.txt \
+  --metrics elbo,forgetting --ar_parent $S --seq_length 256 --num_sequences ${KEEP_SEQUENCES:-16} --mc_samples 8 \
+  --device ${KEEP_DEVICE:-cuda} > "$OUT/smollm2-block-lora-eval.json"
+tail -c 800 "$OUT/smollm2-block-lora-eval.json"
+echo "[keeping the parent: ${SECONDS}s]"

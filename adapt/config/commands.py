@@ -251,11 +251,13 @@ class EvalOptions:
         "a .txt/.json/.jsonl/.parquet file (comma-separated for several) or a Hub dataset name (needed unless "
         "--tasks is given)"))
     metrics: Names = field(default=Names("elbo"), **_help(
-        f"comma-separated, any of {', '.join(METRICS)}", metavar="M1,M2"))
+        f"comma-separated, any of {', '.join(METRICS)} (forgetting: a block-diffusion checkpoint's block-start and "
+        "AR-mode NLLs beside its AR parent's, over the whole text and within documents; README, `dlm-adapt eval`)",
+        metavar="M1,M2"))
     mc_samples: int = field(default=16, **_help("Monte-Carlo draws per sequence for the ELBO"))
     ar_parent: str | None = field(default=None, **_help(
-        "causal LM that scores generated text (default: the checkpoint's provenance.source, if it loads from "
-        "local files)"))
+        "causal LM that scores generated text, and the parent `forgetting` compares with (default: the "
+        "checkpoint's provenance.source, if it loads from local files)"))
     seq_length: int | None = field(default=None, **_help("tokens per packed sequence (default: 128)"))
     num_sequences: int | None = field(default=None, **_help(
         "packed sequences evaluated, from the start of the data (default: 64)"))
