@@ -201,19 +201,22 @@ def test_a_run_with_the_parent_as_the_ar_target_logs_the_kl_in_place_of_the_cros
     assert 0 <= records[0]["ar_kl"] < 0.1 < records[0]["loss"]
 
 
-def test_distillation_at_step_0_with_an_untrained_adapter_is_the_closed_form_kl(block_4):
+@pytest.mark.parametrize("mode", ["block", "full"])
+def test_distillation_at_step_0_with_an_untrained_adapter_is_the_closed_form_kl(block_4, converted, mode):
     """LoRA (B = 0: the adapter changes nothing yet): the term equals KL(parent ‖ model) computed from the causal
-    parent's and the 2L layout's distributions, over masked tokens with clean left context."""
+    parent's and the model's distributions (block: the 2L layout's; full-sequence: the bidirectional forward's),
+    over masked tokens with clean left context (block: in their block; full-sequence: in the whole row)."""
     from peft import LoraConfig, get_peft_model
 
     from adapt.training.retention import Retention
 
-    src, out = block_4("llama")
+    size = B if mode == "block" else None
+    src, out = block_4("llama") if mode == "block" else converted("llama")
     causal = AutoModelForCausalLM.from_pretrained(src, attn_implementation="eager").eval()
     model, _ = adapt.load(out, attn_implementation="eager")
     mask_id = model.config.mask_token_id
     peft = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    x = _ids(batch=2, length=12)
+    x = _ids(batch=2 if size else 4, length=12)  # full-sequence: one token per row has a clean left context
     masked = torch.rand(x.shape, generator=torch.Generator().manual_seed(5)) < 0.5
     masked[:, 0] = False
     noisy = x.masked_fill(masked, mask_id)
@@ -222,22 +225,22 @@ def test_distillation_at_step_0_with_an_untrained_adapter_is_the_closed_form_kl(
         class cfg:
             objective = ObjectiveConfig(distill_weight=1.0)
             train = type("T", (), {"method": "lora"})
-            block = type("Blk", (), {"clean_attention": None, "size": B, "noise": "block"})
-        dlm, checkpoint_block, world, block = model, B, 1, B
+            block = type("Blk", (), {"clean_attention": None, "size": size, "noise": "block"})
+        dlm, checkpoint_block, world, block = model, size, 1, size
         accelerator = type("A", (), {"unwrap_model": staticmethod(lambda m: m)})
 
     recipe = FakeRecipe()
     recipe.model = peft
     retention = Retention(recipe)
     with torch.no_grad():
-        student = two_l_logits(model, noisy, x)
+        student = two_l_logits(model, noisy, x) if size else model(input_ids=noisy).logits
         total, terms = retention.loss(recipe, student, None, x, masked, torch.ones_like(masked), torch.ones_like(x))
         parent = causal(x).logits
     p = parent[:, :-1].double().log_softmax(-1)
     s = student[:, :-1, : parent.shape[-1]].double()  # [MASK] removed: renormalised over the parent's vocabulary
     q = s.log_softmax(-1)
     kl = (p.exp() * (p - q)).sum(-1)
-    valid = clean_left(masked, B)[:, 1:]
+    valid = clean_left(masked, size)[:, 1:]
     want = float(kl[valid].mean())
     # float32 log-softmax against float64: agreement to ~1e-7 nats on a KL of ~4e-4 (a near-uniform tiny model)
     assert valid.sum() >= 3 and want > 1e-4
