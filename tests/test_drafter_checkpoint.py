@@ -213,3 +213,33 @@ def test_drafter_designs(drafters, tmp_path, capsys):
         else:
             err = [ln for ln in captured.err.splitlines() if ln.startswith("dlm-adapt")]
             assert code != 0 and len(err) == 1 and "some_other_cache" in err[0] and "dlm-adapt upgrade" in err[0], err
+
+
+def test_drafter_alpha_and_targets_shape_the_adapter_and_decoding_stays_the_parents(drafters, tmp_path, capsys):
+    """`--drafter-alpha` and `--drafter-targets`: config.drafter records them, the adapter holds LoRA pairs on those
+    projections alone, and a nonzero adapter of that shape still decodes the parent's greedy text; a projection the
+    model lacks is one line naming those it has, with no output written."""
+    root, source, _, _ = drafters("llama")
+    out = adapt.convert(root, tmp_path / "few", block_size=4, drafter=True, drafter_rank=2, drafter_alpha=3.0,
+                        drafter_targets="q_proj, down_proj")
+    spec = json.loads((out / "config.json").read_text())["drafter"]
+    assert spec["alpha"] == 3.0 and spec["targets"] == ["down_proj", "q_proj"]
+    model, _ = adapt.load(out)
+    assert {key.rsplit("__", 1)[-1] for key in model.drafter.lora} == {"down_proj", "q_proj"}
+    assert model.drafter.scale == 1.5
+    with torch.no_grad():
+        for p in model.drafter.parameters():
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(3)) * 0.3)
+    prompt = torch.tensor([[5, 6, 7, 8]])
+    want = source.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=10,
+                           pad_token_id=3)[0, 4:].tolist()
+    got = model.eval().diffusion_generate(prompt, max_new_tokens=10, speculative=True)[0, 4:].tolist()
+    eos = source.generation_config.eos_token_id
+    cut = lambda t: t[: t.index(eos) + 1] if eos in t else t  # noqa: E731
+    assert cut(got) == cut(want)
+    capsys.readouterr()
+    assert main(["convert", str(root), str(tmp_path / "bad"), "--block-size", "4", "--drafter",
+                 "--drafter-targets", "q_proj,nope"]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("dlm-adapt")]
+    assert len(err) == 1 and "drafter targets nope: this model has no such projection; choose among" in err[0]
+    assert not (tmp_path / "bad").exists()

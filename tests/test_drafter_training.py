@@ -210,3 +210,15 @@ def test_stories260k_drafter_accepts_more_of_held_out_text(tmp_path):
     after, trained = _decode(final, prompts, 48)
     assert torch.equal(before, reference) and torch.equal(after, reference)
     assert trained >= untrained + 0.08, (untrained, trained)  # measured: 1.12 -> 1.25
+
+
+def test_the_recipes_alpha_and_targets_reach_the_converted_drafter(tiny, tmp_path):
+    """`drafter.alpha` and `drafter.targets` shape the adapter a causal source is converted with, and the trained
+    final keeps them."""
+    root, _ = tiny
+    final = adapt.train(_config(root, tmp_path / "run", "drafter.alpha=4", "drafter.targets=[v_proj,q_proj]",
+                                "max_steps=1", "eval_steps=0"))
+    spec = json.loads((final / "config.json").read_text())["drafter"]
+    assert spec["rank"] == 8 and spec["alpha"] == 4 and spec["targets"] == ["q_proj", "v_proj"]
+    assert {name.split(".")[2].rsplit("__", 1)[-1] for name in _tensors(final) if name.startswith("drafter.lora.")} \
+        == {"q_proj", "v_proj"}

@@ -30,12 +30,20 @@ class DrafterConfig:
     """Draft groups per training row: each drafts `draft length` tokens from the clean tokens before a random cut.
     None: the row is covered (cuts every draft length from a random offset, about L / draft length groups)."""
     rank: int = 16
-    """The adapter's LoRA rank when `model.path` is a causal source, converted with `--drafter` by the run (alpha =
-    2 x rank; the parent stored in `model.dtype`); a drafter checkpoint keeps its own rank, and its parent's dtype
-    must be `model.dtype` (the parent reaches OUTPUT/final byte for byte)."""
+    """The adapter's LoRA rank when `model.path` is a causal source, converted with `--drafter` by the run (the
+    parent stored in `model.dtype`); a drafter checkpoint keeps its own rank, alpha and targets, and its parent's
+    dtype must be `model.dtype` (the parent reaches OUTPUT/final byte for byte)."""
+    alpha: float | None = None
+    """The LoRA alpha of that conversion (the update is scaled by alpha / rank); None: 2 x rank."""
+    targets: list[str] | None = None
+    """The projections that conversion's LoRA acts on, e.g. [gate_proj, up_proj, down_proj]; None: every linear
+    layer but the LM head and MoE routers. Fewer targets make each drafting forward cheaper (the adapter's gated
+    products run per targeted projection)."""
 
     def __post_init__(self):
-        check_ranges(self, {"temperature": "(0, inf)", "groups": "[1, inf)", "rank": "[1, inf)"})
+        check_ranges(self, {"temperature": "(0, inf)", "groups": "[1, inf)", "rank": "[1, inf)", "alpha": "(0, inf)"})
+        if self.targets is not None and not self.targets:
+            raise FieldError("targets", "is empty: name projections, e.g. [q_proj, v_proj], or leave it unset")
 
 
 @dataclass

@@ -39,7 +39,8 @@ def convert(source: str | Path, output: str | Path, **options) -> Path:
     `source` is a local Hugging Face model directory, a `.gguf` file, or a Hub model id. `output` is the directory
     to create; an existing non-empty one is refused unless it is a previous conversion output and `overwrite` is
     set. `options` are the fields of `adapt.config.ConvertOptions` (mask_token, shift, dtype, revision, gguf_file,
-    trust_remote_code, overwrite, block_size, drafter, drafter_rank), documented there. With `drafter` the
+    trust_remote_code, overwrite, block_size, drafter, drafter_rank, drafter_alpha, drafter_targets), documented
+    there. With `drafter` the
     checkpoint also holds an untrained drafter adapter for speculative decoding (`adapt.conversion.drafter`).
     """
     o = ConvertOptions(**options)
@@ -65,7 +66,8 @@ def convert(source: str | Path, output: str | Path, **options) -> Path:
             writer = _StreamedWeights(src.directory, config) if streamed else _LoadedWeights(causal.model)
             pad_case = ensure_pad_token(tokenizer)
             mask_id, case = choose_mask_token(tokenizer, writer.vocab_rows, o.mask_token)
-            drafter = drafter_spec(writer.config, o.drafter_rank) if o.drafter else None
+            drafter = (drafter_spec(writer.config, o.drafter_rank, o.drafter_alpha, o.drafter_targets) if o.drafter
+                       else None)
             extra = {} if drafter is None else drafter_tensors(writer.config, drafter, mask_id,
                                                                _weight_dtype(o.dtype, writer.config))
             writer.write(tmp, new_rows=max(0, mask_id + 1 - writer.vocab_rows), dtype=DTYPES.get(o.dtype),

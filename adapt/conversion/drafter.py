@@ -5,17 +5,25 @@ is remote code: `model/drafter_masked_diffusion.py` (`DrafterAdapter`)."""
 import torch
 from transformers import AutoModelForCausalLM
 
+from ..errors import AdaptError
 from ..model.drafter_masked_diffusion import DESIGN, DrafterAdapter, drafter_targets
 
 SEED = 0  # a conversion is reproducible: the same source gives the same adapter
 
 
-def drafter_spec(text_config, rank: int) -> dict:
-    """`config.drafter` for this decoder: LoRA rank, alpha (2 x rank), the projections it acts on, and what its
-    masks read (`DESIGN`: the parent's cache)."""
+def drafter_spec(text_config, rank: int, alpha: float | None = None, targets: str | None = None) -> dict:
+    """`config.drafter` for this decoder: LoRA rank, alpha (default 2 x rank), the projections it acts on
+    (`targets`, comma-separated; default every one `drafter_targets` finds), and what its masks read (`DESIGN`: the
+    parent's cache). A target name this decoder lacks is an error naming those it has."""
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(text_config)
-    return {"rank": rank, "alpha": 2 * rank, "targets": drafter_targets(skeleton), "reads": DESIGN}
+    available = drafter_targets(skeleton)
+    chosen = available if targets is None else sorted({t.strip() for t in targets.split(",") if t.strip()})
+    unknown = sorted(set(chosen) - set(available))
+    if unknown:
+        raise AdaptError(f"drafter targets {', '.join(unknown)}: this model has no such projection; choose among "
+                         f"{', '.join(available)}")
+    return {"rank": rank, "alpha": 2 * rank if alpha is None else alpha, "targets": chosen, "reads": DESIGN}
 
 
 def drafter_tensors(text_config, spec: dict, mask_token_id: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:

@@ -152,6 +152,8 @@ class Recipe:
                 model = self.cfg.model
                 convert(self.source, converted, **model.source_options(), block_size=self.cfg.block.final_size(None),
                         drafter=bool(self.drafter), drafter_rank=self.cfg.drafter.rank,
+                        drafter_alpha=self.cfg.drafter.alpha,
+                        drafter_targets=None if self.cfg.drafter.targets is None else ",".join(self.cfg.drafter.targets),
                         **({"dtype": model.dtype} if self.drafter else {}))  # a drafter's parent: kept as stored
             self.accelerator.wait_for_everyone()
             self.source = str(converted)
