@@ -97,15 +97,12 @@ class ConvertOptions(SourceOptions):
         "between them (BD3-LM); also generation_config.json's block_length (default: full-sequence diffusion)"))
     drafter: bool = field(default=False, **_help(
         "write a drafter checkpoint for speculative decoding (needs --block-size K): the parent's weights untouched "
-        "plus a drafter adapter (LoRA + [MASK] row, untrained) that the shipped code applies in block-diffusion "
-        "mode; `generate --speculative` drafts K tokens with it and the parent verifies them"))
+        "plus an untrained drafter adapter (LoRA + [MASK] row); `generate --speculative` drafts K tokens with it"))
     drafter_rank: int = field(default=16, **_help("the drafter adapter's LoRA rank"))
-    drafter_alpha: float | None = field(default=None, **_help(
-        "the drafter adapter's LoRA alpha: its update is scaled by alpha / rank (default: 2 x rank)"))
-    drafter_targets: str | None = field(default=None, **_help(
-        "comma-separated projection names the drafter's LoRA acts on, e.g. gate_proj,up_proj,down_proj (default: "
-        "every linear layer but the LM head and MoE routers); fewer make a drafting forward cheaper",
-        metavar="NAMES"))
+    drafter_alpha: float | None = field(default=None, **_help("its LoRA alpha (update x alpha / rank; default 2 x rank)"))
+    drafter_targets: str | None = field(default=None, metadata={"metavar": "NAMES", "help": (
+        "the projections it acts on, comma-separated, e.g. gate_proj,up_proj,down_proj (default: every linear layer "
+        "but the LM head and MoE routers); fewer make a drafting forward cheaper")})
 
     def __post_init__(self):
         if self.drafter and self.block_size is None:
@@ -113,11 +110,7 @@ class ConvertOptions(SourceOptions):
         r = self.drafter_rank
         if isinstance(r, bool) or not isinstance(r, int) or r < 1:
             raise AdaptError(f"drafter rank must be a positive integer, got {r!r}")
-        a = self.drafter_alpha
-        if a is not None and (isinstance(a, bool) or not isinstance(a, (int, float)) or not 0 < a < float("inf")):
-            raise AdaptError(f"drafter alpha must be a positive number, got {a!r}")
-        if self.drafter_targets is not None and not [t for t in self.drafter_targets.split(",") if t.strip()]:
-            raise AdaptError("drafter targets are empty: name projections, e.g. q_proj,v_proj, or leave them unset")
+        check_ranges(self, {"drafter_alpha": "(0, inf)"})  # the targets are checked against the model's projections
         b = self.block_size
         if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 1):
             raise AdaptError(f"block size must be a positive integer, got {b!r}")

@@ -40,6 +40,11 @@ class DrafterConfig:
     layer but the LM head and MoE routers. Fewer targets make each drafting forward cheaper (the adapter's gated
     products run per targeted projection)."""
 
+    def convert_options(self) -> dict:
+        """The `adapt.convert` keywords of the adapter a causal source gets."""
+        return {"drafter_rank": self.rank, "drafter_alpha": self.alpha,
+                "drafter_targets": None if self.targets is None else ",".join(self.targets)}
+
     def __post_init__(self):
         check_ranges(self, {"temperature": "(0, inf)", "groups": "[1, inf)", "rank": "[1, inf)", "alpha": "(0, inf)"})
         if self.targets is not None and not self.targets:

@@ -20,6 +20,9 @@ def drafter_spec(text_config, rank: int, alpha: float | None = None, targets: st
     available = drafter_targets(skeleton)
     chosen = available if targets is None else sorted({t.strip() for t in targets.split(",") if t.strip()})
     unknown = sorted(set(chosen) - set(available))
+    if not chosen:
+        raise AdaptError(f"drafter targets are empty: name projections among {', '.join(available)}, or leave them "
+                         "unset")
     if unknown:
         raise AdaptError(f"drafter targets {', '.join(unknown)}: this model has no such projection; choose among "
                          f"{', '.join(available)}")

@@ -151,9 +151,7 @@ class Recipe:
             if self.main and not (converted / "config.json").exists():
                 model = self.cfg.model
                 convert(self.source, converted, **model.source_options(), block_size=self.cfg.block.final_size(None),
-                        drafter=bool(self.drafter), drafter_rank=self.cfg.drafter.rank,
-                        drafter_alpha=self.cfg.drafter.alpha,
-                        drafter_targets=None if self.cfg.drafter.targets is None else ",".join(self.cfg.drafter.targets),
+                        drafter=bool(self.drafter), **self.cfg.drafter.convert_options(),
                         **({"dtype": model.dtype} if self.drafter else {}))  # a drafter's parent: kept as stored
             self.accelerator.wait_for_everyone()
             self.source = str(converted)
