@@ -66,10 +66,11 @@ ARKL = CAUSAL + AR + ["objective.ar_target=parent"] + DISTILL  # the AR term as 
 ARKL2 = CAUSAL + ["objective.ar_loss_weight=2", "objective.ar_target=parent"] + DISTILL  # the same at λ = 2
 
 
-def arkl_mu1(weight: int) -> list[str]:
-    """The AR term as KL to the parent at λ = `weight`, distillation μ = 1, lr 7.5e-4."""
+def arkl_mu1(weight: int, lr: str = "7.5e-4", seed: int = 0) -> list[str]:
+    """The AR term as KL to the parent at λ = `weight`, distillation μ = 1, at `lr`; `seed`, where not 0, is
+    train.seed (the data order, every mask draw and any initialisation): a second run of the same row."""
     return CAUSAL + [f"objective.ar_loss_weight={weight}", "objective.ar_target=parent", "objective.distill_weight=1.0",
-                     "train.lr=7.5e-4"]
+                     f"train.lr={lr}"] + ([f"train.seed={seed}"] if seed else [])
 
 
 ROWS = {
@@ -100,6 +101,11 @@ ROWS = {
     "arkl2_distill1_quarter": ("AR KL to the parent λ = 2 + distillation μ = 1, lr 7.5e-4", arkl_mu1(2)),
     "arkl4_distill1_quarter": ("AR KL to the parent λ = 4 + distillation μ = 1, lr 7.5e-4", arkl_mu1(4)),
     "arkl8_distill1_quarter": ("AR KL to the parent λ = 8 + distillation μ = 1, lr 7.5e-4", arkl_mu1(8)),
+    "arkl8_distill1_eighth": ("AR KL to the parent λ = 8 + distillation μ = 1, lr 3.75e-4", arkl_mu1(8, "3.75e-4")),
+    "arkl8_distill1_quarter_seed1": ("AR KL to the parent λ = 8 + distillation μ = 1, lr 7.5e-4, seed 1",
+                                     arkl_mu1(8, seed=1)),
+    "arkl4_distill1_quarter_seed1": ("AR KL to the parent λ = 4 + distillation μ = 1, lr 7.5e-4, seed 1",
+                                     arkl_mu1(4, seed=1)),
     "arkl_distill_quarter": ("AR KL to the parent + distillation, lr 7.5e-4", ARKL + ["train.lr=7.5e-4"]),
     "all_half": ("AR loss + distillation + position masking, lr 1.5e-3",
                  CAUSAL + AR + DISTILL + ["objective.position_masking=1", "train.lr=1.5e-3"]),

@@ -239,7 +239,7 @@ class MaskedDiffusionLM(PreTrainedModel):
         `streamer` (e.g. transformers' `TextStreamer` / `TextIteratorStreamer`; one prompt) receives the prompt,
         then each block's new tokens as soon as they are final, up to EOS; a list of streamers streams every row
         to its own (None: not that row), and a row whose streamer's `cancelled` turns true stops (`Stream`).
-        `speculative=True` (a block-diffusion checkpoint, ideally a drafter one): one forward per round, in which
+        `speculative=True` (a drafter checkpoint; any other is refused): one forward per round, in which
         the causal parent verifies the last `draft_length` drafts (default: the block size) and the drafter drafts
         the next ones, so the output is the parent's own: greedy, token for token its `generate(do_sample=False)`;
         with a temperature, distributed exactly as its sampling with the same temperature, top_k and top_p
