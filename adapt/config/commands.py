@@ -100,7 +100,7 @@ class ConvertOptions(SourceOptions):
         "plus an untrained drafter adapter (LoRA + [MASK] row); `generate --speculative` drafts K tokens with it"))
     drafter_rank: int = field(default=16, **_help("the drafter adapter's LoRA rank"))
     drafter_alpha: float | None = field(default=None, **_help("its LoRA alpha (update x alpha / rank; default 2 x rank)"))
-    drafter_targets: str | None = field(default=None, metadata={"metavar": "NAMES", "help": (
+    drafter_targets: Names | None = field(default=None, metadata={"metavar": "NAMES", "help": (
         "the projections it acts on, comma-separated, e.g. gate_proj,up_proj,down_proj (default: every linear layer "
         "but the LM head and MoE routers); fewer make a drafting forward cheaper")})
 

@@ -42,8 +42,7 @@ class DrafterConfig:
 
     def convert_options(self) -> dict:
         """The `adapt.convert` keywords of the adapter a causal source gets."""
-        return {"drafter_rank": self.rank, "drafter_alpha": self.alpha,
-                "drafter_targets": None if self.targets is None else ",".join(self.targets)}
+        return {"drafter_rank": self.rank, "drafter_alpha": self.alpha, "drafter_targets": self.targets}
 
     def __post_init__(self):
         check_ranges(self, {"temperature": "(0, inf)", "groups": "[1, inf)", "rank": "[1, inf)", "alpha": "(0, inf)"})

@@ -5,20 +5,21 @@ is remote code: `model/drafter_masked_diffusion.py` (`DrafterAdapter`)."""
 import torch
 from transformers import AutoModelForCausalLM
 
+from ..config import Names
 from ..errors import AdaptError
 from ..model.drafter_masked_diffusion import DESIGN, DrafterAdapter, drafter_targets
 
 SEED = 0  # a conversion is reproducible: the same source gives the same adapter
 
 
-def drafter_spec(text_config, rank: int, alpha: float | None = None, targets: str | None = None) -> dict:
+def drafter_spec(text_config, rank: int, alpha: float | None = None, targets=None) -> dict:
     """`config.drafter` for this decoder: LoRA rank, alpha (default 2 x rank), the projections it acts on
-    (`targets`, comma-separated; default every one `drafter_targets` finds), and what its masks read (`DESIGN`: the
-    parent's cache). A target name this decoder lacks is an error naming those it has."""
+    (`targets`: names, a list or comma-separated; default every one `drafter_targets` finds), and what its masks
+    read (`DESIGN`: the parent's cache). A target name this decoder lacks is an error naming those it has."""
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(text_config)
     available = drafter_targets(skeleton)
-    chosen = available if targets is None else sorted({t.strip() for t in targets.split(",") if t.strip()})
+    chosen = available if targets is None else sorted(set(Names(targets)))
     unknown = sorted(set(chosen) - set(available))
     if not chosen:
         raise AdaptError(f"drafter targets are empty: name projections among {', '.join(available)}, or leave them "
