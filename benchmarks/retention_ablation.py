@@ -202,6 +202,24 @@ def kept(setup: Setup, path: Path) -> dict:
     return forgetting(model, sequences, batch_size=setup.batch_size, seed=0, parent=parent, separator=separator)
 
 
+def row_scores(setup: Setup, run: Path, work: Path, a) -> dict | None:
+    """A row's scores, cached in RUN/ablation.json: scored once its final exists, and completed where a cached
+    score predates lm-eval or the within-documents figures (when RUN/final is still there). None: not trained."""
+    cached, final = run / "ablation.json", run / "final"
+    trained = (final / "config.json").exists()
+    scores = json.loads(cached.read_text()) if cached.exists() else None
+    if scores is None:
+        if not trained:
+            return None
+        scores = score(setup, final, work, a.mc_samples, not a.no_lm_eval)
+    elif not a.no_lm_eval and "cloze_acc" not in scores:
+        scores = {**scores, **model_lm_eval(final, work, a.mc_samples, setup.batch_size)}
+    if trained and "block_start_change_stderr" not in scores.get("within_documents", {}):
+        scores = {**scores, **kept(setup, final)}
+    cached.write_text(json.dumps(scores, indent=1))
+    return scores
+
+
 def score(setup: Setup, path: Path, work: Path, mc_samples: int, lm_eval: bool = True) -> dict:
     from adapt.training.forgetting import forgetting
     from adapt.training.likelihood import diffusion_elbo
@@ -253,18 +271,9 @@ def main():
     for name in rows:
         if a.train and not (out / name / "final" / "config.json").exists():
             train(setup, name, out, a.steps)
-        cached, final = out / name / "ablation.json", out / name / "final"
-        if not cached.exists() and (final / "config.json").exists():
-            cached.write_text(json.dumps(score(setup, final, work, a.mc_samples, not a.no_lm_eval), indent=1))
-        elif cached.exists() and not a.no_lm_eval and "cloze_acc" not in json.loads(cached.read_text()):
-            scores = {**json.loads(cached.read_text()), **model_lm_eval(final, work, a.mc_samples, setup.batch_size)}
-            cached.write_text(json.dumps(scores, indent=1))
-        if (cached.exists() and (final / "config.json").exists()
-                and "block_start_change_stderr" not in json.loads(cached.read_text()).get("within_documents", {})):
-            cached.write_text(json.dumps({**json.loads(cached.read_text()), **kept(setup, final)}, indent=1))
-        if cached.exists():
-            results[name] = json.loads(cached.read_text())
-            print(name, json.dumps(results[name]), flush=True)
+        if (scores := row_scores(setup, out / name, work, a)) is not None:
+            results[name] = scores
+            print(name, json.dumps(scores), flush=True)
     if stale := [name for name, r in results.items() if "block_start_change_stderr" not in r.get("within_documents", {})]:
         p.error(f"rows {','.join(stale)} were scored before the within-documents figures and their OUTPUT/final is "
                 "gone: train them again (--train, after removing their directories) or leave them out of --rows")
